@@ -1,0 +1,51 @@
+"""The one message type between raw data and the tokenizer.
+
+Every source adapter produces a `Conversation`; everything after it (templates, tokenization, labels,
+packing) is shared by multimodal SFT, text-only SFT and incremental pretraining.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+IMAGE_TOKEN = "<image>"
+# Placeholder id for one image-feature position inside input_ids (as LLaVA). It never reaches an
+# embedding lookup: the model scatters projected image features into these positions.
+IMAGE_TOKEN_INDEX = -200
+IGNORE_INDEX = -100
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass
+class Message:
+    role: Role
+    content: str
+    """Text; may contain `<image>` markers (one per image, in order)."""
+    trainable: bool | None = None
+    """None: the default rule (assistant turns trained). False: the source opted this turn out of the loss."""
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    images: list[str] = field(default_factory=list)
+    """Image paths as written in the record (relative to the dataset's image folder), one per `<image>`."""
+    id: str | None = None
+    kind: Literal["chat", "text"] = "chat"
+    """"text": incremental pretraining, a single user-less text whose every token is trained."""
+    source: str | None = None
+    """Where the record came from, "file:line" or "file[index]", for error messages and reports."""
+
+    def num_image_markers(self) -> int:
+        return sum(m.content.count(IMAGE_TOKEN) for m in self.messages)
+
+
+class DataError(ValueError):
+    """Bad input, with the file and record (line or index) it came from."""
+
+    def __init__(self, where: str, problem: str):
+        super().__init__(f"{where}: {problem}")
+        self.where = where
+        self.problem = problem
