@@ -1,0 +1,76 @@
+"""`llava-ft` command line: train | data | chat | export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("httpx", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from llava_ft.config import load_config, parse_overrides
+    from llava_ft.train.run import train
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    out = train(cfg, resume=args.resume if args.resume != "auto" else True)
+    print(f"stage output: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-ft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run one training stage from a YAML config (+ --section.key value overrides)")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=False,
+        help="resume from the newest checkpoint-N in the output folder, or from the folder given",
+    )
+    p.set_defaults(func=cmd_train, takes_extra=True)
+
+    try:
+        from llava_ft.cli.data import add_data_commands
+
+        add_data_commands(sub)
+    except ImportError:
+        pass
+    for module in ("llava_ft.cli.chat", "llava_ft.cli.export"):
+        try:
+            __import__(module, fromlist=["add_commands"]).add_commands(sub)
+        except ImportError:
+            pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _setup_logging()
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        from llava_ft.config import ConfigError
+        from llava_ft.data.conversation import DataError
+
+        if isinstance(e, ConfigError | DataError | FileNotFoundError):
+            print(f"llava-ft: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Typed run configuration: one YAML file per stage, every field documented here.
+
+A stage (text pretraining, LLaVA pretrain, LLaVA finetune) is only a choice of these values; the code path
+is the same. `load_config(path, overrides)` reads YAML, applies `--section.key value` overrides and
+validates, naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class VisionSection:
+    backend: Literal["open_clip", "hf"] = "open_clip"
+    """Where the CLIP tower comes from: open_clip, or a transformers CLIPVisionModel folder."""
+    model: str = "ViT-L-14-336-quickgelu"
+    """open_clip model name, `local-dir:/path` (open_clip folder), or the HF folder path for backend hf."""
+    pretrained: str | None = None
+    """Local weights file for an open_clip model name (.safetensors/.bin). Never a hub name."""
+    feature_layer: int = -2
+    """Which block's output feeds the projector (-2: penultimate, as LLaVA-1.5)."""
+    pool: int = 1
+    """Average-pool the patch grid by this factor (2: 8x8 patches -> 16 tokens). 1 keeps all patches."""
+    image_aspect: Literal["pad", "resize", "crop"] = "pad"
+    """pad: pad to square with the mean colour (LLaVA-1.5); resize: squash; crop: centre crop."""
+
+
+@dataclass
+class ModelSection:
+    llm: str = ""
+    """Local folder of the language model (InternLM2 layout, or any transformers causal LM)."""
+    vision: VisionSection | None = None
+    """The vision tower; null for a text-only model."""
+    projector: str = "mlp2x_gelu"
+    """Projector kind: mlp2x_gelu, linear, or mlpNx_gelu."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype. auto: bfloat16 on GPU, float32 on CPU (bf16 is ~85x slower on CPU)."""
+    load_in_4bit: bool | None = None
+    """Quantise the LLM to NF4. None: only when trainable.llm is qlora. True also suits a frozen LLM in pretrain."""
+    attn_implementation: str | None = None
+    """sdpa, eager, flash_attention_2, flex_attention; None picks flash-attn if installed, else sdpa."""
+
+
+@dataclass
+class TrainableSection:
+    llm: Literal["frozen", "full", "lora", "qlora"] = "frozen"
+    """How the LLM trains. qlora = LoRA on a 4-bit NF4 base."""
+    projector: Literal["frozen", "full"] = "full"
+    """The projector is small: full or frozen."""
+    vision: Literal["frozen", "lora"] = "frozen"
+    """The CLIP tower stays frozen, or gets LoRA adapters on its linear layers."""
+
+
+@dataclass
+class LoraSection:
+    r: int = 64
+    """LoRA rank for the LLM."""
+    alpha: int = 16
+    """LoRA alpha (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt; all-linear = every Linear in the LLM except the output head."""
+    vision_r: int = 64
+    """LoRA rank for the vision tower when trainable.vision is lora."""
+    vision_alpha: int = 16
+    """LoRA alpha for the vision tower."""
+
+
+@dataclass
+class DataSource:
+    path: str = ""
+    """A .json or .jsonl file."""
+    format: str = "auto"
+    """llava, xtuner, alpaca, openai, text, or auto (detected per file)."""
+    image_folder: str | None = None
+    """Folder image paths in the records are relative to (default: the data file's folder)."""
+
+
+@dataclass
+class DataSection:
+    train: list[DataSource] = field(default_factory=list)
+    """Training files; several are concatenated (e.g. LLaVA instruction data + text-only SFT)."""
+    template: str = "internlm2_chat"
+    """Chat template: internlm2_chat, qwen2_chat, llama2_chat, llama3_chat, vicuna_v1, plain, tokenizer."""
+    max_length: int = 2048
+    """Longest sample in tokens, image tokens included. Longer ones are truncated after the last image, or dropped."""
+    last_turn_only: bool = False
+    """Train only the final assistant turn of multi-turn conversations."""
+    packing: bool = False
+    """Pack several samples per row of max_length tokens; attention stays within each sample."""
+    group_by_length: bool = True
+    """Without packing: batch samples of similar length to waste less padding."""
+    skip_bad: bool = False
+    """Skip (and report) malformed records instead of stopping at the first one."""
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "work_dirs/run"
+    """Where checkpoints, logs and the final stage output go."""
+    init_from: str | None = None
+    """A previous stage's output folder whose trained weights (projector, adapters, LLM) this stage starts from."""
+    epochs: float = 1.0
+    """Passes over the data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimiser steps; -1: use epochs."""
+    batch_size: int = 8
+    """Per-device micro batch (rows when packing)."""
+    grad_accum: int = 1
+    """Micro batches per optimiser step."""
+    lr: float = 2e-4
+    """Peak learning rate (LLM / LoRA parameters, and everything without its own rate)."""
+    projector_lr: float | None = None
+    """Separate learning rate for the projector; None: lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Share of steps spent warming up."""
+    lr_scheduler: str = "cosine"
+    """transformers scheduler name."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    optim: str = "adamw_torch"
+    """adamw_torch or paged_adamw_8bit (bitsandbytes, GPU)."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in backward. None: on for qlora, off otherwise."""
+    seed: int = 42
+    """Seed for weights, data order and dropout."""
+    logging_steps: int = 10
+    """Log loss, learning rate and grad norm every N steps."""
+    save_steps: int = 0
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    save_total_limit: int = 2
+    """Keep at most this many intermediate checkpoints."""
+    dataloader_workers: int = 0
+    """DataLoader worker processes."""
+    deepspeed: str | None = None
+    """DeepSpeed JSON config (configs/deepspeed/zero2.json or zero3.json)."""
+    report_to: str = "tensorboard"
+    """tensorboard or none."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    """The parts of the model and how they load."""
+    trainable: TrainableSection = field(default_factory=TrainableSection)
+    """What trains, per component."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """LoRA hyperparameters."""
+    data: DataSection = field(default_factory=DataSection)
+    """Training data and how it becomes token ids."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """Optimisation and output."""
+    name: str = "run"
+    """A label for logs and reports."""
+
+    def resolved_llm_4bit(self) -> bool:
+        if self.model.load_in_4bit is not None:
+            return self.model.load_in_4bit
+        return self.trainable.llm == "qlora"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from plain data, rejecting unknown keys with their dotted path."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _convert(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {non_none}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value)  # YAML reads "1e-3" as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int:
+            if not number.is_integer():
+                raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            return int(number)
+        return number
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, dict):
+            raise ConfigError(f"override --{dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--train.lr 1e-3 --data.packing true` -> {"train.lr": 1e-3, "data.packing": True} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"override {arg!r}: expected --section.key value")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} has no value")
+            raw = args[i + 1]
+            i += 2
+        out[key.replace("-", "_")] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        cfg = _build(RunConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path or '<overrides>'}: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    if cfg.trainable.vision == "lora" and cfg.model.vision is None:
+        raise ConfigError("trainable.vision is lora but model.vision is null")
+    if cfg.trainable.llm == "qlora" and cfg.model.load_in_4bit is False:
+        raise ConfigError("trainable.llm is qlora but model.load_in_4bit is false")
+    if cfg.trainable.llm == "full" and cfg.resolved_llm_4bit():
+        raise ConfigError("trainable.llm full cannot train a 4-bit LLM; use qlora or load_in_4bit: false")
+    if cfg.data.max_length <= 0:
+        raise ConfigError("data.max_length must be positive")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

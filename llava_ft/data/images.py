@@ -1,0 +1,122 @@
+"""Image loading and CLIP preprocessing, written once so training, chat, eval and export agree.
+
+`ImageProcessor` reproduces open_clip's eval transform (bicubic shortest-side resize, center crop,
+normalize) with PIL, plus LLaVA-1.5's pad-to-square with the mean colour. It equals transformers'
+`LlavaImageProcessor(do_pad=True)` with the PIL backend, which is what an exported model is served with.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from llava_ft.data.conversation import DataError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Far above any training image (LLaVA's largest are a few Mpx) but below what exhausts RAM on decode.
+MAX_PIXELS = 64_000_000
+
+Aspect = Literal["pad", "resize", "crop"]
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image as RGB; any failure is a `DataError` naming the path.
+
+    EXIF orientation is not applied, as in LLaVA's loader, so features match the reference pipeline.
+    """
+    where = os.fspath(path)
+    if not os.path.isfile(where):
+        raise DataError(where, "image file not found")
+    try:
+        img = Image.open(where)
+    except Image.DecompressionBombError as e:
+        raise DataError(where, f"image too large to decode safely ({e})") from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(where, f"not a readable image ({type(e).__name__}: {e})") from e
+    with img:
+        # The header gives the size before any pixel is decoded: refuse bombs before they cost memory.
+        width, height = img.size
+        if width * height > max_pixels:
+            raise DataError(where, f"image is {width}x{height}, over the {max_pixels:,}-pixel limit")
+        try:
+            img.load()
+            return img.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt pixel data
+            raise DataError(where, f"image data is corrupt ({type(e).__name__}: {e})") from e
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's padding: centre the image on a square canvas of its longer side."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    canvas = Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+@dataclass
+class ImageProcessor:
+    image_size: int
+    """Side of the square model input, in pixels."""
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    """Per-channel mean on the 0-1 scale; also the padding colour (as int(x * 255), like LLaVA)."""
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    """Per-channel standard deviation on the 0-1 scale."""
+    aspect: Aspect = "pad"
+    """"pad": pad to square with the mean colour, then resize (LLaVA-1.5); "crop": resize the shorter
+    side and center crop (CLIP's own); "resize": squash to a square, ignoring the aspect ratio."""
+
+    def __post_init__(self) -> None:
+        if self.aspect not in ("pad", "resize", "crop"):
+            raise ValueError(f"image aspect must be 'pad', 'resize' or 'crop', got {self.aspect!r}")
+        self.mean = tuple(float(x) for x in self.mean)
+        self.std = tuple(float(x) for x in self.std)
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 channels, got {self.mean} and {self.std}")
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        return tuple(int(x * 255) for x in self.mean)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """PIL image -> normalised float32 tensor [3, image_size, image_size]."""
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        size = self.image_size
+        if self.aspect == "resize":
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
+        else:
+            if self.aspect == "pad":
+                img = expand2square(img, self.pad_color)
+            img = _center_crop(_resize_shortest(img, size), size)
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (pixels.float() / 255 - mean) / std
+
+
+def _resize_shortest(img: Image.Image, size: int) -> Image.Image:
+    # Same output size arithmetic as torchvision's Resize(int), which open_clip uses (long side truncated).
+    width, height = img.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def _center_crop(img: Image.Image, size: int) -> Image.Image:
+    # torchvision's CenterCrop offsets: round half to even of the margin / 2.
+    width, height = img.size
+    left = int(round((width - size) / 2.0))
+    top = int(round((height - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))

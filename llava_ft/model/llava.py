@@ -1,0 +1,97 @@
+"""The LLaVA model: vision tower -> projector -> features scattered into the LLM's input embeddings.
+
+`<image>` was expanded into N placeholder ids (IMAGE_TOKEN_INDEX) by the tokenizer step, so merging is a
+masked scatter with a count check, as in transformers' Llava. Labels stay aligned with input_ids; the
+shift happens once, inside the HF causal LM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llava_ft.data.conversation import IMAGE_TOKEN_INDEX
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, llm: nn.Module, vision_tower: nn.Module | None = None, projector: nn.Module | None = None):
+        super().__init__()
+        self.llm = llm
+        self.vision_tower = vision_tower
+        self.projector = projector
+        # Mixed image/text micro-batches: under ZeRO-3 every rank must call the sharded vision modules in the
+        # same order, so a text-only batch runs a dummy image through them (FACTS.md, ZeRO-3 section).
+        self.dummy_image_when_text_only = True
+
+    @property
+    def config(self):
+        # The Trainer and peft read `model.config`; the LLM's is the meaningful one.
+        return self.llm.config
+
+    @property
+    def num_image_tokens(self) -> int:
+        return 0 if self.vision_tower is None else self.vision_tower.num_tokens
+
+    def input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n_images, 3, H, W] -> [n_images, N, hidden of the LLM]."""
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        features = self.vision_tower(pixel_values.to(tower_dtype))
+        proj_dtype = next(self.projector.parameters()).dtype
+        return self.projector(features.to(proj_dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        image_mask = input_ids == IMAGE_TOKEN_INDEX
+        embed_layer = self.input_embeddings()
+        # Placeholders are not vocabulary ids: look up id 0 there and overwrite with image features.
+        embeds = embed_layer(input_ids.masked_fill(image_mask, 0))
+        n_positions = int(image_mask.sum())
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            if self.vision_tower is None:
+                raise ValueError("the batch has images but this model has no vision tower")
+            features = self.encode_images(pixel_values)
+            if features.shape[0] * features.shape[1] != n_positions:
+                raise ValueError(
+                    f"image features and image tokens do not match: {features.shape[0]} image(s) x "
+                    f"{features.shape[1]} tokens = {features.shape[0] * features.shape[1]} features, but "
+                    f"input_ids hold {n_positions} image positions"
+                )
+            features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+        elif n_positions:
+            raise ValueError(f"input_ids hold {n_positions} image positions but no pixel_values were given")
+        elif self.vision_tower is not None and self.training and self.dummy_image_when_text_only:
+            size = self.vision_tower.image_size
+            dummy = torch.zeros(1, 3, size, size, device=embeds.device)
+            embeds = embeds + 0.0 * self.encode_images(dummy).mean().to(embeds.dtype)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        kwargs.pop("image_counts", None)
+        kwargs.pop("num_items_in_batch", None) if labels is None else None
+        embeds = self.embed(input_ids, pixel_values)
+        # use_cache=False always in training: with a cache, packed samples would attend to each other.
+        return self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,
+            **kwargs,
+        )
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        # Frozen embeddings give inputs without grad; checkpointed blocks then need inputs that require it.
+        if hasattr(self.llm, "enable_input_require_grads"):
+            self.llm.enable_input_require_grads()

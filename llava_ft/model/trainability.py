@@ -1,0 +1,93 @@
+"""Per-component trainability from config: frozen | full | lora | qlora. Logs what is frozen."""
+
+from __future__ import annotations
+
+import logging
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from llava_ft.config import LoraSection, TrainableSection
+
+log = logging.getLogger("llava_ft")
+
+
+def linear_module_names(module: nn.Module, exclude: tuple[str, ...] = ("lm_head", "output")) -> list[str]:
+    """Leaf names of every Linear (including bitsandbytes' Linear4bit) except the output head."""
+    names = set()
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Linear) and name.split(".")[-1] not in exclude:
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def vision_lora_targets(tower: nn.Module) -> list[str]:
+    """Linear layers of the tower; nn.MultiheadAttention (open_clip) is targeted whole, because it reads
+    `out_proj.weight` directly and a LoRA on out_proj alone would never receive a gradient."""
+    mha = {name.split(".")[-1] for name, m in tower.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    inside_mha = {
+        f"{name}.{sub}".split(".")[-1]
+        for name, m in tower.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for sub, _ in m.named_modules()
+        if sub
+    }
+    return sorted(mha | (set(linear_module_names(tower, exclude=())) - inside_mha))
+
+
+def count_params(module: nn.Module | None) -> tuple[int, int]:
+    """(trainable, total). 4-bit weights are packed two per byte: count their logical elements."""
+    if module is None:
+        return 0, 0
+    trainable = total = 0
+    for p in module.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:
+            n = int(p.quant_state.shape.numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def apply_trainability(model: nn.Module, trainable: TrainableSection, lora: LoraSection) -> None:
+    """Freeze everything, then open what the config names. `model` is a LlavaModel."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    if trainable.llm == "full":
+        for p in model.llm.parameters():
+            p.requires_grad_(True)
+    elif trainable.llm in ("lora", "qlora"):
+        targets = lora.target_modules
+        if targets == "all-linear":
+            targets = linear_module_names(model.llm)
+        cfg = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
+        model.llm = get_peft_model(model.llm, cfg)
+
+    if model.projector is not None and trainable.projector == "full":
+        for p in model.projector.parameters():
+            p.requires_grad_(True)
+
+    if model.vision_tower is not None and trainable.vision == "lora":
+        targets = vision_lora_targets(model.vision_tower)
+        cfg = LoraConfig(r=lora.vision_r, lora_alpha=lora.vision_alpha, lora_dropout=lora.dropout, target_modules=targets)
+        model.vision_tower = get_peft_model(model.vision_tower, cfg)
+
+    log_trainability(model, trainable)
+
+
+def log_trainability(model: nn.Module, trainable: TrainableSection) -> dict[str, dict[str, int]]:
+    parts = {"llm": model.llm, "projector": model.projector, "vision": model.vision_tower}
+    summary = {}
+    for name, module in parts.items():
+        n_train, n_total = count_params(module)
+        if module is None:
+            continue
+        mode = getattr(trainable, name)
+        state = "trainable" if n_train else "frozen"
+        log.info("%-9s %-7s %-9s %12s trainable / %12s params", name, mode, state, f"{n_train:,}", f"{n_total:,}")
+        summary[name] = {"trainable": n_train, "total": n_total}
+    return summary

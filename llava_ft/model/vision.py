@@ -1,0 +1,252 @@
+"""CLIP vision towers (open_clip or transformers) that return LLaVA's image features.
+
+Both backends return the same thing: the patch tokens output by one transformer block (`feature_layer`,
+indexed like transformers' `hidden_states`, so -2 is the output of the second-to-last block), without
+ln_post / post_layernorm, CLS dropped, as LLaVA and transformers' Llava ("default" strategy) do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionModel
+
+from llava_ft.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Aspect, ImageProcessor
+
+logger = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"
+
+
+@dataclass
+class VisionConfig:
+    backend: Literal["open_clip", "hf"]
+    """Which library builds the tower."""
+    model: str
+    """open_clip: a model name ("ViT-L-14-336-quickgelu") or "local-dir:/path" (a folder with
+    open_clip_config.json and weights); hf: a local folder loadable by `CLIPVisionModel.from_pretrained`
+    (a CLIPVisionModel or a whole CLIPModel checkpoint)."""
+    pretrained: str | None = None
+    """open_clip with a model name only: local weights file (.safetensors/.bin/.pt) of the whole CLIP
+    model, never a hub tag. None with a model name means random weights (tiny tests only)."""
+    feature_layer: int = -2
+    """Block whose output is used, indexed like transformers' hidden_states (1..L or -L..-1)."""
+    drop_cls: bool = True
+    """Drop the CLS token (LLaVA's "patch" / HF Llava's "default" selection)."""
+    pool: int = 1
+    """Average-pool the patch grid by this factor (2: an 8x8 grid becomes 16 tokens); 1 = LLaVA."""
+    image_aspect: Aspect = "pad"
+    """Preprocessing: "pad" (LLaVA-1.5: pad to square with the mean colour), "crop" or "resize"."""
+
+
+class VisionTower(nn.Module):
+    """Wraps a backend model (`self.model`); subclasses return one block's output as (cls, patches)."""
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        model: nn.Module,
+        *,
+        num_layers: int,
+        hidden_size: int,
+        image_size: int,
+        patch_size: int,
+        processor: ImageProcessor,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.processor = processor
+        self._hidden_size = hidden_size
+        self._image_size = image_size
+        self.block = _block_index(cfg.feature_layer, num_layers)  # 0-based block whose output is returned
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of patch size {patch_size}")
+        self.grid = image_size // patch_size
+        if cfg.pool < 1 or self.grid % cfg.pool:
+            raise ValueError(
+                f"pool {cfg.pool} must be >= 1 and divide the {self.grid}x{self.grid} patch grid"
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden_size
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens per image after pooling (plus CLS when kept)."""
+        return (self.grid // self.cfg.pool) ** 2 + (0 if self.cfg.drop_cls else 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, num_tokens, hidden_size]."""
+        cls, patches = self._block_output(pixel_values.to(self.dtype))
+        if self.cfg.pool > 1:
+            batch, _, dim = patches.shape
+            grid = patches.transpose(1, 2).reshape(batch, dim, self.grid, self.grid)
+            patches = F.avg_pool2d(grid, self.cfg.pool).flatten(2).transpose(1, 2)
+        return patches if self.cfg.drop_cls else torch.cat([cls, patches], dim=1)
+
+    def _block_output(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class OpenClipVisionTower(VisionTower):
+    """`model` is open_clip's `CLIP.visual` (a VisionTransformer); `open_clip_cfg` its model config."""
+
+    def __init__(self, cfg: VisionConfig, visual: nn.Module, open_clip_cfg: dict[str, Any]):
+        if not hasattr(visual, "transformer"):
+            raise ValueError(
+                f"{cfg.model}: only open_clip ViT image towers are supported, not {type(visual).__name__}"
+            )
+        size = _square(visual.image_size, "open_clip image_size")
+        pp = visual.preprocess_cfg
+        if pp.get("interpolation", "bicubic") != "bicubic" or pp.get("resize_mode", "shortest") != "shortest":
+            logger.warning("open_clip preprocess %s differs from the bicubic/shortest ImageProcessor", pp)
+        processor = ImageProcessor(size, tuple(pp["mean"]), tuple(pp["std"]), cfg.image_aspect)
+        super().__init__(
+            cfg,
+            visual,
+            num_layers=len(visual.transformer.resblocks),
+            hidden_size=visual.transformer.width,
+            image_size=size,
+            patch_size=_square(visual.patch_size, "open_clip patch_size"),
+            processor=processor,
+        )
+        self.open_clip_cfg = open_clip_cfg  # vision_cfg, quick_gelu...: what conversion to HF CLIP needs
+
+    def _block_output(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.forward_intermediates(
+            pixel_values,
+            indices=[self.block],
+            stop_early=True,  # later blocks are not needed
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
+        return out["image_intermediates_prefix"][0], out["image_intermediates"][0]
+
+
+class HFClipVisionTower(VisionTower):
+    """`model` is a transformers `CLIPVisionModel`."""
+
+    def __init__(self, cfg: VisionConfig, model: CLIPVisionModel, processor: ImageProcessor):
+        config = model.config
+        super().__init__(
+            cfg,
+            model,
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            processor=processor,
+        )
+
+    def _block_output(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # hidden_states[0] is the embedding output, so block i's output is hidden_states[i + 1].
+        hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[
+            self.block + 1
+        ]
+        return hidden[:, :1], hidden[:, 1:]
+
+
+def build_vision_tower(cfg: VisionConfig) -> VisionTower:
+    if cfg.backend == "open_clip":
+        return _build_open_clip(cfg)
+    if cfg.backend == "hf":
+        return _build_hf(cfg)
+    raise ValueError(f"unknown vision backend {cfg.backend!r}: expected 'open_clip' or 'hf'")
+
+
+def _build_open_clip(cfg: VisionConfig) -> OpenClipVisionTower:
+    name = cfg.model
+    if name.startswith("hf-hub:"):
+        raise ValueError(
+            f"{name}: hub models are never downloaded; save the folder and use '{LOCAL_DIR}/path'"
+        )
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name.removeprefix(LOCAL_DIR))
+        if cfg.pretrained is not None:
+            raise ValueError(
+                f"{name}: the folder holds the weights; `pretrained` ({cfg.pretrained}) would be ignored"
+            )
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no open_clip_config.json (not an open_clip local-dir folder)")
+    elif cfg.pretrained is None:
+        logger.warning("open_clip %s: no `pretrained` weights file, the tower is randomly initialised", name)
+    elif not os.path.isfile(cfg.pretrained):
+        raise FileNotFoundError(
+            f"{cfg.pretrained}: open_clip weights file not found (a local file, not a tag)"
+        )
+    open_clip_cfg = open_clip.get_model_config(name)
+    if open_clip_cfg is None:
+        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models())")
+    clip = open_clip.create_model(name, pretrained=cfg.pretrained, pretrained_text=False, weights_only=True)
+    # Keep only the image tower: the text tower is never used.
+    return OpenClipVisionTower(cfg, clip.visual, open_clip_cfg)
+
+
+def _build_hf(cfg: VisionConfig) -> HFClipVisionTower:
+    folder = Path(cfg.model)
+    if cfg.pretrained is not None:
+        raise ValueError(
+            f"hf vision backend loads weights from the folder {folder}; `pretrained` must be None"
+        )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (not a transformers model folder)")
+    model, info = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)
+    # transformers only warns about missing weights; a half-random tower must not train silently.
+    if info["missing_keys"]:
+        raise ValueError(
+            f"{folder}: vision weights missing from the checkpoint: {sorted(info['missing_keys'])}"
+        )
+    return HFClipVisionTower(cfg, model, _hf_processor(folder, model.config.image_size, cfg.image_aspect))
+
+
+def _hf_processor(folder: Path, image_size: int, aspect: Aspect) -> ImageProcessor:
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        logger.warning("%s: no preprocessor_config.json, using OpenAI CLIP mean/std", folder)
+        return ImageProcessor(image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, aspect)
+    pp = json.loads(path.read_text())
+    return ImageProcessor(
+        image_size,
+        tuple(pp.get("image_mean", OPENAI_CLIP_MEAN)),
+        tuple(pp.get("image_std", OPENAI_CLIP_STD)),
+        aspect,
+    )
+
+
+def _block_index(feature_layer: int, num_layers: int) -> int:
+    # hidden_states has num_layers + 1 entries (embeddings first); only block outputs exist in both backends.
+    index = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 1 <= index <= num_layers:
+        raise ValueError(
+            f"feature_layer {feature_layer} must select a block output of the {num_layers}-block tower "
+            f"(1..{num_layers} or -{num_layers}..-1)"
+        )
+    return index - 1
+
+
+def _square(size: int | tuple[int, int], what: str) -> int:
+    if isinstance(size, int):
+        return size
+    if size[0] != size[1]:
+        raise ValueError(f"{what} {tuple(size)} is not square")
+    return size[0]

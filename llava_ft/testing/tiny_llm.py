@@ -1,0 +1,348 @@
+"""Tiny random causal-LM checkpoints on disk, for tests and the CPU demo (keep this API stable).
+
+`write_tiny_internlm2` writes the real InternLM2 on-disk layout (config with auto_map, grouped wqkv, upstream key
+names, sentencepiece tokenizer with the chat special tokens inside its vocab), so the loader is exercised exactly
+as on a published checkpoint. `write_tiny_llama` / `write_tiny_qwen2` write standard transformers folders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from sentencepiece import sentencepiece_model_pb2
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from llava_ft.model.llm import load_tokenizer
+
+# In this order they sit at the end of the real 92544-piece vocab (92538..92543).
+INTERNLM2_SPECIAL_TOKENS = (
+    "<|plugin|>",
+    "<|interpreter|>",
+    "<|action_end|>",
+    "<|action_start|>",
+    "<|im_end|>",
+    "<|im_start|>",
+)
+# Official internlm2-chat template (/work/shared/reference/chat_templates.json, "internlm2_chat").
+INTERNLM2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _base_sp_model() -> Path:
+    # mistral-common ships a Llama-style 32k sentencepiece BPE model: a real tokenizer without a download.
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def write_internlm2_sp_model(path: str | Path, *, add_dummy_prefix: bool = True) -> Path:
+    """A 32006-piece sentencepiece model: a Llama-style 32k BPE model (shipped with mistral-common) plus the
+    InternLM2 special tokens appended as user-defined pieces, so they are single pieces of the sp vocab.
+    `add_dummy_prefix=False` gives the variant whose text does not get a leading "▁"."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(_base_sp_model().read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = add_dummy_prefix
+    for token in INTERNLM2_SPECIAL_TOKENS:
+        piece = proto.pieces.add()
+        piece.piece, piece.score = token, 0.0
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def _sp_pieces(path: Path) -> list[str]:
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return [p.piece for p in proto.pieces]
+
+
+def _added(content: str) -> dict:
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
+
+
+def _write_internlm2_tokenizer(out_dir: Path, tokenizer_model: str | Path | None) -> int:
+    """tokenizer.model + upstream-style tokenizer_config.json; returns the sp vocab size."""
+    sp_path = out_dir / "tokenizer.model"
+    if tokenizer_model is None:
+        write_internlm2_sp_model(sp_path)
+    else:
+        sp_path.write_bytes(Path(tokenizer_model).read_bytes())
+    pieces = _sp_pieces(sp_path)
+    ids = {p: i for i, p in enumerate(pieces)}
+    missing = [t for t in ("<unk>", "<s>", "</s>", *INTERNLM2_SPECIAL_TOKENS) if t not in ids]
+    if missing:
+        raise ValueError(f"{tokenizer_model}: sentencepiece model lacks the InternLM2 tokens {missing}")
+    decoder = {str(ids[t]): _added(t) for t in ("<unk>", "<s>", "</s>", *INTERNLM2_SPECIAL_TOKENS)}
+    tokenizer_config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": list(reversed(INTERNLM2_SPECIAL_TOKENS)),
+        "auto_map": {
+            "AutoTokenizer": [
+                "tokenization_internlm2.InternLM2Tokenizer",
+                "tokenization_internlm2_fast.InternLM2TokenizerFast",
+            ]
+        },
+        "bos_token": "<s>",
+        "chat_template": INTERNLM2_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "decode_with_prefix_space": False,
+        "eos_token": "</s>",
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "</s>",
+        "sp_model_kwargs": None,
+        "tokenizer_class": "InternLM2Tokenizer",
+        "unk_token": "<unk>",
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+    return len(pieces)
+
+
+def _random_internlm2_state_dict(
+    *, vocab: int, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, bias: bool, seed: int
+) -> dict[str, torch.Tensor]:
+    # Weights scaled 1/sqrt(fan_in) and norms away from 1, so attention is peaked and every tensor (norms
+    # included) visibly changes the logits: a wrong mapping cannot hide behind near-uniform attention.
+    g = torch.Generator().manual_seed(seed)
+
+    def lin(out_f: int, in_f: int) -> torch.Tensor:
+        return torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
+
+    def norm() -> torch.Tensor:
+        return 1.0 + 0.2 * torch.randn(hidden, generator=g)
+
+    head_dim = hidden // heads
+    sd = {"model.tok_embeddings.weight": torch.randn(vocab, hidden, generator=g)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        sd[p + "attention.wqkv.weight"] = lin((heads + 2 * kv_heads) * head_dim, hidden)
+        sd[p + "attention.wo.weight"] = lin(hidden, heads * head_dim)
+        if bias:
+            sd[p + "attention.wqkv.bias"] = 0.1 * torch.randn((heads + 2 * kv_heads) * head_dim, generator=g)
+            sd[p + "attention.wo.bias"] = 0.1 * torch.randn(hidden, generator=g)
+        sd[p + "feed_forward.w1.weight"] = lin(inter, hidden)
+        sd[p + "feed_forward.w3.weight"] = lin(inter, hidden)
+        sd[p + "feed_forward.w2.weight"] = lin(hidden, inter)
+        sd[p + "attention_norm.weight"] = norm()
+        sd[p + "ffn_norm.weight"] = norm()
+    sd["model.norm.weight"] = norm()
+    sd["output.weight"] = lin(vocab, hidden)
+    return sd
+
+
+def _save_shards(sd: dict[str, torch.Tensor], out_dir: Path, shards: int, fmt: str) -> None:
+    if fmt not in ("safetensors", "bin"):
+        raise ValueError(f"fmt must be 'safetensors' or 'bin', got {fmt!r}")
+    ext, single, index = (
+        ("safetensors", "model.safetensors", "model.safetensors.index.json")
+        if fmt == "safetensors"
+        else ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    )
+    prefix = single.rsplit(".", 1)[0]
+
+    def save(part: dict[str, torch.Tensor], name: str) -> None:
+        part = {k: v.contiguous() for k, v in part.items()}
+        if fmt == "safetensors":
+            save_file(part, out_dir / name, metadata={"format": "pt"})
+        else:
+            torch.save(part, out_dir / name)
+
+    if shards == 1:
+        save(sd, single)
+        return
+    keys = list(sd)
+    per = math.ceil(len(keys) / shards)
+    weight_map = {}
+    for s in range(shards):
+        name = f"{prefix}-{s + 1:05d}-of-{shards:05d}.{ext}"
+        chunk = keys[s * per : (s + 1) * per]
+        save({k: sd[k] for k in chunk}, name)
+        weight_map.update(dict.fromkeys(chunk, name))
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (out_dir / index).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
+def write_tiny_internlm2(
+    out_dir: str | Path,
+    *,
+    vocab_size: int | None = None,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    bias: bool = False,
+    rope_theta: float = 1_000_000.0,
+    rope_scaling: dict | None = None,
+    max_position_embeddings: int = 2048,
+    tokenizer_model: str | Path | None = None,
+    shards: int = 1,
+    fmt: Literal["safetensors", "bin"] = "safetensors",
+    seed: int = 0,
+) -> Path:
+    """Random InternLM2 checkpoint + tokenizer in the upstream on-disk layout. vocab_size defaults to the
+    tokenizer's piece count (32006 with the default sentencepiece model). Returns out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sp_size = _write_internlm2_tokenizer(out_dir, tokenizer_model)
+    vocab_size = vocab_size or sp_size
+    if vocab_size < sp_size:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {sp_size} pieces")
+    if num_heads % num_kv_heads or hidden_size % num_heads:
+        raise ValueError("num_heads must divide hidden_size and be a multiple of num_kv_heads")
+    im_end = _sp_pieces(out_dir / "tokenizer.model").index("<|im_end|>")
+    config = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "attn_implementation": "eager",
+        "auto_map": {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+        },
+        "bias": bias,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate_size,
+        "max_position_embeddings": max_position_embeddings,
+        "model_type": "internlm2",
+        "num_attention_heads": num_heads,
+        "num_hidden_layers": num_layers,
+        "num_key_value_heads": num_kv_heads,
+        "pad_token_id": 2,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": rope_scaling,
+        "rope_theta": rope_theta,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.41.0",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    generation_config = {"bos_token_id": 1, "eos_token_id": [2, im_end], "pad_token_id": 2}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+    sd = _random_internlm2_state_dict(
+        vocab=vocab_size,
+        hidden=hidden_size,
+        inter=intermediate_size,
+        layers=num_layers,
+        heads=num_heads,
+        kv_heads=num_kv_heads,
+        bias=bias,
+        seed=seed,
+    )
+    _save_shards(sd, out_dir, shards, fmt)
+    return out_dir
+
+
+def _resolve_tokenizer(tokenizer: str | Path | PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    # A standard transformers 5 Llama tokenizer: the sp model converted to the tokenizers backend, as
+    # from_pretrained does for a Llama-2 folder holding only tokenizer.model + tokenizer_config.json.
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(_base_sp_model().read_bytes())
+        llama_config = {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(llama_config))
+        return LlamaTokenizer.from_pretrained(tmp, local_files_only=True)
+
+
+def _write_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_tiny_llama(
+    out_dir: str | Path,
+    tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Random LlamaForCausalLM folder (save_pretrained, safetensors) with `tokenizer` (a tokenizer, a folder
+    load_tokenizer reads, or None: a standard 32k Llama tokenizer). Vocab = len(tokenizer)."""
+    tok = _resolve_tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return _write_hf(LlamaForCausalLM(config), tok, out_dir)
+
+
+def write_tiny_qwen2(
+    out_dir: str | Path,
+    tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Random Qwen2ForCausalLM folder (qkv biases, tied embeddings as the small Qwen2 models)."""
+    tok = _resolve_tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return _write_hf(Qwen2ForCausalLM(config), tok, out_dir)

@@ -1,0 +1,183 @@
+"""Stage outputs: only what trained, plus the resolved config and the chat template, written atomically.
+
+Layout of a stage output folder:
+    llava_ft.yaml          resolved config (absolute paths); written last, so its presence means "complete"
+    template.json          chat template name and stop words used in training
+    projector.safetensors  when the projector trained
+    llm_adapter/           peft LoRA adapter of the LLM (adapter_config.json + adapter_model.safetensors)
+    vision_adapter/        peft LoRA adapter of the vision tower
+    llm/                   the whole LLM (standard transformers folder + tokenizer) when it trained in full
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llava_ft.config import RunConfig, dump_config, load_config
+
+log = logging.getLogger("llava_ft")
+
+CONFIG_NAME = "llava_ft.yaml"
+TEMPLATE_NAME = "template.json"
+PROJECTOR_NAME = "projector.safetensors"
+TRAINABLE_NAME = "trainable.safetensors"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_dir(path: Path, write) -> None:
+    """write(tmpdir) fills a fresh folder that then replaces `path` in one rename."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable(model: torch.nn.Module, folder: Path) -> None:
+    """Resumable checkpoint body: every trainable parameter under its full name."""
+    atomic_save_tensors(trainable_state_dict(model), folder / TRAINABLE_NAME)
+
+
+def load_trainable(model: torch.nn.Module, folder: Path) -> None:
+    state = load_file(str(folder / TRAINABLE_NAME))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise RuntimeError(f"{folder}: trainable weights do not fit this model: missing {missing[:5]}, unknown {unknown[:5]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].dtype))
+
+
+def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
+    if cfg.trainable.projector == "full" and model.projector is not None:
+        atomic_save_tensors(model.projector.state_dict(), out / PROJECTOR_NAME)
+    if cfg.trainable.llm in ("lora", "qlora"):
+        _atomic_dir(out / "llm_adapter", lambda d: model.llm.save_pretrained(d, safe_serialization=True))
+    if cfg.trainable.llm == "full":
+
+        def write_llm(d: Path) -> None:
+            model.llm.save_pretrained(d, safe_serialization=True)
+            tokenizer.save_pretrained(d)
+
+        _atomic_dir(out / "llm", write_llm)
+    if cfg.trainable.vision == "lora":
+        _atomic_dir(out / "vision_adapter", lambda d: model.vision_tower.save_pretrained(d, safe_serialization=True))
+    info = {"name": template.name, "stop_words": list(template.stop_words)}
+    atomic_write_bytes(out / TEMPLATE_NAME, json.dumps(info, indent=2).encode())
+    tmp = out / f".{CONFIG_NAME}.tmp"
+    dump_config(absolute_paths(cfg), tmp)
+    os.replace(tmp, out / CONFIG_NAME)
+    log.info("stage output written to %s", out)
+    return out
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Copy of cfg whose file paths are absolute, so a checkpoint is usable from any working directory."""
+    import copy
+
+    c = copy.deepcopy(cfg)
+
+    def absolute(p: str | None) -> str | None:
+        if not p or p.startswith("local-dir:") and not p[len("local-dir:") :]:
+            return p
+        if p.startswith("local-dir:"):
+            return "local-dir:" + str(Path(p[len("local-dir:") :]).resolve())
+        return str(Path(p).resolve()) if Path(p).exists() else p
+
+    c.model.llm = absolute(c.model.llm)
+    if c.model.vision is not None:
+        c.model.vision.model = absolute(c.model.vision.model)
+        c.model.vision.pretrained = absolute(c.model.vision.pretrained)
+    c.train.output_dir = absolute(c.train.output_dir)
+    c.train.init_from = absolute(c.train.init_from)
+    for src in c.data.train:
+        src.path = absolute(src.path)
+        src.image_folder = absolute(src.image_folder)
+    return c
+
+
+def read_stage_config(ckpt: str | Path) -> RunConfig:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: not a folder")
+    if not (ckpt / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{ckpt}: not a llava_ft stage output (no {CONFIG_NAME}; an interrupted run leaves none)"
+        )
+    return load_config(ckpt / CONFIG_NAME)
+
+
+def read_template_info(ckpt: str | Path) -> dict:
+    return json.loads((Path(ckpt) / TEMPLATE_NAME).read_text())
+
+
+def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> None:
+    """Load a stage output's trained weights into `model`, after those of the stages it started from.
+
+    adapters="load": wrap the LLM in the saved LoRA adapter (inference); "init": copy the adapter's weights into
+    the model's own peft wrapper (a stage that continues training LoRA).
+    """
+    ckpt = Path(ckpt)
+    cfg = read_stage_config(ckpt)
+    if cfg.train.init_from:
+        apply_stage_weights(model, cfg.train.init_from, adapters=adapters)
+    if (ckpt / PROJECTOR_NAME).is_file():
+        if model.projector is None:
+            raise ValueError(f"{ckpt}: has projector weights but this model has no vision tower")
+        model.projector.load_state_dict(load_file(str(ckpt / PROJECTOR_NAME)))
+        log.info("projector weights from %s", ckpt)
+    for sub, attr in (("llm_adapter", "llm"), ("vision_adapter", "vision_tower")):
+        adapter = ckpt / sub
+        if not adapter.is_dir():
+            continue
+        module = getattr(model, attr)
+        if adapters == "load":
+            from peft import PeftModel
+
+            setattr(model, attr, PeftModel.from_pretrained(module, str(adapter)))
+        else:
+            from peft import set_peft_model_state_dict
+
+            if not hasattr(module, "peft_config"):
+                raise ValueError(
+                    f"{adapter}: init_from holds a LoRA adapter but this stage does not train LoRA on {attr}; "
+                    "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
+                )
+            set_peft_model_state_dict(module, load_file(str(adapter / "adapter_model.safetensors")))
+        log.info("%s adapter from %s", attr, adapter)

@@ -1,0 +1,159 @@
+"""One training stage, read top to bottom: build parts, set trainability, load data, fit, save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, set_seed
+
+from llava_ft.config import RunConfig
+from llava_ft.data.dataset import build_dataset
+from llava_ft.model.build import build_model
+from llava_ft.model.trainability import apply_trainability, log_trainability
+from llava_ft.train.checkpoint import apply_stage_weights, save_stage_output
+from llava_ft.train.trainer import LlavaTrainer, last_checkpoint
+
+log = logging.getLogger("llava_ft")
+
+
+def train(cfg: RunConfig, *, resume: bool | str = False) -> Path:
+    started = time.time()
+    set_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+
+    # 1. Parts: tokenizer + chat template, vision tower, projector, LLM (4-bit when asked).
+    from llava_ft.data.templates import get_template
+
+    tokenizer, model = build_model(cfg)
+    template = get_template(cfg.data.template, tokenizer)
+
+    # 2. Trainability per component, then the previous stage's trained weights (init_from).
+    apply_trainability(model, cfg.trainable, cfg.lora)
+    if cfg.train.init_from:
+        apply_stage_weights(model, cfg.train.init_from, adapters="init")
+
+    # 3. Data: records -> conversations -> token ids + labels; images read lazily.
+    processor = model.vision_tower.processor if model.vision_tower is not None else None
+    dataset, stats = build_dataset(
+        cfg.data, tokenizer, template, num_image_tokens=model.num_image_tokens, image_processor=processor
+    )
+    log.info("data: %s", stats.summary())
+    train_dataset, collator, sampler = batching(cfg, dataset, tokenizer)
+
+    # 4. Fit.
+    trainer = LlavaTrainer(
+        model=model,
+        args=training_arguments(cfg),
+        train_dataset=train_dataset,
+        data_collator=collator,
+        projector_lr=cfg.train.projector_lr,
+        train_sampler=sampler,
+    )
+    resume_from = None
+    if resume:
+        resume_from = resume if isinstance(resume, str) else last_checkpoint(str(out))
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint-N folder in {out}")
+        log.info("resuming from %s", resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    # 5. Save only what trained, with the resolved config and the template.
+    if trainer.args.should_save:
+        save_stage_output(model, cfg, tokenizer, template, out)
+        write_summary(out, cfg, trainer, result, stats, model, time.time() - started)
+    return out
+
+
+def batching(cfg: RunConfig, dataset, tokenizer):
+    """(train dataset, collator, sampler or None) for padded, length-grouped or packed batches."""
+    from llava_ft.data.collate import Collator, PackedCollator
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cfg.data.packing:
+        from llava_ft.data.packing import PackedDataset
+
+        packed = PackedDataset(dataset, dataset.lengths, cfg.data.max_length, seed=cfg.train.seed)
+        log.info("packing: %s", packed.stats())
+        return packed, PackedCollator(pad_token_id=pad_id, row_length=cfg.data.max_length), None
+    sampler = None
+    if cfg.data.group_by_length:
+        from llava_ft.data.sampler import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler(
+            dataset.lengths, cfg.train.batch_size * cfg.train.grad_accum, seed=cfg.train.seed
+        )
+    return dataset, Collator(pad_token_id=pad_id), sampler
+
+
+def training_arguments(cfg: RunConfig) -> TrainingArguments:
+    t = cfg.train
+    on_gpu = torch.cuda.is_available()
+    grad_ckpt = t.gradient_checkpointing
+    if grad_ckpt is None:
+        grad_ckpt = cfg.trainable.llm == "qlora"
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        gradient_checkpointing=grad_ckpt,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=on_gpu and cfg.model.dtype in ("auto", "bfloat16"),
+        use_cpu=not on_gpu,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_workers,
+        deepspeed=t.deepspeed,
+        disable_tqdm=False,
+    )
+
+
+def write_summary(out: Path, cfg: RunConfig, trainer, result, stats, model, wall_s: float) -> None:
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    trained = getattr(trainer, "_trained_tokens", 0)
+    seen = getattr(trainer, "_seen_tokens", 0)
+    runtime = result.metrics.get("train_runtime", 0.0)
+    summary = {
+        "name": cfg.name,
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "first_loss": history[0]["loss"] if history else None,
+        "last_loss": history[-1]["loss"] if history else None,
+        "tokens_seen": seen,
+        "tokens_trained": trained,
+        "tokens_per_s": seen / runtime if runtime else None,
+        "train_runtime_s": round(runtime, 1),
+        "wall_s": round(wall_s, 1),
+        "peak_memory_mb": peak_memory_mb(),
+        "params": log_trainability(model, cfg.trainable),
+        "data": stats.as_dict() if hasattr(stats, "as_dict") else str(stats.summary()),
+        "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in history],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("summary: steps %d, loss %s -> %s, %.0f tokens/s, %.0fs", summary["steps"], summary["first_loss"],
+             summary["last_loss"], summary["tokens_per_s"] or 0, wall_s)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Shared by pretrain.sh and finetune.sh: run one stage with CONFIG (default: the tiny CPU config) and overrides.
+# NPROC=N runs it with torchrun on N processes (gloo on CPU, nccl on GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage=$1; shift
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+config=configs/tiny/$stage.yaml
+if [ $# -gt 0 ] && [[ "$1" != --* ]]; then config=$1; shift; fi
+if [[ "$config" == configs/tiny/* ]]; then
+  # The embedded tiny default: synthetic data and tiny checkpoints (made once), and the text stage the
+  # tiny LLM needs before it can read captions.
+  .venv/bin/python -m llava_ft.demo.prepare
+fi
+if [ "${NPROC:-1}" -gt 1 ]; then
+  exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" -m llava_ft.cli.main train "$config" "$@"
+fi
+exec .venv/bin/llava-ft train "$config" "$@"
