@@ -65,7 +65,7 @@ def build_dataset(data: DataSection, tokenizer, template, *, num_image_tokens: i
     total = EncodeStats()
     for src in data.train:
         convs, bad = read_conversations(src.path, src.format, skip_bad=data.skip_bad)
-        if bad.count if hasattr(bad, "count") else bad:
+        if bad:
             log.warning("%s", bad.summary())
         samples, stats = encode_all(convs, encoder, skip_bad=data.skip_bad, keep_convs=True)
         folder = Path(src.image_folder) if src.image_folder else Path(src.path).parent

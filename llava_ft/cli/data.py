@@ -1,0 +1,185 @@
+"""`llava-ft data preview | check`: see exactly what the model will be trained on, before training.
+
+    llava-ft data preview --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--index 3] [--json]
+    llava-ft data check   --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--skip-bad]
+
+Also runs standalone: `python -m llava_ft.cli.data preview ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from itertools import islice
+
+from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataError
+from llava_ft.data.sources import FORMATS, BadRecords, iter_conversations
+from llava_ft.data.templates import TEMPLATE_NAMES, get_template
+from llava_ft.data.tokenize import DroppedSample, Encoder, TokenizedSample, encode_all
+
+GREEN, CYAN, RESET = "\x1b[32m", "\x1b[36m", "\x1b[0m"
+
+
+def add_data_commands(subparsers) -> None:
+    """Register `data preview` and `data check` under the `llava-ft` parser's subparsers."""
+    data = subparsers.add_parser("data", help="inspect training data: preview | check")
+    _add_subcommands(data.add_subparsers(dest="data_command", required=True))
+
+
+def _add_subcommands(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", required=True, help=".json (list of records) or .jsonl file")
+    common.add_argument("--template", required=True, choices=TEMPLATE_NAMES)
+    common.add_argument("--tokenizer", required=True, help="tokenizer folder (usually the LLM's)")
+    common.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    common.add_argument("--max-length", type=int, default=None, help="tokens, image tokens included")
+    common.add_argument("--num-image-tokens", type=int, default=576)
+    common.add_argument("--last-turn-only", action="store_true", help="train only each record's last answer")
+
+    p = sub.add_parser("preview", parents=[common], help="rendered records, trained spans in green")
+    p.add_argument("--index", type=int, default=None, help="show only record I (0-based)")
+    p.add_argument("--limit", type=int, default=3, help="records to show without --index (0: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object per record: input_ids, labels")
+    p.set_defaults(func=cmd_preview)
+
+    c = sub.add_parser(
+        "check", parents=[common], help="counts, token lengths, truncation, drops, bad records"
+    )
+    c.add_argument("--skip-bad", action="store_true", help="exit 0 even if some records are bad")
+    c.set_defaults(func=cmd_check)
+
+
+def _load_tokenizer(path: str):
+    from llava_ft.model.llm import load_tokenizer  # InternLM2 sentencepiece folders without remote code
+
+    return load_tokenizer(path)
+
+
+def _encoder(args: argparse.Namespace) -> Encoder:
+    tokenizer = _load_tokenizer(args.tokenizer)
+    return Encoder(
+        tokenizer,
+        get_template(args.template, tokenizer),
+        max_length=args.max_length,
+        num_image_tokens=args.num_image_tokens,
+        last_turn_only=args.last_turn_only,
+    )
+
+
+# ---------------------------------------------------------------- preview
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    encoder = _encoder(args)
+    convs = iter_conversations(args.data, args.format)
+    if args.index is not None:
+        picked = list(islice(convs, args.index, args.index + 1))
+        if not picked:
+            raise DataError(args.data, f"no record at index {args.index}")
+    else:
+        picked = convs if args.limit == 0 else islice(convs, args.limit)
+    if not args.json:
+        print(f"{GREEN}green{RESET}: trained tokens; {CYAN}<image xN>{RESET}: N image placeholder tokens\n")
+    for conv in picked:
+        try:
+            sample = encoder.encode(conv)
+        except DroppedSample as err:
+            print(json.dumps({"source": conv.source, "dropped": err.problem}) if args.json else f"-- {err}\n")
+            continue
+        if args.json:
+            print(json.dumps({"source": conv.source, "num_images": sample.num_images, "truncated": sample.truncated,
+                              "input_ids": sample.input_ids, "labels": sample.labels}))  # fmt: skip
+        else:
+            print(_header(conv.source, sample))
+            print(render_sample(encoder.tokenizer, sample, encoder.num_image_tokens) + "\n")
+    return 0
+
+
+def _header(source: str | None, s: TokenizedSample) -> str:
+    trained = sum(label != IGNORE_INDEX for label in s.labels)
+    flags = ", truncated" * s.truncated + ", realigned" * s.realigned
+    return f"-- {source}: {len(s.input_ids)} tokens (images {s.num_images}, trained {trained}{flags})"
+
+
+def render_sample(tokenizer, s: TokenizedSample, num_image_tokens: int) -> str:
+    """The sample's own tokens as text: trained runs green, image spans as `<image xN>`."""
+    out, k = [], 0
+    while k < len(s.input_ids):
+        if s.input_ids[k] == IMAGE_TOKEN_INDEX:
+            out.append(f"{CYAN}<image x{num_image_tokens}>{RESET}")
+            k += num_image_tokens
+            continue
+        end = k
+        while end < len(s.input_ids) and s.input_ids[end] != IMAGE_TOKEN_INDEX:
+            end += 1
+        out += _render_text(tokenizer, s.input_ids[k:end], s.labels[k:end])
+        k = end
+    return "".join(out)
+
+
+def _render_text(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
+    """Decode runs of equal trainedness. Each run's text is the growth of the decoded prefix, so spaces that
+    a decoder drops at the start of a piece are kept."""
+
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    cuts = [0] + [
+        i for i in range(1, len(ids)) if (labels[i] == IGNORE_INDEX) != (labels[i - 1] == IGNORE_INDEX)
+    ]
+    cuts.append(len(ids))
+    out, before = [], ""
+    for a, b in zip(cuts, cuts[1:]):
+        upto = decode(ids[:b])
+        text = upto[len(before) :] if upto.startswith(before) else decode(ids[a:b])
+        before = upto
+        out.append(text if labels[a] == IGNORE_INDEX else f"{GREEN}{text}{RESET}")
+    return out
+
+
+# ---------------------------------------------------------------- check
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    encoder = _encoder(args)
+    bad = BadRecords()
+    convs = list(
+        iter_conversations(args.data, args.format, skip_bad=True, bad=bad)
+    )  # report every bad record
+    samples, stats = encode_all(convs, encoder, skip_bad=True)
+    lengths = sorted(len(s.input_ids) for s in samples)
+    print(f"{args.data}: {len(convs) + len(bad)} records read, {len(bad)} bad")
+    print(bad.summary())
+    print(stats.summary())
+    if lengths:
+        pct = "  ".join(f"p{p} {_percentile(lengths, p)}" for p in (50, 90, 99))
+        print(
+            f"token length: {pct}  max {lengths[-1]}  (samples with images: {sum(s.num_images > 0 for s in samples)})"
+        )
+    failed = len(bad) + stats.mismatched + stats.failed
+    if failed and not args.skip_bad:
+        print(f"{failed} bad record(s); fix them or pass --skip-bad", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _percentile(sorted_values: list[int], p: float) -> int:
+    """Nearest-rank percentile."""
+    return sorted_values[max(0, math.ceil(p / 100 * len(sorted_values)) - 1)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llava_ft.cli.data", description=__doc__.splitlines()[0])
+    _add_subcommands(parser.add_subparsers(dest="data_command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"llava-ft data: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Source adapters: raw records (LLaVA, XTuner, alpaca, OpenAI messages, plain text) -> `Conversation`.
+
+Files are `.json` (a list of records) or `.jsonl` (one record per line). The format is detected per file from
+the first record's keys, or named. Every problem is a `DataError` naming the file and the record
+("file.jsonl:LINE", 1-based, or "file.json[INDEX]"); with `skip_bad` bad records are collected in
+`BadRecords` instead, so nothing is dropped without being counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava_ft.data.conversation import IMAGE_TOKEN, Conversation, DataError, Message
+
+FORMATS = ("llava", "xtuner", "alpaca", "openai", "text")
+# First key found wins; checked in this order so that e.g. a llava record with a stray "text" key is llava.
+_DETECT_KEYS = (("conversations", "llava"), ("conversation", "xtuner"), ("messages", "openai"),
+                ("instruction", "alpaca"), ("text", "text"))  # fmt: skip
+_LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+_OPENAI_ROLES = {"system", "user", "assistant"}
+
+
+@dataclass
+class BadRecords:
+    """Records skipped under `skip_bad`, each as (where, problem)."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, err: DataError) -> None:
+        self.items.append((err.where, err.problem))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def summary(self, limit: int = 20) -> str:
+        if not self.items:
+            return "bad records: 0"
+        lines = [f"bad records: {len(self.items)}"]
+        lines += [f"  {where}: {problem}" for where, problem in self.items[:limit]]
+        if len(self.items) > limit:
+            lines.append(f"  ... and {len(self.items) - limit} more")
+        return "\n".join(lines)
+
+
+def detect_format(record: Any, where: str) -> str:
+    if isinstance(record, dict):
+        for key, fmt in _DETECT_KEYS:
+            if key in record:
+                return fmt
+        raise DataError(
+            where, f"cannot detect the format from keys {sorted(record)}; name it (one of {FORMATS})"
+        )
+    raise DataError(where, f"a record must be a JSON object, got {type(record).__name__}")
+
+
+def iter_conversations(
+    path: str | Path, fmt: str = "auto", *, skip_bad: bool = False, bad: BadRecords | None = None
+) -> Iterator[Conversation]:
+    """Yield conversations lazily. Bad records raise `DataError`, or with `skip_bad` go to `bad`."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected 'auto' or one of {FORMATS}")
+    for where, record in _iter_records(Path(path), skip_bad, bad):
+        try:
+            if fmt == "auto":  # detected once per file, from its first good record
+                fmt = detect_format(record, where)
+            conv = _ADAPTERS[fmt](record, where)
+            _validate(conv, where)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            if bad is not None:
+                bad.add(err)
+            continue
+        conv.source = where
+        yield conv
+
+
+def read_conversations(
+    path: str | Path, fmt: str = "auto", *, skip_bad: bool = False
+) -> tuple[list[Conversation], BadRecords]:
+    bad = BadRecords()
+    return list(iter_conversations(path, fmt, skip_bad=skip_bad, bad=bad)), bad
+
+
+def _iter_records(path: Path, skip_bad: bool, bad: BadRecords | None) -> Iterator[tuple[str, Any]]:
+    if path.suffix not in (".json", ".jsonl"):
+        raise DataError(str(path), "expected a .json (list of records) or .jsonl (one record per line) file")
+    try:
+        handle = path.open("rb")
+    except OSError as e:
+        raise DataError(str(path), f"cannot read file: {e}") from e
+    with handle:
+        if path.suffix == ".json":
+            yield from _json_list(path, handle.read())
+            return
+        # Line by line: LLaVA-size files need not be held in memory.
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = _parse_line(raw, f"{path}:{lineno}")
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                if bad is not None:
+                    bad.add(err)
+                continue
+            yield f"{path}:{lineno}", record
+
+
+def _parse_line(raw: bytes, where: str) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(where, f"not UTF-8: {e.reason} at byte {e.start}") from e
+    except json.JSONDecodeError as e:
+        raise DataError(where, f"malformed JSON line: {e.msg} (column {e.colno})") from e
+
+
+def _json_list(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), f"not UTF-8: {e.reason} at byte {e.start}") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg}") from e
+    if not isinstance(records, list):
+        raise DataError(str(path), f"a .json file must hold a list of records, got {type(records).__name__}")
+    for i, record in enumerate(records):
+        yield f"{path}[{i}]", record
+
+
+# ---------------------------------------------------------------- helpers shared by the adapters
+
+
+def _require(record: Any, key: str, where: str, context: str = "") -> Any:
+    """record[key]; `context` ("turn 2: ") says which nested object of the record is meant."""
+    if not isinstance(record, dict):
+        raise DataError(where, f"{context}a record must be a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise DataError(where, f"{context}missing key {key!r}")
+    return record[key]
+
+
+def _text(value: Any, where: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(where, f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _images(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+        raise DataError(where, "image(s) must be a non-empty string or a list of non-empty strings")
+    return list(items)
+
+
+def _record_id(record: dict) -> str | None:
+    value = record.get("id")
+    return None if value is None else str(value)
+
+
+def _opted_out(turn: dict) -> bool:
+    """Per-turn opt-out of the loss: `"train": false`, `"loss": false` or `"weight": 0`."""
+    return turn.get("train") is False or turn.get("loss") is False or turn.get("weight") == 0
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def _from_llava(record: Any, where: str) -> Conversation:
+    turns = _require(record, "conversations", where)
+    if not isinstance(turns, list):
+        raise DataError(where, "'conversations' must be a list")
+    messages = []
+    for i, turn in enumerate(turns):
+        sender = _require(turn, "from", where, f"turn {i}: ")
+        role = _LLAVA_ROLES.get(sender) if isinstance(sender, str) else None
+        if role is None:
+            raise DataError(
+                where, f"turn {i}: unknown role {sender!r} (expected one of {sorted(_LLAVA_ROLES)})"
+            )
+        content = _text(_require(turn, "value", where, f"turn {i}: "), where, f"turn {i} 'value'")
+        messages.append(Message(role, content, trainable=False if _opted_out(turn) else None))
+    return Conversation(messages, _images(record.get("image"), where), id=_record_id(record))
+
+
+def _from_xtuner(record: Any, where: str) -> Conversation:
+    items = _require(record, "conversation", where)
+    if not isinstance(items, list):
+        raise DataError(where, "'conversation' must be a list")
+    messages = []
+    for i, item in enumerate(items):
+        system = item.get("system") if isinstance(item, dict) else None
+        if system:
+            messages.append(Message("system", _text(system, where, f"item {i} 'system'")))
+        messages.append(
+            Message("user", _text(_require(item, "input", where, f"item {i}: "), where, f"item {i} 'input'"))
+        )
+        output = _text(_require(item, "output", where, f"item {i}: "), where, f"item {i} 'output'")
+        messages.append(Message("assistant", output))
+    return Conversation(messages, _images(record.get("image"), where), id=_record_id(record))
+
+
+def _from_alpaca(record: Any, where: str) -> Conversation:
+    instruction = _text(_require(record, "instruction", where), where, "'instruction'")
+    output = _text(_require(record, "output", where), where, "'output'")
+    extra = _text(record.get("input") or "", where, "'input'")
+    system = _text(record.get("system") or "", where, "'system'")
+    messages = [Message("system", system)] if system else []
+    messages += [Message("user", instruction + ("\n" + extra if extra else "")), Message("assistant", output)]
+    return Conversation(messages, id=_record_id(record))
+
+
+def _from_openai(record: Any, where: str) -> Conversation:
+    raw = _require(record, "messages", where)
+    if not isinstance(raw, list):
+        raise DataError(where, "'messages' must be a list")
+    messages, part_images = [], []
+    for i, msg in enumerate(raw):
+        role = _require(msg, "role", where, f"message {i}: ")
+        if role not in _OPENAI_ROLES:
+            raise DataError(
+                where, f"message {i}: unknown role {role!r} (expected one of {sorted(_OPENAI_ROLES)})"
+            )
+        content = _require(msg, "content", where, f"message {i}: ")
+        if isinstance(content, list):
+            content = _openai_parts(content, part_images, f"{where} message {i}")
+        messages.append(
+            Message(
+                role,
+                _text(content, where, f"message {i} 'content'"),
+                trainable=False if _opted_out(msg) else None,
+            )
+        )
+    images = _images(record.get("images"), where)
+    if images and part_images:
+        raise DataError(where, "images are given both in 'images' and inside content parts")
+    return Conversation(messages, images or part_images, id=_record_id(record))
+
+
+def _openai_parts(parts: list, images: list[str], where: str) -> str:
+    """Text parts concatenated; image parts become `<image>` markers (their path, if given, is collected)."""
+    out = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            out.append(_text(part.get("text"), where, f"part {j} 'text'"))
+        elif kind in ("image", "image_url"):
+            out.append(IMAGE_TOKEN)
+            ref = part.get(kind)
+            ref = ref.get("url") if isinstance(ref, dict) else ref
+            if isinstance(ref, str) and ref:
+                images.append(ref)
+        else:
+            raise DataError(where, f"part {j}: expected an object with type text, image or image_url")
+    return "".join(out)
+
+
+def _from_text(record: Any, where: str) -> Conversation:
+    text = _text(_require(record, "text", where), where, "'text'")
+    return Conversation([Message("assistant", text)], id=_record_id(record), kind="text")
+
+
+_ADAPTERS: dict[str, Callable[[Any, str], Conversation]] = {
+    "llava": _from_llava, "xtuner": _from_xtuner, "alpaca": _from_alpaca, "openai": _from_openai, "text": _from_text,
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _validate(conv: Conversation, where: str) -> None:
+    if not conv.messages:
+        raise DataError(where, "empty conversation")
+    if conv.kind == "text":
+        if not conv.messages[0].content.strip():
+            raise DataError(where, "empty text")
+    else:
+        _check_roles(conv.messages, where)
+    markers = conv.num_image_markers()
+    if conv.images and markers == 0:
+        # LLaVA's rule for records whose text has no marker: the image goes before the first user turn.
+        first_user = next(m for m in conv.messages if m.role == "user")
+        first_user.content = IMAGE_TOKEN * len(conv.images) + "\n" + first_user.content
+    elif markers != len(conv.images):
+        raise DataError(where, f"{markers} {IMAGE_TOKEN} marker(s) but {len(conv.images)} image(s)")
+
+
+def _check_roles(messages: list[Message], where: str) -> None:
+    """After an optional leading system message: user, assistant, user, ..., ending with assistant."""
+    start = 1 if messages[0].role == "system" else 0
+    turns = messages[start:]
+    if not turns:
+        raise DataError(where, "conversation has no user/assistant turns")
+    for i, msg in enumerate(turns, start=start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if msg.role != expected:
+            raise DataError(
+                where, f"message {i}: expected role {expected!r}, got {msg.role!r} (roles must alternate)"
+            )
+        if msg.role == "assistant" and not msg.content.strip():
+            raise DataError(where, f"message {i}: empty assistant turn")
+    if turns[-1].role != "assistant":
+        raise DataError(where, "conversation must end with an assistant turn")

@@ -1,0 +1,287 @@
+"""Shared benchmark machinery: the model interface, resumable batched prediction, provenance and reports.
+
+Benchmarks (mmbench.py, pope.py, vqa.py) turn their data into `Item`s and score the predictions; everything
+about asking the model, resuming and writing files lives here, so the three behave the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from llava_ft.data.conversation import DataError
+from llava_ft.inference import Query
+
+PREDICTIONS = "predictions.jsonl"
+UNKNOWN_CHECKPOINT = "(unknown: not recorded in the predictions file)"
+
+
+class Assistant(Protocol):
+    """What evaluation needs from a model (llava_ft.inference.Assistant; tests use scripted fakes)."""
+
+    def generate(self, queries: list[Query], *, max_new_tokens: int = 32) -> list[str]: ...
+
+    def option_logprobs(self, queries: list[Query], options: list[str]) -> list[list[float]]: ...
+
+
+def open_assistant(checkpoint: str, *, load_4bit: bool = False) -> Assistant:
+    # Imported here so that scoring and tests never build a model.
+    from llava_ft.inference import load_assistant
+
+    return load_assistant(checkpoint, load_4bit=load_4bit)
+
+
+@dataclass
+class Item:
+    """One question to put to the model."""
+
+    id: Any
+    """The benchmark's own id (MMBench index, question_id), as written in predictions.jsonl."""
+    prompt: str
+    image: Callable[[], Any]
+    """Loads the PIL image (or returns None) when its batch comes up, so a whole benchmark is never in memory."""
+
+
+@dataclass
+class Asking:
+    """How predictions are obtained: by generation, or by comparing option log-probabilities."""
+
+    assistant: Assistant
+    checkpoint: str
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    options: list[str] | None = None
+    """Set: likelihood mode; the prediction is the option with the highest log P(option | prompt)."""
+
+    @property
+    def mode(self) -> str:
+        return "likelihood" if self.options else "generate"
+
+
+# ------------------------------------------------------------------------------------------ predictions
+
+
+def read_predictions(path: Path, id_field: str) -> dict[str, dict]:
+    """Records of a predictions file by str(id). Accepts `prediction` or LLaVA's `text` for the answer."""
+    records: dict[str, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(where, f"not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or id_field not in rec:
+                raise DataError(where, f"record has no '{id_field}' field")
+            if "prediction" not in rec and "text" in rec:
+                rec["prediction"] = rec["text"]
+            if not isinstance(rec.get("prediction"), str):
+                raise DataError(where, "record has no string 'prediction' (or 'text') field")
+            key = str(rec[id_field])
+            if key in records:
+                raise DataError(
+                    where, f"{id_field} {rec[id_field]!r} already answered on line {records[key]['_line']}"
+                )
+            rec["_line"] = line_no
+            records[key] = rec
+    return records
+
+
+def _check_previous(path: Path, rec: dict, item: Item, asking: Asking | None) -> None:
+    where = f"{path} line {rec['_line']}"
+    if "prompt" in rec and rec["prompt"] != item.prompt:
+        raise DataError(
+            where,
+            f"the prompt for id {item.id!r} differs from the one built now from the data (another data file or "
+            "prompt option?); use a fresh --output directory",
+        )
+    if asking is not None:
+        for field, now in (("checkpoint", asking.checkpoint), ("mode", asking.mode)):
+            if rec.get(field, now) != now:
+                raise DataError(
+                    where,
+                    f"predicted with {field} {rec[field]!r}, this run uses {now!r}; use a fresh --output directory",
+                )
+
+
+def collect_predictions(
+    items: list[Item],
+    output: Path,
+    *,
+    id_field: str,
+    asking: Asking | None = None,
+    predictions_file: Path | None = None,
+    desc: str = "eval",
+) -> tuple[dict[str, dict], int]:
+    """The prediction record of every item (by str(id)) and how many were reused rather than asked now.
+
+    With `asking`, items already in output/predictions.jsonl are skipped (resume) and new answers are
+    appended after every batch, so an interrupted run loses at most one batch. With `predictions_file`,
+    nothing is asked: every item must already have a prediction there.
+    """
+    if (asking is None) == (predictions_file is None):
+        raise ValueError("give exactly one of asking (a model) or predictions_file (re-score)")
+    if predictions_file is not None:
+        records = read_predictions(predictions_file, id_field)
+        missing = [it.id for it in items if str(it.id) not in records]
+        if missing:
+            raise DataError(
+                str(predictions_file),
+                f"no prediction for {len(missing)} of {len(items)} items (first: {missing[:5]}); "
+                "use --limit to score a prefix",
+            )
+        for it in items:
+            _check_previous(predictions_file, records[str(it.id)], it, None)
+        return records, len(items)
+
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / PREDICTIONS
+    records = read_predictions(path, id_field) if path.exists() else {}
+    for it in items:
+        if str(it.id) in records:
+            _check_previous(path, records[str(it.id)], it, asking)
+    reused = sum(str(it.id) in records for it in items)
+    todo = [it for it in items if str(it.id) not in records]
+    batches = [todo[i : i + asking.batch_size] for i in range(0, len(todo), asking.batch_size)]
+    with open(path, "a", encoding="utf-8") as f:
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not batches):
+            for rec in _ask(batch, asking, id_field):
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                records[str(rec[id_field])] = rec
+            f.flush()
+    return records, reused
+
+
+def _ask(batch: list[Item], asking: Asking, id_field: str) -> list[dict]:
+    queries = [Query(question=it.prompt, image=it.image()) for it in batch]
+    base = [
+        {id_field: it.id, "prompt": it.prompt, "checkpoint": asking.checkpoint, "mode": asking.mode}
+        for it in batch
+    ]
+    if asking.options is None:
+        answers = asking.assistant.generate(queries, max_new_tokens=asking.max_new_tokens)
+        _check_len(answers, batch, "generate")
+        return [{**b, "prediction": a} for b, a in zip(base, answers)]
+    rows = asking.assistant.option_logprobs(queries, asking.options)
+    _check_len(rows, batch, "option_logprobs")
+    out = []
+    for b, row in zip(base, rows):
+        best = max(range(len(row)), key=lambda i: row[i])  # first option wins a tie
+        out.append({**b, "prediction": asking.options[best], "logprobs": dict(zip(asking.options, row))})
+    return out
+
+
+def _check_len(answers: list, batch: list[Item], what: str) -> None:
+    if len(answers) != len(batch):
+        raise RuntimeError(f"assistant.{what} returned {len(answers)} answers for {len(batch)} queries")
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Write atomically: a crash while rewriting must not lose the predictions a resume depends on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps({k: v for k, v in rec.items() if k != "_line"}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def provenance(*, checkpoints: list[str], data: Path, command: str, predictions_file: Path | None) -> dict:
+    return {
+        "checkpoint": checkpoints[0] if len(checkpoints) == 1 else checkpoints,
+        "predictions_from": str(predictions_file) if predictions_file else None,
+        "data": {"path": str(data), "sha256": sha256_file(data)},
+        "command": command,
+    }
+
+
+def checkpoints_of(records: Iterable[dict], fallback: str) -> list[str]:
+    """The checkpoint(s) named in prediction records (a re-scored file may come from anywhere)."""
+    names = sorted({r["checkpoint"] for r in records if isinstance(r.get("checkpoint"), str)})
+    return names or [fallback]
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    align = ["---" if i == 0 else "---:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance_markdown(results: dict) -> list[str]:
+    rule = results["rule"]
+    ckpt = results["checkpoint"]
+    lines = [
+        f"- checkpoint: `{ckpt}`"
+        if isinstance(ckpt, str)
+        else f"- checkpoints: {', '.join(f'`{c}`' for c in ckpt)}",
+        f"- data: `{results['data']['path']}` (sha256 `{results['data']['sha256']}`)",
+        f"- command: `{results['command']}`",
+        f"- rule: **{rule['name']}**: {rule['description']}",
+    ]
+    if results.get("predictions_from"):
+        lines.append(f"- predictions re-scored from `{results['predictions_from']}`")
+    return lines
+
+
+def write_report(output: Path, results: dict, markdown: str) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(
+        json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    (output / "results.md").write_text(markdown.rstrip() + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="trained checkpoint folder to evaluate")
+    src.add_argument("--predictions", type=Path, help="re-score this predictions.jsonl without a model")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--output", type=Path, required=True, help="folder for predictions.jsonl and results")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples")
+
+
+def command_line(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", sys.argv[0] or "-", *args])
+
+
+def asking_from_args(args: argparse.Namespace, options: list[str] | None = None) -> Asking | None:
+    if args.checkpoint is None:
+        return None
+    assistant = open_assistant(args.checkpoint, load_4bit=args.load_4bit)
+    return Asking(assistant, args.checkpoint, args.batch_size, args.max_new_tokens, options)

@@ -1,0 +1,432 @@
+"""Open-ended VQA (VQAv2 style): soft accuracy against up to 10 human answers, plus exact match.
+
+JSONL records: {question_id, image, question, answers: [strings] or [{"answer": ...}], optional answer_type}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from llava_ft.data.conversation import DataError
+from llava_ft.eval import runner
+from llava_ft.eval.extract import Rule, official_punctuation
+from llava_ft.eval.stats import Estimate, bootstrap_mean
+
+SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQAv2 prompt
+
+NORMALIZE_RULES = {
+    "official": Rule(
+        "official",
+        "official vqaEval.py (GT-Vision-Lab/VQA a013f00): prediction and human answers are normalised only when "
+        "the human answers are not all identical; soft accuracy = mean over the 10 leave-one-out subsets of "
+        "min(#matches/3, 1)",
+    ),
+    "always": Rule(
+        "always",
+        "as lmms-eval / VLMEvalKit: prediction and human answers always normalised, then the same soft accuracy",
+    ),
+}
+
+# Official vqaEval.py tables, verbatim (keys with capitals never match after lower-casing; kept as upstream).
+MANUAL_MAP = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
+ARTICLES = ("a", "an", "the")
+CONTRACTIONS = {
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
+}
+
+
+def digit_article(text: str) -> str:
+    """processDigitArticle: lower-case, number words -> digits, drop articles, restore contractions."""
+    words = [MANUAL_MAP.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def normalize(text: str) -> str:
+    """The full official normalisation of one answer."""
+    return digit_article(official_punctuation(_clean(text)))
+
+
+def vqa_accuracy(prediction: str, answers: list[str], normalization: str = "official") -> float:
+    """Soft accuracy: mean over each human answer left out of min(#others equal to the prediction / 3, 1).
+
+    With one human answer there are no "others" (the score would always be 0), so such a record scores
+    normalised exact match instead, under both variants (named in reports).
+    """
+    if len(answers) == 1:
+        return float(normalize(prediction) == normalize(answers[0]))
+    pred, gts = _clean(prediction), [_clean(a) for a in answers]
+    if normalization == "always" or len(set(gts)) > 1:
+        pred, gts = normalize(pred), [normalize(a) for a in gts]
+    matches = sum(g == pred for g in gts)
+    return float(np.mean([min((matches - (g == pred)) / 3, 1.0) for g in gts]))
+
+
+def exact_match(prediction: str, answers: list[str]) -> bool:
+    """The normalised prediction equals the most frequent normalised human answer (first on a tie)."""
+    return normalize(prediction) == Counter(normalize(a) for a in answers).most_common(1)[0][0]
+
+
+@dataclass
+class VqaItem:
+    question_id: object
+    image: Path
+    question: str
+    answers: list[str]
+    answer_type: str | None
+    where: str
+
+
+def load_vqa(path: str | Path, images: str | Path) -> list[VqaItem]:
+    path, images = Path(path), Path(images)
+    items: list[VqaItem] = []
+    seen: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(where, f"not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(where, "a record must be a JSON object")
+            for field in ("question_id", "image", "question", "answers"):
+                if field not in rec:
+                    raise DataError(where, f"missing field '{field}'")
+            answers = (
+                [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in rec["answers"]]
+                if isinstance(rec["answers"], list)
+                else None
+            )
+            if not answers or not all(isinstance(a, str) for a in answers):
+                raise DataError(
+                    where, "field 'answers' must be a non-empty list of strings (or {'answer': ...})"
+                )
+            key = str(rec["question_id"])
+            if key in seen:
+                raise DataError(where, f"question_id {rec['question_id']!r} repeats {seen[key]}")
+            seen[key] = where
+            image = images / rec["image"]
+            if not image.is_file():
+                raise DataError(where, f"field 'image': file {image} not found")
+            items.append(
+                VqaItem(rec["question_id"], image, rec["question"], answers, rec.get("answer_type"), where)
+            )
+    if not items:
+        raise DataError(str(path), "no records")
+    return items
+
+
+def load_image(item: VqaItem) -> Image.Image:
+    try:
+        return Image.open(item.image).convert("RGB")
+    except OSError as e:
+        raise DataError(item.where, f"field 'image': cannot read {item.image} ({e})") from None
+
+
+def build_prompt(question: str, suffix: str = SUFFIX) -> str:
+    return question if question.endswith(suffix) else question + suffix
+
+
+def score_vqa(
+    items: list[VqaItem],
+    predictions: list[str],
+    normalization: str,
+    *,
+    seed: int = 0,
+    n_resamples: int = 1000,
+) -> dict:
+    soft = {n: [vqa_accuracy(p, it.answers, n) for p, it in zip(predictions, items)] for n in NORMALIZE_RULES}
+    exact = [exact_match(p, it.answers) for p, it in zip(predictions, items)]
+    acc = soft[normalization]
+    per_type: dict[str, list[float]] = defaultdict(list)
+    for a, it in zip(acc, items):
+        per_type[it.answer_type or "(none)"].append(a)
+    return {
+        "headline": {
+            "metric": "soft_accuracy",
+            **bootstrap_mean(acc, seed=seed, n_resamples=n_resamples).to_dict(),
+        },
+        "soft_accuracy": {n: float(np.mean(v)) for n, v in soft.items()},
+        "exact_match": bootstrap_mean(exact, seed=seed, n_resamples=n_resamples).to_dict(),
+        "per_answer_type": {
+            k: {"n": len(v), "soft_accuracy": float(np.mean(v))} for k, v in sorted(per_type.items())
+        },
+        "n_items": len(items),
+        "extraction_failures": sum(not p.strip() for p in predictions),
+        "answers_per_question": dict(sorted(Counter(len(it.answers) for it in items).items())),
+        "single_answer_scored_by_exact_match": sum(len(it.answers) == 1 for it in items),
+        "_per_item": {"soft": acc, "exact": exact},
+    }
+
+
+def vqa_markdown(results: dict) -> str:
+    lines = ["# VQA", "", *runner.provenance_markdown(results)]
+    lines.append(
+        f"- items: {results['n_items']}; empty predictions: {results['extraction_failures']}; "
+        f"human answers per question: {results['answers_per_question']} "
+        f"({results['single_answer_scored_by_exact_match']} with one answer scored by normalised exact match)"
+    )
+    rows = [
+        ["soft accuracy (headline)", Estimate.from_dict(results["headline"]).fmt()],
+        ["exact match (vs the most frequent human answer)", Estimate.from_dict(results["exact_match"]).fmt()],
+    ]
+    rows += [
+        [f"soft accuracy, normalisation '{n}'", f"{v * 100:.2f}"] for n, v in results["soft_accuracy"].items()
+    ]
+    lines += ["", runner.markdown_table(["score", "% [95% CI]"], rows)]
+    if set(results["per_answer_type"]) != {"(none)"}:
+        lines += [
+            "",
+            "## Per answer type",
+            "",
+            runner.markdown_table(
+                ["answer type", "soft accuracy %", "n"],
+                [
+                    [k, f"{v['soft_accuracy'] * 100:.2f}", v["n"]]
+                    for k, v in results["per_answer_type"].items()
+                ],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def run_vqa(
+    data: str | Path,
+    images: str | Path,
+    output: str | Path,
+    *,
+    asking: runner.Asking | None = None,
+    predictions_file: str | Path | None = None,
+    normalization: str = "official",
+    suffix: str = SUFFIX,
+    limit: int | None = None,
+    seed: int = 0,
+    n_resamples: int = 1000,
+    command: str = "",
+) -> dict:
+    if normalization not in NORMALIZE_RULES:
+        raise ValueError(f"unknown normalisation {normalization!r}; choose from {sorted(NORMALIZE_RULES)}")
+    data, output = Path(data), Path(output)
+    items = load_vqa(data, images)[:limit]
+    work = [
+        runner.Item(it.question_id, build_prompt(it.question, suffix), lambda it=it: load_image(it))
+        for it in items
+    ]
+    pred_path = Path(predictions_file) if predictions_file else None
+    records, reused = runner.collect_predictions(
+        work, output, id_field="question_id", asking=asking, predictions_file=pred_path, desc="vqa"
+    )
+    chosen = [records[str(it.question_id)] for it in items]
+    scores = score_vqa(
+        items, [r["prediction"] for r in chosen], normalization, seed=seed, n_resamples=n_resamples
+    )
+    per_item = scores.pop("_per_item")
+    results = {
+        "benchmark": "vqa",
+        "rule": {"name": normalization, "description": NORMALIZE_RULES[normalization].description},
+        **runner.provenance(
+            checkpoints=runner.checkpoints_of(
+                chosen, asking.checkpoint if asking else runner.UNKNOWN_CHECKPOINT
+            ),
+            data=data,
+            command=command,
+            predictions_file=pred_path,
+        ),
+        "images": str(images),
+        "reused_predictions": reused,
+        **scores,
+    }
+    runner.write_jsonl(
+        output / runner.PREDICTIONS,
+        (
+            {
+                **{k: v for k, v in rec.items() if k != "text"},
+                "answers": it.answers,
+                "soft_accuracy": per_item["soft"][i],
+                "exact_match": per_item["exact"][i],
+            }
+            for i, (it, rec) in enumerate(zip(items, chosen))
+        ),
+    )
+    runner.write_report(output, results, vqa_markdown(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    runner.add_common_args(parser)
+    parser.add_argument(
+        "--images", type=Path, required=True, help="folder the records' image paths are relative to"
+    )
+    parser.add_argument(
+        "--normalize",
+        choices=sorted(NORMALIZE_RULES),
+        default="official",
+        help="official: as vqaEval.py; always: as lmms-eval / VLMEvalKit",
+    )
+    parser.add_argument(
+        "--prompt-suffix", default=SUFFIX, help="appended to each question unless already there"
+    )
+    args = parser.parse_args(argv)
+    results = run_vqa(
+        args.data,
+        args.images,
+        args.output,
+        asking=runner.asking_from_args(args),
+        predictions_file=args.predictions,
+        normalization=args.normalize,
+        suffix=args.prompt_suffix,
+        limit=args.limit,
+        seed=args.seed,
+        n_resamples=args.n_resamples,
+        command=runner.command_line(argv),
+    )
+    print(
+        f"VQA soft accuracy ({args.normalize}): {Estimate.from_dict(results['headline']).fmt()}; results in {args.output}"
+    )
+    return 0

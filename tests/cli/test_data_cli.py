@@ -1,0 +1,156 @@
+"""`data preview` / `data check` through `main([...])` on tiny generated files and a real tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import mistral_common
+import pytest
+from transformers import LlamaTokenizer
+
+from llava_ft.cli.data import add_data_commands, main
+
+N_IMG = 4
+# internlm/internlm2-chat-1_8b's official chat template (tokenizer_config.json).
+INTERNLM2_JINJA = (
+    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+RECORDS = [
+    {"id": "1", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat.\nReally."},
+        {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes  sure."}]},
+    {"id": "2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there"}]},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli_tok")
+    shutil.copy(
+        Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", root / "tokenizer.model"
+    )
+    tok = LlamaTokenizer.from_pretrained(root)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(root / "tok")
+    return root / "tok"
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return LlamaTokenizer.from_pretrained(tok_dir)
+
+
+def write(path: Path, lines: list) -> Path:
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def messages_of(record: dict) -> list[dict]:
+    roles = {"human": "user", "gpt": "assistant"}
+    return [{"role": roles[t["from"]], "content": t["value"]} for t in record["conversations"]]
+
+
+def test_preview_json_matches_official_template(tmp_path, capsys, tok_dir, tok):
+    data = write(tmp_path / "d.jsonl", RECORDS)
+    common = [
+        "--data",
+        data,
+        "--template",
+        "internlm2_chat",
+        "--tokenizer",
+        tok_dir,
+        "--num-image-tokens",
+        N_IMG,
+    ]
+    code, out, _ = run(capsys, "preview", *common, "--json", "--limit", 0)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["source"] for r in rows] == [f"{data}:1", f"{data}:2"]
+    for row, record in zip(rows, RECORDS):
+        text = tok.apply_chat_template(messages_of(record), tokenize=False, chat_template=INTERNLM2_JINJA)
+        want: list[int] = []
+        for k, part in enumerate(text.split("<image>")):
+            want += [-200] * N_IMG if k else []
+            want += tok(part, add_special_tokens=False)["input_ids"]
+        assert row["input_ids"] == want
+        trained = [i for i, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        answers = [m["content"] + "<|im_end|>" for m in messages_of(record) if m["role"] == "assistant"]
+        assert tok.decode(trained) == "".join(answers)
+
+
+def test_preview_text_highlights_trained_and_images(tmp_path, capsys, tok_dir):
+    data = write(tmp_path / "d.jsonl", RECORDS)
+    code, out, _ = run(capsys, "preview", "--data", data, "--template", "internlm2_chat", "--tokenizer", tok_dir,
+                       "--index", 0)  # fmt: skip
+    assert code == 0
+    assert f"{data}:1: " in out and f"{data}:2" not in out
+    assert out.count("<image x576>") == 1
+    green = re.findall(r"\x1b\[32m(.*?)\x1b\[0m", out, flags=re.S)
+    assert green[1:] == ["A cat.\nReally.<|im_end|>", "Yes  sure.<|im_end|>"]  # [0]: the legend
+    assert "What is it?<|im_end|>\n<|im_start|>assistant\n" in out  # untrained, shown plain
+
+
+def test_check_reports_and_exit_codes(tmp_path, capsys, tok_dir, tok):
+    data = write(
+        tmp_path / "d.jsonl", [*RECORDS, "{oops", {"conversations": [{"from": "human", "value": "x"}]}]
+    )
+    common = [
+        "--data",
+        data,
+        "--template",
+        "internlm2_chat",
+        "--tokenizer",
+        tok_dir,
+        "--num-image-tokens",
+        N_IMG,
+    ]
+    code, out, err = run(capsys, "check", *common)
+    assert code == 1 and "--skip-bad" in err
+    assert (
+        f"{data}:3: malformed JSON line" in out
+        and f"{data}:4: conversation must end with an assistant" in out
+    )
+    assert "4 records read, 2 bad" in out
+    # Lengths against the tokenizer itself: the text-only record is the shorter one.
+    short = tok.apply_chat_template(messages_of(RECORDS[1]), tokenize=False, chat_template=INTERNLM2_JINJA)
+    n_short = len(tok(short, add_special_tokens=False)["input_ids"])
+    longest = int(re.search(r"max (\d+)", out).group(1))
+    assert re.search(rf"p50 {n_short}\b", out) and longest > n_short
+
+    code, out, _ = run(capsys, "check", *common, "--skip-bad", "--max-length", longest - 1)
+    assert code == 0
+    assert "kept 2, truncated 1, dropped 0" in out and f"max {longest - 1}" in out
+    code, out, _ = run(capsys, "check", *common, "--skip-bad", "--max-length", N_IMG)
+    assert "dropped (images do not fit): 1" in out
+
+
+def test_errors_name_the_record(tmp_path, capsys, tok_dir):
+    two_rounds = {"conversations": RECORDS[1]["conversations"] * 2}
+    data = write(tmp_path / "d.jsonl", [two_rounds, {"conversations": [{"from": "bot", "value": "x"}]}])
+    code, _, err = run(capsys, "preview", "--data", data, "--template", "plain", "--tokenizer", tok_dir)
+    assert code == 2 and f"{data}:1: plain template takes one user" in err
+    code, _, err = run(capsys, "preview", "--data", data, "--template", "vicuna_v1", "--tokenizer", tok_dir)
+    assert code == 2 and f"{data}:2: turn 0: unknown role 'bot'" in err
+    code, _, err = run(capsys, "preview", "--data", data, "--template", "vicuna_v1", "--tokenizer", tok_dir,
+                       "--index", 5)  # fmt: skip
+    assert code == 2
+
+
+def test_registers_under_a_parent_parser():
+    parser = argparse.ArgumentParser(prog="llava-ft")
+    add_data_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["data", "check", "--data", "d.jsonl", "--template", "plain", "--tokenizer", "t"]
+    )
+    assert args.func.__name__ == "cmd_check" and args.num_image_tokens == 576 and not args.skip_bad

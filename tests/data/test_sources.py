@@ -1,0 +1,169 @@
+"""Source adapters: each format -> the Conversation written out by hand; every bad record named by file+line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llava_ft.data.conversation import Conversation, DataError, Message
+from llava_ft.data.sources import iter_conversations, read_conversations
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text(
+        "\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records) + "\n"
+    )
+    return path
+
+
+def test_llava_json(tmp_path):
+    records = [
+        {"id": 7, "image": "coco/1.jpg", "conversations": [
+            {"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A cat."},
+            {"from": "user", "value": "Colour?"}, {"from": "assistant", "value": "Black.", "train": False}]},
+        # No marker: LLaVA puts the image before the first user turn.
+        {"id": "b", "image": "coco/2.jpg", "conversations": [
+            {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Describe."},
+            {"from": "gpt", "value": "A dog."}]},
+        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ]  # fmt: skip
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    convs, bad = read_conversations(path)
+    assert len(bad) == 0
+    assert convs == [
+        Conversation(
+            [Message("user", "What is this?\n<image>"), Message("assistant", "A cat."),
+             Message("user", "Colour?"), Message("assistant", "Black.", trainable=False)],
+            images=["coco/1.jpg"], id="7", source=f"{path}[0]",
+        ),
+        Conversation(
+            [Message("system", "Be brief."), Message("user", "<image>\nDescribe."), Message("assistant", "A dog.")],
+            images=["coco/2.jpg"], id="b", source=f"{path}[1]",
+        ),
+        Conversation([Message("user", "Hi"), Message("assistant", "Hello")], id="text-only", source=f"{path}[2]"),
+    ]  # fmt: skip
+
+
+def test_xtuner_alpaca_text_jsonl(tmp_path):
+    xt = write_jsonl(tmp_path / "xt.jsonl", [{"image": ["a.png", "b.png"], "conversation": [
+        {"system": "Sys", "input": "<image><image>\nSame?", "output": "No."},
+        {"system": "", "input": "Why?", "output": "Colours.", "need_eos_token": True}]}])  # fmt: skip
+    assert read_conversations(xt)[0] == [
+        Conversation(
+            [Message("system", "Sys"), Message("user", "<image><image>\nSame?"), Message("assistant", "No."),
+             Message("user", "Why?"), Message("assistant", "Colours.")],
+            images=["a.png", "b.png"], source=f"{xt}:1",
+        )
+    ]  # fmt: skip
+    al = write_jsonl(tmp_path / "al.jsonl", [
+        {"instruction": "Translate.", "input": "Hallo", "output": "Hello", "system": "You translate."},
+        {"instruction": "Say hi.", "input": "", "output": "Hi"}])  # fmt: skip
+    convs, _ = read_conversations(al)
+    assert [c.messages for c in convs] == [
+        [
+            Message("system", "You translate."),
+            Message("user", "Translate.\nHallo"),
+            Message("assistant", "Hello"),
+        ],
+        [Message("user", "Say hi."), Message("assistant", "Hi")],
+    ]
+    tx = write_jsonl(tmp_path / "tx.jsonl", [{"text": "Some corpus."}])
+    assert read_conversations(tx)[0] == [
+        Conversation([Message("assistant", "Some corpus.")], kind="text", source=f"{tx}:1")
+    ]
+
+
+def test_openai_messages(tmp_path):
+    path = write_jsonl(tmp_path / "oa.jsonl", [
+        {"messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image_url",
+                                         "image_url": {"url": "img/x.png"}}, {"type": "text", "text": " what?"}]},
+            {"role": "assistant", "content": "A box.", "weight": 0},
+            {"role": "user", "content": "And?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Red."}], "loss": True}]},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hm"}]},
+                      {"role": "assistant", "content": "Ok", "train": False}], "images": ["y.png"]},
+    ])  # fmt: skip
+    convs, _ = read_conversations(path)
+    assert convs[0] == Conversation(
+        [Message("system", "S"), Message("user", "Look: <image> what?"),
+         Message("assistant", "A box.", trainable=False), Message("user", "And?"), Message("assistant", "Red.")],
+        images=["img/x.png"], source=f"{path}:1",
+    )  # fmt: skip
+    assert convs[1].images == ["y.png"] and convs[1].messages[0].content == "<image>Hm"
+    assert convs[1].messages[1].trainable is False
+
+
+def test_format_detected_per_file_or_named(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "instruction": "x", "output": "y"}])
+    assert read_conversations(path)[0][0].kind == "chat"  # "instruction" wins over "text" (alpaca first)
+    assert read_conversations(path, "text")[0][0].kind == "text"
+    with pytest.raises(ValueError, match="unknown data format 'sharegpt'"):
+        read_conversations(path, "sharegpt")
+
+
+GOOD = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+
+
+@pytest.mark.parametrize(
+    "record, problem",
+    [
+        ("{not json", "malformed JSON line"),
+        ({"conversations": [{"from": "human"}]}, "missing key 'value'"),
+        ({"conversations": [{"from": "robot", "value": "x"}]}, "turn 0: unknown role 'robot'"),
+        ({"conversations": []}, "empty conversation"),
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]},
+         "message 1: expected role 'assistant', got 'user'"),
+        ({"conversations": [{"from": "human", "value": "q"}]}, "must end with an assistant turn"),
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]}, "empty assistant turn"),
+        ({**GOOD, "image": ["a.png", "b.png"], "conversations": [
+            {"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"}]}, "1 <image> marker.* but 2 image"),
+        ({"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]},
+         "1 <image> marker.* but 0 image"),
+        ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]}, "must be a string"),
+        ({"conversation": "x"}, "missing key 'conversations'"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)  # fmt: skip
+def test_bad_record_names_file_and_line(tmp_path, record, problem):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, "", record])  # the bad record is on line 3
+    with pytest.raises(DataError, match=rf"bad\.jsonl:3: .*{problem}"):
+        read_conversations(path)
+    convs, bad = read_conversations(path, "llava", skip_bad=True)
+    assert len(convs) == 1 and [where for where, _ in bad.items] == [f"{path}:3"]
+    assert f"{path}:3" in bad.summary() and "bad records: 1" in bad.summary()
+
+
+def test_json_list_index_and_file_errors(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([GOOD, {"conversations": [{"from": "gpt", "value": "a"}]}]))
+    with pytest.raises(DataError, match=r"d\.json\[1\]: message 0: expected role 'user'"):
+        read_conversations(path)
+    (tmp_path / "obj.json").write_text(json.dumps(GOOD))
+    with pytest.raises(DataError, match="must hold a list of records"):
+        read_conversations(tmp_path / "obj.json")
+    (tmp_path / "broken.json").write_text('[\n{"a": 1},\n{oops}\n]')
+    with pytest.raises(DataError, match=r"broken\.json:3: malformed JSON"):
+        read_conversations(tmp_path / "broken.json")
+    with pytest.raises(DataError, match=r"missing\.jsonl: cannot read file"):
+        read_conversations(tmp_path / "missing.jsonl")
+    (tmp_path / "latin.jsonl").write_bytes(
+        json.dumps(GOOD).encode() + b"\n" + '{"text": "caf\xe9"}'.encode("latin-1")
+    )
+    with pytest.raises(DataError, match=r"latin\.jsonl:2: not UTF-8"):
+        read_conversations(tmp_path / "latin.jsonl")
+    (tmp_path / "d.csv").write_text("x")
+    with pytest.raises(DataError, match=r"d\.csv: expected a \.json"):
+        read_conversations(tmp_path / "d.csv")
+
+
+def test_iter_is_lazy(tmp_path):
+    path = write_jsonl(tmp_path / "lazy.jsonl", [GOOD, "{broken"])
+    it = iter_conversations(path)
+    assert next(it).source == f"{path}:1"  # the bad line 2 is not parsed yet
+    with pytest.raises(DataError, match=r"lazy\.jsonl:2"):
+        next(it)

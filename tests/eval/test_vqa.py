@@ -1,0 +1,149 @@
+import json
+
+import pytest
+
+from llava_ft.data.conversation import DataError
+from llava_ft.eval import vqa
+from llava_ft.eval.runner import Asking
+from llava_ft.eval.vqa import exact_match, normalize, vqa_accuracy
+
+
+def naive_official(prediction: str, answers: list[str]) -> float:
+    """vqaEval.py's loop written out: each human answer is a distinct record; compare with the other nine."""
+    records = [{"answer_id": i, "answer": a.strip()} for i, a in enumerate(answers)]
+    pred = prediction.strip()
+    if len({r["answer"] for r in records}) > 1:
+        records = [{**r, "answer": normalize(r["answer"])} for r in records]
+        pred = normalize(pred)
+    accs = []
+    for rec in records:
+        others = [r for r in records if r != rec]
+        accs.append(min(1, len([r for r in others if r["answer"] == pred]) / 3))
+    return sum(accs) / len(accs)
+
+
+@pytest.mark.parametrize(
+    ("agreeing", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]
+)
+def test_soft_accuracy_by_agreeing_humans(agreeing, expected):
+    # Hand-computed with the 10-choose-9 rule, e.g. 2 agreeing: 2 subsets hold 1 match (1/3), 8 hold 2 (2/3):
+    # (2/3 + 16/3) / 10 = 0.6.
+    answers = ["cat"] * agreeing + ["dog"] * (10 - agreeing)
+    assert vqa_accuracy("cat", answers) == pytest.approx(expected)
+    assert naive_official("cat", answers) == pytest.approx(expected)
+
+
+def test_normalisation_only_when_humans_disagree():
+    ten_yes = ["yes"] * 10
+    assert vqa_accuracy("Yes.", ten_yes, "official") == 0.0
+    assert vqa_accuracy("Yes.", ten_yes, "always") == 1.0
+    assert vqa_accuracy("yes", ten_yes, "official") == 1.0
+    mixed = ["yes"] * 9 + ["no"]
+    assert vqa_accuracy("Yes.", mixed, "official") == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
+        ("Two", ["2"] * 9 + ["3"], 1.0),  # number word -> digit
+        ("a dog", ["dog"] * 3 + ["cat"] * 7, 0.9),  # article dropped
+        ("The Dog!", ["dog"] * 3 + ["cat"] * 7, 0.9),
+        ("dont", ["don't"] * 4 + ["no"] * 6, 1.0),  # contraction restored
+        ("two", ["2"] * 10, 0.0),  # humans agree: no normalisation in the official variant
+        ("red, white", ["red white"] * 2 + ["red"] * 8, 0.6),
+    ],
+)
+def test_soft_accuracy_normalisation(prediction, answers, expected):
+    assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
+    assert naive_official(prediction, answers) == pytest.approx(expected)
+
+
+def test_single_answer_is_exact_match_and_exact_match_uses_majority():
+    assert vqa_accuracy("Cat.", ["cat"]) == 1.0  # one answer: soft accuracy would be 0 by construction
+    assert vqa_accuracy("dog", ["cat"]) == 0.0
+    assert exact_match("The cat", ["cat", "cat", "dog"])
+    assert not exact_match("dog", ["cat", "cat", "dog"])
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_run_vqa_end_to_end(tmp_path, image_dir, scripted):
+    data = tmp_path / "vqa.jsonl"
+    _write(
+        data,
+        [
+            {
+                "question_id": 1,
+                "image": "red.png",
+                "question": "What colour?",
+                "answers": ["red"] * 10,
+                "answer_type": "other",
+            },
+            {
+                "question_id": 2,
+                "image": "blue.png",
+                "question": "How many?",
+                "answers": [{"answer": "2"}] * 3 + [{"answer": "3"}] * 7,
+                "answer_type": "number",
+            },
+            {
+                "question_id": 3,
+                "image": "green.png",
+                "question": "Is it?",
+                "answers": ["yes"] * 10,
+                "answer_type": "yes/no",
+            },
+        ],
+    )
+    script = {"What colour?": "red", "How many?": "two", "Is it?": "Yes."}
+    fake = scripted(lambda q: script[q.question.removesuffix(vqa.SUFFIX)])
+    out = tmp_path / "out"
+    res = vqa.run_vqa(data, image_dir, out, asking=Asking(fake, "ckpt"), seed=3)
+    assert all(q.question.endswith(vqa.SUFFIX) and q.image.size == (8, 8) for q in fake.asked)
+    assert res["soft_accuracy"]["official"] == pytest.approx((1.0 + 0.9 + 0.0) / 3)
+    assert res["soft_accuracy"]["always"] == pytest.approx((1.0 + 0.9 + 1.0) / 3)
+    assert res["headline"]["value"] == pytest.approx((1.0 + 0.9 + 0.0) / 3)
+    assert res["per_answer_type"]["number"] == {"n": 1, "soft_accuracy": pytest.approx(0.9)}
+    assert res["exact_match"]["value"] == pytest.approx(2 / 3)  # "two" vs majority "3": no
+    assert res["rule"]["name"] == "official" and res["checkpoint"] == "ckpt"
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [x["soft_accuracy"] for x in lines] == pytest.approx([1.0, 0.9, 0.0])
+    assert "official" in (out / "results.md").read_text()
+
+    # Re-score the same predictions under the other variant, without a model.
+    res2 = vqa.main(
+        [
+            "--predictions",
+            str(out / "predictions.jsonl"),
+            "--data",
+            str(data),
+            "--images",
+            str(image_dir),
+            "--output",
+            str(tmp_path / "re"),
+            "--normalize",
+            "always",
+        ]
+    )
+    assert res2 == 0
+    again = json.loads((tmp_path / "re" / "results.json").read_text())
+    assert again["headline"]["value"] == pytest.approx((1.0 + 0.9 + 1.0) / 3)
+    assert "--normalize always" in again["command"]
+
+
+def test_vqa_bad_input(tmp_path, image_dir):
+    data = tmp_path / "bad.jsonl"
+    _write(
+        data,
+        [
+            {"question_id": 1, "image": "red.png", "question": "q", "answers": ["a"]},
+            {"question_id": 2, "image": "red.png", "question": "q", "answers": []},
+        ],
+    )
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: field 'answers'"):
+        vqa.load_vqa(data, image_dir)
+    _write(data, [{"question_id": 1, "image": "nope.png", "question": "q", "answers": ["a"]}])
+    with pytest.raises(DataError, match=r"line 1: field 'image': file .*nope.png not found"):
+        vqa.load_vqa(data, image_dir)
