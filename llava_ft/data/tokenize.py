@@ -52,8 +52,8 @@ class Encoder:
         last_turn_only: bool = False,
         check: bool = True,
     ):
-        if num_image_tokens < 1:
-            raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+        if num_image_tokens < 0:
+            raise ValueError(f"num_image_tokens must be >= 0 (0: a text-only model), got {num_image_tokens}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
         self.tokenizer, self.template = tokenizer, template
@@ -77,6 +77,8 @@ class Encoder:
 
     def encode(self, conv: Conversation) -> TokenizedSample:
         where = conv.source or "<conversation>"
+        if conv.images and not self.num_image_tokens:
+            raise DataError(where, f"record has {len(conv.images)} image(s) but the model has no vision tower")
         segments = self.template.segments(
             conv, bos=self.bos, eos=self.eos, last_turn_only=self.last_turn_only
         )

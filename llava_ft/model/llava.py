@@ -90,8 +90,12 @@ class LlavaModel(nn.Module):
             **kwargs,
         )
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        """Checkpoint the LLM's decoder layers (the Trainer calls this; it acts only in train mode)."""
+        self.llm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+            every_n_layers=every_n_layers,
+            offload=offload,
+        )
         # Frozen embeddings give inputs without grad; checkpointed blocks then need inputs that require it.
-        if hasattr(self.llm, "enable_input_require_grads"):
-            self.llm.enable_input_require_grads()
+        self.llm.enable_input_require_grads()

@@ -1,0 +1,265 @@
+"""Export: transformers' own classes reload the folders with nothing missing, and give llava_ft's logits and
+token ids. References: llava_ft's model built from the stage output (adapters applied, not merged), plain
+sentencepiece for token ids, the official chat templates (shared/reference/chat_templates.json)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    LlamaTokenizer,
+    LlavaForConditionalGeneration,
+)
+
+from llava_ft.cli.main import main
+from llava_ft.data.conversation import IMAGE_TOKEN_INDEX, Conversation, Message
+from llava_ft.data.templates import TEMPLATES, get_template
+from llava_ft.data.tokenize import Encoder
+from llava_ft.export import chat_template_for, export_checkpoint, hf_tokenizer, hf_vision_tower
+from llava_ft.model.build import build_model
+from llava_ft.model.llm import load_tokenizer
+from llava_ft.model.vision import VisionConfig, build_vision_tower
+from llava_ft.testing.tiny_llava import write_tiny_stage_output
+from llava_ft.train.checkpoint import apply_stage_weights, read_stage_config, read_template_info
+
+REFERENCE_TEMPLATES = Path("/work/shared/reference/chat_templates.json")
+MAX_DIFF = 1e-4  # fp32 on CPU; the largest differences seen are ~5e-6
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(root) -> Path:
+    return write_tiny_stage_output(root, root / "stage_lora", llm_mode="lora", vision_backend="open_clip")
+
+
+def reference(ckpt: Path):
+    """llava_ft's own model for a stage output: base + trained weights, adapters applied unmerged, fp32."""
+    cfg = read_stage_config(ckpt)
+    tokenizer, model = build_model(cfg, load_in_4bit=False)
+    apply_stage_weights(model, ckpt, adapters="load")
+    template = get_template(read_template_info(ckpt)["name"], tokenizer)
+    encoder = Encoder(tokenizer, template, max_length=None, num_image_tokens=max(1, model.num_image_tokens))
+    return tokenizer, model.eval(), encoder
+
+
+@torch.no_grad()
+def reference_logits(model, ids: list[int], pixels: torch.Tensor | None = None) -> torch.Tensor:
+    ids_t = torch.tensor([ids])
+    return model.llm(inputs_embeds=model.embed(ids_t, pixels), use_cache=False).logits.float()
+
+
+def loaded_cleanly(info: dict) -> bool:
+    return not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+
+
+def max_diff(ref: torch.Tensor, got: torch.Tensor) -> float:
+    assert got.shape[:-1] == ref.shape[:-1]
+    return float((ref - got[..., : ref.shape[-1]]).abs().max())
+
+
+def test_hf_llava_matches_llava_ft(lora_ckpt, tmp_path, capsys):
+    out = tmp_path / "llava"
+    assert main(["export", str(lora_ckpt), "--format", "hf-llava", "--output", str(out)]) == 0
+    assert "verified" in capsys.readouterr().out
+
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert loaded_cleanly(info), info
+    assert not model.config.tie_word_embeddings  # InternLM2 does not tie; LlavaConfig must not force it
+    processor = AutoProcessor.from_pretrained(out, backend="pil")  # open_clip's transform = the PIL backend
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (20, 44, 3), dtype=np.uint8))
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi  there?"}],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+
+    tokenizer, ref_model, encoder = reference(lora_ckpt)
+    conv = Conversation(messages=[Message("user", "<image>\nHi  there?")], images=["in memory"])
+    ids = encoder.encode_prompt(conv)
+    image_id = model.config.image_token_index
+    assert image_id >= len(tokenizer)
+    assert inputs["input_ids"][0].tolist() == [image_id if t == IMAGE_TOKEN_INDEX else t for t in ids]
+    pixels = ref_model.vision_tower.processor(image).unsqueeze(0)  # pad-to-square, as in training
+    assert torch.equal(inputs["pixel_values"], pixels)
+
+    ref = reference_logits(ref_model, ids, pixels)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    diff = max_diff(ref, got)
+    print(f"hf-llava vs llava_ft: max |logit diff| {diff:.3g}")
+    assert diff < MAX_DIFF
+    # The <image> row is never a prediction: zero logit and suppressed in generation.
+    assert torch.all(got[..., image_id] == 0)
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new = generated[0, inputs["input_ids"].shape[1] :]
+    assert len(new) >= 1 and image_id not in new.tolist()
+    assert new[0] == ref[0, -1].argmax()
+
+
+def test_merged_llm_matches_text_path(lora_ckpt, tmp_path):
+    out = tmp_path / "merged"
+    result = export_checkpoint(lora_ckpt, out, fmt="merged-llm")
+    assert result.export_max_diff < MAX_DIFF
+
+    llm, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert loaded_cleanly(info), info
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    exported_tok = AutoTokenizer.from_pretrained(out)
+    tokenizer, ref_model, encoder = reference(lora_ckpt)
+    messages = [Message("system", "Be  brief."), Message("user", "Hello\n  world")]
+    ids = encoder.encode_prompt(Conversation(messages=messages))
+    rendered = exported_tok.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )
+    assert rendered["input_ids"] == ids
+
+    ref = reference_logits(ref_model, ids)
+    with torch.no_grad():
+        got = llm(input_ids=torch.tensor([ids])).logits
+    diff = max_diff(ref, got)
+    print(f"merged-llm vs llava_ft text path: max |logit diff| {diff:.3g}")
+    assert diff < MAX_DIFF
+    # llava_ft itself can start a next stage from the merged folder, with the same tokenization.
+    assert load_tokenizer(out)("Hello\n  world  ")["input_ids"] == tokenizer("Hello\n  world  ")["input_ids"]
+
+
+def test_qlora_merges_into_unquantized_base(root, tmp_path):
+    ckpt = write_tiny_stage_output(
+        root, root / "stage_qlora", llm_mode="qlora", vision_backend="open_clip", seed=1
+    )
+    out = tmp_path / "qlora_llava"
+    result = export_checkpoint(ckpt, out, fmt="hf-llava")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and "quantization_config" not in config["text_config"]
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert loaded_cleanly(info)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    print(f"qlora hf-llava: merge diff {result.merge_max_diff:.3g}, export diff {result.export_max_diff:.3g}")
+    # The adapter's effect is in the export: the base alone gives other logits.
+    _, ref_model, encoder = reference(ckpt)
+    ids = encoder.encode_prompt(Conversation(messages=[Message("user", "What?")]))
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor([ids])).logits
+        base = ref_model.llm.get_base_model()
+        with ref_model.llm.disable_adapter():
+            without = base(input_ids=torch.tensor([ids])).logits
+    assert max_diff(reference_logits(ref_model, ids), got) < MAX_DIFF
+    assert max_diff(without, got) > 1e-3
+
+
+def test_text_only_checkpoint(root, tmp_path, capsys):
+    ckpt = write_tiny_stage_output(root, root / "stage_text", llm_mode="lora", vision_backend=None, seed=2)
+    assert main(["export", str(ckpt), "--format", "hf-llava", "--output", str(tmp_path / "x")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "text-only" in errors[0] and "merged-llm" in errors[0]
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["export", str(ckpt), "--format", "merged-llm", "--output", str(tmp_path / "m")]) == 0
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "m", output_loading_info=True)
+    assert loaded_cleanly(info)
+
+
+def test_hf_clip_tower_and_llama_llm(root, tmp_path):
+    """The other tower backend, and a standard (tokenizers-backend) Llama tokenizer."""
+    ckpt = write_tiny_stage_output(
+        root, root / "stage_hf", llm_mode="full", vision_backend="hf", llm_kind="llama", template="vicuna_v1"
+    )
+    result = export_checkpoint(ckpt, tmp_path / "hf", fmt="hf-llava")
+    assert result.export_max_diff < MAX_DIFF
+    _, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert loaded_cleanly(info)
+    AutoProcessor.from_pretrained(tmp_path / "hf")
+
+
+def test_errors_are_one_line(lora_ckpt, root, tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert "not a llava_ft stage output" in capsys.readouterr().err
+    (tmp_path / "exists").mkdir()
+    assert main(["export", str(lora_ckpt), "--output", str(tmp_path / "exists"), "--no-verify"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    pooled = build_vision_tower(
+        VisionConfig(backend="open_clip", model=f"local-dir:{root / 'clip_open_clip'}", pool=2)
+    )
+    with pytest.raises(ValueError, match="pool=2"):
+        hf_vision_tower(pooled)
+
+
+def test_converted_tokenizer_equals_sentencepiece(lora_ckpt, root, tmp_path):
+    """Token ids of plain sentencepiece (the official slow InternLM2Tokenizer) on random whitespace-heavy text,
+    where transformers' own LlamaTokenizer conversion disagrees."""
+    tokenizer = load_tokenizer(root / "llm_internlm2")
+    hf_tokenizer(tokenizer).save_pretrained(tmp_path / "tok")
+    exported = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    sp = spm.SentencePieceProcessor(model_file=str(root / "llm_internlm2" / "tokenizer.model"))
+    rng = random.Random(0)
+    alphabet = [*"abcXYZ  \n\t.,?-(0129", "é", "ü", "中", "文", "😀", " Hello", "  ", "\n\n"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(500)]
+    for text in texts:
+        assert exported(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
+        ids = exported(text)["input_ids"]
+        assert ids == tokenizer(text)["input_ids"]
+        assert exported.decode(ids, skip_special_tokens=True) == tokenizer.decode(
+            ids, skip_special_tokens=True
+        )
+    with_specials = "<|im_start|>user\n  Hi<|im_end|>\n"
+    assert exported(with_specials)["input_ids"] == tokenizer(with_specials)["input_ids"]
+    # The reason for the conversion: transformers' LlamaTokenizer from the same tokenizer.model differs.
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "tokenizer.model").write_bytes(
+        (root / "llm_internlm2" / "tokenizer.model").read_bytes()
+    )
+    llama = LlamaTokenizer.from_pretrained(tmp_path / "llama")
+    assert any(llama(t, add_special_tokens=False)["input_ids"] != sp.encode(t) for t in texts)
+
+
+@pytest.mark.parametrize("name", [n for n in TEMPLATES if n != "plain"])
+def test_chat_templates_render_like_the_official_ones(root, name):
+    tokenizer = load_tokenizer(root / "llm_internlm2")
+    official = json.loads(REFERENCE_TEMPLATES.read_text())[name]["jinja"]
+    jinja = chat_template_for(get_template(name), tokenizer)
+    conversations = [
+        [
+            {"role": "user", "content": "<image>\nWhat is it?"},
+            {"role": "assistant", "content": "A dog."},
+            {"role": "user", "content": "Colour?"},
+        ],
+        [{"role": "system", "content": "Short answers."}, {"role": "user", "content": "Hi"}],
+    ]
+    for messages in conversations:
+        for gen in (True, False):
+            want = tokenizer.apply_chat_template(
+                messages, chat_template=official, tokenize=False, add_generation_prompt=gen
+            )
+            assert (
+                tokenizer.apply_chat_template(
+                    messages, chat_template=jinja, tokenize=False, add_generation_prompt=gen
+                )
+                == want
+            )
+    # Content as parts (what processors pass) renders as the `<image>\n` + text string.
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    as_text = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    assert tokenizer.apply_chat_template(parts, chat_template=jinja, tokenize=False) == (
+        tokenizer.apply_chat_template(as_text, chat_template=official, tokenize=False)
+    )
