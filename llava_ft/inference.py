@@ -1,16 +1,29 @@
-"""One generate path (batched, left padding) shared by chat, evaluation, the web demo and export checks."""
+"""One generate path (batched, left padding) shared by chat, evaluation, the web demo and export checks.
+
+Prompts are built by the checkpoint's own chat template and tokenized exactly like training text
+(`Encoder.encode_prompt`). A batch is left-padded with position ids that restart at each row's first real
+token, so a row's logits do not depend on what it is batched with. Generation stops on the template's stop
+words: single-token ones as eos ids, longer ones (e.g. the `plain` template's "\\n") by checking the decoded
+text, and the answer is cut before the first stop word either way.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
-from llava_ft.data.conversation import Conversation, Message
+from llava_ft.data.conversation import IMAGE_TOKEN, Conversation, Message
 
 log = logging.getLogger("llava_ft")
+
+# A conversation to answer (ending on a user turn) and its images, one per `<image>` marker, in order.
+Prompt = tuple[list[Message], list]
 
 
 @dataclass
@@ -24,7 +37,16 @@ class Query:
 class Assistant:
     """A trained checkpoint ready to answer: model, tokenizer, chat template, image processor."""
 
-    def __init__(self, model, tokenizer, template, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template,
+        device: torch.device | str = "cpu",
+        *,
+        stop_words: list[str] | None = None,
+    ):
+        """`stop_words`: those saved with the checkpoint (default: the template's)."""
         from llava_ft.data.tokenize import Encoder
 
         self.model = model.eval()
@@ -32,8 +54,20 @@ class Assistant:
         self.template = template
         self.device = torch.device(device)
         self.processor = model.vision_tower.processor if model.vision_tower is not None else None
-        self.encoder = Encoder(tokenizer, template, max_length=None, num_image_tokens=model.num_image_tokens)
-        self.stop_ids = stop_token_ids(tokenizer, template.stop_words)
+        # A text-only model never sees an image span; the Encoder still wants a positive span length.
+        self.encoder = Encoder(
+            tokenizer, template, max_length=None, num_image_tokens=max(1, model.num_image_tokens)
+        )
+        stop_words = template.stop_words if stop_words is None else stop_words
+        if list(stop_words) != list(template.stop_words):
+            log.warning(
+                "stop words %s saved with the checkpoint differ from template %r's %s; using the saved ones",
+                stop_words,
+                template.name,
+                template.stop_words,
+            )
+        self.stop_ids, self.stop_strings = split_stop_words(tokenizer, stop_words)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, load_4bit: bool = False, device: str | None = None) -> Assistant:
@@ -48,128 +82,284 @@ class Assistant:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer, model = build_model(cfg, load_in_4bit=load_4bit)
         apply_stage_weights(model, ckpt, adapters="load")
-        template = get_template(read_template_info(ckpt)["name"], tokenizer)
-        if not load_4bit:
+        info = read_template_info(ckpt)
+        template = get_template(info["name"], tokenizer)
+        if load_4bit:
+            # bitsandbytes already placed the quantized LLM; the tower and projector follow it.
+            for part in (model.vision_tower, model.projector):
+                if part is not None:
+                    part.to(device)
+        else:
             model.to(device)
-        return cls(model, tokenizer, template, device)
+        return cls(model, tokenizer, template, device, stop_words=info.get("stop_words"))
+
+    @property
+    def has_vision(self) -> bool:
+        return self.model.vision_tower is not None
 
     # -- prompts -------------------------------------------------------------------------------------------
-    def prompt_ids(self, messages: list[Message], n_images: int) -> list[int]:
+    def _conversation(self, messages: list[Message], n_images: int) -> Conversation:
         conv = Conversation(messages=list(messages), images=["<in memory>"] * n_images)
-        return self.encoder.encode_prompt(conv)
+        if n_images and not self.has_vision:
+            raise ValueError("this checkpoint has no vision tower (text-only); it cannot take an image")
+        if conv.num_image_markers() != n_images:
+            raise ValueError(
+                f"the conversation has {conv.num_image_markers()} {IMAGE_TOKEN} marker(s) but {n_images} image(s)"
+            )
+        return conv
 
-    def _embed_batch(self, prompts: list[list[int]], images: list[list]):
-        """Left-padded inputs_embeds + attention mask for a batch of prompts."""
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+    def prompt_ids(self, messages: list[Message], n_images: int) -> list[int]:
+        return self.encoder.encode_prompt(self._conversation(messages, n_images))
+
+    def answer_start_ids(
+        self, messages: list[Message], n_images: int, answer: str
+    ) -> tuple[list[int], list[int]]:
+        """(prompt ids, ids of `answer` as the start of the assistant turn).
+
+        The answer is written as the template writes an assistant turn (e.g. vicuna's " Yes" after
+        "ASSISTANT:") and tokenized together with the prompt, so its first token is the one the model would
+        generate there: sentencepiece, for one, encodes "Yes" alone as "▁Yes" but "\\nYes" without the "▁".
+        """
+        conv = self._conversation(messages, n_images)
+        bos, eos = self.encoder.bos, self.encoder.eos
+        prompt_text = self.template.render(conv, bos=bos, eos=eos, add_generation_prompt=True)
+        answered = Conversation([*conv.messages, Message("assistant", answer)], images=conv.images)
+        full_text = self.template.render(answered, bos=bos, eos=eos)
+        core = answer.strip()
+        found = full_text.find(core, len(prompt_text)) if full_text.startswith(prompt_text) else -1
+        if not core or found < 0:
+            raise ValueError(
+                f"template {self.template.name!r}: cannot place answer {answer!r} after the generation prompt"
+            )
+        prompt = self.encoder.encode_prompt(conv)
+        # Whole-text tokenization, as for the prompt itself (Encoder has no public name for this step).
+        full = self.encoder._encode_whole(full_text[: found + len(core)])
+        if full[: len(prompt)] != prompt or len(full) == len(prompt):
+            raise ValueError(
+                f"answer {answer!r} merges with the end of the {self.template.name!r} generation prompt when "
+                f"tokenized (prompt ends {prompt[-3:]}, prompt+answer has {full[len(prompt) - 3 :]})"
+            )
+        return prompt, full[len(prompt) :]
+
+    def _left_padded(self, rows: list[list[int]], images: list[list]) -> dict[str, torch.Tensor]:
+        """inputs_embeds, attention_mask and position_ids (0 at each row's first real token)."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
         flat = [img for per in images for img in per]
-        pixel_values = None
-        if flat:
-            pixel_values = torch.stack([self.processor(img) for img in flat]).to(self.device)
+        pixel_values = torch.stack([self.processor(img) for img in flat]).to(self.device) if flat else None
         with torch.no_grad():
             embeds = self.model.embed(ids.to(self.device), pixel_values)
-        return embeds, mask.to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {
+            "inputs_embeds": embeds,
+            "attention_mask": mask.to(self.device),
+            "position_ids": position_ids.to(self.device),
+        }
+
+    def _logits(self, rows: list[list[int]], images: list[list], keep: int) -> torch.Tensor:
+        """fp32 logits [batch, keep, vocab] of the last `keep` positions of left-padded rows (all positions of a
+        large vocabulary would cost batch x width x vocab floats)."""
+        with torch.no_grad():
+            out = self.model.llm(**self._left_padded(rows, images), use_cache=False, logits_to_keep=keep)
+        return out.logits.float()
+
+    def prompt_logits(self, batch: list[Prompt]) -> torch.Tensor:
+        """fp32 logits [batch, vocab] of the first answer token after each prompt."""
+        rows = [self.prompt_ids(msgs, len(imgs)) for msgs, imgs in batch]
+        return self._logits(rows, [imgs for _, imgs in batch], keep=1)[:, -1]
 
     # -- generation ----------------------------------------------------------------------------------------
     def generate_messages(
         self,
-        batch: list[tuple[list[Message], list]],
+        batch: list[Prompt],
         *,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        streamer=None,
+        on_text: Callable[[str], None] | None = None,
     ) -> list[str]:
-        """Answer a batch of conversations (each ending with a user turn) with their images."""
-        prompts = [self.prompt_ids(msgs, len(imgs)) for msgs, imgs in batch]
-        embeds, mask = self._embed_batch(prompts, [imgs for _, imgs in batch])
+        """Answer a batch of conversations (each ending with a user turn) with their images.
+
+        temperature 0 is greedy. `on_text` (a batch of one only) receives the answer as it grows, in pieces
+        whose concatenation is the returned answer.
+        """
+        if on_text is not None and len(batch) != 1:
+            raise ValueError(f"streaming answers one conversation at a time, got a batch of {len(batch)}")
+        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+            raise ValueError(
+                f"need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1; got {temperature}, {top_p}, "
+                f"{max_new_tokens}"
+            )
+        if not batch:
+            return []
+        rows = [self.prompt_ids(msgs, len(imgs)) for msgs, imgs in batch]
+        inputs = self._left_padded(rows, [imgs for _, imgs in batch])
         sampling = temperature > 0
+        stopping = StoppingCriteriaList(
+            [_StopOnText(self.tokenizer, self.stop_strings)] if self.stop_strings else []
+        )
         with torch.no_grad():
+            # Every decoding knob is set here, so a checkpoint's generation_config.json (repetition penalty,
+            # sampling defaults) cannot change what chat and evaluation do.
             out = self.model.llm.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
+                **inputs,
                 max_new_tokens=max_new_tokens,
                 do_sample=sampling,
-                temperature=temperature if sampling else None,
-                top_p=top_p if sampling else None,
-                top_k=None,
+                temperature=temperature if sampling else 1.0,
+                top_p=top_p if sampling else 1.0,
+                top_k=0 if sampling else None,  # 0: no top-k cut, top_p alone decides
+                num_beams=1,
+                repetition_penalty=1.0,
                 eos_token_id=self.stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-                streamer=streamer,
+                pad_token_id=self.pad_id,
+                stopping_criteria=stopping,
+                streamer=_TextStream(self, on_text) if on_text is not None else None,
             )
-        return [self._decode(row) for row in out]
+        # With inputs_embeds only, generate returns just the new tokens.
+        return [self.answer_text(row.tolist()).strip() for row in out]
 
-    def _decode(self, row: torch.Tensor) -> str:
-        ids = row.tolist()
-        for i, t in enumerate(ids):
-            if t in self.stop_ids:
-                ids = ids[:i]
-                break
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    def answer_text(self, ids: list[int]) -> str:
+        """Decoded answer, cut before the first stop token or stop string (not stripped)."""
+        stops = set(self.stop_ids)
+        end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+        for word in self.stop_strings:
+            text = text.split(word, 1)[0]
+        return text
 
-    def generate(self, queries: list[Query], *, max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
+    def generate(
+        self, queries: list[Query], *, max_new_tokens: int = 32, batch_size: int | None = None
+    ) -> list[str]:
+        """Greedy answers to single-turn queries; all in one batch unless `batch_size` is given."""
         answers: list[str] = []
-        for start in range(0, len(queries), batch_size):
-            chunk = queries[start : start + batch_size]
-            answers += self.generate_messages([self._as_messages(q) for q in chunk], max_new_tokens=max_new_tokens)
+        for chunk in _chunks(queries, batch_size):
+            answers += self.generate_messages(
+                [self._as_messages(q) for q in chunk], max_new_tokens=max_new_tokens
+            )
         return answers
 
-    def option_logprobs(self, queries: list[Query], options: list[str], *, batch_size: int = 8) -> list[list[float]]:
-        """log P(option | query) for each option as the start of the assistant answer (no generation)."""
-        option_ids = [self.tokenizer.encode(o, add_special_tokens=False) for o in options]
+    def option_logprobs(
+        self, queries: list[Query], options: list[str], *, batch_size: int | None = None
+    ) -> list[list[float]]:
+        """log P(option | query) for each option as the start of the assistant answer (no generation).
+
+        One row per (query, option); a query's image is encoded once per option row.
+        """
+        if not options:
+            raise ValueError("option_logprobs needs at least one option")
         scores: list[list[float]] = []
-        for q in queries:
-            msgs, imgs = self._as_messages(q)
-            prompt = self.prompt_ids(msgs, len(imgs))
-            rows = [prompt + ids for ids in option_ids]
-            # Right padding here: each row's option tokens are read at known positions.
-            width = max(len(r) for r in rows)
-            pad_id = self.tokenizer.pad_token_id or 0
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, r in enumerate(rows):
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
-            pixel_values = None
-            if imgs:
-                pixel_values = torch.stack([self.processor(img) for img in imgs] * len(rows)).to(self.device)
-            with torch.no_grad():
-                embeds = self.model.embed(ids.to(self.device), pixel_values)
-                logits = self.model.llm(inputs_embeds=embeds, attention_mask=mask.to(self.device)).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
-            row_scores = []
-            for i, opt in enumerate(option_ids):
-                positions = range(len(prompt) - 1, len(prompt) - 1 + len(opt))
-                row_scores.append(float(sum(logp[i, p, t] for p, t in zip(positions, opt, strict=True))))
-            scores.append(row_scores)
+        for chunk in _chunks(queries, batch_size):
+            rows, images, spans = [], [], []
+            for q in chunk:
+                msgs, imgs = self._as_messages(q)
+                for option in options:
+                    prompt, answer = self.answer_start_ids(msgs, len(imgs), option)
+                    rows.append(prompt + answer)
+                    images.append(imgs)
+                    spans.append(answer)
+            # Rows are left-padded: an answer of n tokens ends the row, predicted by the n positions before.
+            keep = max(len(a) for a in spans) + 1
+            logp = torch.log_softmax(self._logits(rows, images, keep), dim=-1)
+            flat = []
+            for i, answer in enumerate(spans):
+                n = len(answer)
+                picked = logp[i, -n - 1 : -1].gather(-1, torch.tensor(answer, device=logp.device)[:, None])
+                flat.append(float(picked.sum()))
+            scores += [flat[k : k + len(options)] for k in range(0, len(flat), len(options))]
         return scores
 
     @staticmethod
-    def _as_messages(q: Query) -> tuple[list[Message], list]:
+    def _as_messages(q: Query) -> Prompt:
         text = q.question
         images = [q.image] if q.image is not None else []
-        if images and "<image>" not in text:
-            text = "<image>\n" + text
+        if images and IMAGE_TOKEN not in text:
+            text = f"{IMAGE_TOKEN}\n{text}"
         return [Message("user", text)], images
 
 
-def stop_token_ids(tokenizer, stop_words: list[str]) -> list[int]:
-    ids = set()
+def _chunks(items: list, size: int | None) -> list[list]:
+    if size is not None and size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None, got {size}")
+    size = size or max(len(items), 1)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def split_stop_words(tokenizer, stop_words: list[str]) -> tuple[list[int], list[str]]:
+    """(ids that end generation: single-token stop words + eos, stop words matched on decoded text).
+
+    A multi-token stop word is matched on text; special tokens vanish from decoded text, so one inside a
+    multi-token stop word could never match (the Encoder checks that the template's markers are single ids)."""
+    ids: set[int] = set()
+    strings: list[str] = []
     for word in stop_words:
         enc = tokenizer.encode(word, add_special_tokens=False)
         if len(enc) == 1:
             ids.add(enc[0])
+        elif set(enc) & set(tokenizer.all_special_ids):
+            raise ValueError(
+                f"stop word {word!r} is {len(enc)} tokens {enc}, some special: it cannot be matched"
+            )
         else:
-            log.warning("stop word %r is %d tokens; generation stops on eos only for it", word, len(enc))
+            strings.append(word)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
+    if not ids:
+        raise ValueError("no stop token: the tokenizer has no eos and the template no single-token stop word")
+    return sorted(ids), strings
 
 
-def load_assistant(checkpoint: str, *, load_4bit: bool = False) -> Assistant:
-    return Assistant.load(checkpoint, load_4bit=load_4bit)
+class _StopOnText(StoppingCriteria):
+    """Finishes a row once its decoded tail contains a stop string."""
+
+    def __init__(self, tokenizer, words: list[str]):
+        self.tokenizer, self.words = tokenizer, words
+        # A token holds at least one byte of text, and a character at most 4 bytes.
+        self.window = 4 * max(len(w) for w in words) + 2
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        tails = self.tokenizer.batch_decode(input_ids[:, -self.window :], skip_special_tokens=True)
+        return torch.tensor([any(w in t for w in self.words) for t in tails], device=input_ids.device)
+
+
+class _TextStream(BaseStreamer):
+    """Hands out the growing answer of a one-row generation. It holds back what may still change: a partial
+    UTF-8 character, the start of a stop string, trailing whitespace (the final answer is stripped)."""
+
+    def __init__(self, assistant: Assistant, on_text: Callable[[str], None]):
+        self.assistant, self.on_text = assistant, on_text
+        self.ids: list[int] = []
+        self.sent = ""
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first puts the prompt's input_ids (empty with inputs_embeds)
+            self.prompt_seen = True
+            return
+        self.ids += value.reshape(-1).tolist()
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        text = self.assistant.answer_text(self.ids).strip()
+        if not final:
+            text = text.rstrip("\ufffd")
+            for word in self.assistant.stop_strings:
+                for k in range(len(word) - 1, 0, -1):
+                    if text.endswith(word[:k]):
+                        text = text[:-k].rstrip()
+                        break
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.on_text(text[len(self.sent) :])
+            self.sent = text
+        elif final and text != self.sent:
+            log.warning("streamed text %r is not a prefix of the answer %r", self.sent, text)
+
+
+def load_assistant(checkpoint: str, *, load_4bit: bool = False, device: str | None = None) -> Assistant:
+    return Assistant.load(checkpoint, load_4bit=load_4bit, device=device)

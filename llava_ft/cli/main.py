@@ -19,8 +19,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_ft.train.run import train
 
     cfg = load_config(args.config, parse_overrides(extra))
-    out = train(cfg, resume=args.resume if args.resume != "auto" else True)
-    print(f"stage output: {out}")
+    result = train(cfg, resume=args.resume if args.resume != "auto" else True)
+    print(f"stage output: {result.output_dir}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +21,14 @@ from llava_ft.train.trainer import LlavaTrainer, last_checkpoint
 log = logging.getLogger("llava_ft")
 
 
-def train(cfg: RunConfig, *, resume: bool | str = False) -> Path:
+@dataclass
+class StageResult:
+    output_dir: Path
+    model: torch.nn.Module
+    summary: dict
+
+
+def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None = None) -> StageResult:
     started = time.time()
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
@@ -52,6 +60,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False) -> Path:
         data_collator=collator,
         projector_lr=cfg.train.projector_lr,
         train_sampler=sampler,
+        callbacks=callbacks,
     )
     resume_from = None
     if resume:
@@ -62,10 +71,11 @@ def train(cfg: RunConfig, *, resume: bool | str = False) -> Path:
     result = trainer.train(resume_from_checkpoint=resume_from)
 
     # 5. Save only what trained, with the resolved config and the template.
+    summary = {}
     if trainer.args.should_save:
         save_stage_output(model, cfg, tokenizer, template, out)
-        write_summary(out, cfg, trainer, result, stats, model, time.time() - started)
-    return out
+        summary = write_summary(out, cfg, trainer, result, stats, model, time.time() - started)
+    return StageResult(out, model, summary)
 
 
 def batching(cfg: RunConfig, dataset, tokenizer):
@@ -125,7 +135,7 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
     )
 
 
-def write_summary(out: Path, cfg: RunConfig, trainer, result, stats, model, wall_s: float) -> None:
+def write_summary(out: Path, cfg: RunConfig, trainer, result, stats, model, wall_s: float) -> dict:
     history = [h for h in trainer.state.log_history if "loss" in h]
     trained = getattr(trainer, "_trained_tokens", 0)
     seen = getattr(trainer, "_seen_tokens", 0)
@@ -147,6 +157,7 @@ def write_summary(out: Path, cfg: RunConfig, trainer, result, stats, model, wall
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in history],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
     log.info("summary: steps %d, loss %s -> %s, %.0f tokens/s, %.0fs", summary["steps"], summary["first_loss"],
              summary["last_loss"], summary["tokens_per_s"] or 0, wall_s)
 

@@ -1,0 +1,174 @@
+"""`llava-ft chat CHECKPOINT [--image IMG]`: talk to a stage output in the terminal.
+
+Interactive on a terminal (answers stream in); with `--question` or questions piped on stdin it answers
+without prompts, one answer per line, for scripts. Both keep one multi-turn conversation whose first user
+turn carries the image, and both understand `/image PATH`, `/reset` and `/exit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llava_ft.data.conversation import IMAGE_TOKEN, DataError, Message
+
+if TYPE_CHECKING:  # importing inference pulls in torch; `llava-ft --help` should not wait for it
+    from llava_ft.inference import Assistant
+
+COMMANDS = "/image PATH (new image, new conversation), /reset (new conversation), /exit"
+
+
+class ChatError(ValueError):
+    """A user mistake inside the session (bad image, unknown command): reported, the session goes on."""
+
+
+@dataclass
+class ChatSession:
+    """Conversation state: the image (in the first user turn) and the turns so far."""
+
+    assistant: Assistant
+    image: Any = None
+    """A PIL image, or None."""
+    history: list[Message] = field(default_factory=list)
+    gen: dict = field(default_factory=dict)
+    """max_new_tokens, temperature, top_p for generate_messages."""
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        if IMAGE_TOKEN in text:
+            raise ChatError(f"{IMAGE_TOKEN} is reserved for the image; use /image PATH")
+        if self.image is not None and not self.history:
+            text = f"{IMAGE_TOKEN}\n{text}"
+        messages = [*self.history, Message("user", text)]
+        images = [self.image] if self.image is not None else []
+        answer = self.assistant.generate_messages([(messages, images)], on_text=on_text, **self.gen)[0]
+        self.history = [*messages, Message("assistant", answer)]
+        return answer
+
+    def reset(self) -> None:
+        self.history = []
+
+    def set_image(self, path: str) -> None:
+        self.image = open_image(path, self.assistant.has_vision)
+        self.reset()  # the image belongs to the first user turn, so a new image starts a new conversation
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False for /exit."""
+        name, _, arg = line.partition(" ")
+        if name == "/exit":
+            return False
+        if name == "/reset":
+            self.reset()
+        elif name == "/image":
+            if not arg.strip():
+                raise ChatError("usage: /image PATH")
+            self.set_image(arg.strip())
+        else:
+            raise ChatError(f"unknown command {name!r}; commands: {COMMANDS}")
+        return True
+
+
+def open_image(path: str, has_vision: bool):
+    from llava_ft.data.images import load_image
+
+    if not has_vision:
+        raise ChatError("this checkpoint is text-only (no vision tower); it takes no image")
+    return load_image(path)
+
+
+def run_script(session: ChatSession, lines: Iterable[str], out) -> int:
+    """Answer each line (commands run silently), one answer per line; line breaks inside an answer are written
+    as the two characters `\\n` (and a backslash as `\\\\`), so every answer stays one line."""
+    for n, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if not session.command(line):
+                    break
+                continue
+            answer = session.ask(line)
+        except (ChatError, DataError) as e:
+            print(f"llava-ft chat: error: question {n}: {e}", file=sys.stderr)
+            return 2
+        print(answer.replace("\\", "\\\\").replace("\n", "\\n"), file=out, flush=True)
+    return 0
+
+
+def run_interactive(session: ChatSession, read: Callable[[str], str] = input, out=None) -> int:
+    out = out or sys.stdout
+    image = "with an image" if session.image is not None else "no image"
+    print(f"chat ({image}); commands: {COMMANDS}", file=out)
+    while True:
+        try:
+            line = read("user> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
+            return 0
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if not session.command(line):
+                    return 0
+                print(f"({'new image, ' if line.startswith('/image') else ''}new conversation)", file=out)
+                continue
+            print("assistant> ", end="", file=out, flush=True)
+            session.ask(line, on_text=lambda piece: print(piece, end="", file=out, flush=True))
+            print(file=out)
+        except (ChatError, DataError) as e:
+            print(f"error: {e}", file=out)
+        except KeyboardInterrupt:
+            print("\n(interrupted; the turn is dropped)", file=out)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from llava_ft.inference import load_assistant
+    from llava_ft.train.checkpoint import read_stage_config
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+        print(
+            "llava-ft chat: error: need --temperature >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        # Cheap checks first, so a wrong folder or image fails before the model loads.
+        has_vision = read_stage_config(args.checkpoint).model.vision is not None
+        image = open_image(args.image, has_vision) if args.image else None
+        assistant = load_assistant(args.checkpoint, load_4bit=args.load_4bit)
+        gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+        session = ChatSession(assistant, image=image, gen=gen)
+    except (OSError, ValueError) as e:  # missing files, bad image, config or template errors
+        print(f"llava-ft chat: error: {e}", file=sys.stderr)
+        return 2
+    if args.question:
+        return run_script(session, args.question, sys.stdout)
+    if not sys.stdin.isatty():
+        return run_script(session, sys.stdin, sys.stdout)
+    return run_interactive(session)
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "chat",
+        help="chat with a stage output in the terminal",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="stage output folder (holds llava_ft.yaml)")
+    p.add_argument("--image", help="image for the first user turn")
+    p.add_argument(
+        "--question",
+        action="append",
+        help="answer this and exit (repeatable: turns of one conversation); without it, questions piped on "
+        "stdin are answered the same way. One answer per line, a line break inside one written as \\n",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
+    p.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit NF4 (bitsandbytes)")
+    p.set_defaults(func=cmd_chat)

@@ -1,0 +1,149 @@
+"""`llava-ft chat` through the real entry point, against conversations built by hand and answered with
+`Assistant.generate_messages` (the image in the first user turn, earlier answers in the history)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from llava_ft.cli.chat import ChatSession, run_interactive
+from llava_ft.cli.main import main
+from llava_ft.data.conversation import Message
+from llava_ft.inference import load_assistant
+from llava_ft.testing.tiny_llava import write_tiny_stage_output
+
+MAX_NEW = 6
+GEN = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "top_p": 1.0}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("chat")
+    red, blue = root / "red.png", root / "blue.jpg"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(red)
+    Image.new("RGB", (30, 30), (10, 10, 200)).save(blue)
+    broken = root / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return {
+        "vision": write_tiny_stage_output(root, root / "vision", vision_backend="open_clip"),
+        "text": write_tiny_stage_output(root, root / "text", vision_backend=None),
+        "red": red,
+        "blue": blue,
+        "broken": broken,
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def assistant(files):
+    return load_assistant(str(files["vision"]), device="cpu")
+
+
+def reference(assistant, turns: list[str], image_path=None) -> list[str]:
+    """Answers of one conversation, built by hand: `<image>\\n` before the first question only."""
+    images = [Image.open(image_path).convert("RGB")] if image_path else []
+    history: list[Message] = []
+    answers = []
+    for k, question in enumerate(turns):
+        content = f"<image>\n{question}" if images and k == 0 else question
+        history.append(Message("user", content))
+        answer = assistant.generate_messages([(history, images)], **GEN)[0]
+        history.append(Message("assistant", answer))
+        answers.append(answer)
+    return answers
+
+
+def chat(argv: list[str], capsys, monkeypatch, stdin: str = "") -> tuple[int, list[str], str]:
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))  # not a terminal: script mode
+    rc = main(["chat", *map(str, argv), "--max-new-tokens", str(MAX_NEW)])
+    out, err = capsys.readouterr()
+    return rc, out.splitlines(), err
+
+
+def escaped(answer: str) -> str:
+    return answer.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def test_questions_are_turns_of_one_conversation(files, assistant, capsys, monkeypatch):
+    turns = ["What is in the picture?", "And what colour is it?"]
+    rc, lines, _ = chat(
+        [files["vision"], "--image", files["red"], "--question", turns[0], "--question", turns[1]],
+        capsys,
+        monkeypatch,
+    )
+    assert rc == 0
+    expected = reference(assistant, turns, files["red"])
+    assert lines == [escaped(a) for a in expected]
+    # The second answer depends on the first turn: a fresh conversation answers it differently.
+    assert expected[1] != reference(assistant, turns[1:], files["red"])[0]
+
+
+def test_stdin_questions_equal_question_flags(files, assistant, capsys, monkeypatch):
+    turns = ["hello", "tell me more"]
+    rc, lines, _ = chat([files["vision"]], capsys, monkeypatch, stdin="hello\n\ntell me more\n")
+    assert rc == 0
+    assert lines == [escaped(a) for a in reference(assistant, turns)]
+
+
+def test_image_and_reset_commands(files, assistant, capsys, monkeypatch):
+    stdin = f"What is this?\n/image {files['blue']}\nWhat is this?\nDescribe it.\n/reset\nDescribe it.\n/exit\nignored\n"
+    rc, lines, _ = chat([files["vision"], "--image", files["red"]], capsys, monkeypatch, stdin=stdin)
+    assert rc == 0
+    red = reference(assistant, ["What is this?"], files["red"])
+    blue = reference(assistant, ["What is this?", "Describe it."], files["blue"])
+    after_reset = reference(assistant, ["Describe it."], files["blue"])
+    assert lines == [escaped(a) for a in red + blue + after_reset]
+    assert red[0] != blue[0], "the two images must give different answers for the test to mean anything"
+
+
+@pytest.mark.parametrize(
+    ("which", "argv_extra", "message"),
+    [
+        ("missing", ["--image", "no_such.png"], "no_such.png: image file not found"),
+        ("broken", ["--image", "{broken}"], "not a readable image"),
+        ("folder", [], "not a llava_ft stage output"),
+        ("text", ["--image", "{red}"], "text-only"),
+    ],
+)
+def test_errors_are_one_line_exit_2(files, capsys, monkeypatch, which, argv_extra, message):
+    ckpt = {"folder": files["root"], "text": files["text"]}.get(which, files["vision"])
+    argv = [ckpt, *(a.format(**files) for a in argv_extra), "--question", "hi"]
+    rc, lines, err = chat(argv, capsys, monkeypatch)
+    assert rc == 2 and lines == []
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("llava-ft chat: error:")
+    assert message in err
+
+
+def test_bad_image_command_in_script_is_exit_2(files, capsys, monkeypatch):
+    rc, lines, err = chat([files["vision"]], capsys, monkeypatch, stdin="hi\n/image nowhere.png\nhi\n")
+    assert rc == 2 and len(lines) == 1
+    assert "question 2" in err and "nowhere.png: image file not found" in err
+
+
+def test_text_only_checkpoint_chats_without_image(files, capsys, monkeypatch):
+    rc, lines, _ = chat([files["text"], "--question", "hello"], capsys, monkeypatch)
+    assert rc == 0
+    text_assistant = load_assistant(str(files["text"]), device="cpu")
+    assert lines == [escaped(a) for a in reference(text_assistant, ["hello"])]
+
+
+def test_interactive_session_streams_and_keeps_history(files, assistant):
+    session = ChatSession(assistant, image=Image.open(files["red"]).convert("RGB"), gen=GEN)
+    inputs = iter(["What is this?", "/image nowhere.png", "/bogus", "And then?", "/exit", "never read"])
+    out = io.StringIO()
+    assert run_interactive(session, read=lambda prompt: next(inputs), out=out) == 0
+    expected = reference(assistant, ["What is this?", "And then?"], files["red"])
+    text = out.getvalue()
+    assert f"assistant> {expected[0]}\n" in text and f"assistant> {expected[1]}\n" in text
+    assert "error: nowhere.png: image file not found" in text and "unknown command '/bogus'" in text
+    assert [m.role for m in session.history] == ["user", "assistant", "user", "assistant"]
+
+
+def test_load_4bit_answers(files, capsys, monkeypatch):
+    """The flag reaches the loader: bitsandbytes quantizes the LLM (its CPU backend here) and chat answers."""
+    rc, lines, _ = chat(
+        [files["vision"], "--image", files["red"], "--question", "hi", "--load-4bit"], capsys, monkeypatch
+    )
+    assert rc == 0 and len(lines) == 1

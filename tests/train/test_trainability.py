@@ -1,0 +1,60 @@
+"""After a few real training steps, exactly the components the config names have changed."""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+from llava_ft.train.run import train
+
+
+class Snapshot(TrainerCallback):
+    """Copies every parameter when training starts (after trainability and init_from are applied)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(before: dict, model) -> dict[str, bool]:
+    return {n: not torch.equal(before[n], p.detach()) for n, p in model.named_parameters()}
+
+
+def test_pretrain_changes_only_the_projector(llava_cfg, tmp_path):
+    snap = Snapshot()
+    cfg = llava_cfg(tmp_path / "pretrain", stage="pretrain", llm_mode="frozen")
+    result = train(cfg, callbacks=[snap])
+    diff = changed(snap.before, result.model)
+    projector = [n for n in diff if n.startswith("projector.")]
+    others = [n for n in diff if not n.startswith("projector.")]
+    assert projector and all(diff[n] for n in projector)
+    assert others and not any(diff[n] for n in others)
+    assert (tmp_path / "pretrain" / "projector.safetensors").is_file()
+    assert not (tmp_path / "pretrain" / "llm_adapter").exists()
+    summary = result.summary
+    assert summary["params"]["llm"]["trainable"] == 0 and summary["params"]["vision"]["trainable"] == 0
+
+
+def test_finetune_changes_projector_and_lora_only(llava_cfg, tmp_path):
+    pre = llava_cfg(tmp_path / "pretrain", stage="pretrain", llm_mode="frozen", max_steps=2)
+    pretrained = train(pre).model.projector.state_dict()
+
+    snap = Snapshot()
+    cfg = llava_cfg(tmp_path / "finetune", stage="finetune", llm_mode="lora")
+    cfg.train.init_from = str(tmp_path / "pretrain")
+    result = train(cfg, callbacks=[snap])
+    # init_from really loaded the pretrain projector before training began.
+    for k, v in pretrained.items():
+        assert torch.equal(snap.before[f"projector.{k}"], v)
+    diff = changed(snap.before, result.model)
+    lora = [n for n in diff if "lora_" in n]
+    projector = [n for n in diff if n.startswith("projector.")]
+    frozen = [n for n in diff if n not in lora and n not in projector]
+    assert lora and projector and frozen
+    assert all(diff[n] for n in projector)
+    # lora_A may stay put for a step while lora_B starts at zero; across 4 steps both move.
+    assert all(diff[n] for n in lora)
+    assert not any(diff[n] for n in frozen), [n for n in frozen if diff[n]][:5]
+    assert any(n.startswith("vision_tower.") for n in frozen) and any(n.startswith("llm.") for n in frozen)
+    out = tmp_path / "finetune"
+    assert (out / "llm_adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "projector.safetensors").is_file() and (out / "llava_ft.yaml").is_file()
