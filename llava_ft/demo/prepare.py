@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_ft.demo.shapes import ShapesDataset, corpus_texts, generate_shapes_dataset
+from llava_ft.demo.shapes import ShapesDataset, corpus_texts, generate_shapes_dataset, heldout_rows
 
 log = logging.getLogger("llava_ft")
 
@@ -56,7 +56,7 @@ def prepare(root: str | Path = "data/demo", *, blank: bool = False) -> TinyAsset
         root / "shapes", n_train_images=N_TRAIN_IMAGES, n_heldout_images=N_HELDOUT_IMAGES, seed=0
     )
     if blank:  # the control: the same records over background-only images
-        data = generate_shapes_dataset(
+        generate_shapes_dataset(
             root / "shapes_blank", n_train_images=N_TRAIN_IMAGES, n_heldout_images=N_HELDOUT_IMAGES, seed=0, blank=True
         )
 
@@ -67,6 +67,13 @@ def prepare(root: str | Path = "data/demo", *, blank: bool = False) -> TinyAsset
         write_tiny_internlm2(llm, tokenizer_model=tok, **LLM_SHAPE)
         _mark(llm, params)
         log.info("tiny InternLM2-layout LLM written to %s", llm)
+
+    tsv = data.root / "heldout_mmbench.tsv"
+    if not tsv.is_file() or tsv.stat().st_mtime < data.manifest.stat().st_mtime:
+        from llava_ft.eval.mmbench import write_mmbench_tsv
+
+        # The held-out split as an MMBench file (4 options, circular rotations), for eval/mmbench.py.
+        write_mmbench_tsv(heldout_rows(data), tsv, circular=True)
 
     clip = root / "models" / "clip"
     if not _done(clip, CLIP_SHAPE):
