@@ -11,6 +11,7 @@ Layout of a stage output folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -64,9 +65,27 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_trainable(model: torch.nn.Module, folder: Path) -> None:
+def save_trainable(model: torch.nn.Module, folder: Path, state_dict: dict | None = None) -> None:
     """Resumable checkpoint body: every trainable parameter under its full name."""
-    atomic_save_tensors(trainable_state_dict(model), folder / TRAINABLE_NAME)
+    tensors = trainable_state_dict(model)
+    if state_dict is not None:
+        tensors = {n: state_dict[n] for n in tensors if n in state_dict}
+    atomic_save_tensors(tensors, folder / TRAINABLE_NAME)
+
+
+@contextlib.contextmanager
+def gathered_trainable(model: torch.nn.Module):
+    """Whole trainable parameters on every rank while saving: ZeRO-3 keeps only a shard of each. Every rank must
+    enter (the gather is a collective); elsewhere this does nothing."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], modifier_rank=None):
+        yield
 
 
 def load_trainable(model: torch.nn.Module, folder: Path) -> None:

@@ -15,7 +15,7 @@ from llava_ft.config import RunConfig
 from llava_ft.data.dataset import build_dataset
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability, log_trainability
-from llava_ft.train.checkpoint import apply_stage_weights, save_stage_output
+from llava_ft.train.checkpoint import apply_stage_weights, gathered_trainable, save_stage_output
 from llava_ft.train.trainer import LlavaTrainer, last_checkpoint
 
 log = logging.getLogger("llava_ft")
@@ -72,9 +72,10 @@ def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None 
 
     # 5. Save only what trained, with the resolved config and the template.
     summary = {}
-    if trainer.args.should_save:
-        save_stage_output(model, cfg, tokenizer, template, out)
-        summary = write_summary(out, cfg, trainer, result, stats, model, time.time() - started)
+    with gathered_trainable(model):
+        if trainer.args.should_save:
+            save_stage_output(model, cfg, tokenizer, template, out)
+            summary = write_summary(out, cfg, trainer, result, stats, model, time.time() - started)
     return StageResult(out, model, summary)
 
 

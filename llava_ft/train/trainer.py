@@ -51,7 +51,8 @@ class LlavaTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        save_trainable(self.model, Path(output_dir))
+        # Under DeepSpeed the Trainer hands over the consolidated state dict (ZeRO-3 shards the parameters).
+        save_trainable(self.model, Path(output_dir), state_dict=state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = os.path.join(resume_from_checkpoint, TRAINABLE_NAME)

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from llava_ft.config import DataSource, dump_config
+
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def mixed_records(shapes, out: Path) -> Path:
@@ -24,14 +28,23 @@ def mixed_records(shapes, out: Path) -> Path:
     return path
 
 
-def test_two_process_finetune(llava_cfg, shapes, tmp_path):
+@pytest.mark.parametrize("deepspeed", [None, "zero2.json", "zero3.json"])
+def test_two_process_finetune(deepspeed, llava_cfg, shapes, tmp_path):
     cfg = llava_cfg(tmp_path / "out", stage="finetune", llm_mode="lora", max_steps=4, batch_size=2)
+    if deepspeed:
+        cfg.train.deepspeed = str(CONFIGS / "deepspeed" / deepspeed)
     cfg.data.train = [
         DataSource(path=str(mixed_records(shapes, tmp_path)), image_folder=str(shapes.images_dir))
     ]
     config = tmp_path / "ddp.yaml"
     dump_config(cfg, config)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+    )
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
         str(torchrun),
@@ -47,4 +60,9 @@ def test_two_process_finetune(llava_cfg, shapes, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 4
-    assert (tmp_path / "out" / "llm_adapter" / "adapter_model.safetensors").is_file()
+    # Under ZeRO-3 parameters are sharded: the saved weights must be whole, not a rank's empty shard.
+    from safetensors.torch import load_file
+
+    for name in ("projector.safetensors", "llm_adapter/adapter_model.safetensors"):
+        tensors = load_file(str(tmp_path / "out" / name))
+        assert tensors and all(t.numel() > 0 for t in tensors.values()), name
