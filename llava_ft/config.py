@@ -101,6 +101,12 @@ class DataSection:
     """Without packing: batch samples of similar length to waste less padding."""
     skip_bad: bool = False
     """Skip (and report) malformed records instead of stopping at the first one."""
+    cache: bool = True
+    """Cache prepared (tokenized) data as Arrow, keyed by data, template, tokenizer, max_length and code version."""
+    cache_dir: str | None = None
+    """Where the prepared-data cache lives; None: ~/.cache/llava_ft/prepared."""
+    num_proc: int = 1
+    """Processes that tokenize in parallel when preparing data."""
 
 
 @dataclass

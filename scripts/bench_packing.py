@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-out", default=None, help="results for scripts/bench_prepare.py's table")
     args = parser.parse_args()
 
     if args.mode:
@@ -162,6 +164,9 @@ def main() -> None:
     base = results["padded"]["real_tokens_per_s"]
     for mode in ("grouped", "packed"):
         print(f"{mode}/padded real tokens/s: {results[mode]['real_tokens_per_s'] / base:.2f}x")
+    if args.json_out:
+        mix = f"text SFT 16..{args.max_length}"
+        Path(args.json_out).write_text(json.dumps({"mix": mix, "results": results}))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     llava-ft data preview --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--index 3] [--json]
     llava-ft data check   --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--skip-bad]
+    llava-ft data prepare --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--num-proc N]
+                          [--no-cache] [--output CACHE_DIR]   (what training runs; cached for it)
 
 Also runs standalone: `python -m llava_ft.cli.data preview ...`.
 """
@@ -24,7 +26,7 @@ GREEN, CYAN, RESET = "\x1b[32m", "\x1b[36m", "\x1b[0m"
 
 def add_data_commands(subparsers) -> None:
     """Register `data preview` and `data check` under the `llava-ft` parser's subparsers."""
-    data = subparsers.add_parser("data", help="inspect training data: preview | check")
+    data = subparsers.add_parser("data", help="inspect and prepare training data: preview | check | prepare")
     _add_subcommands(data.add_subparsers(dest="data_command", required=True))
 
 
@@ -49,6 +51,15 @@ def _add_subcommands(sub) -> None:
     )
     c.add_argument("--skip-bad", action="store_true", help="exit 0 even if some records are bad")
     c.set_defaults(func=cmd_check)
+
+    r = sub.add_parser(
+        "prepare", parents=[common], help="tokenize for training into the Arrow cache; counts, speed"
+    )
+    r.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records instead of stopping")
+    r.add_argument("--num-proc", type=int, default=1, help="worker processes")
+    r.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    r.add_argument("--output", default=None, help="cache folder (default ~/.cache/llava_ft/prepared)")
+    r.set_defaults(func=cmd_prepare)
 
 
 def _load_tokenizer(path: str):
@@ -162,6 +173,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     if failed and not args.skip_bad:
         print(f"{failed} bad record(s); fix them or pass --skip-bad", file=sys.stderr)
         return 1
+    return 0
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from llava_ft.data.prepare import compact_tokens, prepare, throughput_line
+
+    encoder = _encoder(args)
+    done = prepare(args.data, encoder, fmt=args.format, skip_bad=args.skip_bad, num_proc=args.num_proc,
+                   cache_dir=args.output, use_cache=not args.no_cache, progress=True)  # fmt: skip
+    lengths = np.sort(done.dataset.data.column("length").to_numpy()).tolist()
+    print(f"{args.data}: {done.stats.records + len(done.bad)} records read, {len(done.bad)} bad")
+    print(done.bad.summary())
+    print(done.stats.summary())
+    if lengths:
+        pct = "  ".join(f"p{p} {_percentile(lengths, p)}" for p in (50, 90, 99))
+        print(f"token length: {pct}  max {lengths[-1]}")
+    folder = args.output or "the default folder"
+    if done.cache == "hit":
+        print(f"cache hit ({folder}, key {done.key}): loaded in {done.seconds:.2f} s")
+    else:
+        where = "cache off" if done.cache == "off" else f"cached ({folder}, key {done.key})"
+        print(
+            f"{where}; prepared {throughput_line(done.stats.records, compact_tokens(done.dataset), done.seconds)}"
+        )
     return 0
 
 

@@ -75,10 +75,13 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(self, conv: Conversation) -> TokenizedSample:
+    def render(self, conv: Conversation) -> tuple[list[Segment], str]:
+        """The template's segments and their joined text, checked (shared with the batched path in prepare.py)."""
         where = conv.source or "<conversation>"
         if conv.images and not self.num_image_tokens:
-            raise DataError(where, f"record has {len(conv.images)} image(s) but the model has no vision tower")
+            raise DataError(
+                where, f"record has {len(conv.images)} image(s) but the model has no vision tower"
+            )
         segments = self.template.segments(
             conv, bos=self.bos, eos=self.eos, last_turn_only=self.last_turn_only
         )
@@ -87,6 +90,11 @@ class Encoder:
             raise DataError(
                 where, f"template {self.template.name!r} changed the number of {IMAGE_TOKEN} markers"
             )
+        return segments, text
+
+    def encode(self, conv: Conversation) -> TokenizedSample:
+        where = conv.source or "<conversation>"
+        segments, text = self.render(conv)
         ids, labels = self._encode_segments(segments)
         realigned = False
         if self.check:

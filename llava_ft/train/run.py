@@ -158,9 +158,15 @@ def write_summary(out: Path, cfg: RunConfig, trainer, result, stats, model, wall
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in history],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info(
+        "summary: steps %d, loss %s -> %s, %.0f tokens/s, %.0fs",
+        summary["steps"],
+        summary["first_loss"],
+        summary["last_loss"],
+        summary["tokens_per_s"] or 0,
+        wall_s,
+    )
     return summary
-    log.info("summary: steps %d, loss %s -> %s, %.0f tokens/s, %.0fs", summary["steps"], summary["first_loss"],
-             summary["last_loss"], summary["tokens_per_s"] or 0, wall_s)
 
 
 def peak_memory_mb() -> float:

@@ -284,7 +284,7 @@ def test_markers_must_be_single_tokens():
         encoder(bare)
     assert encoder(bare, "vicuna_v1").eos == "</s>"  # needs only bos/eos
     with pytest.raises(ValueError, match="num_image_tokens"):
-        encoder(bare, "vicuna_v1", num_image_tokens=0)
+        encoder(bare, "vicuna_v1", num_image_tokens=-1)
 
 
 def test_encode_prompt_matches_official_generation_prompt(family, tokenizers, official_jinja, monkeypatch):

@@ -1,0 +1,204 @@
+"""Data preparation: llava_ft vs XTuner 0.2.0, side by side on the same files and tokenizer folders.
+
+Uses what ../shared/bench/xtuner_prep/setup.sh builds under ROOT (default /tmp/xtb): records in ROOT/data,
+tokenizers ROOT/tok_sp and ROOT/tok_bpe, XTuner's venv ROOT/venv (its columns are left out when missing).
+Per tokenizer, XTuner's own benchmark runs first (its llava/loop, llava/hf, sft/loop, sft/hf stages), then
+llava_ft's `prepare` in a fresh process on the same files. One process, TOKENIZERS_PARALLELISM=false.
+
+llava_ft's time covers the whole preparation: reading and parsing the JSON, records -> conversations, template,
+tokenization and labels, writing Arrow (cache off); XTuner's excludes JSON reading. Tokens are counted as XTuner
+counts them (text tokens, an image as one token), and llava_ft runs with max_length 2048 + 575 because its
+max_length includes the 576 image tokens while XTuner's excludes them, so both keep the same records.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_prepare.py [--root /tmp/xtb] [--n 20000] [--runs 1]
+        [--scale 200000] [--packing-json a.json b.json] [--json-out prep.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+XTB_SCRIPTS = HERE.parent.parent / "shared" / "bench" / "xtuner_prep"
+FILES = {"llava": "llava_{n}.json", "sft": "sft_openai_{n}.json"}
+XTUNER_STAGES = "llava/loop,llava/hf,sft/loop,sft/hf"
+IMAGE_TOKENS = 576
+MAX_LENGTH = 2048 + IMAGE_TOKENS - 1
+
+
+def measure_ours(args: argparse.Namespace) -> dict:
+    """Runs in a fresh process (--ours TOKENIZER): records/s per format, 2 processes, cold vs warm."""
+    from llava_ft.data.prepare import compact_tokens, prepare
+    from llava_ft.data.templates import get_template
+    from llava_ft.data.tokenize import Encoder
+    from llava_ft.model.llm import load_tokenizer
+
+    tok = load_tokenizer(Path(args.root) / f"tok_{args.ours}")
+    encoder = Encoder(
+        tok, get_template("internlm2_chat", tok), max_length=MAX_LENGTH, num_image_tokens=IMAGE_TOKENS
+    )
+    out: dict = {"tokenizer": type(tok).__name__}
+    data = Path(args.root) / "data"
+    outputs = {}
+    for kind, name in FILES.items():
+        path = data / name.format(n=args.n)
+        times = []
+        for _ in range(args.runs):
+            done = prepare(path, encoder, use_cache=False)
+            times.append(done.seconds)
+        outputs[kind] = done.dataset
+        med = statistics.median(times)
+        out[kind] = {"records": done.stats.records, "kept": done.stats.kept, "seconds": med,
+                     "records_per_s": done.stats.records / med, "tokens_per_s": compact_tokens(done.dataset) / med}  # fmt: skip
+    done = prepare(data / FILES["llava"].format(n=args.n), encoder, use_cache=False, num_proc=2)
+    same = done.dataset.data.equals(outputs["llava"].data)
+    out["llava_np2"] = {
+        "seconds": done.seconds,
+        "records_per_s": done.stats.records / done.seconds,
+        "identical": same,
+    }
+    with tempfile.TemporaryDirectory() as cache:
+        cold = prepare(data / FILES["llava"].format(n=args.n), encoder, cache_dir=cache)
+        warm = prepare(data / FILES["llava"].format(n=args.n), encoder, cache_dir=cache)
+        assert (cold.cache, warm.cache) == ("built", "hit"), (cold.cache, warm.cache)
+        out["cold_s"], out["warm_s"] = cold.seconds, warm.seconds
+    return out
+
+
+def run_xtuner(args: argparse.Namespace, tk: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        subprocess.run(
+            [f"{args.root}/venv/bin/python", str(XTB_SCRIPTS / "bench_xtuner.py"), "--data", f"{args.root}/data",
+             "--tok-root", args.root, "--n", str(args.n), "--runs", str(args.runs), "--tokenizers", tk,
+             "--stages", XTUNER_STAGES, "--json-out", f.name],
+            check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )  # fmt: skip
+        stages = json.loads(Path(f.name).read_text())["stages"]
+    return {stage: stages[f"{tk}:{stage}"] for stage in XTUNER_STAGES.split(",")}
+
+
+def run_ours(args: argparse.Namespace, tk: str) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--ours",
+        tk,
+        "--root",
+        args.root,
+        "--n",
+        str(args.n),
+        "--runs",
+        str(args.runs),
+    ]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_scale(args: argparse.Namespace) -> dict:
+    """The CLI on --scale generated LLaVA records in a child process: its wall time and peak RSS."""
+    data = Path(args.root) / "scale"
+    path = data / f"llava_{args.scale}.json"
+    if not path.exists():
+        gen = XTB_SCRIPTS / "gen_llava.py"
+        subprocess.run([sys.executable, str(gen), "--n", str(args.scale), "--out", str(data)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        for other in ("sft_xtuner", "sft_openai"):
+            (data / f"{other}_{args.scale}.json").unlink()
+    with tempfile.TemporaryDirectory() as cache:
+        cmd = [sys.executable, "-m", "llava_ft.cli.data", "prepare", "--data", str(path), "--template",
+               "internlm2_chat", "--tokenizer", f"{args.root}/tok_bpe", "--max-length", str(MAX_LENGTH),
+               "--output", cache]  # fmt: skip
+        start = time.perf_counter()
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        wall = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {
+        "records": args.scale,
+        "wall_s": wall,
+        "peak_rss_mib": rss,
+        "last_line": res.stdout.strip().splitlines()[-1],
+    }
+
+
+def table(results: dict, packing: list[dict]) -> str:
+    lines = ["| measure | tokenizer | XTuner 0.2.0 | llava_ft | ratio |", "|---|---|---:|---:|---:|"]
+    for tk, r in results["tokenizers"].items():
+        ours, xt = r["ours"], r.get("xtuner")
+        for kind, stages in (("llava", ("llava/loop", "llava/hf")), ("sft", ("sft/loop", "sft/hf"))):
+            mine = ours[kind]["records_per_s"]
+            for stage in stages:
+                theirs = xt[stage]["records_per_s"] if xt else None
+                ratio = f"{mine / theirs:.2f}x" if theirs else "-"
+                theirs_s = f"{theirs:,.0f}" if theirs else "no XTuner venv"
+                lines.append(
+                    f"| records/s, {kind} vs XTuner {stage} | {tk} | {theirs_s} | {mine:,.0f} | {ratio} |"
+                )
+            lines.append(f"| tokens/s, {kind} (image = 1 token) | {tk} | "
+                         f"{xt[stages[0]]['tokens_per_s']:,.0f} | {ours[kind]['tokens_per_s']:,.0f} | "
+                         f"{ours[kind]['tokens_per_s'] / xt[stages[0]]['tokens_per_s']:.2f}x |" if xt else
+                         f"| tokens/s, {kind} | {tk} | - | {ours[kind]['tokens_per_s']:,.0f} | - |")  # fmt: skip
+        np2 = ours["llava_np2"]
+        lines.append(f"| records/s, llava, --num-proc 2 vs 1 (output identical: {np2['identical']}) | {tk} | | "
+                     f"{np2['records_per_s']:,.0f} | {np2['records_per_s'] / ours['llava']['records_per_s']:.2f}x |")  # fmt: skip
+        lines.append(f"| start-up on {results['n']:,} llava records, cold vs warm cache (s) | {tk} | | "
+                     f"{ours['cold_s']:.2f} / {ours['warm_s']:.3f} | {ours['cold_s'] / ours['warm_s']:.0f}x |")  # fmt: skip
+    if "scale" in results:
+        s = results["scale"]
+        lines.append(f"| prepare {s['records']:,} llava records (CLI, bpe): wall s, peak RSS MiB | bpe | | "
+                     f"{s['wall_s']:.0f} s, {s['peak_rss_mib']:,.0f} MiB | |")  # fmt: skip
+    for p in packing:
+        base = p["results"]["padded"]["real_tokens_per_s"]
+        for mode, r in p["results"].items():
+            lines.append(f"| training tokens/s, {p['mix']} mix, {mode} (pad {r['timed_pad_share']:.1%}, "
+                         f"peak RSS {r['peak_rss_mib']:,.0f} MiB) | tiny model | | {r['real_tokens_per_s']:,.0f} | "
+                         f"{r['real_tokens_per_s'] / base:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--root", default="/tmp/xtb")
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--tokenizers", default="sp,bpe")
+    parser.add_argument("--scale", type=int, default=0, help="also prepare this many generated LLaVA records")
+    parser.add_argument("--packing-json", nargs="*", default=[], help="bench_packing.py --json-out files")
+    parser.add_argument("--json-out", default=None)
+    parser.add_argument("--ours", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.ours:
+        print(json.dumps(measure_ours(args)))
+        return
+    if not (Path(args.root) / "data").is_dir():
+        sys.exit(f"no records under {args.root}/data: run `bash {XTB_SCRIPTS}/setup.sh {args.root}` first")
+    have_xtuner = Path(f"{args.root}/venv/bin/python").exists()
+    if not have_xtuner:
+        print(f"XTuner columns left out: set its venv up with `bash {XTB_SCRIPTS}/setup.sh {args.root}`")
+    results: dict = {"n": args.n, "runs": args.runs, "tokenizers": {}}
+    for tk in args.tokenizers.split(","):
+        xt = run_xtuner(args, tk) if have_xtuner else None
+        results["tokenizers"][tk] = {"xtuner": xt, "ours": run_ours(args, tk)}
+    if args.scale:
+        results["scale"] = run_scale(args)
+    packing = [json.loads(Path(p).read_text()) for p in args.packing_json]
+    results["packing"] = packing
+    print(table(results, packing))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

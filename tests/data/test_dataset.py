@@ -1,0 +1,131 @@
+"""build_dataset / SFTDataset: what training reads, from the Arrow tables; packing keeps every sample and label."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from llava_ft.config import DataSection, DataSource
+from llava_ft.data.collate import PackedCollator
+from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataError
+from llava_ft.data.dataset import build_dataset
+from llava_ft.data.packing import PackedDataset
+from llava_ft.data.sources import read_conversations
+from llava_ft.data.templates import get_template
+from llava_ft.data.tokenize import Encoder, encode_all
+
+N_IMG = 6
+
+
+def processor(image: Image.Image) -> torch.Tensor:
+    """Stands in for the vision tower's processor: the image's mean colour, so each image is recognisable."""
+    return torch.tensor(image.getpixel((0, 0)), dtype=torch.float32).view(3, 1, 1).expand(3, 2, 2)
+
+
+@pytest.fixture
+def sources(tmp_path) -> list[DataSource]:
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (4, 4), colour).save(images / f"{k}.png")
+    llava = [
+        {"id": "a", "image": "0.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]},
+        {"id": "b", "image": ["1.png", "2.png"], "conversations": [
+            {"from": "human", "value": "<image> vs <image>: which is blue?"}, {"from": "gpt", "value": "The second."},
+            {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "No image."}, {"from": "gpt", "value": "Fine."}]},
+    ]  # fmt: skip
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    text = [{"messages": [{"role": "user", "content": f"Count to {i}."},
+                          {"role": "assistant", "content": " ".join(str(k) for k in range(i))}]} for i in range(1, 30)]  # fmt: skip
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in text) + "\n")
+    return [
+        DataSource(str(tmp_path / "llava.json"), image_folder=str(images)),
+        DataSource(str(tmp_path / "sft.jsonl")),
+    ]
+
+
+def section(sources, tmp_path, **kw) -> DataSection:
+    data = DataSection(train=sources, template="internlm2_chat", max_length=64, **kw)
+    data.cache_dir = str(tmp_path / "cache")  # proposed DataSection field
+    return data
+
+
+def reference(sources, tok):
+    """Each file through Encoder.encode, one record at a time (the per-sample reference path)."""
+    enc = Encoder(tok, get_template("internlm2_chat", tok), max_length=64, num_image_tokens=N_IMG)
+    out = []
+    for src in sources:
+        convs, _ = read_conversations(src.path)
+        out += encode_all(convs, enc)[0]
+    return out
+
+
+def test_reads_arrow_and_matches_reference(sources, tokenizers, tmp_path):
+    tok = tokenizers["llama"]
+    ds, stats = build_dataset(section(sources, tmp_path), tok, get_template("internlm2_chat", tok),
+                              num_image_tokens=N_IMG, image_processor=processor)  # fmt: skip
+    want = reference(sources, tok)
+    assert len(ds) == len(want) == stats.kept and stats.truncated > 0  # long counts are truncated at 64
+    assert all(isinstance(t, datasets.Dataset) for t in ds.tables)  # rows stay in the (mapped) Arrow tables
+    for i, sample in enumerate(want):
+        item = ds[i]
+        assert item["input_ids"].tolist() == sample.input_ids and item["labels"].tolist() == sample.labels
+        assert ds.lengths[i] == len(sample.input_ids) and item["input_ids"].dtype == torch.long
+    # Images come from the source's image folder, in marker order.
+    assert ds[0]["pixel_values"][:, 0, 0, 0].tolist() == [255.0]
+    assert ds[1]["pixel_values"][:, :, 0, 0].tolist() == [[0, 255, 0], [0, 0, 255]]
+    assert "pixel_values" not in ds[2] and "pixel_values" not in ds[3]
+    assert (ds[1]["input_ids"] == IMAGE_TOKEN_INDEX).sum() == 2 * N_IMG
+
+
+def test_second_build_uses_the_cache(sources, tokenizers, tmp_path, caplog):
+    tok = tokenizers["llama"]
+    template = get_template("internlm2_chat", tok)
+    build_dataset(section(sources, tmp_path), tok, template, num_image_tokens=N_IMG)
+    with caplog.at_level("INFO", logger="llava_ft"):
+        ds, _ = build_dataset(section(sources, tmp_path), tok, template, num_image_tokens=N_IMG)
+    assert caplog.text.count("(hit,") == 2 and len(ds) == 32
+
+
+def test_missing_image_and_missing_processor_are_named(sources, tokenizers, tmp_path):
+    tok = tokenizers["llama"]
+    template = get_template("internlm2_chat", tok)
+    ds, _ = build_dataset(section(sources, tmp_path), tok, template, num_image_tokens=N_IMG)
+    with pytest.raises(DataError, match="no vision tower"):
+        ds[0]
+    (Path(sources[0].image_folder) / "2.png").unlink()
+    ds, _ = build_dataset(
+        section(sources, tmp_path), tok, template, num_image_tokens=N_IMG, image_processor=processor
+    )
+    with pytest.raises(DataError, match="2.png"):
+        ds[1]
+
+
+def test_packing_keeps_every_sample_and_label(sources, tokenizers, tmp_path):
+    tok = tokenizers["llama"]
+    ds, _ = build_dataset(section(sources, tmp_path), tok, get_template("internlm2_chat", tok),
+                          num_image_tokens=N_IMG, image_processor=processor)  # fmt: skip
+    packed = PackedDataset(ds, ds.lengths, 64, seed=3)
+    collate = PackedCollator(pad_token_id=0, row_length=64)
+    seen = []
+    for r in range(len(packed)):
+        batch = collate([packed[r]])
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+        for j, index in enumerate(packed.rows[r]):
+            sample = ds[index]
+            a, n = starts[j], len(sample["input_ids"])
+            assert batch["input_ids"][0, a : a + n].tolist() == sample["input_ids"].tolist()  # not split
+            # Every label kept, except the first of each sample (never a target: nothing precedes it).
+            assert batch["labels"][0, a] == IGNORE_INDEX
+            assert batch["labels"][0, a + 1 : a + n].tolist() == sample["labels"][1:].tolist()
+            seen.append(index)
+        assert (batch["labels"][0, sum(ds.lengths[i] for i in packed.rows[r]) :] == IGNORE_INDEX).all()
+    assert sorted(seen) == list(range(len(ds)))  # every sample exactly once
+    assert packed.stats().real_tokens == sum(ds.lengths)

@@ -1,0 +1,220 @@
+"""prepare.py: the batched path gives `Encoder.encode`'s ids and labels exactly; the cache; processes; the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from llava_ft.cli.data import main
+from llava_ft.data import prepare as prep
+from llava_ft.data.conversation import DataError
+from llava_ft.data.dataset import SFTDataset
+from llava_ft.data.sources import read_conversations
+from llava_ft.data.templates import get_template
+from llava_ft.data.tokenize import Encoder, encode_all
+
+N_IMG = 7
+PIECES = ["Hello", " world", "  two  spaces", "\n\nnew paragraph", "\ttab", "café", "中文字符", "🙂 ok", "x" * 40,
+          " leading", "trailing ", "3.14159", "<|im_end|> in text", "don't", "\n", " "]  # fmt: skip
+
+
+def text(rng: random.Random, words: int) -> str:
+    return "".join(rng.choice(PIECES) for _ in range(words)).strip() or "ok"
+
+
+def corpus(seed: int = 0, n: int = 40) -> list[dict]:
+    """LLaVA records exercising boundaries: whitespace at turn edges, unicode, several or no images, an
+    opted-out turn, an all-opted-out record (dropped), long ones (truncated, or images past max_length)."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        rounds = rng.randint(1, 3)
+        turns = []
+        for _ in range(rounds):
+            q = rng.choice(["", " ", "\n"]) + text(rng, rng.randint(1, 6)) + rng.choice(["", " ", "\n"])
+            a = rng.choice(["", " "]) + text(rng, rng.randint(1, 8)) + rng.choice(["", " ", "\n"])
+            turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        record: dict = {"id": str(i), "conversations": turns}
+        kind = i % 8
+        if kind in (1, 2):
+            record["image"] = f"img/{i}.png"
+        elif kind == 3:
+            record["image"] = [f"img/{i}a.png", f"img/{i}b.png"]
+            turns[0]["value"] = "<image> and <image>\n" + turns[0]["value"]
+        elif kind == 4:
+            turns[1]["train"] = False
+        elif kind == 5:
+            turns[-1]["value"] += " " + text(rng, 120)  # long: truncated
+        elif kind == 6 and i % 16 == 6:
+            record["image"] = f"img/{i}.png"
+            turns[0]["value"] = text(rng, 150) + " <image>"  # the image ends past max_length: dropped
+        records.append(record)
+    records[7]["conversations"] = [
+        {"from": "human", "value": "q"},
+        {"from": "gpt", "value": "a", "train": False},
+    ]
+    return records
+
+
+def write(path: Path, records: list) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    return write(tmp_path / "d.json", corpus())
+
+
+def encoder(tok, template="internlm2_chat", max_length=120, **kw) -> Encoder:
+    return Encoder(tok, get_template(template, tok), max_length=max_length, num_image_tokens=N_IMG, **kw)
+
+
+def comparable(stats) -> dict:
+    # `realigned` counts samples whose segment-wise ids differ from the whole text's; the batched path only
+    # sends records to Encoder that need it, so its count is not Encoder's. Everything else must be equal.
+    d = stats.as_dict(max_problems=1000)
+    d.pop("realigned")
+    return d
+
+
+@pytest.mark.parametrize("template", ["internlm2_chat", "llama2_chat", "llama3_chat", "vicuna_v1"])
+def test_same_samples_as_encoder(template, family, tokenizers, data_file, tmp_path):
+    tok = tokenizers[family]
+    enc = encoder(tok, template)
+    done = prep.prepare(data_file, enc, use_cache=False, skip_bad=True)
+    convs, _ = read_conversations(data_file)
+    samples, stats = encode_all(convs, enc, skip_bad=True)
+    assert comparable(done.stats) == comparable(stats)
+    assert stats.truncated and stats.dropped  # the corpus exercises both
+    ds = SFTDataset([(done.dataset, tmp_path)], num_image_tokens=N_IMG)
+    assert len(ds) == len(samples) == stats.kept
+    for i, sample in enumerate(samples):
+        ids, labels = ds.tokens(i)
+        assert ids.tolist() == sample.input_ids and labels.tolist() == sample.labels, i
+    assert ds.lengths == [len(s.input_ids) for s in samples]
+
+
+def test_bad_record_names_file_and_record(tokenizers, tmp_path):
+    records = corpus(n=12)
+    records[9]["conversations"] = [{"from": "gpt", "value": "answer first"}]
+    path = write(tmp_path / "bad.json", records)
+    for num_proc in (1, 2):
+        with pytest.raises(DataError, match=r"bad\.json\[9\]: .*role"):
+            prep.prepare(path, encoder(tokenizers["bpe"]), use_cache=False, num_proc=num_proc)
+    done = prep.prepare(path, encoder(tokenizers["bpe"]), use_cache=False, skip_bad=True)
+    assert len(done.bad) == 1 and done.bad.items[0][0].endswith("bad.json[9]")  # counted at reading
+    assert done.stats.records == 11
+
+
+@pytest.mark.parametrize("fam", ["llama", "sp"])
+def test_two_processes_same_output(fam, tokenizers, tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "BATCH_SIZE", 8)  # several batches in flight
+    path = write(tmp_path / "d.json", corpus(n=60))
+    enc = encoder(tokenizers[fam])
+    one = prep.prepare(path, enc, use_cache=False, skip_bad=True)
+    two = prep.prepare(path, enc, use_cache=False, skip_bad=True, num_proc=2)
+    assert two.dataset.data.equals(one.dataset.data) and len(one.dataset) > 40
+    assert two.stats.as_dict(1000) == one.stats.as_dict(1000)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def no_tokenizing(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenized although the cache should have been used")
+
+    monkeypatch.setattr(prep.BatchEncoder, "encode_batch", refuse)
+
+
+def test_cache_hit_loads_without_tokenizing(tokenizers, data_file, tmp_path, monkeypatch):
+    enc = encoder(tokenizers["bpe"])
+    first = prep.prepare(data_file, enc, cache_dir=tmp_path / "c", skip_bad=True)
+    no_tokenizing(monkeypatch)
+    second = prep.prepare(data_file, enc, cache_dir=tmp_path / "c", skip_bad=True)
+    assert (first.cache, second.cache) == ("built", "hit")
+    assert second.dataset.data.equals(first.dataset.data)
+    assert second.stats.as_dict(1000) == first.stats.as_dict(1000)
+    with pytest.raises(AssertionError, match="tokenized"):  # --no-cache bypasses it
+        prep.prepare(data_file, enc, cache_dir=tmp_path / "c", skip_bad=True, use_cache=False)
+
+
+def test_every_key_part_invalidates(tokenizers, fresh_tokenizer, data_file, tmp_path, monkeypatch):
+    cache = tmp_path / "c"
+    tok = tokenizers["bpe"]
+    base = prep.prepare(data_file, encoder(tok), cache_dir=cache, skip_bad=True)
+    changed_tok = fresh_tokenizer("bpe")
+    changed_tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    variants = {
+        "template": lambda: prep.prepare(data_file, encoder(tok, "qwen2_chat"), cache_dir=cache, skip_bad=True),
+        "tokenizer": lambda: prep.prepare(data_file, encoder(tokenizers["llama"]), cache_dir=cache, skip_bad=True),
+        "added token": lambda: prep.prepare(data_file, encoder(changed_tok), cache_dir=cache, skip_bad=True),
+        "max_length": lambda: prep.prepare(data_file, encoder(tok, max_length=100), cache_dir=cache, skip_bad=True),
+        "image tokens": lambda: prep.prepare(
+            data_file, Encoder(tok, get_template("internlm2_chat", tok), max_length=120, num_image_tokens=3),
+            cache_dir=cache, skip_bad=True),
+        "last_turn_only": lambda: prep.prepare(
+            data_file, encoder(tok, last_turn_only=True), cache_dir=cache, skip_bad=True),
+    }  # fmt: skip
+    for what, run in variants.items():
+        assert run().cache == "built", what
+    monkeypatch.setattr(prep, "code_version", lambda: "another version")
+    assert prep.prepare(data_file, encoder(tok), cache_dir=cache, skip_bad=True).cache == "built"
+    monkeypatch.undo()
+    records = corpus()
+    records[0]["conversations"][1]["value"] += " changed"
+    write(data_file, records)  # same name, new content
+    again = prep.prepare(data_file, encoder(tok), cache_dir=cache, skip_bad=True)
+    assert again.cache == "built" and again.key != base.key
+
+
+def test_damaged_or_half_written_cache_is_rebuilt(tokenizers, data_file, tmp_path):
+    cache = tmp_path / "c"
+    enc = encoder(tokenizers["bpe"])
+    good = prep.prepare(data_file, enc, cache_dir=cache, skip_bad=True)
+    arrow = cache / good.key / "data.arrow"
+    reference = pa.ipc.open_stream(
+        arrow.read_bytes()
+    ).read_all()  # a copy: the damage rewrites the mapped file
+    del good.dataset
+    damages = {
+        "truncated": lambda: arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2]),
+        "bytes changed": lambda: arrow.write_bytes(arrow.read_bytes()[:-9] + b"\x00" * 9),
+        "no meta (killed before it was written)": lambda: (cache / good.key / "meta.json").unlink(),
+        "meta half-written": lambda: (cache / good.key / "meta.json").write_text('{"key": '),
+    }
+    for what, damage in damages.items():
+        damage()
+        rebuilt = prep.prepare(data_file, enc, cache_dir=cache, skip_bad=True)
+        assert rebuilt.cache == "built", what
+        assert rebuilt.dataset.data.table.equals(reference), what
+        del rebuilt
+    # A killed run's temporary folder is never taken for an entry.
+    (cache / f".{good.key}.partial-x").mkdir()
+    (cache / f".{good.key}.partial-x" / "data.arrow").write_bytes(b"half")
+    assert prep.prepare(data_file, enc, cache_dir=cache, skip_bad=True).cache == "hit"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_prepare_prints_counts_and_speed(tokenizer_dirs, data_file, tmp_path, capsys):
+    argv = ["prepare", "--data", str(data_file), "--template", "internlm2_chat", "--tokenizer",
+            str(tokenizer_dirs["llama"]), "--max-length", "120", "--num-image-tokens", str(N_IMG), "--skip-bad",
+            "--output", str(tmp_path / "c")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert (
+        "records 40: kept" in out and "truncated" in out and "dropped" in out and "token length: p50" in out
+    )
+    last = out.strip().splitlines()[-1]
+    assert "cached (" in last and "records/s" in last and "tokens/s" in last
+    assert main(argv) == 0
+    assert "cache hit" in capsys.readouterr().out.strip().splitlines()[-1]
+    assert main([*argv, "--no-cache", "--num-proc", "2"]) == 0
+    assert "cache off" in capsys.readouterr().out
