@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-ft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="run one training stage from a YAML config (+ --section.key value overrides)")
+    p = sub.add_parser(
+        "train", help="run one training stage from a YAML config (+ --section.key value overrides)"
+    )
     p.add_argument("config", help="YAML config file")
     p.add_argument(
         "--resume",
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_data_commands(sub)
     except ImportError:
         pass
-    for module in ("llava_ft.cli.chat", "llava_ft.cli.export"):
+    for module in ("llava_ft.cli.chat", "llava_ft.cli.export", "llava_ft.cli.serve"):
         try:
             __import__(module, fromlist=["add_commands"]).add_commands(sub)
         except ImportError:

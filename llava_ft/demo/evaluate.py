@@ -20,7 +20,9 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().replace(".", " ").replace(",", " ").split())
 
 
-def evaluate(checkpoint: str | Path, data_root: str | Path, *, batch_size: int = 64, limit: int | None = None) -> dict:
+def evaluate(
+    checkpoint: str | Path, data_root: str | Path, *, batch_size: int = 64, limit: int | None = None
+) -> dict:
     from llava_ft.data.images import load_image
     from llava_ft.inference import Query, load_assistant
 
@@ -51,23 +53,34 @@ def evaluate(checkpoint: str | Path, data_root: str | Path, *, batch_size: int =
         "n": n,
         "per_type": per_type,
         "examples": [
-            {"question": q.question, "answer": a, "expected": r["conversations"][1]["value"], "image": r["image"]}
+            {
+                "question": q.question,
+                "answer": a,
+                "expected": r["conversations"][1]["value"],
+                "image": r["image"],
+            }
             for q, a, r in list(zip(queries, answers, records, strict=True))[:4]
         ],
     }
 
 
 def format_report(result: dict, label: str) -> str:
-    lines = [f"{label}: held-out accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}, n={result['n']})"]
+    lines = [
+        f"{label}: held-out accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}, n={result['n']})"
+    ]
     for q, r in result["per_type"].items():
         lines.append(f"  {q:<9} {r['accuracy']:.3f}  (chance {r['chance']:.2f}, n={r['n']})")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint")
-    parser.add_argument("--data", default="data/demo/shapes", help="shapes dataset folder (heldout.json, images/)")
+    parser.add_argument(
+        "--data", default="data/demo/shapes", help="shapes dataset folder (heldout.json, images/)"
+    )
     parser.add_argument("--label", default="model")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--json", help="also write the result here")

@@ -57,7 +57,11 @@ def prepare(root: str | Path = "data/demo", *, blank: bool = False) -> TinyAsset
     )
     if blank:  # the control: the same records over background-only images
         generate_shapes_dataset(
-            root / "shapes_blank", n_train_images=N_TRAIN_IMAGES, n_heldout_images=N_HELDOUT_IMAGES, seed=0, blank=True
+            root / "shapes_blank",
+            n_train_images=N_TRAIN_IMAGES,
+            n_heldout_images=N_HELDOUT_IMAGES,
+            seed=0,
+            blank=True,
         )
 
     llm = root / "models" / "llm"
@@ -84,7 +88,9 @@ def prepare(root: str | Path = "data/demo", *, blank: bool = False) -> TinyAsset
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", default="data/demo")
     parser.add_argument("--blank", action="store_true", help="also write the blank-image control dataset")
     args = parser.parse_args(argv)

@@ -1,4 +1,8 @@
-"""Factories at the edge: config -> tokenizer + LlavaModel (text-only when there is no vision tower)."""
+"""Factories at the edge: config -> tokenizer + LlavaModel (text-only when there is no vision tower).
+
+The GPU choices are made here, once, and logged: compute dtype, attention kernel, loss computation and the
+optional liger-kernel ops. On CPU every choice falls back to the plain transformers path.
+"""
 
 from __future__ import annotations
 
@@ -19,16 +23,23 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def resolve_attn_implementation(name: str | None) -> str:
+def flash_attn_available() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+def resolve_attn_implementation(name: str | None, *, packing: bool = False, on_gpu: bool | None = None) -> str:
+    """An explicit name wins. Else on GPU: flash_attention_2 when flash-attn is installed (its varlen kernel
+    reads packed position_ids), flex_attention for packed rows (a block-diagonal mask that skips the other
+    samples' blocks); sdpa otherwise, and always on CPU."""
     if name:
         return name
-    try:
-        import flash_attn  # noqa: F401
-
-        if torch.cuda.is_available():
-            return "flash_attention_2"
-    except ImportError:
-        pass
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    if on_gpu and flash_attn_available():
+        return "flash_attention_2"
+    if on_gpu and packing:
+        return "flex_attention"
     return "sdpa"
 
 
@@ -42,16 +53,26 @@ def build_vision(model_cfg: ModelSection):
 
 def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None):
     """Tokenizer and base model (pretrained parts only; trained weights are applied by the caller)."""
+    from llava_ft.model.kernels import apply_liger_kernels, resolve_liger
     from llava_ft.model.llm import load_llm, load_tokenizer
+    from llava_ft.model.loss import resolve_loss_mode
     from llava_ft.model.projector import build_projector
 
     m = cfg.model
+    on_gpu = torch.cuda.is_available()
     dtype = resolve_dtype(m.dtype)
     four_bit = cfg.resolved_llm_4bit() if load_in_4bit is None else load_in_4bit
-    attn = resolve_attn_implementation(m.attn_implementation)
+    attn = resolve_attn_implementation(m.attn_implementation, packing=cfg.data.packing, on_gpu=on_gpu)
     tokenizer = load_tokenizer(m.llm)
+    # The unquantised parts of a 4-bit LLM (embeddings, lm_head, norms) load in `dtype` and stay there: no
+    # prepare_model_for_kbit_training, whose fp32 upcast costs memory and speed (FACTS.md, GPU figures).
     llm = load_llm(m.llm, dtype=dtype, load_in_4bit=four_bit, attn_implementation=attn)
-    log.info("LLM %s: dtype %s, 4-bit %s, attention %s", m.llm, dtype, four_bit, attn)
+    liger = resolve_liger(m.liger, on_gpu=on_gpu) and apply_liger_kernels(llm)
+    loss = resolve_loss_mode(m.loss, on_gpu=on_gpu, head=llm.get_output_embeddings())
+    log.info(
+        "LLM %s: dtype %s, 4-bit %s, attention %s, loss %s, liger kernels %s",
+        m.llm, dtype, four_bit, attn, loss, "on" if liger else "off",
+    )
     vision = build_vision(m)
     projector = None
     if vision is not None:
@@ -60,4 +81,5 @@ def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None):
         projector = build_projector(m.projector, vision.hidden_size, llm.config.hidden_size)
         log.info("vision %s: %d tokens/image x %d dims -> projector %s", m.vision.model, vision.num_tokens,
                  vision.hidden_size, m.projector)
-    return tokenizer, LlavaModel(llm, vision, projector)
+    model = LlavaModel(llm, vision, projector, loss=loss, loss_chunk_size=m.loss_chunk_size)
+    return tokenizer, model

@@ -2,7 +2,8 @@
 
 `<image>` was expanded into N placeholder ids (IMAGE_TOKEN_INDEX) by the tokenizer step, so merging is a
 masked scatter with a count check, as in transformers' Llava. Labels stay aligned with input_ids; the
-shift happens once, inside the HF causal LM.
+shift happens once: inside the HF causal LM (loss "plain"), or in `model/loss.py` (chunked / fused), which
+takes the decoder's hidden states so the full-vocabulary logits are never built.
 """
 
 from __future__ import annotations
@@ -10,11 +11,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
 from llava_ft.data.conversation import IMAGE_TOKEN_INDEX
+from llava_ft.model.loss import LossMode, causal_lm_loss
 
 
 class LlavaModel(nn.Module):
-    def __init__(self, llm: nn.Module, vision_tower: nn.Module | None = None, projector: nn.Module | None = None):
+    # Tells the Trainer our loss shifts labels, so it counts `num_items_in_batch` over labels[..., 1:] as HF does.
+    loss_type = "ForCausalLM"
+
+    def __init__(
+        self,
+        llm: nn.Module,
+        vision_tower: nn.Module | None = None,
+        projector: nn.Module | None = None,
+        *,
+        loss: LossMode = "plain",
+        loss_chunk_size: int = 1024,
+    ):
         super().__init__()
         self.llm = llm
         self.vision_tower = vision_tower
@@ -22,6 +37,8 @@ class LlavaModel(nn.Module):
         # Mixed image/text micro-batches: under ZeRO-3 every rank must call the sharded vision modules in the
         # same order, so a text-only batch runs a dummy image through them (FACTS.md, ZeRO-3 section).
         self.dummy_image_when_text_only = True
+        self.loss = loss
+        self.loss_chunk_size = loss_chunk_size
 
     @property
     def config(self):
@@ -34,6 +51,10 @@ class LlavaModel(nn.Module):
 
     def input_embeddings(self) -> nn.Module:
         return self.llm.get_input_embeddings()
+
+    def causal_lm(self) -> nn.Module:
+        """The transformers causal LM itself (inside a peft wrapper, whose LoRA layers sit in its modules)."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] -> [n_images, N, hidden of the LLM]."""
@@ -75,20 +96,32 @@ class LlavaModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ):
         kwargs.pop("image_counts", None)
-        kwargs.pop("num_items_in_batch", None) if labels is None else None
         embeds = self.embed(input_ids, pixel_values)
         # use_cache=False always in training: with a cache, packed samples would attend to each other.
-        return self.llm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            use_cache=False,
-            **kwargs,
+        inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        if labels is None or self.loss == "plain":
+            if labels is not None and num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return self.llm(**inputs, labels=labels, use_cache=False, **kwargs)
+        # Loss from hidden states: the decoder runs without the LM head; logits are never returned.
+        causal_lm = self.causal_lm()
+        for name in ("final_logit_softcapping", "logit_scale"):
+            if getattr(causal_lm.config, name, None) is not None:
+                raise ValueError(f"model.loss {self.loss}: the LLM's config sets {name}; use model.loss plain")
+        out = causal_lm.get_decoder()(**inputs, use_cache=False, **kwargs)
+        loss = causal_lm_loss(
+            out.last_hidden_state,
+            causal_lm.get_output_embeddings(),
+            labels,
+            mode=self.loss,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=self.loss_chunk_size,
         )
+        return CausalLMOutputWithPast(loss=loss, hidden_states=out.hidden_states, attentions=out.attentions)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
         """Checkpoint the LLM's decoder layers (the Trainer calls this; it acts only in train mode)."""

@@ -12,6 +12,7 @@ Layout of a stage output folder:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -84,7 +85,9 @@ def gathered_trainable(model: torch.nn.Module):
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(
+        [p for p in model.parameters() if p.requires_grad], modifier_rank=None
+    ):
         yield
 
 
@@ -94,7 +97,9 @@ def load_trainable(model: torch.nn.Module, folder: Path) -> None:
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     unknown = [n for n in state if n not in params]
     if missing or unknown:
-        raise RuntimeError(f"{folder}: trainable weights do not fit this model: missing {missing[:5]}, unknown {unknown[:5]}")
+        raise RuntimeError(
+            f"{folder}: trainable weights do not fit this model: missing {missing[:5]}, unknown {unknown[:5]}"
+        )
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t.to(params[n].dtype))
@@ -116,7 +121,9 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
 
         _atomic_dir(out / "llm", write_llm)
     if cfg.trainable.vision == "lora":
-        _atomic_dir(out / "vision_adapter", lambda d: model.vision_tower.save_pretrained(d, safe_serialization=True))
+        _atomic_dir(
+            out / "vision_adapter", lambda d: model.vision_tower.save_pretrained(d, safe_serialization=True)
+        )
     info = {"name": template.name, "stop_words": list(template.stop_words)}
     atomic_write_bytes(out / TEMPLATE_NAME, json.dumps(info, indent=2).encode())
     tmp = out / f".{CONFIG_NAME}.tmp"
@@ -127,23 +134,21 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Copy of cfg whose file paths are absolute, so a checkpoint is usable from any working directory."""
-    import copy
-
+    """Copy of cfg whose existing file paths are absolute, so a checkpoint works from any working directory."""
     c = copy.deepcopy(cfg)
 
     def absolute(p: str | None) -> str | None:
-        if not p or p.startswith("local-dir:") and not p[len("local-dir:") :]:
+        prefix = "local-dir:" if p and p.startswith("local-dir:") else ""
+        path = p[len(prefix) :] if p else p
+        if not path or not Path(path).exists():
             return p
-        if p.startswith("local-dir:"):
-            return "local-dir:" + str(Path(p[len("local-dir:") :]).resolve())
-        return str(Path(p).resolve()) if Path(p).exists() else p
+        return prefix + str(Path(path).resolve())
 
     c.model.llm = absolute(c.model.llm)
     if c.model.vision is not None:
         c.model.vision.model = absolute(c.model.vision.model)
         c.model.vision.pretrained = absolute(c.model.vision.pretrained)
-    c.train.output_dir = absolute(c.train.output_dir)
+    c.train.output_dir = str(Path(c.train.output_dir).resolve())
     c.train.init_from = absolute(c.train.init_from)
     for src in c.data.train:
         src.path = absolute(src.path)

@@ -60,6 +60,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None 
         data_collator=collator,
         projector_lr=cfg.train.projector_lr,
         train_sampler=sampler,
+        pad_token_id=pad_id(tokenizer),
         callbacks=callbacks,
     )
     resume_from = None
@@ -83,13 +84,13 @@ def batching(cfg: RunConfig, dataset, tokenizer):
     """(train dataset, collator, sampler or None) for padded, length-grouped or packed batches."""
     from llava_ft.data.collate import Collator, PackedCollator
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     if cfg.data.packing:
         from llava_ft.data.packing import PackedDataset
 
         packed = PackedDataset(dataset, dataset.lengths, cfg.data.max_length, seed=cfg.train.seed)
         log.info("packing: %s", packed.stats())
-        return packed, PackedCollator(pad_token_id=pad_id, row_length=cfg.data.max_length), None
+        return packed, PackedCollator(pad_token_id=pad, row_length=cfg.data.max_length), None
     sampler = None
     if cfg.data.group_by_length:
         from llava_ft.data.sampler import LengthGroupedSampler
@@ -97,7 +98,11 @@ def batching(cfg: RunConfig, dataset, tokenizer):
         sampler = LengthGroupedSampler(
             dataset.lengths, cfg.train.batch_size * cfg.train.grad_accum, seed=cfg.train.seed
         )
-    return dataset, Collator(pad_token_id=pad_id), sampler
+    return dataset, Collator(pad_token_id=pad), sampler
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def training_arguments(cfg: RunConfig) -> TrainingArguments:
@@ -138,8 +143,7 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
 
 def write_summary(out: Path, cfg: RunConfig, trainer, result, stats, model, wall_s: float) -> dict:
     history = [h for h in trainer.state.log_history if "loss" in h]
-    trained = getattr(trainer, "_trained_tokens", 0)
-    seen = getattr(trainer, "_seen_tokens", 0)
+    counts = trainer.token_counts
     runtime = result.metrics.get("train_runtime", 0.0)
     summary = {
         "name": cfg.name,
@@ -147,9 +151,12 @@ def write_summary(out: Path, cfg: RunConfig, trainer, result, stats, model, wall
         "train_loss": result.training_loss,
         "first_loss": history[0]["loss"] if history else None,
         "last_loss": history[-1]["loss"] if history else None,
-        "tokens_seen": seen,
-        "tokens_trained": trained,
-        "tokens_per_s": seen / runtime if runtime else None,
+        "samples": counts["samples"],
+        "tokens": counts["real"],
+        "tokens_trained": counts["trained"],
+        "pad_share": 1 - counts["real"] / counts["slots"] if counts["slots"] else 0.0,
+        "tokens_per_s": counts["real"] / runtime if runtime else None,
+        "samples_per_s": counts["samples"] / runtime if runtime else None,
         "train_runtime_s": round(runtime, 1),
         "wall_s": round(wall_s, 1),
         "peak_memory_mb": peak_memory_mb(),

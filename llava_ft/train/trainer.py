@@ -15,10 +15,14 @@ log = logging.getLogger("llava_ft")
 
 
 class LlavaTrainer(Trainer):
-    def __init__(self, *args, projector_lr: float | None = None, train_sampler=None, **kwargs):
+    def __init__(
+        self, *args, projector_lr: float | None = None, train_sampler=None, pad_token_id: int = 0, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
         self._train_sampler = train_sampler
+        self.pad_token_id = pad_token_id
+        self.token_counts = {"slots": 0, "real": 0, "trained": 0, "samples": 0}
 
     def _get_train_sampler(self, train_dataset=None):
         if self._train_sampler is not None:
@@ -62,11 +66,24 @@ class LlavaTrainer(Trainer):
         log.info("resumed trainable weights from %s", resume_from_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Count tokens actually trained on, for tokens/s figures (labels != -100).
-        if "labels" in inputs:
-            self._trained_tokens = getattr(self, "_trained_tokens", 0) + int((inputs["labels"] != -100).sum())
-            self._seen_tokens = getattr(self, "_seen_tokens", 0) + int(inputs["input_ids"].numel())
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        self._count_tokens(inputs)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+
+    def _count_tokens(self, inputs) -> None:
+        """Token counts for throughput figures: slots (padding included), real tokens, trained tokens, samples."""
+        counts = self.token_counts
+        ids = inputs["input_ids"]
+        counts["slots"] += ids.numel()
+        if inputs.get("attention_mask") is not None:
+            counts["real"] += int(inputs["attention_mask"].sum())
+            counts["samples"] += ids.shape[0]
+        else:  # packed rows: the padding segment holds pad ids only
+            real = ids != self.pad_token_id
+            counts["real"] += int(real.sum())
+            counts["samples"] += int(((inputs["position_ids"] == 0) & real).sum())
+        counts["trained"] += int((inputs["labels"] != -100).sum())
 
 
 def last_checkpoint(output_dir: str) -> str | None:
@@ -84,4 +101,3 @@ def last_checkpoint(output_dir: str) -> str | None:
                 if best is None or step > best[0]:
                     best = (step, folder)
     return best[1] if best else None
-

@@ -297,3 +297,14 @@ def test_encode_prompt_matches_official_generation_prompt(family, tokenizers, of
 
 def test_encode_stats_defaults():
     assert EncodeStats().summary().startswith("records 0: kept 0")
+
+
+def test_text_only_model_rejects_image_records(tokenizers):
+    tok = tokenizers["bpe"]
+    conv = Conversation(
+        [Message("user", "<image>\nWhat is it?"), Message("assistant", "a cat")], images=["a.png"], source="d.json[3]"
+    )
+    with pytest.raises(DataError, match=r"d.json\[3\]: record has 1 image\(s\) but the model has no vision tower"):
+        encoder(tok, num_image_tokens=0).encode(conv)
+    text = Conversation([Message("user", "hi"), Message("assistant", "hello")])
+    assert IMAGE_TOKEN_INDEX not in encoder(tok, num_image_tokens=0).encode(text).input_ids

@@ -1,0 +1,313 @@
+"""`llava-ft serve CHECKPOINT [--host 127.0.0.1] [--port N]`: chat with a stage output in the browser.
+
+A local gradio page: upload an image, chat over several turns with answers streamed in, change the image,
+start a new conversation, set max new tokens and temperature. A text-only checkpoint serves the same page
+without the image controls. Answers come from the same path as `llava-ft chat` (`ChatSession` over
+`Assistant.generate_messages`: the image goes in the first user turn), so the page and the terminal agree.
+
+Uploads are read with llava_ft's own image loader: a file that is not an image, is corrupt, or decodes to too
+many pixels gets a message in the page; files over --max-upload-mb are refused by the server before they are
+stored. Nothing leaves the machine: gradio's analytics and version check are off, fonts are served locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava_ft.cli.chat import ChatError, ChatSession
+from llava_ft.data.conversation import DataError, Message
+
+log = logging.getLogger("llava_ft")
+
+DEFAULT_MAX_UPLOAD_MB = 20
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class PageState:
+    """One browser session: its image (in the first user turn) and the turns so far."""
+
+    image: Any = None
+    image_name: str | None = None
+    history: list[Message] = field(default_factory=list)
+
+
+def chat_messages(history: list[Message]) -> list[dict]:
+    """The conversation as the page's chatbot shows it: the text typed, without the `<image>` marker."""
+    from llava_ft.data.conversation import IMAGE_TOKEN
+
+    return [{"role": m.role, "content": m.content.removeprefix(f"{IMAGE_TOKEN}\n")} for m in history]
+
+
+class DemoApp:
+    """The page's handlers, kept apart from gradio so that they read as plain functions of (input, state)."""
+
+    def __init__(self, assistant, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB):
+        self.assistant = assistant
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
+        # One model: answers are generated one at a time, whichever button or session asked.
+        self.lock = threading.Lock()
+
+    def load_image(self, path: str | None, state: PageState) -> tuple[PageState, str, bool]:
+        """(state, status message, whether the image was taken). A bad file leaves the current image and
+        conversation as they were; a good one starts a new conversation."""
+        from llava_ft.cli.chat import open_image
+
+        if not path:
+            return state, "No file received.", False
+        name = Path(path).name
+        try:
+            size = os.path.getsize(path)
+            if size > self.max_upload_bytes:
+                raise ChatError(
+                    f"{name} is {size / 2**20:.1f} MB, over the {self.max_upload_bytes / 2**20:g} MB limit"
+                )
+            image = open_image(path, self.assistant.has_vision)
+        except (ChatError, DataError, OSError) as e:
+            # The server's upload path means nothing to the person at the page: name the file they chose.
+            problem = (e.problem if isinstance(e, DataError) else str(e)).replace(path, name)
+            log.warning("serve: upload %s refused: %s", name, problem)
+            return (
+                state,
+                f"⚠️ Could not use {name}: {problem}. The image and conversation are unchanged.",
+                False,
+            )
+        width, height = image.size
+        return (
+            PageState(image=image, image_name=name),
+            f"New image {name} ({width}x{height}); new conversation.",
+            True,
+        )
+
+    def remove_image(self, state: PageState) -> tuple[PageState, str]:
+        return PageState(), "Image removed; new conversation."
+
+    def reset(self, state: PageState) -> tuple[PageState, str]:
+        return PageState(image=state.image, image_name=state.image_name), "New conversation."
+
+    def respond(
+        self, text: str, state: PageState, max_new_tokens: float, temperature: float
+    ) -> Iterator[tuple[list[dict], PageState, str]]:
+        """Yields (chatbot messages, state, status) as the answer grows; the last one holds the whole turn."""
+        text = (text or "").strip()
+        shown = chat_messages(state.history)
+        if not text:
+            yield shown, state, "Type a question first."
+            return
+        session = ChatSession(
+            self.assistant,
+            image=state.image,
+            history=list(state.history),
+            gen={"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": 1.0},
+        )
+        pieces: queue.Queue[str | None] = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def generate() -> None:
+            try:
+                with self.lock:
+                    outcome["answer"] = session.ask(text, on_text=pieces.put)
+            except (ChatError, DataError, ValueError) as e:
+                outcome["error"] = e
+            except Exception as e:  # keep serving: the page reports it, the log keeps the traceback
+                log.exception("serve: generation failed")
+                outcome["error"] = e
+            finally:
+                pieces.put(None)
+
+        started = time.monotonic()
+        threading.Thread(target=generate, daemon=True).start()
+        shown = [*shown, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        yield shown, state, "Answering…"
+        while (piece := pieces.get()) is not None:
+            shown[-1] = {"role": "assistant", "content": shown[-1]["content"] + piece}
+            yield shown, state, "Answering…"
+        if "error" in outcome:
+            yield chat_messages(state.history), state, f"⚠️ {outcome['error']}"
+            return
+        done = PageState(image=state.image, image_name=state.image_name, history=session.history)
+        yield chat_messages(done.history), done, f"Answered in {time.monotonic() - started:.1f} s."
+
+
+def build_page(app: DemoApp, *, title: str, max_new_tokens: int, temperature: float):
+    """The gradio Blocks of the page (not launched)."""
+    import gradio as gr
+
+    vision = app.assistant.has_vision
+    with gr.Blocks(title=title, analytics_enabled=False) as page:
+        state = gr.State(PageState())
+        gr.Markdown(f"### {title}")
+        with gr.Row():
+            with gr.Column(scale=1, visible=vision):
+                preview = gr.Image(
+                    label="Image", type="pil", interactive=False, elem_id="preview", height=260
+                )
+                upload = gr.UploadButton(
+                    "Upload image", file_types=["image"], type="filepath", elem_id="upload", size="md"
+                )
+                remove = gr.Button("Remove image", size="md", elem_id="remove-image")
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(
+                    label="Conversation",
+                    elem_id="chatbot",
+                    height=380,
+                    render_markdown=False,  # answers are shown exactly as generated
+                    feedback_options=None,
+                )
+                question = gr.Textbox(
+                    placeholder="Ask a question and press Enter",
+                    show_label=False,
+                    elem_id="question",
+                    lines=1,
+                )
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    reset = gr.Button("New conversation", elem_id="reset")
+                status = gr.Markdown(
+                    "" if vision else "Text-only checkpoint: no image input.", elem_id="status"
+                )
+                with gr.Accordion("Generation settings", open=True):
+                    max_new = gr.Slider(
+                        1, 2048, value=max_new_tokens, step=1, label="Max new tokens", elem_id="max-new"
+                    )
+                    temp = gr.Slider(
+                        0.0,
+                        2.0,
+                        value=temperature,
+                        step=0.05,
+                        label="Temperature (0 = greedy)",
+                        elem_id="temperature",
+                    )
+
+        # The status line is Markdown: messages quote user text and file names, so they are shown escaped.
+        def image_changed(path, st):
+            st, message, _ = app.load_image(path, st)
+            return st.image, chat_messages(st.history), st, html.escape(message)
+
+        def remove_image(st):
+            st, message = app.remove_image(st)
+            return None, [], st, message
+
+        def reset_chat(st):
+            st, message = app.reset(st)
+            return [], st, message
+
+        def respond(text, st, max_new_tokens, temperature):
+            for shown, new_state, message in app.respond(text, st, max_new_tokens, temperature):
+                yield shown, new_state, html.escape(message)
+
+        upload.upload(
+            image_changed, [upload, state], [preview, chatbot, state, status], concurrency_id="model"
+        )
+        remove.click(remove_image, [state], [preview, chatbot, state, status])
+        reset.click(reset_chat, [state], [chatbot, state, status])
+        ask = {"fn": respond, "inputs": [question, state, max_new, temp], "outputs": [chatbot, state, status]}
+        for event in (send.click, question.submit):
+            event(**ask, concurrency_id="model").then(lambda: "", None, question)
+    return page
+
+
+def serve(
+    checkpoint: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    load_4bit: bool = False,
+    block: bool = True,
+):
+    """Load the checkpoint and serve the page; returns the launched Blocks when block=False."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = (
+        "False"  # before gradio is imported: no telemetry, no version check
+    )
+    import gradio as gr
+
+    from llava_ft.inference import load_assistant
+
+    assistant = load_assistant(checkpoint, load_4bit=load_4bit)
+    app = DemoApp(assistant, max_upload_mb=max_upload_mb)
+    kind = "image + text" if assistant.has_vision else "text-only"
+    page = build_page(
+        app,
+        title=f"llava-ft: {Path(checkpoint).name} ({kind})",
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+    )
+    page.queue(default_concurrency_limit=1)
+    page.launch(
+        server_name=host,
+        server_port=port,
+        max_file_size=f"{max_upload_mb:g}mb" if max_upload_mb >= 1 else int(max_upload_mb * 2**20),
+        ssr_mode=False,
+        share=False,
+        prevent_thread_lock=not block,
+        theme=gr.themes.Default(),
+        quiet=False,
+    )
+    return page
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llava_ft.train.checkpoint import read_stage_config
+
+    if args.temperature < 0 or args.max_new_tokens < 1 or args.max_upload_mb <= 0:
+        print(
+            "llava-ft serve: error: need --temperature >= 0, --max-new-tokens >= 1, --max-upload-mb > 0",
+            file=sys.stderr,
+        )
+        return 2
+    if args.host not in LOOPBACK:
+        log.warning("serving on %s: anyone who can reach this address can use the page (no login)", args.host)
+    try:
+        read_stage_config(args.checkpoint)  # a wrong folder fails before gradio and the model load
+        serve(
+            args.checkpoint,
+            host=args.host,
+            port=args.port,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            max_upload_mb=args.max_upload_mb,
+            load_4bit=args.load_4bit,
+        )
+    except (OSError, ValueError) as e:
+        print(f"llava-ft serve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="chat with a stage output in a local web page (gradio)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="stage output folder (holds llava_ft.yaml)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument(
+        "--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256, help="initial value of the page's setting")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="initial value of the page's setting (0 = greedy)"
+    )
+    p.add_argument(
+        "--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest image file accepted"
+    )
+    p.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit NF4 (needs a GPU)")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,126 @@
+"""Causal-LM loss from the LLM's final hidden states, without materialising the whole vocabulary's logits.
+
+HF's causal LM computes fp32 logits for every position (~0.7 GiB per copy at a 92k vocabulary x 2048 tokens)
+and then the cross-entropy. Here the loss takes the decoder's hidden states and the output head instead:
+
+- `chunked`: only positions with a target get logits, a chunk of tokens at a time; each chunk is checkpointed,
+  so backward recomputes its logits and at most one chunk's logits are alive at once.
+- `fused`: liger-kernel's fused linear cross-entropy (GPU, `pip install -e .[gpu]`): logits never exist.
+
+Both reproduce HF's `ForCausalLMLoss` exactly: labels arrive unshifted and are shifted here, once (a position
+predicts the next label; the last position has no target); the sum over targets (label != -100) is divided by
+their count, or by `num_items_in_batch` when the Trainer passes it (gradient accumulation), as HF does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llava_ft.data.conversation import IGNORE_INDEX
+
+log = logging.getLogger("llava_ft")
+
+LossMode = Literal["plain", "chunked", "fused"]
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Targets aligned with positions, as HF shifts them: position t predicts labels[t + 1]; the last predicts none."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def liger_installed() -> bool:
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import (  # noqa: F401
+            LigerFusedLinearCrossEntropyLoss,
+        )
+    except ImportError:
+        return False
+    return True
+
+
+def is_plain_linear(head: nn.Module) -> bool:
+    """A head whose output is exactly `hidden @ weight.T (+ bias)` with a dense weight (what liger fuses):
+    not 4-bit (bitsandbytes subclasses nn.Linear), not wrapped by a LoRA layer."""
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+
+
+def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # HF upcasts logits to fp32 before the cross-entropy; so do we.
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _fused_loss_sum(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, targets, head.bias)
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor,
+    *,
+    mode: Literal["chunked", "fused"] = "chunked",
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_size: int = 1024,
+    checkpoint_chunks: bool = True,
+) -> torch.Tensor:
+    """HF's causal-LM loss of `head(hidden)` against unshifted `labels` ([B, T, H] and [B, T]).
+
+    Positions without a target cost nothing: they are dropped before the head. With no target at all the
+    result is what HF gives: NaN for the mean, 0 with `num_items_in_batch` (the graph is kept either way).
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    targets = shift_labels(labels).reshape(-1).to(hidden.device)
+    keep = targets != IGNORE_INDEX
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    selected, targets = flat[keep], targets[keep]
+
+    if mode == "fused" and not is_plain_linear(head):
+        raise ValueError(
+            f"model.loss fused needs a dense nn.Linear output head, got {type(head).__name__}; use chunked"
+        )
+    if not selected.shape[0]:
+        # Nothing to train here: a zero that still reaches the head and the decoder, so every rank's gradient
+        # hooks (DDP, ZeRO) fire as on other micro-batches.
+        total = head(flat[:1]).float().sum() * 0.0
+    elif mode == "fused":
+        total = _fused_loss_sum(head, selected, targets)
+    else:
+        total = sum(
+            checkpoint(_chunk_loss_sum, head, h, t, use_reentrant=False)
+            if checkpoint_chunks and torch.is_grad_enabled()
+            else _chunk_loss_sum(head, h, t)
+            for h, t in zip(selected.split(chunk_size), targets.split(chunk_size))
+        )
+    total = total.float()
+    if num_items_in_batch is None:
+        return total / keep.sum()  # 0 / 0 = NaN when nothing is a target, as HF's mean
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def resolve_loss_mode(setting: str, *, on_gpu: bool, head: nn.Module | None = None) -> LossMode:
+    """auto: fused when liger-kernel is installed and on GPU (with a dense head), else chunked on GPU, plain on
+    CPU. An explicit `fused` without liger-kernel is an error, not a silent fallback."""
+    if setting not in ("auto", "plain", "chunked", "fused"):
+        raise ValueError(f"model.loss: {setting!r} is not one of auto, plain, chunked, fused")
+    if setting == "fused" and not liger_installed():
+        raise ValueError("model.loss fused needs liger-kernel: pip install -e .[gpu] (or use chunked)")
+    if setting != "auto":
+        return setting  # type: ignore[return-value]
+    if not on_gpu:
+        return "plain"
+    if liger_installed() and (head is None or is_plain_linear(head)):
+        return "fused"
+    return "chunked"

@@ -1,0 +1,347 @@
+"""`llava-ft serve`: the page, driven in a real headless chromium, answers exactly as `llava-ft chat`.
+
+The server runs as the real command in a subprocess; the reference answers come from `llava-ft chat
+--question` on the same checkpoint, image and questions. The browser part needs Debian's chromium
+(`bash scripts/setup_browser.sh`) and playwright; without them it skips, or fails when
+LLAVA_FT_REQUIRE_BROWSER=1 (CI). The handler tests below run without a browser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_ft.cli.main import main
+from llava_ft.demo.shapes import generate_shapes_dataset
+from llava_ft.testing.tiny_llava import write_tiny_stage_output
+
+MAX_NEW = 8
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Records every distinct text of the newest answer bubble, so the test sees the answer grow.
+WATCH_ANSWER = """() => {
+  window.__answers = [];
+  const root = document.querySelector('#chatbot');
+  new MutationObserver(() => {
+    const bubbles = root.querySelectorAll('[data-testid="bot"] .message-content');
+    if (!bubbles.length) return;
+    const text = bubbles[bubbles.length - 1].textContent;
+    if (window.__answers[window.__answers.length - 1] !== text) window.__answers.push(text);
+  }).observe(root, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", "/usr/bin/chromium-browser"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def need_browser() -> str:
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package")
+    path = chromium_path()
+    if path is None:
+        missing.append("chromium (bash scripts/setup_browser.sh)")
+    if missing:
+        reason = f"browser test needs {' and '.join(missing)}"
+        if os.environ.get("LLAVA_FT_REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header claiming width x height, with almost no pixel data: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("serve")
+    shapes = generate_shapes_dataset(root / "shapes", n_train_images=8, n_heldout_images=4, seed=3)
+    heldout = json.loads(shapes.heldout.read_text())
+    not_image = root / "notes.png"
+    not_image.write_bytes(b"\x89PNG\r\n\x1a\n but not really a picture")
+    too_big = root / "huge.png"
+    too_big.write_bytes(os.urandom(int(1.5 * 2**20)))  # over the 1 MB limit the server is started with
+    return {
+        "vision": write_tiny_stage_output(root, root / "vision", vision_backend="open_clip", seed=1),
+        "text": write_tiny_stage_output(root, root / "text", vision_backend=None, seed=2),
+        # Questions as typed into the page or given to `chat --question`: the image marker is the UI's job.
+        "heldout": [
+            (shapes.images_dir / r["image"], r["conversations"][0]["value"].removeprefix("<image>\n"))
+            for r in heldout
+        ],
+        "not_image": not_image,
+        "bomb": png_header_only(root / "bomb.png", 30_000, 30_000),
+        "too_big": too_big,
+    }
+
+
+def chat_cli(capsys, checkpoint: Path, questions: list[str], image: Path | None = None) -> list[str]:
+    """Answers of `llava-ft chat --question ...` (one conversation), unescaped."""
+    argv = ["chat", str(checkpoint), "--max-new-tokens", str(MAX_NEW)]
+    argv += ["--image", str(image)] if image else []
+    for q in questions:
+        argv += ["--question", q]
+    capsys.readouterr()
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(questions)
+    return [line.replace("\\n", "\n").replace("\\\\", "\\") for line in lines]
+
+
+# ------------------------------------------------------------------------------------------ the browser
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    """`llava-ft serve` on a free port of 127.0.0.1; yields its URL."""
+    need_browser()
+    port = free_port()
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(files["vision"].parent / "serve.log", "w")  # noqa: SIM115 (closed at teardown)
+    argv = [sys.executable, "-m", "llava_ft.cli.main", "serve", str(files["vision"]), "--port", str(port)]
+    argv += ["--max-new-tokens", str(MAX_NEW), "--max-upload-mb", "1"]
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"llava-ft serve exited with {proc.returncode}:\n{Path(log.name).read_text()[-3000:]}"
+                )
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"llava-ft serve did not come up:\n{Path(log.name).read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    from playwright.sync_api import sync_playwright
+
+    profile = tempfile.mkdtemp(prefix="llava_ft_chromium_")
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            profile, executable_path=need_browser(), headless=True, args=CHROMIUM_FLAGS
+        )
+        outside = []
+        context.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server) else None)
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(server)
+        page.wait_for_selector("#upload")
+        yield page
+        context.close()
+    shutil.rmtree(profile, ignore_errors=True)
+    assert [u for u in outside if not u.startswith(("data:", "blob:"))] == [], (
+        "the page fetched from elsewhere"
+    )
+
+
+class Page:
+    """The demo page's controls, by the element ids serve.py gives them."""
+
+    def __init__(self, page):
+        self.page = page
+
+    def status(self) -> str:
+        return self.page.inner_text("#status")
+
+    def upload(self, path: Path) -> str:
+        before = self.status()
+        self.page.locator("input[type=file]").first.set_input_files(str(path))
+        self.page.wait_for_function(
+            "([b, name]) => { const s = document.querySelector('#status').innerText;"
+            " return s !== b && s.includes(name); }",
+            arg=[before, path.name],
+        )
+        return self.status()
+
+    def ask(self, question: str) -> tuple[str, list[str]]:
+        """(final answer text in the page, every text the answer bubble showed on the way)."""
+        self.page.evaluate(WATCH_ANSWER)
+        self.page.fill("#question textarea", question)
+        self.page.click("#send")
+        try:
+            self.page.wait_for_function("document.querySelector('#status').innerText.startsWith('Answered')")
+        except Exception as e:
+            seen = self.page.evaluate("window.__answers")
+            raise AssertionError(
+                f"no answer to {question!r}; status {self.status()!r}, answer texts {seen}"
+            ) from e
+        bubbles = self.page.locator('#chatbot [data-testid="bot"] .message-content')
+        return bubbles.last.text_content(), self.page.evaluate("window.__answers")
+
+    def click(self, element_id: str, status: str) -> None:
+        self.page.click(f"#{element_id}")
+        self.page.wait_for_function(f"document.querySelector('#status').innerText.startsWith({status!r})")
+
+    def bot_messages(self) -> int:
+        return self.page.locator('#chatbot [data-testid="bot"]').count()
+
+
+def test_page_streams_the_same_answers_as_chat(browser_page, files, capsys):
+    page = Page(browser_page)
+    image, question = files["heldout"][0]
+    assert page.upload(image).startswith("New image")
+    first, seen = page.ask(question)
+    follow_up = "Where is it?"
+    second, _ = page.ask(follow_up)
+    assert [first, second] == chat_cli(capsys, files["vision"], [question, follow_up], image)
+    # Streamed: the bubble showed the answer growing, each step a prefix of the final text.
+    grown = [s for s in seen if s]
+    assert len(grown) >= 2 and grown[-1] == first, seen
+    assert all(first.startswith(s) for s in grown)
+
+
+def test_change_image_and_new_conversation(browser_page, files, capsys):
+    page = Page(browser_page)
+    (image_a, question), (image_b, _) = files["heldout"][0], files["heldout"][1]
+    page.upload(image_b)
+    assert page.bot_messages() == 0, "a new image starts a new conversation"
+    on_b, _ = page.ask(question)
+    assert on_b == chat_cli(capsys, files["vision"], [question], image_b)[0]
+    page.ask("And the colour?")
+    page.click("reset", "New conversation")
+    assert page.bot_messages() == 0
+    again, _ = page.ask(question)
+    assert again == on_b, "after a reset the same question on the same image gets the first-turn answer"
+    page.upload(image_a)
+    on_a, _ = page.ask(question)
+    assert on_a == chat_cli(capsys, files["vision"], [question], image_a)[0]
+    assert on_a != on_b, "the two images must give different answers for this test to mean anything"
+    page.click("remove-image", "Image removed")
+    text_only, _ = page.ask(question)
+    assert text_only == chat_cli(capsys, files["vision"], [question])[0]
+
+
+def test_bad_uploads_get_a_message_and_the_server_keeps_serving(browser_page, files, capsys):
+    page = Page(browser_page)
+    image, question = files["heldout"][2]
+    page.upload(image)
+    before, _ = page.ask(question)
+
+    status = page.upload(files["not_image"])
+    assert "Could not use notes.png" in status and "not a readable image" in status
+    assert "gradio" not in status, "the message names the file chosen, not the server's upload path"
+    status = page.upload(files["bomb"])
+    assert "Could not use bomb.png" in status and "too large" in status
+
+    browser_page.locator("input[type=file]").first.set_input_files(str(files["too_big"]))
+    toast = browser_page.locator(".toast-body", has_text="huge.png")
+    toast.wait_for()
+    assert "maximum allowed size" in toast.inner_text()
+
+    # The refused files left the image and the conversation as they were; the next turn is answered.
+    assert page.bot_messages() == 1
+    follow_up = "What shape is it?"
+    after, _ = page.ask(follow_up)
+    assert [before, after] == chat_cli(capsys, files["vision"], [question, follow_up], image)
+
+
+# ------------------------------------------------------------------------------------------ no browser
+
+
+@pytest.fixture(scope="module")
+def text_app(files):
+    from llava_ft.cli.serve import DemoApp
+    from llava_ft.inference import load_assistant
+
+    return DemoApp(load_assistant(str(files["text"]), device="cpu"))
+
+
+def test_text_only_checkpoint(text_app, files, capsys):
+    from llava_ft.cli.serve import PageState, build_page
+
+    build_page(
+        text_app, title="text", max_new_tokens=MAX_NEW, temperature=0.0
+    )  # builds without image controls
+    state, message, taken = text_app.load_image(str(files["heldout"][0][0]), PageState())
+    assert not taken and "text-only" in message and state.image is None
+
+    questions = ["Hello, who are you?", "Tell me more."]
+    answers = []
+    for q in questions:
+        steps = list(text_app.respond(q, state, MAX_NEW, 0.0))
+        chat, state, status = steps[-1]
+        assert status.startswith("Answered")
+        answers.append(chat[-1]["content"])
+        # The answer as streamed (pieces appended) ends as the final answer.
+        assert steps[-2][0][-1]["content"] == answers[-1]
+    assert answers == chat_cli(capsys, files["text"], questions)
+
+
+def test_empty_question_and_reserved_marker(text_app):
+    from llava_ft.cli.serve import PageState
+
+    ((chat, state, status),) = text_app.respond("   ", PageState(), MAX_NEW, 0.0)
+    assert chat == [] and status == "Type a question first."
+    *_, (chat, state, status) = text_app.respond("look: <image>", PageState(), MAX_NEW, 0.0)
+    assert chat == [] and state.history == [] and "<image> is reserved" in status
+
+
+def test_large_file_refused_by_the_handler_too(files):
+    """The handler checks the size itself, whatever limit the web server was started with."""
+    from llava_ft.cli.serve import DemoApp, PageState
+
+    class Vision:
+        has_vision = True
+
+    app = DemoApp(Vision(), max_upload_mb=1)
+    state, message, taken = app.load_image(str(files["too_big"]), PageState())
+    assert not taken and "over the 1 MB limit" in message
+    good = files["heldout"][0][0]
+    state, message, taken = app.load_image(str(good), PageState())
+    assert taken and state.image.size == Image.open(good).size
