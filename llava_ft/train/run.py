@@ -15,6 +15,7 @@ from llava_ft.config import RunConfig
 from llava_ft.data.dataset import build_dataset
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability, log_trainability
+from llava_ft.report import write_report
 from llava_ft.train.checkpoint import apply_stage_weights, gathered_trainable, save_stage_output
 from llava_ft.train.trainer import LlavaTrainer, last_checkpoint
 
@@ -77,6 +78,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None 
         if trainer.args.should_save:
             save_stage_output(model, cfg, tokenizer, template, out)
             summary = write_summary(out, cfg, trainer, result, stats, model, time.time() - started)
+            write_report(out, trainer.state.log_history, summary)
     return StageResult(out, model, summary)
 
 
