@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,7 +21,7 @@ import torch
 from transformers import AddedToken, GenerationConfig, PreTrainedTokenizerBase
 
 from llava_ft.data.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, Message
-from llava_ft.train.checkpoint import read_stage_config
+from llava_ft.train.checkpoint import atomic_dir, read_stage_config
 
 log = logging.getLogger("llava_ft")
 
@@ -527,7 +524,7 @@ def export_checkpoint(
         if verify:
             result.export_max_diff = _verify(folder, fmt, reference, ids, pixels, tokenizer, result)
 
-    _write_atomically(output, write)
+    atomic_dir(output, write)
     log.info("exported %s (%s) to %s", checkpoint, fmt, output)
     return result
 
@@ -583,21 +580,3 @@ def _verify(folder: Path, fmt: str, reference, ids, pixels, tokenizer, result: E
     with torch.no_grad():
         logits = hf(**inputs, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
     return _max_diff(reference, logits, f"{folder} reloaded")
-
-
-def _write_atomically(output: Path, write) -> None:
-    """write(tmp) fills a folder beside `output` that then takes its place; failures leave `output` as it was."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        write(tmp)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old{os.getpid()}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

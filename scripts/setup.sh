@@ -10,7 +10,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/python ]
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+echo "setup: installing the pinned stack into .venv (a few minutes, once)"
+# This machine's pip config names local index folders that may be absent: drop those warnings only.
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
+quiet .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+quiet .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"
 echo "setup: .venv ready"

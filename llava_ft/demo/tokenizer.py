@@ -21,15 +21,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-# In InternLM2's vocabulary order (ids 92538..92543 there).
-INTERNLM2_SPECIAL_TOKENS = (
-    "<|plugin|>",
-    "<|interpreter|>",
-    "<|action_end|>",
-    "<|action_start|>",
-    "<|im_end|>",
-    "<|im_start|>",
-)
+from llava_ft.model.internlm2 import INTERNLM2_SPECIAL_TOKENS
+
 # The chat template's role names follow "<|im_start|>": one piece each, whatever the texts hold.
 CHAT_ROLES = ("system", "user", "assistant")
 # Every printable ASCII character is a piece, so ASCII text (typed into the demo chat) never becomes <unk>.

@@ -25,17 +25,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from llava_ft.model.internlm2 import INTERNLM2_SPECIAL_TOKENS
 from llava_ft.model.llm import load_tokenizer
 
-# In this order they sit at the end of the real 92544-piece vocab (92538..92543).
-INTERNLM2_SPECIAL_TOKENS = (
-    "<|plugin|>",
-    "<|interpreter|>",
-    "<|action_end|>",
-    "<|action_start|>",
-    "<|im_end|>",
-    "<|im_start|>",
-)
 # Official internlm2-chat template (/work/shared/reference/chat_templates.json, "internlm2_chat").
 INTERNLM2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "

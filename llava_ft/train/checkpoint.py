@@ -45,8 +45,9 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_dir(path: Path, write) -> None:
-    """write(tmpdir) fills a fresh folder that then replaces `path` in one rename."""
+def atomic_dir(path: Path, write) -> None:
+    """write(tmpdir) fills a fresh folder beside `path` that then takes its place; a failure leaves `path` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         write(tmp)
@@ -112,16 +113,16 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
     if cfg.trainable.projector == "full" and model.projector is not None:
         atomic_save_tensors(model.projector.state_dict(), out / PROJECTOR_NAME)
     if cfg.trainable.llm in ("lora", "qlora"):
-        _atomic_dir(out / "llm_adapter", lambda d: model.llm.save_pretrained(d, safe_serialization=True))
+        atomic_dir(out / "llm_adapter", lambda d: model.llm.save_pretrained(d, safe_serialization=True))
     if cfg.trainable.llm == "full":
 
         def write_llm(d: Path) -> None:
             model.llm.save_pretrained(d, safe_serialization=True)
             tokenizer.save_pretrained(d)
 
-        _atomic_dir(out / "llm", write_llm)
+        atomic_dir(out / "llm", write_llm)
     if cfg.trainable.vision == "lora":
-        _atomic_dir(
+        atomic_dir(
             out / "vision_adapter", lambda d: model.vision_tower.save_pretrained(d, safe_serialization=True)
         )
     info = {"name": template.name, "stop_words": list(template.stop_words)}
