@@ -55,12 +55,14 @@ class ModelSection:
     """How the training loss is computed. plain: the HF causal LM's own (fp32 logits over the whole vocabulary,
     ~0.7 GiB per copy at 92k x 2048 tokens); chunked: from the decoder's hidden states, logits only for trained
     positions, a checkpointed chunk at a time; fused: liger-kernel's fused linear cross-entropy (never builds
-    logits). All give the same value. auto: fused with liger-kernel on GPU, chunked on GPU, plain on CPU."""
+    logits). All give the same value. auto: fused with liger-kernel on GPU, chunked on GPU, plain on CPU;
+    fused where liger cannot run warns and uses chunked."""
     loss_chunk_size: int = 1024
     """Tokens per chunk for the chunked loss (peak extra memory ~ chunk x vocab x 4 bytes x 2)."""
     liger: bool | None = None
     """liger-kernel's RMSNorm, SwiGLU and RoPE kernels in the LLM (pip install -e .[gpu]): less activation
-    memory and faster steps on GPU. None: used when installed and on GPU; true without it is an error."""
+    memory and faster steps on GPU. None: used when installed and on GPU; true where it cannot run warns and
+    keeps the plain modules (same results)."""
 
 
 @dataclass

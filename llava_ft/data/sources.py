@@ -8,11 +8,13 @@ the first record's keys, or named. Every problem is a `DataError` naming the fil
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from llava_ft.data.conversation import IMAGE_TOKEN, Conversation, DataError, Message
 
@@ -28,6 +30,7 @@ _LLAVA_ROLES = {
     "system": "system",
 }
 _OPENAI_ROLES = {"system", "user", "assistant"}
+_NOT_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 
 
 @dataclass
@@ -67,21 +70,16 @@ def iter_conversations(
     path: str | Path, fmt: str = "auto", *, skip_bad: bool = False, bad: BadRecords | None = None
 ) -> Iterator[Conversation]:
     """Yield conversations lazily. Bad records raise `DataError`, or with `skip_bad` go to `bad`."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; expected 'auto' or one of {FORMATS}")
-    for where, record in _iter_records(Path(path), skip_bad, bad):
+    reader = FormatReader(fmt)
+    for where, record in iter_records(path):
         try:
-            if fmt == "auto":  # detected once per file, from its first good record
-                fmt = detect_format(record, where)
-            conv = _ADAPTERS[fmt](record, where)
-            _validate(conv, where)
+            conv = reader.conversation(record, where)
         except DataError as err:
             if not skip_bad:
                 raise
             if bad is not None:
                 bad.add(err)
             continue
-        conv.source = where
         yield conv
 
 
@@ -92,7 +90,40 @@ def read_conversations(
     return list(iter_conversations(path, fmt, skip_bad=skip_bad, bad=bad)), bad
 
 
-def _iter_records(path: Path, skip_bad: bool, bad: BadRecords | None) -> Iterator[tuple[str, Any]]:
+class FormatReader:
+    """Records of one file -> conversations; with "auto" the format is detected once per file, from the first
+    record whose keys name one. `detect` follows that rule for records that are not converted (a process
+    that reads the whole file but converts only its share of it)."""
+
+    def __init__(self, fmt: str = "auto"):
+        if fmt != "auto" and fmt not in FORMATS:
+            raise ValueError(f"unknown data format {fmt!r}; expected 'auto' or one of {FORMATS}")
+        self.fmt = fmt
+
+    def detect(self, record: Any) -> None:
+        if self.fmt == "auto" and not isinstance(record, DataError):
+            try:
+                self.fmt = detect_format(record, "")
+            except DataError:
+                pass
+
+    def conversation(self, record: Any, where: str) -> Conversation:
+        """The record's conversation, or `DataError` (a record that was not JSON comes as its DataError)."""
+        if isinstance(record, DataError):
+            raise record
+        if self.fmt == "auto":
+            self.fmt = detect_format(record, where)
+        conv = _ADAPTERS[self.fmt](record, where)
+        _validate(conv, where)
+        conv.source = where
+        return conv
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for every record of the file, in order. A `.jsonl` line that is not JSON comes as
+    (where, DataError), so that it is counted in its place; a `.json` file that is not a list of JSON values
+    raises (no record of it can be trusted)."""
+    path = Path(path)
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(str(path), "expected a .json (list of records) or .jsonl (one record per line) file")
     try:
@@ -101,21 +132,17 @@ def _iter_records(path: Path, skip_bad: bool, bad: BadRecords | None) -> Iterato
         raise DataError(str(path), f"cannot read file: {e}") from e
     with handle:
         if path.suffix == ".json":
-            yield from _json_list(path, handle.read())
+            yield from _json_list(path, handle)
             return
         # Line by line: LLaVA-size files need not be held in memory.
         for lineno, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
-                record = _parse_line(raw, f"{path}:{lineno}")
+                yield where, _parse_line(raw, where)
             except DataError as err:
-                if not skip_bad:
-                    raise
-                if bad is not None:
-                    bad.add(err)
-                continue
-            yield f"{path}:{lineno}", record
+                yield where, err
 
 
 def _parse_line(raw: bytes, where: str) -> Any:
@@ -127,17 +154,85 @@ def _parse_line(raw: bytes, where: str) -> Any:
         raise DataError(where, f"malformed JSON line: {e.msg} (column {e.colno})") from e
 
 
-def _json_list(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
-    try:
-        records = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(str(path), f"not UTF-8: {e.reason} at byte {e.start}") from e
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg}") from e
-    if not isinstance(records, list):
+_READ_SIZE = 1 << 22
+
+
+def _json_list(path: Path, handle: BinaryIO) -> Iterator[tuple[str, Any]]:
+    """The records of a JSON list. A first pass checks the whole file (malformed JSON is a file error, raised
+    before any record); the second yields the records. Parsing is a small share of preparing a record."""
+    for _ in _json_items(path, handle):
+        pass
+    handle.seek(0)
+    yield from _json_items(path, handle)
+
+
+def _json_items(path: Path, handle: BinaryIO) -> Iterator[tuple[str, Any]]:
+    """The records of a JSON list, parsed one by one from 4 MiB reads: a LLaVA-size file is never held as one
+    tree of Python objects (200,000 records would take gigabytes). Same parser and messages as `json.loads`."""
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    buf, pos, line_base, byte_base, eof = "", 0, 0, 0, False
+
+    def read_more() -> None:
+        nonlocal buf, pos, line_base, byte_base, eof
+        data = handle.read(_READ_SIZE)
+        eof = not data
+        try:
+            text = utf8.decode(data, final=eof)
+        except UnicodeDecodeError as e:
+            raise DataError(str(path), f"not UTF-8: {e.reason} at byte {byte_base + e.start}") from e
+        byte_base += len(data)
+        line_base += buf.count("\n", 0, pos)  # drop what is parsed
+        buf, pos = buf[pos:] + text, 0
+
+    def skip_space() -> str:
+        """The next non-space character ('' at the end of the file)."""
+        nonlocal pos
+        while True:
+            pos = _NOT_SPACE.match(buf, pos).end()
+            if pos < len(buf) or eof:
+                return buf[pos : pos + 1]
+            read_more()
+
+    def malformed(e: json.JSONDecodeError) -> DataError:
+        return DataError(f"{path}:{line_base + e.lineno}", f"malformed JSON: {e.msg}")
+
+    read_more()
+    if skip_space() != "[":  # not a list (or not JSON): json.loads of the whole file says which
+        handle.seek(0)
+        try:
+            records = json.loads(handle.read().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(str(path), f"not UTF-8: {e.reason} at byte {e.start}") from e
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg}") from e
         raise DataError(str(path), f"a .json file must hold a list of records, got {type(records).__name__}")
-    for i, record in enumerate(records):
-        yield f"{path}[{i}]", record
+    pos += 1
+    index, expect_item = 0, False
+    while True:
+        char = skip_space()
+        if char == "]" and not expect_item:
+            pos += 1
+            if skip_space():
+                raise malformed(json.JSONDecodeError("Extra data", buf, pos))
+            return
+        if index and not expect_item:
+            if char != ",":
+                raise malformed(json.JSONDecodeError("Expecting ',' delimiter", buf, pos))
+            pos += 1
+            expect_item = True
+            continue
+        while True:  # a record cut by the end of the buffer is parsed again once more is read
+            try:
+                record, end = decoder.raw_decode(buf, pos)
+                if end < len(buf) or eof:  # a number ending the buffer may go on in the next read
+                    break
+            except json.JSONDecodeError as e:
+                if eof:
+                    raise malformed(e) from e
+            read_more()
+        pos, expect_item = end, False
+        yield f"{path}[{index}]", record
+        index += 1
 
 
 # ---------------------------------------------------------------- helpers shared by the adapters

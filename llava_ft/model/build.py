@@ -29,7 +29,9 @@ def flash_attn_available() -> bool:
     return is_flash_attn_2_available()
 
 
-def resolve_attn_implementation(name: str | None, *, packing: bool = False, on_gpu: bool | None = None) -> str:
+def resolve_attn_implementation(
+    name: str | None, *, packing: bool = False, on_gpu: bool | None = None
+) -> str:
     """An explicit name wins. Else on GPU: flash_attention_2 when flash-attn is installed (its varlen kernel
     reads packed position_ids), flex_attention for packed rows (a block-diagonal mask that skips the other
     samples' blocks); sdpa otherwise, and always on CPU."""
@@ -71,7 +73,12 @@ def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None):
     loss = resolve_loss_mode(m.loss, on_gpu=on_gpu, head=llm.get_output_embeddings())
     log.info(
         "LLM %s: dtype %s, 4-bit %s, attention %s, loss %s, liger kernels %s",
-        m.llm, dtype, four_bit, attn, loss, "on" if liger else "off",
+        m.llm,
+        dtype,
+        four_bit,
+        attn,
+        loss,
+        "on" if liger else "off",
     )
     vision = build_vision(m)
     projector = None
@@ -79,7 +86,12 @@ def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None):
         vision.to(dtype)
         # The projector keeps fp32 master weights; autocast runs it in bf16 on GPU.
         projector = build_projector(m.projector, vision.hidden_size, llm.config.hidden_size)
-        log.info("vision %s: %d tokens/image x %d dims -> projector %s", m.vision.model, vision.num_tokens,
-                 vision.hidden_size, m.projector)
+        log.info(
+            "vision %s: %d tokens/image x %d dims -> projector %s",
+            m.vision.model,
+            vision.num_tokens,
+            vision.hidden_size,
+            m.projector,
+        )
     model = LlavaModel(llm, vision, projector, loss=loss, loss_chunk_size=m.loss_chunk_size)
     return tokenizer, model

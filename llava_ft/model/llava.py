@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava_ft.data.conversation import IMAGE_TOKEN_INDEX
-from llava_ft.model.loss import LossMode, causal_lm_loss
+from llava_ft.model.loss import LossMode, causal_lm_loss, is_plain_linear
 
 
 class LlavaModel(nn.Module):
@@ -111,19 +110,26 @@ class LlavaModel(nn.Module):
         causal_lm = self.causal_lm()
         for name in ("final_logit_softcapping", "logit_scale"):
             if getattr(causal_lm.config, name, None) is not None:
-                raise ValueError(f"model.loss {self.loss}: the LLM's config sets {name}; use model.loss plain")
+                raise ValueError(
+                    f"model.loss {self.loss}: the LLM's config sets {name}; use model.loss plain"
+                )
         out = causal_lm.get_decoder()(**inputs, use_cache=False, **kwargs)
+        head = causal_lm.get_output_embeddings()
+        # A LoRA on lm_head (chosen after the loss was resolved) is no dense weight for the fused kernel.
+        mode = "chunked" if self.loss == "fused" and not is_plain_linear(head) else self.loss
         loss = causal_lm_loss(
             out.last_hidden_state,
-            causal_lm.get_output_embeddings(),
+            head,
             labels,
-            mode=self.loss,
+            mode=mode,
             num_items_in_batch=num_items_in_batch,
             chunk_size=self.loss_chunk_size,
         )
         return CausalLMOutputWithPast(loss=loss, hidden_states=out.hidden_states, attentions=out.attentions)
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False
+    ):
         """Checkpoint the LLM's decoder layers (the Trainer calls this; it acts only in train mode)."""
         self.llm.activation_checkpointing_enable(
             activation_checkpointing_kwargs=activation_checkpointing_kwargs,

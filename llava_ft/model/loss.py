@@ -46,8 +46,13 @@ def liger_installed() -> bool:
 
 def is_plain_linear(head: nn.Module) -> bool:
     """A head whose output is exactly `hidden @ weight.T (+ bias)` with a dense weight (what liger fuses):
-    not 4-bit (bitsandbytes subclasses nn.Linear), not wrapped by a LoRA layer."""
-    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+    not 4-bit (bitsandbytes subclasses nn.Linear), not wrapped by a LoRA layer, and not a ZeRO-3 partitioned
+    parameter (`ds_id`), which is gathered only when the module itself is called."""
+    return (
+        isinstance(head, nn.Linear)
+        and type(head).forward is nn.Linear.forward
+        and not hasattr(head.weight, "ds_id")
+    )
 
 
 def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -58,6 +63,8 @@ def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
 def _fused_loss_sum(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
+    # The kernel multiplies its operands directly (no autocast inside): give it the head's dtype.
+    hidden = hidden.to(head.weight.dtype)
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, targets, head.bias)
 
 
@@ -112,15 +119,19 @@ def causal_lm_loss(
 
 def resolve_loss_mode(setting: str, *, on_gpu: bool, head: nn.Module | None = None) -> LossMode:
     """auto: fused when liger-kernel is installed and on GPU (with a dense head), else chunked on GPU, plain on
-    CPU. An explicit `fused` without liger-kernel is an error, not a silent fallback."""
+    CPU. An explicit `fused` that cannot run here (no liger-kernel, no GPU: e.g. a GPU run's saved config
+    loaded for chat on CPU) becomes chunked, which gives the same loss, with a warning."""
     if setting not in ("auto", "plain", "chunked", "fused"):
         raise ValueError(f"model.loss: {setting!r} is not one of auto, plain, chunked, fused")
-    if setting == "fused" and not liger_installed():
-        raise ValueError("model.loss fused needs liger-kernel: pip install -e .[gpu] (or use chunked)")
+    fused_ok = on_gpu and liger_installed()
+    if setting == "fused" and not fused_ok:
+        why = "liger-kernel is not installed (pip install -e .[gpu])" if on_gpu else "there is no GPU"
+        log.warning(
+            "model.loss fused: %s; using the chunked loss (same value, logits built chunk by chunk)", why
+        )
+        return "chunked"
     if setting != "auto":
         return setting  # type: ignore[return-value]
     if not on_gpu:
         return "plain"
-    if liger_installed() and (head is None or is_plain_linear(head)):
-        return "fused"
-    return "chunked"
+    return "fused" if fused_ok and (head is None or is_plain_linear(head)) else "chunked"

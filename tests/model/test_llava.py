@@ -137,7 +137,9 @@ def test_mixed_batch_rows_equal_single_rows() -> None:
             n = len(item["input_ids"])
             torch.testing.assert_close(together[r, :n], alone, atol=1e-5, rtol=1e-5)
         text_row = torch.tensor([MIXED[1]["input_ids"]])
-        torch.testing.assert_close(together[1, :9], model.llm(input_ids=text_row).logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            together[1, :9], model.llm(input_ids=text_row).logits[0], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_dummy_image_keeps_graph_on_text_only_batches() -> None:

@@ -141,7 +141,11 @@ def install_fake_liger(monkeypatch) -> None:
             logits = F.linear(_input, lin_weight, bias).float()
             return F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction=self.reduction)
 
-    names = ["liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.fused_linear_cross_entropy"]
+    names = [
+        "liger_kernel",
+        "liger_kernel.transformers",
+        "liger_kernel.transformers.fused_linear_cross_entropy",
+    ]
     for name in names:
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     sys.modules[names[-1]].LigerFusedLinearCrossEntropyLoss = FakeFused
@@ -166,13 +170,17 @@ def test_resolve_loss_mode(monkeypatch) -> None:
     assert resolve_loss_mode("chunked", on_gpu=False) == "chunked"
     if "liger_kernel" not in sys.modules:
         assert resolve_loss_mode("auto", on_gpu=True, head=head) == "chunked"
-        with pytest.raises(ValueError, match="liger-kernel"):
-            resolve_loss_mode("fused", on_gpu=True)
+        assert resolve_loss_mode("fused", on_gpu=True) == "chunked"  # same value; warned
     install_fake_liger(monkeypatch)
     assert resolve_loss_mode("auto", on_gpu=True, head=head) == "fused"
+    assert resolve_loss_mode("fused", on_gpu=True, head=head) == "fused"
+    assert resolve_loss_mode("fused", on_gpu=False, head=head) == "chunked"  # liger's kernels need a GPU
     lora_head = get_peft_model(nn.Sequential(head), LoraConfig(r=2, target_modules=["0"])).base_model.model[0]
     assert not is_plain_linear(lora_head)
     assert resolve_loss_mode("auto", on_gpu=True, head=lora_head) == "chunked"
+    zero3_head = nn.Linear(4, 8)
+    zero3_head.weight.ds_id = 0  # DeepSpeed ZeRO-3 partitions it: only a module call gathers the weight
+    assert not is_plain_linear(zero3_head) and is_plain_linear(nn.Linear(4, 8))
     with pytest.raises(ValueError, match="dense nn.Linear"):
         causal_lm_loss(torch.zeros(1, 3, 4), lora_head, torch.ones(1, 3, dtype=torch.long), mode="fused")
     with pytest.raises(ValueError, match="not one of"):
@@ -180,7 +188,9 @@ def test_resolve_loss_mode(monkeypatch) -> None:
 
 
 def _lora(llm: nn.Module) -> nn.Module:
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
     return get_peft_model(llm, cfg)
 
 
