@@ -221,6 +221,8 @@ class Page:
             raise AssertionError(
                 f"no answer to {question!r}; status {self.status()!r}, answer texts {seen}"
             ) from e
+        # The page clears the question box in a follow-up event: wait for it, or the next fill could be wiped.
+        self.page.wait_for_function("document.querySelector('#question textarea').value === ''")
         bubbles = self.page.locator('#chatbot [data-testid="bot"] .message-content')
         return bubbles.last.text_content(), self.page.evaluate("window.__answers")
 
