@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import platform
 import statistics
 import subprocess
 import sys
@@ -59,12 +59,16 @@ def measure_ours(args: argparse.Namespace) -> dict:
         med = statistics.median(times)
         out[kind] = {"records": done.stats.records, "kept": done.stats.kept, "seconds": med,
                      "records_per_s": done.stats.records / med, "tokens_per_s": compact_tokens(done.dataset) / med}  # fmt: skip
+    for kind, name in FILES.items():
+        out[kind]["tokenizer_alone_per_s"] = tokenizer_alone(encoder, data / name.format(n=args.n), args.runs)
+    load = os.getloadavg()[0]
     done = prepare(data / FILES["llava"].format(n=args.n), encoder, use_cache=False, num_proc=2)
     same = done.dataset.data.equals(outputs["llava"].data)
     out["llava_np2"] = {
         "seconds": done.seconds,
         "records_per_s": done.stats.records / done.seconds,
         "identical": same,
+        "load": load,
     }
     with tempfile.TemporaryDirectory() as cache:
         cold = prepare(data / FILES["llava"].format(n=args.n), encoder, cache_dir=cache)
@@ -72,6 +76,25 @@ def measure_ours(args: argparse.Namespace) -> dict:
         assert (cold.cache, warm.cache) == ("built", "hit"), (cold.cache, warm.cache)
         out["cold_s"], out["warm_s"] = cold.seconds, warm.seconds
     return out
+
+
+def tokenizer_alone(encoder, path: Path, runs: int) -> float:
+    """Records/s of the tokenizer's Rust call alone on every record's whole text, in prepare's batches: the
+    most any preparation that tokenizes the same text could reach (XTuner tokenizes the same text)."""
+    from llava_ft.data.conversation import IMAGE_TOKEN
+    from llava_ft.data.sources import read_conversations
+
+    convs, _ = read_conversations(path)
+    texts = [[c for c in encoder.render(conv)[1].split(IMAGE_TOKEN) if c] for conv in convs]
+    batches = [[t for ts in texts[i : i + 256] for t in ts] for i in range(0, len(texts), 256)]
+    backend = encoder.tokenizer.backend_tokenizer
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for batch in batches:
+            backend.encode_batch(batch, add_special_tokens=False)
+        times.append(time.perf_counter() - start)
+    return len(convs) / statistics.median(times)
 
 
 def run_xtuner(args: argparse.Namespace, tk: str) -> dict:
@@ -119,16 +142,22 @@ def run_scale(args: argparse.Namespace) -> dict:
                "internlm2_chat", "--tokenizer", f"{args.root}/tok_bpe", "--max-length", str(MAX_LENGTH),
                "--output", cache]  # fmt: skip
         start = time.perf_counter()
-        res = subprocess.run(cmd, check=True, capture_output=True, text=True,
+        # Through a wrapper process, so that the peak RSS is the CLI's alone (not the generator's).
+        res = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *cmd], check=True, capture_output=True, text=True,
                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})  # fmt: skip
         wall = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    lines = res.stdout.strip().splitlines()
     return {
         "records": args.scale,
         "wall_s": wall,
-        "peak_rss_mib": rss,
-        "last_line": res.stdout.strip().splitlines()[-1],
+        "peak_rss_mib": json.loads(lines[-1])["peak_rss_kib"] / 1024,
+        "last_line": lines[-2],
     }
+
+
+RSS_WRAPPER = """import json, resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True)
+print(json.dumps({"peak_rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"""
 
 
 def table(results: dict, packing: list[dict]) -> str:
@@ -148,9 +177,15 @@ def table(results: dict, packing: list[dict]) -> str:
                          f"{xt[stages[0]]['tokens_per_s']:,.0f} | {ours[kind]['tokens_per_s']:,.0f} | "
                          f"{ours[kind]['tokens_per_s'] / xt[stages[0]]['tokens_per_s']:.2f}x |" if xt else
                          f"| tokens/s, {kind} | {tk} | - | {ours[kind]['tokens_per_s']:,.0f} | - |")  # fmt: skip
+            if xt:
+                floor = ours[kind]["tokenizer_alone_per_s"]
+                lines.append(f"| records/s, {kind}, tokenizer call alone (ceiling) vs XTuner {stages[0]} | {tk} | "
+                             f"{xt[stages[0]]['records_per_s']:,.0f} | {floor:,.0f} | "
+                             f"{floor / xt[stages[0]]['records_per_s']:.2f}x |")  # fmt: skip
         np2 = ours["llava_np2"]
-        lines.append(f"| records/s, llava, --num-proc 2 vs 1 (output identical: {np2['identical']}) | {tk} | | "
-                     f"{np2['records_per_s']:,.0f} | {np2['records_per_s'] / ours['llava']['records_per_s']:.2f}x |")  # fmt: skip
+        lines.append(f"| records/s, llava, --num-proc 2 vs 1 (output identical: {np2['identical']}; load "
+                     f"{np2['load']:.1f}) | {tk} | | {np2['records_per_s']:,.0f} | "
+                     f"{np2['records_per_s'] / ours['llava']['records_per_s']:.2f}x |")  # fmt: skip
         lines.append(f"| start-up on {results['n']:,} llava records, cold vs warm cache (s) | {tk} | | "
                      f"{ours['cold_s']:.2f} / {ours['warm_s']:.3f} | {ours['cold_s'] / ours['warm_s']:.0f}x |")  # fmt: skip
     if "scale" in results:
@@ -187,7 +222,7 @@ def main() -> None:
     have_xtuner = Path(f"{args.root}/venv/bin/python").exists()
     if not have_xtuner:
         print(f"XTuner columns left out: set its venv up with `bash {XTB_SCRIPTS}/setup.sh {args.root}`")
-    results: dict = {"n": args.n, "runs": args.runs, "tokenizers": {}}
+    results: dict = {"n": args.n, "runs": args.runs, "tokenizers": {}, "load_start": os.getloadavg()[0]}
     for tk in args.tokenizers.split(","):
         xt = run_xtuner(args, tk) if have_xtuner else None
         results["tokenizers"][tk] = {"xtuner": xt, "ours": run_ours(args, tk)}
@@ -195,6 +230,10 @@ def main() -> None:
         results["scale"] = run_scale(args)
     packing = [json.loads(Path(p).read_text()) for p in args.packing_json]
     results["packing"] = packing
+    results["load_end"] = os.getloadavg()[0]
+    print(f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python "
+          f"{platform.python_version()}; 1-minute load {results['load_start']:.1f} at start, "
+          f"{results['load_end']:.1f} at end")  # fmt: skip
     print(table(results, packing))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))

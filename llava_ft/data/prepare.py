@@ -286,7 +286,9 @@ class _Columns:
         self.images: list[list[str]] = []
         self.sources: list[str] = []
 
-    def add(self, ids: list[int], runs: list[int], flags: list[bool], length: int, conv: Conversation) -> None:
+    def add(
+        self, ids: list[int], runs: list[int], flags: list[bool], length: int, conv: Conversation
+    ) -> None:
         self.ids += ids
         self.runs += runs
         self.flags += flags

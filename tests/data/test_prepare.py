@@ -218,3 +218,54 @@ def test_cli_prepare_prints_counts_and_speed(tokenizer_dirs, data_file, tmp_path
     assert "cache hit" in capsys.readouterr().out.strip().splitlines()[-1]
     assert main([*argv, "--no-cache", "--num-proc", "2"]) == 0
     assert "cache off" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- reading and processes at scale
+
+
+def test_json_list_streams_like_json_loads(tmp_path, monkeypatch):
+    """The .json reader parses record by record from fixed-size reads: the same records as json.loads for
+    every read size (records, strings and numbers cut anywhere), and malformed JSON named by its line."""
+    from llava_ft.data import sources
+
+    rng = random.Random(0)
+    for size in (1, 2, 3, 7, 64):
+        monkeypatch.setattr(sources, "_READ_SIZE", size)
+        for _ in range(10):
+            records = [{"a": rng.random(), "b": "x" * rng.randint(0, 9) + "é🙂\n", "n": rng.randint(-10**6, 10**6),
+                        "l": [1, 2.5e10, None, True]} for _ in range(rng.randint(0, 5))]  # fmt: skip
+            path = tmp_path / "x.json"
+            path.write_text(
+                json.dumps(records, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5)
+            )
+            expected = [(f"{path}[{i}]", r) for i, r in enumerate(json.loads(path.read_text()))]
+            assert list(sources.iter_records(path)) == expected
+        for text, line in [('[\n{"a": 1},\n{oops}\n]', 3), ('[{"a":1} {"b":2}]', 1), ('[{"a":1},]', 1),
+                           ('[{"a":1}', 1), ('[{"a":1}] x', 1), ('[\n\n{"a": 1,\n', 4)]:  # fmt: skip
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(text)
+            (tmp_path / "b.json").write_text(text)
+            with pytest.raises(DataError, match=rf"b\.json:{line}: malformed JSON"):
+                list(sources.iter_records(tmp_path / "b.json"))
+
+
+@pytest.mark.parametrize("num_proc", [2, 3])
+def test_processes_raise_the_first_error_in_record_order(num_proc, tokenizers, tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "BATCH_SIZE", 4)  # errors in batches owned by different processes
+    records = corpus(n=30)
+    records[26]["conversations"] = [{"from": "gpt", "value": "answer first"}]  # batch 6
+    records[13]["conversations"][0]["from"] = "robot"  # batch 3: the first error
+    path = write(tmp_path / "bad.json", records)
+    enc = encoder(tokenizers["bpe"])
+    for n in (1, num_proc):
+        with pytest.raises(DataError, match=r"bad\.json\[13\]: .*unknown role 'robot'"):
+            prep.prepare(path, enc, use_cache=False, num_proc=n)
+    one = prep.prepare(path, enc, use_cache=False, skip_bad=True)
+    many = prep.prepare(path, enc, use_cache=False, skip_bad=True, num_proc=num_proc)
+    assert many.dataset.data.equals(one.dataset.data)
+    assert many.bad.items == one.bad.items and [w[-12:] for w, _ in one.bad.items] == [
+        "bad.json[13]",
+        "bad.json[26]",
+    ]
+    assert many.stats.as_dict(1000) == one.stats.as_dict(1000)
+    assert not list(tmp_path.glob("**/.shard-*"))  # shard files are removed
