@@ -24,10 +24,9 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from llava_ft.data.conversation import IMAGE_TOKEN
-from llava_ft.eval.mmbench import EN_INSTRUCTION
 
 # Bump when the generated content changes, so cached datasets written by older code are regenerated.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 1
 
 # Saturated colours: every shape colour has a channel <= 60, every background channel is >= 200.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -66,7 +65,6 @@ TEXT_CHATS: tuple[tuple[str, str], ...] = (
     *((f"What is the plural of {s}?", PLURALS[s]) for s in SHAPES),
 )
 TEXT_CHAT_EVERY = 20  # one text-only record after every 20 image records
-MULTIPLE_CHOICE_EVERY = 5  # every 5th image record asks its first question MMBench-style (options, a letter)
 
 # Sentence frames of captions and text.jsonl; their words are part of VOCAB_WORDS.
 _FRAMES = ("a at the and", "the shape is", "the shapes are", "it is a", "they are", "there is one shape")
@@ -82,8 +80,6 @@ VOCAB_WORDS: tuple[str, ...] = tuple(
                         *(c for choices in CHOICES.values() for c in choices),
                         *PLURALS.values(),
                         *(q + " " + a for q, a in TEXT_CHATS),
-                        EN_INSTRUCTION,
-                        "A B C D",
                     ]
                 ),
             )
@@ -414,8 +410,6 @@ def _finetune_records(train: list[ShapeImage], names: list[str]) -> tuple[list[d
             qtypes.append(second[0])
             ask(second[0])
         pairs = [(QUESTIONS[t], spec.answer(t)) for t in qtypes]
-        if i % MULTIPLE_CHOICE_EVERY == MULTIPLE_CHOICE_EVERY - 1:
-            pairs[0] = multiple_choice(qtypes[0], spec.answer(qtypes[0]), random.Random(f"shapes/mc/{i}"))
         pairs[0] = (f"{IMAGE_TOKEN}\n{pairs[0][0]}", pairs[0][1])
         records.append({"id": f"finetune-{i:05d}", "image": names[i], "conversations": _turns(pairs)})
         if (i + 1) % TEXT_CHAT_EVERY == 0:
@@ -423,16 +417,6 @@ def _finetune_records(train: list[ShapeImage], names: list[str]) -> tuple[list[d
             question, answer = TEXT_CHATS[k % len(TEXT_CHATS)]
             records.append({"id": f"text-{k:05d}", "conversations": _turns([(question, answer)])})
     return records, asked
-
-
-def multiple_choice(qtype: str, answer: str, rng: random.Random) -> tuple[str, str]:
-    """The question in MMBench's prompt form (as eval/mmbench.py builds it) with its answer letter, so the model
-    also learns to answer the held-out split's MMBench file."""
-    options = rng.sample([c for c in CHOICES[qtype] if c != answer], 3)
-    at = rng.randrange(4)
-    options.insert(at, answer)
-    listed = "".join(f"{letter}. {text}\n" for letter, text in zip("ABCD", options, strict=True))
-    return f"{QUESTIONS[qtype]}\n{listed}{EN_INSTRUCTION}", "ABCD"[at]
 
 
 def _turns(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
