@@ -63,7 +63,11 @@ def apply_trainability(model: nn.Module, trainable: TrainableSection, lora: Lora
         if targets == "all-linear":
             targets = linear_module_names(model.llm)
         cfg = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
         )
         model.llm = get_peft_model(model.llm, cfg)
 
@@ -73,7 +77,9 @@ def apply_trainability(model: nn.Module, trainable: TrainableSection, lora: Lora
 
     if model.vision_tower is not None and trainable.vision == "lora":
         targets = vision_lora_targets(model.vision_tower)
-        cfg = LoraConfig(r=lora.vision_r, lora_alpha=lora.vision_alpha, lora_dropout=lora.dropout, target_modules=targets)
+        cfg = LoraConfig(
+            r=lora.vision_r, lora_alpha=lora.vision_alpha, lora_dropout=lora.dropout, target_modules=targets
+        )
         model.vision_tower = get_peft_model(model.vision_tower, cfg)
 
     log_trainability(model, trainable)
@@ -88,6 +94,8 @@ def log_trainability(model: nn.Module, trainable: TrainableSection) -> dict[str,
             continue
         mode = getattr(trainable, name)
         state = "trainable" if n_train else "frozen"
-        log.info("%-9s %-7s %-9s %12s trainable / %12s params", name, mode, state, f"{n_train:,}", f"{n_total:,}")
+        log.info(
+            "%-9s %-7s %-9s %12s trainable / %12s params", name, mode, state, f"{n_train:,}", f"{n_total:,}"
+        )
         summary[name] = {"trainable": n_train, "total": n_total}
     return summary

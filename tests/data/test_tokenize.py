@@ -302,9 +302,13 @@ def test_encode_stats_defaults():
 def test_text_only_model_rejects_image_records(tokenizers):
     tok = tokenizers["bpe"]
     conv = Conversation(
-        [Message("user", "<image>\nWhat is it?"), Message("assistant", "a cat")], images=["a.png"], source="d.json[3]"
+        [Message("user", "<image>\nWhat is it?"), Message("assistant", "a cat")],
+        images=["a.png"],
+        source="d.json[3]",
     )
-    with pytest.raises(DataError, match=r"d.json\[3\]: record has 1 image\(s\) but the model has no vision tower"):
+    with pytest.raises(
+        DataError, match=r"d.json\[3\]: record has 1 image\(s\) but the model has no vision tower"
+    ):
         encoder(tok, num_image_tokens=0).encode(conv)
     text = Conversation([Message("user", "hi"), Message("assistant", "hello")])
     assert IMAGE_TOKEN_INDEX not in encoder(tok, num_image_tokens=0).encode(text).input_ids
