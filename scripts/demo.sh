@@ -33,7 +33,15 @@ $PY -m llava_ft.demo.evaluate work_dirs/tiny/finetune --label "real images " --j
 $PY -m llava_ft.demo.evaluate work_dirs/tiny_blank/finetune --data data/demo/shapes_blank --label "blank images" \
   --json work_dirs/tiny_blank/heldout.json
 
+# Fresh report folders: the eval scripts resume from a predictions file left there, and this is a new model.
+rm -rf work_dirs/tiny/vqa work_dirs/tiny/mmbench
+step "VQA-style evaluation of the held-out split (open-ended answers, as the tiny model was trained)"
+$PY eval/vqa.py --checkpoint work_dirs/tiny/finetune --data data/demo/shapes/heldout_vqa.jsonl \
+  --images data/demo/shapes/images --output work_dirs/tiny/vqa --prompt-suffix "" --batch-size 64
+cat work_dirs/tiny/vqa/results.md
+
 step "MMBench-style circular evaluation of the held-out split"
+echo "(the tiny model never saw lettered options in training: this exercises the harness, not the model)"
 $PY eval/mmbench.py --checkpoint work_dirs/tiny/finetune --data data/demo/shapes/heldout_mmbench.tsv \
   --output work_dirs/tiny/mmbench --batch-size 64
 cat work_dirs/tiny/mmbench/results.md
@@ -43,7 +51,7 @@ img=data/demo/shapes/images/04001.png
 echo "image: $img"
 echo "Q: What shape is it?"
 printf 'A: '
-$LF chat work_dirs/tiny/finetune --image "$img" --question "What shape is it?"
+$LF chat work_dirs/tiny/finetune --image "$img" --question "What shape is it?" 2>work_dirs/tiny/chat.log
 
 step "done"
 echo "stage outputs: work_dirs/tiny/{text,pretrain,finetune}; reports: work_dirs/tiny/*/report.png, summary.json"

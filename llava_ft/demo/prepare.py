@@ -78,6 +78,21 @@ def prepare(root: str | Path = "data/demo", *, blank: bool = False) -> TinyAsset
 
         # The held-out split as an MMBench file (4 options, circular rotations), for eval/mmbench.py.
         write_mmbench_tsv(heldout_rows(data), tsv, circular=True)
+    vqa = data.root / "heldout_vqa.jsonl"
+    if not vqa.is_file() or vqa.stat().st_mtime < data.manifest.stat().st_mtime:
+        # ...and in VQA form (open-ended, the way the tiny model was trained), for eval/vqa.py.
+        records = json.loads(data.heldout.read_text())
+        lines = [
+            {
+                "question_id": r["id"],
+                "image": r["image"],
+                "question": r["conversations"][0]["value"].removeprefix("<image>\n"),
+                "answers": [r["conversations"][1]["value"]] * 10,
+                "answer_type": r["qtype"],
+            }
+            for r in records
+        ]
+        vqa.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     clip = root / "models" / "clip"
     if not _done(clip, CLIP_SHAPE):
