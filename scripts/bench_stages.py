@@ -65,7 +65,7 @@ def main() -> None:
                 print(f"{stage:<9} {mode:<8} done", flush=True)
 
     print(
-        f"\ntiny default, {args.steps} steps per run, batch = rows of {{batch_size}} (packed: rows of max_length)"
+        f"\ntiny default, {args.steps} steps per run; batches of train.batch_size samples (packed: rows of max_length)"
     )
     print(
         f"{'stage':<9} {'batches':<8} {'tokens/s':>9} {'samples/s':>10} {'pad share':>10} {'peak RSS MB':>12}"
