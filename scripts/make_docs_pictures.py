@@ -105,6 +105,8 @@ def serve_picture(checkpoint: Path, image: Path, questions: list[str], out: Path
                     f"document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length === {n} && "
                     "document.querySelector('#status').innerText.startsWith('Answered')"
                 )
+                # The page clears the question box in a follow-up event; the next fill must come after it.
+                page.wait_for_function("document.querySelector('#question textarea').value === ''")
             path = out / "serve.png"
             page.screenshot(path=str(path))
             context.close()
