@@ -280,6 +280,26 @@ def _write_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_di
     return out_dir
 
 
+def _write_tiny_causal_lm(
+    config_cls, model_cls, out_dir, tokenizer, *, seed: int, tie_word_embeddings: bool, **shape
+) -> Path:
+    tok = _resolve_tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    config = config_cls(
+        vocab_size=len(tok),
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return _write_hf(model_cls(config), tok, out_dir)
+
+
 def write_tiny_llama(
     out_dir: str | Path,
     tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
@@ -294,21 +314,19 @@ def write_tiny_llama(
 ) -> Path:
     """Random LlamaForCausalLM folder (save_pretrained, safetensors) with `tokenizer` (a tokenizer, a folder
     load_tokenizer reads, or None: a standard 32k Llama tokenizer). Vocab = len(tokenizer)."""
-    tok = _resolve_tokenizer(tokenizer)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
+    return _write_tiny_causal_lm(
+        LlamaConfig,
+        LlamaForCausalLM,
+        out_dir,
+        tokenizer,
+        seed=seed,
+        tie_word_embeddings=tie_word_embeddings,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
     )
-    return _write_hf(LlamaForCausalLM(config), tok, out_dir)
 
 
 def write_tiny_qwen2(
@@ -323,18 +341,16 @@ def write_tiny_qwen2(
     seed: int = 0,
 ) -> Path:
     """Random Qwen2ForCausalLM folder (qkv biases, tied embeddings as the small Qwen2 models)."""
-    tok = _resolve_tokenizer(tokenizer)
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tok),
+    return _write_tiny_causal_lm(
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        out_dir,
+        tokenizer,
+        seed=seed,
+        tie_word_embeddings=True,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
     )
-    return _write_hf(Qwen2ForCausalLM(config), tok, out_dir)
