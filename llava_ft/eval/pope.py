@@ -6,7 +6,6 @@ JSONL records: {question_id, image, text, label: "yes"|"no", category or split: 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,40 +37,27 @@ def load_pope(path: str | Path, images: str | Path) -> list[PopeItem]:
     path, images = Path(path), Path(images)
     items: list[PopeItem] = []
     seen: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            rec = _json(line, where)
-            for field in ("question_id", "image", "text", "label"):
-                if field not in rec:
-                    raise DataError(where, f"missing field '{field}'")
-            label = str(rec["label"]).strip().lower()
-            if label not in ("yes", "no"):
-                raise DataError(where, f"field 'label' is {rec['label']!r}, not 'yes' or 'no'")
-            key = str(rec["question_id"])
-            if key in seen:
-                raise DataError(where, f"question_id {rec['question_id']!r} repeats {seen[key]}")
-            seen[key] = where
-            image = images / rec["image"]
-            if not image.is_file():
-                raise DataError(where, f"field 'image': file {image} not found")
-            split = rec.get("category", rec.get("split", "(none)"))
-            items.append(PopeItem(rec["question_id"], image, rec["text"], label, str(split), where))
+    for _, where, rec in runner.iter_jsonl(path):
+        if not isinstance(rec, dict):
+            raise DataError(where, "a record must be a JSON object")
+        for field in ("question_id", "image", "text", "label"):
+            if field not in rec:
+                raise DataError(where, f"missing field '{field}'")
+        label = str(rec["label"]).strip().lower()
+        if label not in ("yes", "no"):
+            raise DataError(where, f"field 'label' is {rec['label']!r}, not 'yes' or 'no'")
+        key = str(rec["question_id"])
+        if key in seen:
+            raise DataError(where, f"question_id {rec['question_id']!r} repeats {seen[key]}")
+        seen[key] = where
+        image = images / rec["image"]
+        if not image.is_file():
+            raise DataError(where, f"field 'image': file {image} not found")
+        split = rec.get("category", rec.get("split", "(none)"))
+        items.append(PopeItem(rec["question_id"], image, rec["text"], label, str(split), where))
     if not items:
         raise DataError(str(path), "no records")
     return items
-
-
-def _json(line: str, where: str) -> dict:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(where, f"not valid JSON ({e.msg})") from None
-    if not isinstance(rec, dict):
-        raise DataError(where, "a record must be a JSON object")
-    return rec
 
 
 def build_prompt(text: str, suffix: str = SUFFIX) -> str:

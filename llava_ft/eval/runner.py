@@ -12,7 +12,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,31 +71,36 @@ class Asking:
 # ------------------------------------------------------------------------------------------ predictions
 
 
-def read_predictions(path: Path, id_field: str) -> dict[str, dict]:
-    """Records of a predictions file by str(id). Accepts `prediction` or LLaVA's `text` for the answer."""
-    records: dict[str, dict] = {}
+def iter_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "file line N", parsed value) for every non-blank line; bad JSON names its line."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path} line {line_no}"
             try:
-                rec = json.loads(line)
+                yield line_no, where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(where, f"not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or id_field not in rec:
-                raise DataError(where, f"record has no '{id_field}' field")
-            if "prediction" not in rec and "text" in rec:
-                rec["prediction"] = rec["text"]
-            if not isinstance(rec.get("prediction"), str):
-                raise DataError(where, "record has no string 'prediction' (or 'text') field")
-            key = str(rec[id_field])
-            if key in records:
-                raise DataError(
-                    where, f"{id_field} {rec[id_field]!r} already answered on line {records[key]['_line']}"
-                )
-            rec["_line"] = line_no
-            records[key] = rec
+
+
+def read_predictions(path: Path, id_field: str) -> dict[str, dict]:
+    """Records of a predictions file by str(id). Accepts `prediction` or LLaVA's `text` for the answer."""
+    records: dict[str, dict] = {}
+    for line_no, where, rec in iter_jsonl(path):
+        if not isinstance(rec, dict) or id_field not in rec:
+            raise DataError(where, f"record has no '{id_field}' field")
+        if "prediction" not in rec and "text" in rec:
+            rec["prediction"] = rec["text"]
+        if not isinstance(rec.get("prediction"), str):
+            raise DataError(where, "record has no string 'prediction' (or 'text') field")
+        key = str(rec[id_field])
+        if key in records:
+            raise DataError(
+                where, f"{id_field} {rec[id_field]!r} already answered on line {records[key]['_line']}"
+            )
+        rec["_line"] = line_no
+        records[key] = rec
     return records
 
 

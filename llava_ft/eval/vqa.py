@@ -6,7 +6,6 @@ JSONL records: {question_id, image, question, answers: [strings] or [{"answer": 
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,39 +222,29 @@ def load_vqa(path: str | Path, images: str | Path) -> list[VqaItem]:
     path, images = Path(path), Path(images)
     items: list[VqaItem] = []
     seen: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(where, f"not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(where, "a record must be a JSON object")
-            for field in ("question_id", "image", "question", "answers"):
-                if field not in rec:
-                    raise DataError(where, f"missing field '{field}'")
-            answers = (
-                [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in rec["answers"]]
-                if isinstance(rec["answers"], list)
-                else None
-            )
-            if not answers or not all(isinstance(a, str) for a in answers):
-                raise DataError(
-                    where, "field 'answers' must be a non-empty list of strings (or {'answer': ...})"
-                )
-            key = str(rec["question_id"])
-            if key in seen:
-                raise DataError(where, f"question_id {rec['question_id']!r} repeats {seen[key]}")
-            seen[key] = where
-            image = images / rec["image"]
-            if not image.is_file():
-                raise DataError(where, f"field 'image': file {image} not found")
-            items.append(
-                VqaItem(rec["question_id"], image, rec["question"], answers, rec.get("answer_type"), where)
-            )
+    for _, where, rec in runner.iter_jsonl(path):
+        if not isinstance(rec, dict):
+            raise DataError(where, "a record must be a JSON object")
+        for field in ("question_id", "image", "question", "answers"):
+            if field not in rec:
+                raise DataError(where, f"missing field '{field}'")
+        answers = (
+            [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in rec["answers"]]
+            if isinstance(rec["answers"], list)
+            else None
+        )
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise DataError(where, "field 'answers' must be a non-empty list of strings (or {'answer': ...})")
+        key = str(rec["question_id"])
+        if key in seen:
+            raise DataError(where, f"question_id {rec['question_id']!r} repeats {seen[key]}")
+        seen[key] = where
+        image = images / rec["image"]
+        if not image.is_file():
+            raise DataError(where, f"field 'image': file {image} not found")
+        items.append(
+            VqaItem(rec["question_id"], image, rec["question"], answers, rec.get("answer_type"), where)
+        )
     if not items:
         raise DataError(str(path), "no records")
     return items
