@@ -24,16 +24,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from llava_ft.testing.browser import CHROMIUM_FLAGS, chromium_path
+
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 class KeepLog(TrainerCallback):
@@ -88,7 +81,7 @@ def serve_picture(checkpoint: Path, image: Path, questions: list[str], out: Path
         with sync_playwright() as pw:
             context = pw.chromium.launch_persistent_context(
                 profile,
-                executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+                executable_path=chromium_path() or "/usr/bin/chromium",
                 headless=True,
                 args=CHROMIUM_FLAGS,
                 viewport={"width": 1200, "height": 860},

@@ -26,18 +26,10 @@ from PIL import Image
 
 from llava_ft.cli.main import main
 from llava_ft.demo.shapes import generate_shapes_dataset
+from llava_ft.testing.browser import CHROMIUM_FLAGS, chromium_path
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 
 MAX_NEW = 8
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # Records every distinct text of the newest answer bubble, so the test sees the answer grow.
 WATCH_ANSWER = """() => {
   window.__answers = [];
@@ -49,13 +41,6 @@ WATCH_ANSWER = """() => {
     if (window.__answers[window.__answers.length - 1] !== text) window.__answers.push(text);
   }).observe(root, {subtree: true, childList: true, characterData: true});
 }"""
-
-
-def chromium_path() -> str | None:
-    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", "/usr/bin/chromium-browser"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
 
 
 def need_browser() -> str:
