@@ -48,9 +48,10 @@ class ModelSection:
     The parts left unquantised (embeddings, lm_head, norms) stay in `dtype`: no prepare_model_for_kbit_training
     upcast to fp32, which costs ~1.4 GiB at a 92k vocabulary on a 1.8B LLM and slows the step."""
     attn_implementation: str | None = None
-    """sdpa, eager, flash_attention_2, flex_attention. None: flash_attention_2 when flash-attn is installed and on
-    GPU; else flex_attention for packed rows on GPU (block-diagonal mask without padding, 1.4-1.75x sdpa's packed
-    speed on an H100); else sdpa. The choice is logged."""
+    """sdpa, sdpa_packed, eager, flash_attention_2, flex_attention. None: flash_attention_2 when flash-attn is
+    installed and on GPU; else for packed rows flex_attention on GPU (block-diagonal mask without padding,
+    1.4-1.75x sdpa's packed speed on an H100) and sdpa_packed on CPU (one SDPA call per sample in a row); else
+    sdpa. The choice is logged."""
     loss: Literal["auto", "plain", "chunked", "fused"] = "auto"
     """How the training loss is computed. plain: the HF causal LM's own (fp32 logits over the whole vocabulary,
     ~0.7 GiB per copy at 92k x 2048 tokens); chunked: from the decoder's hidden states, logits only for trained
@@ -115,6 +116,10 @@ class DataSection:
     """Pack several samples per row of max_length tokens; positions restart per sample and attention stays within
     it. Saves the compute and memory spent on padding (FACTS: on an H100 with flex_attention, 13.3k vs 6.2k
     tokens/s and 4.4 vs 6.7 GiB against padded batches of a LLaVA-like mix)."""
+    pack_length: int | None = None
+    """Row capacity in tokens when packing (>= max_length); None: max_length. Longer rows leave less padding when
+    samples are long (LLaVA's 600-1600-token image samples fill rows of 2048 poorly); with per-sample attention
+    (flash-attn varlen, flex_attention, sdpa_packed) a longer row adds no attention cost."""
     group_by_length: bool = True
     """Without packing: batch samples of similar length to waste less padding."""
     skip_bad: bool = False
@@ -329,6 +334,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("trainable.llm full cannot train a 4-bit LLM; use qlora or load_in_4bit: false")
     if cfg.data.max_length <= 0:
         raise ConfigError("data.max_length must be positive")
+    if cfg.data.pack_length is not None and cfg.data.pack_length < cfg.data.max_length:
+        raise ConfigError(
+            f"data.pack_length {cfg.data.pack_length} is shorter than data.max_length {cfg.data.max_length}: "
+            "a sample of max_length would fit no row"
+        )
     if cfg.model.loss_chunk_size <= 0:
         raise ConfigError("model.loss_chunk_size must be positive")
 

@@ -15,6 +15,7 @@ if [ ! -d "$ROOT/data" ]; then
   echo "no benchmark records under $ROOT: run  bash ../shared/bench/xtuner_prep/setup.sh $ROOT  first"
   exit 1
 fi
-$PY scripts/bench_packing.py --max-length 2048 --json-out "$OUT/pack_sft.json" >&2
+$PY scripts/bench_packing.py --mix text --max-length 2048 --json-out "$OUT/pack_sft.json" >&2
+$PY scripts/bench_packing.py --mix llava --max-length 2048 --pack-length 8192 --json-out "$OUT/pack_llava.json" >&2
 $PY scripts/bench_prepare.py --root "$ROOT" --n "${N:-20000}" --runs "${RUNS:-1}" --scale "${SCALE:-200000}" \
-  --packing-json "$OUT/pack_sft.json" --json-out "$OUT/prepare.json"
+  --packing-json "$OUT/pack_sft.json" "$OUT/pack_llava.json" --json-out "$OUT/prepare.json"

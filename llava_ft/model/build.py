@@ -12,6 +12,7 @@ import logging
 import torch
 
 from llava_ft.config import ModelSection, RunConfig
+from llava_ft.model.attention import PACKED_SDPA
 from llava_ft.model.llava import LlavaModel
 
 log = logging.getLogger("llava_ft")
@@ -34,14 +35,15 @@ def resolve_attn_implementation(
 ) -> str:
     """An explicit name wins. Else on GPU: flash_attention_2 when flash-attn is installed (its varlen kernel
     reads packed position_ids), flex_attention for packed rows (a block-diagonal mask that skips the other
-    samples' blocks); sdpa otherwise, and always on CPU."""
+    samples' blocks); on CPU, sdpa_packed for packed rows (one SDPA call per sample, model/attention.py);
+    sdpa otherwise."""
     if name:
         return name
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     if on_gpu and flash_attn_available():
         return "flash_attention_2"
-    if on_gpu and packing:
-        return "flex_attention"
+    if packing:
+        return "flex_attention" if on_gpu else PACKED_SDPA
     return "sdpa"
 
 

@@ -90,9 +90,10 @@ def batching(cfg: RunConfig, dataset, tokenizer):
     if cfg.data.packing:
         from llava_ft.data.packing import PackedDataset
 
-        packed = PackedDataset(dataset, dataset.lengths, cfg.data.max_length, seed=cfg.train.seed)
-        log.info("packing: %s", packed.stats())
-        return packed, PackedCollator(pad_token_id=pad, row_length=cfg.data.max_length), None
+        row = cfg.data.pack_length or cfg.data.max_length
+        packed = PackedDataset(dataset, dataset.lengths, row, seed=cfg.train.seed)
+        log.info("packing into rows of %d tokens: %s", row, packed.stats())
+        return packed, PackedCollator(pad_token_id=pad, row_length=row), None
     sampler = None
     if cfg.data.group_by_length:
         from llava_ft.data.sampler import LengthGroupedSampler

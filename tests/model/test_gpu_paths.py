@@ -32,14 +32,14 @@ def tiny_root(tmp_path_factory) -> Path:
 
 def test_attention_choice(monkeypatch) -> None:
     monkeypatch.setattr(build_mod, "flash_attn_available", lambda: False)
-    assert resolve_attn_implementation(None, packing=True, on_gpu=False) == "sdpa"
+    assert resolve_attn_implementation(None, packing=True, on_gpu=False) == "sdpa_packed"
     assert resolve_attn_implementation(None, packing=False, on_gpu=True) == "sdpa"
     assert resolve_attn_implementation(None, packing=True, on_gpu=True) == "flex_attention"
     assert resolve_attn_implementation("eager", packing=True, on_gpu=True) == "eager"
     monkeypatch.setattr(build_mod, "flash_attn_available", lambda: True)
     assert resolve_attn_implementation(None, packing=True, on_gpu=True) == "flash_attention_2"
     assert resolve_attn_implementation(None, packing=False, on_gpu=True) == "flash_attention_2"
-    assert resolve_attn_implementation(None, packing=True, on_gpu=False) == "sdpa"
+    assert resolve_attn_implementation(None, packing=True, on_gpu=False) == "sdpa_packed"
 
 
 def test_liger_choice(monkeypatch, caplog) -> None:
@@ -67,8 +67,9 @@ def test_build_logs_choices_and_uses_plain_path_on_cpu(tiny_root: Path, caplog) 
     cfg.data.packing = True
     with caplog.at_level(logging.INFO, logger="llava_ft"):
         _, model = build_model(cfg)
-    assert model.loss == "plain" and model.llm.config._attn_implementation == "sdpa"
-    assert "attention sdpa, loss plain, liger kernels off" in caplog.text
+    # Packed rows on CPU: one SDPA call per sample (model/attention.py), else the plain transformers path.
+    assert model.loss == "plain" and model.llm.config._attn_implementation == "sdpa_packed"
+    assert "attention sdpa_packed, loss plain, liger kernels off" in caplog.text
 
 
 def test_4bit_keeps_unquantised_parts_in_compute_dtype(tiny_root: Path) -> None:

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_ft.model import attention
 from llava_ft.model.llava import LlavaModel
 from llava_ft.model.projector import build_projector
 
@@ -30,7 +31,7 @@ class ToyTower(nn.Module):
         return self.patches(pixel_values).flatten(2).transpose(1, 2)
 
 
-def tiny_llava(loss: str = "plain") -> LlavaModel:
+def tiny_llava(loss: str = "plain", attn: str = "sdpa") -> LlavaModel:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -41,7 +42,7 @@ def tiny_llava(loss: str = "plain") -> LlavaModel:
         num_key_value_heads=2,
         pad_token_id=PAD,
     )
-    llm = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+    llm = LlamaForCausalLM._from_config(config, attn_implementation=attn)
     tower = ToyTower().requires_grad_(False)
     projector = build_projector("mlp2x_gelu", ToyTower.hidden_size, HIDDEN)
     return LlavaModel(llm, tower, projector, loss=loss, loss_chunk_size=5)
@@ -168,26 +169,76 @@ def _loss_grads_logits(model: LlavaModel, batch: dict) -> tuple[torch.Tensor, di
     return loss.detach(), grads, logits
 
 
-@pytest.mark.parametrize("loss", ["plain", "chunked"])
-def test_packed_rows_equal_padded_batch(loss: str) -> None:
-    """The same samples packed into one row (PackedCollator) or padded (Collator): same loss, gradients and
-    per-sample logits. The reference is the padded batch with transformers' own loss."""
+@pytest.mark.parametrize(("loss", "attn"), [("plain", "sdpa"), ("chunked", "sdpa"), ("plain", "sdpa_packed")])
+def test_packed_rows_equal_padded_batch(loss: str, attn: str, monkeypatch) -> None:
+    """The same samples packed into rows (PackedCollator) or padded (Collator): same loss, gradients and
+    per-sample logits. The reference is the padded batch with transformers' own sdpa and loss. Two rows, the
+    second shorter (a padding tail); sdpa_packed must really take its per-sample path."""
     items = [*MIXED, sample(5, ["img", 4])]
+    rows = [items[:3], items[3:]]
     padded = Collator(pad_token_id=PAD)(items)
-    packed = PackedCollator(pad_token_id=PAD, row_length=64)([items])
-    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    packed = PackedCollator(pad_token_id=PAD, row_length=64)(rows)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 2
 
+    calls: list[int] = []
+    real_sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention.F,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(a[0].shape[2]) or real_sdpa(*a, **k),
+    )
     want_loss, want_grads, want_logits = _loss_grads_logits(tiny_llava("plain").train(), padded)
-    got_loss, got_grads, got_logits = _loss_grads_logits(tiny_llava(loss).train(), packed)
+    calls.clear()
+    got_loss, got_grads, got_logits = _loss_grads_logits(tiny_llava(loss, attn).train(), packed)
+    if attn == "sdpa_packed":  # per layer, one call per sample and per padding tail, in training and in eval
+        lengths = [len(item["input_ids"]) for item in items]
+        tail = packed["input_ids"].shape[1] - sum(lengths[3:])
+        assert calls == 2 * 2 * (lengths[:3] + lengths[3:] + [tail])
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
     assert want_grads.keys() == got_grads.keys() and any(n.startswith("projector.") for n in want_grads)
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    start = 0
-    for r, item in enumerate(items):
-        n = len(item["input_ids"])
-        torch.testing.assert_close(got_logits[0, start : start + n], want_logits[r, :n], atol=1e-5, rtol=1e-5)
-        start += n
+    r = 0
+    for row, row_items in enumerate(rows):
+        start = 0
+        for item in row_items:
+            n = len(item["input_ids"])
+            torch.testing.assert_close(
+                got_logits[row, start : start + n], want_logits[r, :n], atol=1e-5, rtol=1e-5
+            )
+            start, r = start + n, r + 1
+
+
+def test_packed_sdpa_outside_packed_rows_is_sdpa() -> None:
+    """Padded batches with a mask (left padding, as generation has) take transformers' sdpa path unchanged."""
+    batch = Collator(pad_token_id=PAD)(MIXED)
+    batch["attention_mask"] = batch["attention_mask"].flip(1)  # left padding
+    for key in ("input_ids", "labels"):
+        batch[key] = torch.stack(
+            [row.roll(int(n), 0) for row, n in zip(batch[key], (batch["attention_mask"] == 0).sum(1))]
+        )
+    with torch.no_grad():
+        want = tiny_llava().eval()(**batch).logits
+        got = tiny_llava(attn="sdpa_packed").eval()(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], want[mask])
+
+
+def test_packed_sdpa_reads_position_ids_without_spans() -> None:
+    """Called as a plain causal LM (no LlavaModel to pass spans): packed rows still isolate their samples."""
+    llm = tiny_llava(attn="sdpa_packed").llm.eval()
+    ids = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 9, 3)]
+    row = torch.cat(ids)[None]
+    position_ids = torch.cat([torch.arange(len(x)) for x in ids])[None]
+    with torch.no_grad():
+        got = llm(input_ids=row, position_ids=position_ids, use_cache=False).logits[0]
+        want = torch.cat([llm(input_ids=x[None]).logits[0] for x in ids])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_spans_from_position_ids() -> None:
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]])
+    assert attention.packed_spans(pos) == [[(0, 3), (3, 5), (5, 6), (6, 8)], [(0, 8)]]
 
 
 def test_trainer_counts_items_after_the_shift(tmp_path) -> None:

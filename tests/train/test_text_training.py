@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from llava_ft.config import DataSource
+from llava_ft.config import ConfigError, DataSource, validate
 from llava_ft.testing.tiny_llava import tiny_config
 from llava_ft.train.run import train
 
@@ -36,3 +38,28 @@ def test_text_training_loss_falls(mode, tiny_root, text_file, tmp_path):
         import bitsandbytes as bnb
 
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.llm.modules())
+
+
+def test_packed_training_runs_per_sample_attention(tiny_root, text_file, tmp_path, caplog):
+    """data.packing on CPU: rows of pack_length, sdpa_packed chosen by default, loss falling."""
+    cfg = tiny_config(tiny_root, llm_mode="full", vision_backend=None)
+    cfg.data.train = [DataSource(path=str(text_file), format="text")]
+    cfg.data.max_length, cfg.data.packing, cfg.data.pack_length = 64, True, 160
+    t = cfg.train
+    t.output_dir, t.max_steps, t.batch_size, t.lr, t.logging_steps, t.report_to = (
+        str(tmp_path), 10, 2, 1e-2, 1, "none"
+    )  # fmt: skip
+    t.warmup_ratio = 0.0
+    with caplog.at_level(logging.INFO, logger="llava_ft"):
+        result = train(cfg)
+    assert "packing into rows of 160 tokens" in caplog.text
+    assert result.model.llm.config._attn_implementation == "sdpa_packed"
+    losses = [h["loss"] for h in result.summary["loss_history"]]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_pack_length_shorter_than_max_length_is_refused(tiny_root):
+    cfg = tiny_config(tiny_root, llm_mode="full", vision_backend=None)
+    cfg.data.max_length, cfg.data.pack_length = 64, 32
+    with pytest.raises(ConfigError, match="pack_length 32 is shorter than data.max_length 64"):
+        validate(cfg)
