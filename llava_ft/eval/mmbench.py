@@ -406,10 +406,8 @@ def run_mmbench(
         "benchmark": "mmbench",
         "rule": {"name": rule, "description": MMBENCH_RULES[rule].description},
         **runner.provenance(
-            checkpoints=runner.checkpoints_of(
-                (records[str(r.index)] for r in rows),
-                asking.checkpoint if asking else runner.UNKNOWN_CHECKPOINT,
-            ),
+            [records[str(r.index)] for r in rows],
+            asking=asking,
             data=data,
             command=command,
             predictions_file=pred_path,

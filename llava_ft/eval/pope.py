@@ -206,14 +206,7 @@ def run_pope(
     results = {
         "benchmark": "pope",
         "rule": {"name": rule, "description": POPE_RULES[rule].description},
-        **runner.provenance(
-            checkpoints=runner.checkpoints_of(
-                chosen, asking.checkpoint if asking else runner.UNKNOWN_CHECKPOINT
-            ),
-            data=data,
-            command=command,
-            predictions_file=pred_path,
-        ),
+        **runner.provenance(chosen, asking=asking, data=data, command=command, predictions_file=pred_path),
         "images": str(images),
         "mode": asking.mode if asking else None,
         "reused_predictions": reused,

@@ -41,6 +41,12 @@ def open_assistant(checkpoint: str, *, load_4bit: bool = False) -> Assistant:
     return load_assistant(checkpoint, load_4bit=load_4bit)
 
 
+def checkpoint_weights(checkpoint: str) -> str:
+    from llava_ft.train.checkpoint import stage_fingerprint
+
+    return stage_fingerprint(checkpoint)
+
+
 @dataclass
 class Item:
     """One question to put to the model."""
@@ -62,6 +68,9 @@ class Asking:
     max_new_tokens: int = 32
     options: list[str] | None = None
     """Set: likelihood mode; the prediction is the option with the highest log P(option | prompt)."""
+    weights: str | None = None
+    """Fingerprint of the checkpoint's weights (`stage_fingerprint`): a resume into predictions made by other
+    weights under the same path (a retrained stage) is refused instead of silently mixing them."""
 
     @property
     def mode(self) -> str:
@@ -113,8 +122,12 @@ def _check_previous(path: Path, rec: dict, item: Item, asking: Asking | None) ->
             "prompt option?); use a fresh --output directory",
         )
     if asking is not None:
-        for field, now in (("checkpoint", asking.checkpoint), ("mode", asking.mode)):
-            if rec.get(field, now) != now:
+        for field, now in (
+            ("checkpoint", asking.checkpoint),
+            ("mode", asking.mode),
+            ("weights", asking.weights),
+        ):
+            if now is not None and rec.get(field, now) != now:
                 raise DataError(
                     where,
                     f"predicted with {field} {rec[field]!r}, this run uses {now!r}; use a fresh --output directory",
@@ -171,10 +184,10 @@ def collect_predictions(
 
 def _ask(batch: list[Item], asking: Asking, id_field: str) -> list[dict]:
     queries = [Query(question=it.prompt, image=it.image()) for it in batch]
-    base = [
-        {id_field: it.id, "prompt": it.prompt, "checkpoint": asking.checkpoint, "mode": asking.mode}
-        for it in batch
-    ]
+    fields = {"checkpoint": asking.checkpoint, "mode": asking.mode}
+    if asking.weights is not None:
+        fields["weights"] = asking.weights
+    base = [{id_field: it.id, "prompt": it.prompt, **fields} for it in batch]
     if asking.options is None:
         answers = asking.assistant.generate(queries, max_new_tokens=asking.max_new_tokens)
         _check_len(answers, batch, "generate")
@@ -214,19 +227,21 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def provenance(*, checkpoints: list[str], data: Path, command: str, predictions_file: Path | None) -> dict:
+def provenance(
+    records: list[dict], *, asking: Asking | None, data: Path, command: str, predictions_file: Path | None
+) -> dict:
+    """Where the figures come from: the checkpoint(s) and weights fingerprint(s) named in the prediction records
+    scored (a re-scored file may come from anywhere), the data file's digest and the command."""
+    names = sorted({r["checkpoint"] for r in records if isinstance(r.get("checkpoint"), str)})
+    checkpoints = names or [asking.checkpoint if asking else UNKNOWN_CHECKPOINT]
+    weights = sorted({r["weights"] for r in records if isinstance(r.get("weights"), str)})
     return {
         "checkpoint": checkpoints[0] if len(checkpoints) == 1 else checkpoints,
+        "weights": weights[0] if len(weights) == 1 else weights or None,
         "predictions_from": str(predictions_file) if predictions_file else None,
         "data": {"path": str(data), "sha256": sha256_file(data)},
         "command": command,
     }
-
-
-def checkpoints_of(records: Iterable[dict], fallback: str) -> list[str]:
-    """The checkpoint(s) named in prediction records (a re-scored file may come from anywhere)."""
-    names = sorted({r["checkpoint"] for r in records if isinstance(r.get("checkpoint"), str)})
-    return names or [fallback]
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -289,4 +304,5 @@ def asking_from_args(args: argparse.Namespace, options: list[str] | None = None)
     if args.checkpoint is None:
         return None
     assistant = open_assistant(args.checkpoint, load_4bit=args.load_4bit)
-    return Asking(assistant, args.checkpoint, args.batch_size, args.max_new_tokens, options)
+    weights = checkpoint_weights(args.checkpoint)
+    return Asking(assistant, args.checkpoint, args.batch_size, args.max_new_tokens, options, weights)

@@ -358,14 +358,7 @@ def run_vqa(
     results = {
         "benchmark": "vqa",
         "rule": {"name": normalization, "description": NORMALIZE_RULES[normalization].description},
-        **runner.provenance(
-            checkpoints=runner.checkpoints_of(
-                chosen, asking.checkpoint if asking else runner.UNKNOWN_CHECKPOINT
-            ),
-            data=data,
-            command=command,
-            predictions_file=pred_path,
-        ),
+        **runner.provenance(chosen, asking=asking, data=data, command=command, predictions_file=pred_path),
         "images": str(images),
         "reused_predictions": reused,
         **scores,

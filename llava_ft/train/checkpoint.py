@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -170,6 +171,28 @@ def read_stage_config(ckpt: str | Path) -> RunConfig:
 
 def read_template_info(ckpt: str | Path) -> dict:
     return json.loads((Path(ckpt) / TEMPLATE_NAME).read_text())
+
+
+def stage_fingerprint(ckpt: str | Path) -> str:
+    """Digest of everything `apply_stage_weights` reads: this stage's config (which names the base models),
+    template and trained weights, and those of the stages it started from. A retrained folder gets another."""
+    digest = hashlib.sha256()
+    stage: Path | None = Path(ckpt)
+    while stage is not None:
+        files = [stage / CONFIG_NAME, stage / TEMPLATE_NAME, stage / PROJECTOR_NAME]
+        for sub in ("llm_adapter", "vision_adapter", "llm"):
+            if (stage / sub).is_dir():
+                files += sorted(p for p in (stage / sub).rglob("*") if p.is_file())
+        for path in files:
+            if not path.is_file():
+                continue
+            digest.update(f"{path.relative_to(stage)}\0".encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        init_from = read_stage_config(stage).train.init_from
+        stage = Path(init_from) if init_from else None
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> None:

@@ -182,11 +182,24 @@ def test_resume_skips_answered_rows_and_combines(tsv, tmp_path, scripted):
         mmbench.run_mmbench(tsv, out, asking=Asking(second, "ck"), lang="cn")
 
 
+def test_resume_refuses_predictions_of_other_weights(tsv, tmp_path, scripted):
+    """Same checkpoint path, retrained weights: the old predictions must not be mixed into the new score."""
+    out = tmp_path / "out"
+    res = mmbench.run_mmbench(
+        tsv, out, asking=Asking(scripted(answer_like_a_model), "ck", weights="sha256:aa")
+    )
+    assert res["weights"] == "sha256:aa"
+    assert all(json.loads(line)["weights"] == "sha256:aa" for line in (out / "predictions.jsonl").open())
+    with pytest.raises(DataError, match="predicted with weights 'sha256:aa', this run uses 'sha256:bb'"):
+        mmbench.run_mmbench(tsv, out, asking=Asking(scripted(answer_like_a_model), "ck", weights="sha256:bb"))
+
+
 def test_cli_with_checkpoint_limit_and_generated_rotations(tmp_path, monkeypatch, scripted):
     plain = tmp_path / "plain.tsv"
     mmbench.write_mmbench_tsv(ROWS, plain)
     fake = scripted(answer_like_a_model)
     monkeypatch.setattr(runner, "open_assistant", lambda ckpt, load_4bit=False: fake)
+    monkeypatch.setattr(runner, "checkpoint_weights", lambda ckpt: "sha256:" + ckpt)
     argv = [
         "--checkpoint",
         "ckpt-dir",
@@ -205,6 +218,7 @@ def test_cli_with_checkpoint_limit_and_generated_rotations(tmp_path, monkeypatch
     assert len(fake.asked) == 4 and res["n_questions"] == 1 and res["rotations_generated"]
     assert res["headline"]["value"] == 0.0  # the animal question with its failing rotation
     assert res["command"].endswith(" ".join(argv)) and res["checkpoint"] == "ckpt-dir"
+    assert res["weights"] == "sha256:ckpt-dir"
 
 
 def test_circular_flag_refuses_a_file_with_rotations(tsv, tmp_path, scripted):
