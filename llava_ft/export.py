@@ -122,12 +122,10 @@ def load_merged(checkpoint: str | Path):
     """(cfg, tokenizer, template, LlavaModel with adapters applied but not merged), fp32, unquantized."""
     from llava_ft.data.templates import get_template
     from llava_ft.model.build import build_model
-    from llava_ft.train.checkpoint import apply_stage_weights, read_template_info
+    from llava_ft.train.checkpoint import apply_stage_weights, read_template_info, stage_model_config
 
     ckpt = Path(checkpoint)
-    cfg = read_stage_config(ckpt)
-    if (ckpt / "llm").is_dir():
-        cfg.model.llm = str(ckpt / "llm")
+    cfg = stage_model_config(ckpt)
     # QLoRA adapters merge into the base in full precision: a 4-bit base cannot hold the merged weights.
     cfg.model.dtype = "float32"
     tokenizer, model = build_model(cfg, load_in_4bit=False)

@@ -73,12 +73,10 @@ class Assistant:
     def load(cls, checkpoint: str | Path, *, load_4bit: bool = False, device: str | None = None) -> Assistant:
         from llava_ft.data.templates import get_template
         from llava_ft.model.build import build_model
-        from llava_ft.train.checkpoint import apply_stage_weights, read_stage_config, read_template_info
+        from llava_ft.train.checkpoint import apply_stage_weights, read_template_info, stage_model_config
 
         ckpt = Path(checkpoint)
-        cfg = read_stage_config(ckpt)
-        if (ckpt / "llm").is_dir():
-            cfg.model.llm = str(ckpt / "llm")
+        cfg = stage_model_config(ckpt)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer, model = build_model(cfg, load_in_4bit=load_4bit)
         apply_stage_weights(model, ckpt, adapters="load")

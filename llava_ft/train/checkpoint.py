@@ -173,12 +173,35 @@ def read_template_info(ckpt: str | Path) -> dict:
     return json.loads((Path(ckpt) / TEMPLATE_NAME).read_text())
 
 
+def stage_chain(ckpt: str | Path) -> list[Path]:
+    """The stage and the stages it started from (train.init_from, followed back), oldest first."""
+    chain = [Path(ckpt)]
+    while init_from := read_stage_config(chain[0]).train.init_from:
+        stage = Path(init_from)
+        if any(stage.resolve() == p.resolve() for p in chain):
+            raise ValueError(f"{chain[-1]}: train.init_from chain loops back to {stage}")
+        chain.insert(0, stage)
+    return chain
+
+
+def trained_llm(ckpt: str | Path) -> Path | None:
+    """The newest whole LLM trained along the chain (a stage's llm/): the base every later stage builds on."""
+    return next((stage / "llm" for stage in reversed(stage_chain(ckpt)) if (stage / "llm").is_dir()), None)
+
+
+def stage_model_config(ckpt: str | Path) -> RunConfig:
+    """A stage's config with model.llm pointing at the LLM its weights apply to (`trained_llm`, if any)."""
+    cfg = read_stage_config(ckpt)
+    if (llm := trained_llm(ckpt)) is not None:
+        cfg.model.llm = str(llm)
+    return cfg
+
+
 def stage_fingerprint(ckpt: str | Path) -> str:
-    """Digest of everything `apply_stage_weights` reads: this stage's config (which names the base models),
-    template and trained weights, and those of the stages it started from. A retrained folder gets another."""
+    """Digest of everything `apply_stage_weights` reads: each stage's config (which names the base models),
+    template and trained weights along the chain. A stage retrained in place gets another."""
     digest = hashlib.sha256()
-    stage: Path | None = Path(ckpt)
-    while stage is not None:
+    for stage in stage_chain(ckpt):
         files = [stage / CONFIG_NAME, stage / TEMPLATE_NAME, stage / PROJECTOR_NAME]
         for sub in ("llm_adapter", "vision_adapter", "llm"):
             if (stage / sub).is_dir():
@@ -190,42 +213,43 @@ def stage_fingerprint(ckpt: str | Path) -> str:
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
-        init_from = read_stage_config(stage).train.init_from
-        stage = Path(init_from) if init_from else None
     return "sha256:" + digest.hexdigest()[:16]
 
 
 def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> None:
-    """Load a stage output's trained weights into `model`, after those of the stages it started from.
+    """Load the trained weights of a stage and of the stages it started from into `model`, oldest first.
 
-    adapters="load": wrap the LLM in the saved LoRA adapter (inference); "init": copy the adapter's weights into
-    the model's own peft wrapper (a stage that continues training LoRA).
+    The model must already be built on `trained_llm(ckpt)` when the chain trained a whole LLM. A projector is
+    overwritten by each later stage that trained it. A LoRA stage saves its whole adapter, continued from the
+    one it started from, so per module only the newest adapter of the chain is applied. adapters="load": wrap
+    the module in that adapter (inference); "init": copy its weights into the model's own peft wrapper (a
+    stage that continues training LoRA).
     """
-    ckpt = Path(ckpt)
-    cfg = read_stage_config(ckpt)
-    if cfg.train.init_from:
-        apply_stage_weights(model, cfg.train.init_from, adapters=adapters)
-    if (ckpt / PROJECTOR_NAME).is_file():
-        if model.projector is None:
-            raise ValueError(f"{ckpt}: has projector weights but this model has no vision tower")
-        model.projector.load_state_dict(load_file(str(ckpt / PROJECTOR_NAME)))
-        log.info("projector weights from %s", ckpt)
-    for sub, attr in (("llm_adapter", "llm"), ("vision_adapter", "vision_tower")):
-        adapter = ckpt / sub
-        if not adapter.is_dir():
-            continue
-        module = getattr(model, attr)
-        if adapters == "load":
-            from peft import PeftModel
+    chain = stage_chain(ckpt)
+    newest = {sub: max((i for i, st in enumerate(chain) if (st / sub).is_dir()), default=None)
+              for sub in ("llm_adapter", "vision_adapter")}  # fmt: skip
+    for i, stage in enumerate(chain):
+        if (stage / PROJECTOR_NAME).is_file():
+            if model.projector is None:
+                raise ValueError(f"{stage}: has projector weights but this model has no vision tower")
+            model.projector.load_state_dict(load_file(str(stage / PROJECTOR_NAME)))
+            log.info("projector weights from %s", stage)
+        for sub, attr in (("llm_adapter", "llm"), ("vision_adapter", "vision_tower")):
+            if newest[sub] != i:
+                continue
+            adapter = stage / sub
+            module = getattr(model, attr)
+            if adapters == "load":
+                from peft import PeftModel
 
-            setattr(model, attr, PeftModel.from_pretrained(module, str(adapter)))
-        else:
-            from peft import set_peft_model_state_dict
+                setattr(model, attr, PeftModel.from_pretrained(module, str(adapter)))
+            else:
+                from peft import set_peft_model_state_dict
 
-            if not hasattr(module, "peft_config"):
-                raise ValueError(
-                    f"{adapter}: init_from holds a LoRA adapter but this stage does not train LoRA on {attr}; "
-                    "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
-                )
-            set_peft_model_state_dict(module, load_file(str(adapter / "adapter_model.safetensors")))
-        log.info("%s adapter from %s", attr, adapter)
+                if not hasattr(module, "peft_config"):
+                    raise ValueError(
+                        f"{adapter}: init_from holds a LoRA adapter but this stage does not train LoRA on {attr}; "
+                        "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
+                    )
+                set_peft_model_state_dict(module, load_file(str(adapter / "adapter_model.safetensors")))
+            log.info("%s adapter from %s", attr, adapter)

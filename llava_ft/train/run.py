@@ -16,7 +16,7 @@ from llava_ft.data.dataset import build_dataset
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability, log_trainability
 from llava_ft.report import write_report
-from llava_ft.train.checkpoint import apply_stage_weights, gathered_trainable, save_stage_output
+from llava_ft.train.checkpoint import apply_stage_weights, gathered_trainable, save_stage_output, trained_llm
 from llava_ft.train.trainer import LlavaTrainer, last_checkpoint
 
 log = logging.getLogger("llava_ft")
@@ -37,6 +37,12 @@ def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None 
     # 1. Parts: tokenizer + chat template, vision tower, projector, LLM (4-bit when asked).
     from llava_ft.data.templates import get_template
 
+    if cfg.train.init_from and (llm := trained_llm(cfg.train.init_from)) is not None:
+        if Path(cfg.model.llm).resolve() != llm.resolve():
+            log.warning(
+                "model.llm %s replaced by %s: init_from trained the whole LLM there", cfg.model.llm, llm
+            )
+            cfg.model.llm = str(llm)
     tokenizer, model = build_model(cfg)
     template = get_template(cfg.data.template, tokenizer)
 

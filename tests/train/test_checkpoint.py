@@ -1,11 +1,25 @@
-"""stage_fingerprint: what evaluation records to refuse resuming over predictions made by other weights."""
+"""Stage chains (init_from): the weights fingerprint evaluation records, which adapter and which LLM a chain of
+stages loads."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+import torch
 import yaml
 
-from llava_ft.testing.tiny_llava import write_tiny_stage_output
-from llava_ft.train.checkpoint import CONFIG_NAME, stage_fingerprint
+from llava_ft.config import DataSource
+from llava_ft.export import load_merged
+from llava_ft.testing.tiny_llava import tiny_config, write_tiny_stage_output
+from llava_ft.train.checkpoint import (
+    CONFIG_NAME,
+    read_stage_config,
+    stage_chain,
+    stage_fingerprint,
+    trained_llm,
+)
+from llava_ft.train.run import train
 
 
 def test_fingerprint_follows_the_weights_of_the_stage_and_its_init_from(tiny_root, tmp_path):
@@ -26,3 +40,49 @@ def test_fingerprint_follows_the_weights_of_the_stage_and_its_init_from(tiny_roo
     projector = second / "projector.safetensors"
     projector.write_bytes(projector.read_bytes()[:-1] + b"\x00")
     assert stage_fingerprint(second) != changed
+
+
+def _set_init_from(stage, init_from) -> None:
+    cfg = yaml.safe_load((stage / CONFIG_NAME).read_text())
+    cfg["train"]["init_from"] = None if init_from is None else str(init_from)
+    (stage / CONFIG_NAME).write_text(yaml.safe_dump(cfg))
+
+
+def _logits(stage) -> torch.Tensor:
+    _, _, _, model = load_merged(stage)
+    ids = torch.tensor([[5, 9, 11, 3, 7, 2]])
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def test_a_later_lora_stage_supersedes_the_adapter_it_started_from(tiny_root, tmp_path):
+    """A LoRA stage that continued from another LoRA stage saved the whole, continued adapter: loading must apply
+    it alone, not stacked on the earlier one (which would add the earlier stage's update twice over)."""
+    first = write_tiny_stage_output(tiny_root, tmp_path / "sft1", seed=0, vision_backend=None)
+    second = write_tiny_stage_output(tiny_root, tmp_path / "sft2", seed=1, vision_backend=None)
+    alone = _logits(second)
+    _set_init_from(second, first)
+    torch.testing.assert_close(_logits(second), alone)
+    assert not torch.allclose(_logits(first), alone)
+
+
+def test_a_stage_after_a_full_llm_stage_builds_on_its_llm(tiny_root, text_file, tmp_path, caplog):
+    """init_from a stage that trained the whole LLM: the next stage trains on that llm/ (not on model.llm's
+    original base), and loading the new stage applies its adapter to it."""
+    full = write_tiny_stage_output(tiny_root, tmp_path / "full", seed=0, vision_backend=None, llm_mode="full")
+    assert trained_llm(full) == full / "llm" and stage_chain(full) == [full]
+    cfg = tiny_config(tiny_root, llm_mode="lora", vision_backend=None)
+    cfg.data.train = [DataSource(path=str(text_file), format="text")]
+    cfg.data.max_length = 64
+    t = cfg.train
+    t.output_dir, t.init_from, t.max_steps, t.batch_size, t.lr, t.report_to = (
+        str(tmp_path / "lora"), str(full), 1, 2, 0.0, "none"
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="llava_ft"):
+        train(cfg)
+    assert "init_from trained the whole LLM there" in caplog.text
+    lora = tmp_path / "lora"
+    assert stage_chain(lora) == [full, lora] and trained_llm(lora) == full / "llm"
+    assert Path(read_stage_config(lora).model.llm) == (full / "llm").resolve()
+    # With a zero learning rate the LoRA update is zero: the stage computes what the full stage's LLM does.
+    torch.testing.assert_close(_logits(lora), _logits(full))
