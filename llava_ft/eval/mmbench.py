@@ -396,26 +396,16 @@ def run_mmbench(
             raise DataError(str(data), f"--circular: {e}") from None
     rows = select(rows, limit)
     items = [runner.Item(r.index, build_prompt(r, lang), lambda r=r: decode_image(r)) for r in rows]
-    pred_path = Path(predictions_file) if predictions_file else None
-    records, reused = runner.collect_predictions(
-        items, output, id_field="index", asking=asking, predictions_file=pred_path, desc="mmbench"
-    )
-    predictions = {str(r.index): records[str(r.index)]["prediction"] for r in rows}
+    chosen, head = runner.predict(
+        items, output, benchmark="mmbench", rule=(rule, MMBENCH_RULES[rule].description), id_field="index",
+        asking=asking, predictions_file=predictions_file, data=data, command=command,
+    )  # fmt: skip
+    predictions = {str(r.index): rec["prediction"] for r, rec in zip(rows, chosen)}
     scored = extract_all(rows, predictions, rule)
     results = {
-        "benchmark": "mmbench",
-        "rule": {"name": rule, "description": MMBENCH_RULES[rule].description},
-        **runner.provenance(
-            [records[str(r.index)] for r in rows],
-            asking=asking,
-            data=data,
-            command=command,
-            predictions_file=pred_path,
-        ),
+        **head,
         "lang": lang,
         "rotations_generated": circular,
-        "mode": asking.mode if asking else None,
-        "reused_predictions": reused,
         **score_mmbench(scored, seed=seed, n_resamples=n_resamples),
     }
     metric = results["headline"]["metric"]
@@ -425,26 +415,21 @@ def run_mmbench(
         if other != rule
     }
     hits = circular_hits(scored)
-    runner.write_jsonl(
-        output / runner.PREDICTIONS,
-        (
-            {
-                **{k: v for k, v in records[str(s.row.index)].items() if k != "text"},
-                "index": s.row.index,
-                "prediction": s.prediction,
-                "extracted": s.extracted.answer,
-                "extraction_step": s.extracted.step,
-                "answer": s.row.answer,
-                "correct": s.correct,
-                "question_correct": hits[s.row.group],
-                "category": s.row.category,
-                "l2-category": s.row.l2_category,
-            }
-            for s in scored
-        ),
+    per_item = (
+        {
+            "index": s.row.index,
+            "prediction": s.prediction,
+            "extracted": s.extracted.answer,
+            "extraction_step": s.extracted.step,
+            "answer": s.row.answer,
+            "correct": s.correct,
+            "question_correct": hits[s.row.group],
+            "category": s.row.category,
+            "l2-category": s.row.l2_category,
+        }
+        for s in scored
     )
-    runner.write_report(output, results, mmbench_markdown(results))
-    return results
+    return runner.finish(output, results, mmbench_markdown(results), chosen, per_item)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,37 +196,23 @@ def run_pope(
         runner.Item(it.question_id, build_prompt(it.text, suffix), lambda it=it: load_image(it))
         for it in items
     ]
-    pred_path = Path(predictions_file) if predictions_file else None
-    records, reused = runner.collect_predictions(
-        work, output, id_field="question_id", asking=asking, predictions_file=pred_path, desc="pope"
-    )
-    chosen = [records[str(it.question_id)] for it in items]
+    chosen, head = runner.predict(
+        work, output, benchmark="pope", rule=(rule, POPE_RULES[rule].description), id_field="question_id",
+        asking=asking, predictions_file=predictions_file, data=data, command=command,
+    )  # fmt: skip
     scores = score_pope(items, [r["prediction"] for r in chosen], rule, seed=seed, n_resamples=n_resamples)
     extracted = scores.pop("_extracted")
-    results = {
-        "benchmark": "pope",
-        "rule": {"name": rule, "description": POPE_RULES[rule].description},
-        **runner.provenance(chosen, asking=asking, data=data, command=command, predictions_file=pred_path),
-        "images": str(images),
-        "mode": asking.mode if asking else None,
-        "reused_predictions": reused,
-        **scores,
-    }
-    runner.write_jsonl(
-        output / runner.PREDICTIONS,
-        (
-            {
-                **{k: v for k, v in rec.items() if k != "text"},
-                "label": it.label,
-                "split": it.split,
-                **{f"extracted_{r}": extracted[r][i] for r in POPE_RULES},
-                "correct": extracted[rule][i] == it.label,
-            }
-            for i, (it, rec) in enumerate(zip(items, chosen))
-        ),
+    results = {**head, "images": str(images), **scores}
+    per_item = (
+        {
+            "label": it.label,
+            "split": it.split,
+            **{f"extracted_{r}": extracted[r][i] for r in POPE_RULES},
+            "correct": extracted[rule][i] == it.label,
+        }
+        for i, it in enumerate(items)
     )
-    runner.write_report(output, results, pope_markdown(results))
-    return results
+    return runner.finish(output, results, pope_markdown(results), chosen, per_item)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,6 +182,49 @@ def collect_predictions(
     return records, reused
 
 
+def predict(
+    items: list[Item],
+    output: Path,
+    *,
+    benchmark: str,
+    rule: tuple[str, str],
+    id_field: str,
+    asking: Asking | None,
+    predictions_file: str | Path | None,
+    data: Path,
+    command: str,
+) -> tuple[list[dict], dict]:
+    """Every item's prediction record in item order (asked, resumed, or read from `predictions_file`) and the
+    head of results.json: benchmark, rule (name, description), provenance, mode and reused predictions."""
+    pred_path = Path(predictions_file) if predictions_file else None
+    records, reused = collect_predictions(
+        items, output, id_field=id_field, asking=asking, predictions_file=pred_path, desc=benchmark
+    )
+    chosen = [records[str(it.id)] for it in items]
+    head = {
+        "benchmark": benchmark,
+        "rule": {"name": rule[0], "description": rule[1]},
+        **provenance(chosen, asking=asking, data=data, command=command, predictions_file=pred_path),
+        "mode": asking.mode if asking else None,
+        "reused_predictions": reused,
+    }
+    return chosen, head
+
+
+def finish(output: Path, results: dict, markdown: str, chosen: list[dict], per_item: Iterable[dict]) -> dict:
+    """Rewrite predictions.jsonl with what scoring found per item (after the record's own fields, LLaVA's
+    `text` alias dropped), then write results.json and results.md; returns `results`."""
+    write_jsonl(
+        output / PREDICTIONS,
+        (
+            {**{k: v for k, v in rec.items() if k != "text"}, **extra}
+            for rec, extra in zip(chosen, per_item, strict=True)
+        ),
+    )
+    write_report(output, results, markdown)
+    return results
+
+
 def _ask(batch: list[Item], asking: Asking, id_field: str) -> list[dict]:
     queries = [Query(question=it.prompt, image=it.image()) for it in batch]
     fields = {"checkpoint": asking.checkpoint, "mode": asking.mode}

@@ -346,37 +346,20 @@ def run_vqa(
         runner.Item(it.question_id, build_prompt(it.question, suffix), lambda it=it: load_image(it))
         for it in items
     ]
-    pred_path = Path(predictions_file) if predictions_file else None
-    records, reused = runner.collect_predictions(
-        work, output, id_field="question_id", asking=asking, predictions_file=pred_path, desc="vqa"
-    )
-    chosen = [records[str(it.question_id)] for it in items]
+    chosen, head = runner.predict(
+        work, output, benchmark="vqa", rule=(normalization, NORMALIZE_RULES[normalization].description),
+        id_field="question_id", asking=asking, predictions_file=predictions_file, data=data, command=command,
+    )  # fmt: skip
     scores = score_vqa(
         items, [r["prediction"] for r in chosen], normalization, seed=seed, n_resamples=n_resamples
     )
     per_item = scores.pop("_per_item")
-    results = {
-        "benchmark": "vqa",
-        "rule": {"name": normalization, "description": NORMALIZE_RULES[normalization].description},
-        **runner.provenance(chosen, asking=asking, data=data, command=command, predictions_file=pred_path),
-        "images": str(images),
-        "reused_predictions": reused,
-        **scores,
-    }
-    runner.write_jsonl(
-        output / runner.PREDICTIONS,
-        (
-            {
-                **{k: v for k, v in rec.items() if k != "text"},
-                "answers": it.answers,
-                "soft_accuracy": per_item["soft"][i],
-                "exact_match": per_item["exact"][i],
-            }
-            for i, (it, rec) in enumerate(zip(items, chosen))
-        ),
+    results = {**head, "images": str(images), **scores}
+    fields = (
+        {"answers": it.answers, "soft_accuracy": per_item["soft"][i], "exact_match": per_item["exact"][i]}
+        for i, it in enumerate(items)
     )
-    runner.write_report(output, results, vqa_markdown(results))
-    return results
+    return runner.finish(output, results, vqa_markdown(results), chosen, fields)
 
 
 def main(argv: list[str] | None = None) -> int:
