@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from transformers import AttentionInterface
 
 from llava_ft.config import ConfigError, DataSource, validate
+from llava_ft.model import attention
 from llava_ft.testing.tiny_llava import tiny_config
 from llava_ft.train.run import train
 
@@ -40,9 +42,19 @@ def test_text_training_loss_falls(mode, tiny_root, text_file, tmp_path):
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.llm.modules())
 
 
-def test_packed_training_runs_per_sample_attention(tiny_root, text_file, tmp_path, caplog):
-    """data.packing on CPU: rows of pack_length, sdpa_packed chosen by default, loss falling."""
-    cfg = tiny_config(tiny_root, llm_mode="full", vision_backend=None)
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_packed_training_runs_per_sample_attention(mode, tiny_root, text_file, tmp_path, caplog, monkeypatch):
+    """data.packing on CPU: rows of pack_length, sdpa_packed chosen by default and given the rows' sample spans
+    through the peft wrapper too, loss falling."""
+    spans_seen: list[int] = []
+    real = attention.packed_sdpa_forward
+
+    def spy(*args, packed_spans=None, **kwargs):
+        spans_seen.append(0 if packed_spans is None else sum(len(row) for row in packed_spans))
+        return real(*args, packed_spans=packed_spans, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa_packed", spy)
+    cfg = tiny_config(tiny_root, llm_mode=mode, vision_backend=None)
     cfg.data.train = [DataSource(path=str(text_file), format="text")]
     cfg.data.max_length, cfg.data.packing, cfg.data.pack_length = 64, True, 160
     t = cfg.train
@@ -53,7 +65,8 @@ def test_packed_training_runs_per_sample_attention(tiny_root, text_file, tmp_pat
     with caplog.at_level(logging.INFO, logger="llava_ft"):
         result = train(cfg)
     assert "packing into rows of 160 tokens" in caplog.text
-    assert result.model.llm.config._attn_implementation == "sdpa_packed"
+    assert result.model.causal_lm().config._attn_implementation == "sdpa_packed"
+    assert spans_seen and min(spans_seen) > 1  # every call saw packed rows of several samples
     losses = [h["loss"] for h in result.summary["loss_history"]]
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
