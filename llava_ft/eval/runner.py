@@ -304,6 +304,7 @@ def provenance_markdown(results: dict) -> list[str]:
         f"- checkpoint: `{ckpt}`"
         if isinstance(ckpt, str)
         else f"- checkpoints: {', '.join(f'`{c}`' for c in ckpt)}",
+        f"- weights: `{results['weights']}`" if results.get("weights") else "- weights: not recorded",
         f"- data: `{results['data']['path']}` (sha256 `{results['data']['sha256']}`)",
         f"- command: `{results['command']}`",
         f"- rule: **{rule['name']}**: {rule['description']}",

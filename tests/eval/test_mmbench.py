@@ -189,6 +189,7 @@ def test_resume_refuses_predictions_of_other_weights(tsv, tmp_path, scripted):
         tsv, out, asking=Asking(scripted(answer_like_a_model), "ck", weights="sha256:aa")
     )
     assert res["weights"] == "sha256:aa"
+    assert "- weights: `sha256:aa`" in (out / "results.md").read_text()
     assert all(json.loads(line)["weights"] == "sha256:aa" for line in (out / "predictions.jsonl").open())
     with pytest.raises(DataError, match="predicted with weights 'sha256:aa', this run uses 'sha256:bb'"):
         mmbench.run_mmbench(tsv, out, asking=Asking(scripted(answer_like_a_model), "ck", weights="sha256:bb"))
