@@ -128,8 +128,10 @@ class DataSection:
     """Cache prepared (tokenized) data as Arrow, keyed by data, template, tokenizer, max_length and code version."""
     cache_dir: str | None = None
     """Where the prepared-data cache lives; None: ~/.cache/llava_ft/prepared."""
-    num_proc: int = 1
-    """Processes that tokenize in parallel when preparing data."""
+    num_proc: int | None = None
+    """Processes that tokenize in parallel when preparing data (the output is the same for any number). None: the
+    CPUs this process may use, shared among the training processes of this machine, at most 8, for files of 8 MiB
+    and more; 1 below that, where starting processes costs more than it saves."""
 
 
 @dataclass
@@ -339,6 +341,8 @@ def validate(cfg: RunConfig) -> None:
             f"data.pack_length {cfg.data.pack_length} is shorter than data.max_length {cfg.data.max_length}: "
             "a sample of max_length would fit no row"
         )
+    if cfg.data.num_proc is not None and cfg.data.num_proc < 1:
+        raise ConfigError(f"data.num_proc must be >= 1 or null (automatic), got {cfg.data.num_proc}")
     if cfg.model.loss_chunk_size <= 0:
         raise ConfigError("model.loss_chunk_size must be positive")
 

@@ -144,7 +144,7 @@ def run_scale(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         cmd = [sys.executable, "-m", "llava_ft.cli.data", "prepare", "--data", str(path), "--template",
                "internlm2_chat", "--tokenizer", f"{args.root}/tok_bpe", "--max-length", str(MAX_LENGTH),
-               "--output", cache]  # fmt: skip
+               "--num-proc", "1", "--output", cache]  # fmt: skip
         start = time.perf_counter()
         # Through a wrapper process, so that the peak RSS is the CLI's alone (not the generator's).
         res = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *cmd], check=True, capture_output=True, text=True,

@@ -56,7 +56,12 @@ def _add_subcommands(sub) -> None:
         "prepare", parents=[common], help="tokenize for training into the Arrow cache; counts, speed"
     )
     r.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records instead of stopping")
-    r.add_argument("--num-proc", type=int, default=1, help="worker processes")
+    r.add_argument(
+        "--num-proc",
+        type=int,
+        default=None,
+        help="worker processes (default: the CPUs, for files of 8 MiB and more)",
+    )
     r.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     r.add_argument("--output", default=None, help="cache folder (default ~/.cache/llava_ft/prepared)")
     r.set_defaults(func=cmd_prepare)

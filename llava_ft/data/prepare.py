@@ -480,6 +480,19 @@ def _stats_from_dict(d: dict) -> EncodeStats:
 
 # ---------------------------------------------------------------- entry point
 
+AUTO_NUM_PROC_MIN_BYTES = 8 << 20
+AUTO_NUM_PROC_MAX = 8
+
+
+def auto_num_proc(path: Path) -> int:
+    """Processes for `num_proc=None`: this process's CPUs shared among the local training processes (torchrun's
+    LOCAL_WORLD_SIZE; every rank prepares), capped; 1 for small files."""
+    if path.stat().st_size < AUTO_NUM_PROC_MIN_BYTES:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(AUTO_NUM_PROC_MAX, cpus // max(1, local_ranks)))
+
 
 def prepare(
     path: str | Path,
@@ -487,7 +500,7 @@ def prepare(
     *,
     fmt: str = "auto",
     skip_bad: bool = False,
-    num_proc: int = 1,
+    num_proc: int | None = 1,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = False,
@@ -495,6 +508,7 @@ def prepare(
     """Prepared data of one file: loaded from the cache when its key matches, else encoded (and stored).
 
     Bad records raise `DataError` unless `skip_bad` (then counted, as in `encode_all`); drops are counted.
+    `num_proc=None` picks the number of processes (`auto_num_proc`); the output does not depend on it.
     """
     started = time.perf_counter()
     path = Path(path)
@@ -509,6 +523,9 @@ def prepare(
         dataset, stats, bad = hit
         return Prepared(dataset, stats, bad, "hit", time.perf_counter() - started, key)
 
+    if num_proc is None:
+        num_proc = auto_num_proc(path)
+        log.info("preparing %s with %d process(es)", path, num_proc)
     if use_cache:
         root.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name next to the entry, so a killed run leaves nothing that looks complete.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -120,6 +121,25 @@ def test_two_processes_same_output(fam, tokenizers, tmp_path, monkeypatch):
     two = prep.prepare(path, enc, use_cache=False, skip_bad=True, num_proc=2)
     assert two.dataset.data.equals(one.dataset.data) and len(one.dataset) > 40
     assert two.stats.as_dict(1000) == one.stats.as_dict(1000)
+
+
+def test_automatic_process_count(tokenizers, tmp_path, monkeypatch, caplog):
+    """num_proc=None: 1 for a small file; else the allowed CPUs shared among local ranks, capped; same output."""
+    monkeypatch.setattr(prep, "BATCH_SIZE", 8)
+    path = write(tmp_path / "d.json", corpus(n=40))
+    assert prep.auto_num_proc(path) == 1  # far below 8 MiB
+    monkeypatch.setattr(prep, "AUTO_NUM_PROC_MIN_BYTES", 0)
+    monkeypatch.setattr(prep.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert prep.auto_num_proc(path) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert prep.auto_num_proc(path) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")
+    enc = encoder(tokenizers["bpe"])
+    with caplog.at_level(logging.INFO, logger="llava_ft"):
+        auto = prep.prepare(path, enc, use_cache=False, num_proc=None)
+    assert "with 2 process(es)" in caplog.text
+    assert auto.dataset.data.equals(prep.prepare(path, enc, use_cache=False, num_proc=1).dataset.data)
 
 
 # ---------------------------------------------------------------- cache
