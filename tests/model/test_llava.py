@@ -224,6 +224,22 @@ def test_packed_sdpa_outside_packed_rows_is_sdpa() -> None:
     torch.testing.assert_close(got[mask], want[mask])
 
 
+def test_packed_sdpa_generates_like_sdpa() -> None:
+    """A model trained with packing chats with sdpa_packed: greedy generation, with a KV cache and a left-padded
+    batch, gives the same tokens as sdpa."""
+    prompts = torch.tensor([[PAD, PAD, 5, 7, 9], [3, 4, 5, 6, 8]])
+    mask = (prompts != PAD).long()
+    out = {}
+    for attn in ("sdpa", "sdpa_packed"):
+        llm = tiny_llava(attn=attn).llm.eval()
+        out[attn] = llm.generate(
+            input_ids=prompts, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD
+        )
+        single = llm.generate(input_ids=prompts[1:], max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+        assert single.tolist() == out[attn][1:].tolist()
+    assert out["sdpa_packed"].tolist() == out["sdpa"].tolist()
+
+
 def test_packed_sdpa_reads_position_ids_without_spans() -> None:
     """Called as a plain causal LM (no LlavaModel to pass spans): packed rows still isolate their samples."""
     llm = tiny_llava(attn="sdpa_packed").llm.eval()
