@@ -204,9 +204,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"cache hit ({folder}, key {done.key}): loaded in {done.seconds:.2f} s")
     else:
         where = "cache off" if done.cache == "off" else f"cached ({folder}, key {done.key})"
-        print(
-            f"{where}; prepared {throughput_line(done.stats.records, compact_tokens(done.dataset), done.seconds)}"
-        )
+        rate = throughput_line(done.stats.records, compact_tokens(done.dataset), done.seconds)
+        print(f"{where}; {done.processes} process(es) prepared {rate}")
     return 0
 
 

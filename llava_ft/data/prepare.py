@@ -82,6 +82,8 @@ class Prepared:
     seconds: float
     key: str
     """The cache key ("" with the cache off)."""
+    processes: int = 0
+    """Processes that tokenized (0: loaded from the cache)."""
 
 
 # ---------------------------------------------------------------- batched encoding
@@ -534,7 +536,7 @@ def prepare(
         stats, bad = _build(path, encoder, work / "data.arrow", fmt, skip_bad, num_proc, progress)
         if not use_cache:
             dataset = datasets.Dataset.from_file(str(work / "data.arrow"), in_memory=True)
-            return Prepared(dataset, stats, bad, "off", time.perf_counter() - started, key)
+            return Prepared(dataset, stats, bad, "off", time.perf_counter() - started, key, num_proc)
         arrow_file = work / "data.arrow"
         meta = {"key": key, "parts": parts, "source": str(path), "arrow_bytes": arrow_file.stat().st_size,
                 "arrow_digest": _file_digest(arrow_file), "stats": stats.as_dict(max_problems=len(stats.problems)),
@@ -549,7 +551,7 @@ def prepare(
         shutil.rmtree(work, ignore_errors=True)
     loaded = _load_entry(final, key)
     assert loaded is not None
-    return Prepared(loaded[0], stats, bad, "built", time.perf_counter() - started, key)
+    return Prepared(loaded[0], stats, bad, "built", time.perf_counter() - started, key, num_proc)
 
 
 def _build(

@@ -233,11 +233,11 @@ def test_cli_prepare_prints_counts_and_speed(tokenizer_dirs, data_file, tmp_path
         "records 40: kept" in out and "truncated" in out and "dropped" in out and "token length: p50" in out
     )
     last = out.strip().splitlines()[-1]
-    assert "cached (" in last and "records/s" in last and "tokens/s" in last
+    assert "cached (" in last and "1 process(es)" in last and "records/s" in last and "tokens/s" in last
     assert main(argv) == 0
     assert "cache hit" in capsys.readouterr().out.strip().splitlines()[-1]
     assert main([*argv, "--no-cache", "--num-proc", "2"]) == 0
-    assert "cache off" in capsys.readouterr().out
+    assert "cache off; 2 process(es)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- reading and processes at scale
