@@ -488,7 +488,7 @@ AUTO_NUM_PROC_MAX = 8
 
 def auto_num_proc(path: Path) -> int:
     """Processes for `num_proc=None`: this process's CPUs shared among the local training processes (torchrun's
-    LOCAL_WORLD_SIZE; every rank prepares), capped; 1 for small files."""
+    LOCAL_WORLD_SIZE: with the cache off every rank prepares), capped; 1 for small files."""
     if path.stat().st_size < AUTO_NUM_PROC_MIN_BYTES:
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,18 +52,22 @@ def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None 
     if cfg.train.init_from:
         apply_stage_weights(model, cfg.train.init_from, adapters="init")
 
-    # 3. Data: records -> conversations -> token ids + labels; images read lazily.
+    # 3. Data: records -> conversations -> token ids + labels; images read lazily. With the cache on, one
+    # process per machine prepares it while the other ranks wait, then load it from the cache.
+    args = training_arguments(cfg)
     processor = model.vision_tower.processor if model.vision_tower is not None else None
-    dataset, stats = build_dataset(
-        cfg.data, tokenizer, template, num_image_tokens=model.num_image_tokens, image_processor=processor
-    )
+    first = args.main_process_first(local=True, desc="data preparation") if cfg.data.cache else nullcontext()
+    with first:
+        dataset, stats = build_dataset(
+            cfg.data, tokenizer, template, num_image_tokens=model.num_image_tokens, image_processor=processor
+        )
     log.info("data: %s", stats.summary())
     train_dataset, collator, sampler = batching(cfg, dataset, tokenizer)
 
     # 4. Fit.
     trainer = LlavaTrainer(
         model=model,
-        args=training_arguments(cfg),
+        args=args,
         train_dataset=train_dataset,
         data_collator=collator,
         projector_lr=cfg.train.projector_lr,

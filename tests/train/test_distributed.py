@@ -36,6 +36,7 @@ def test_two_process_finetune(deepspeed, llava_cfg, shapes, tmp_path):
     cfg.data.train = [
         DataSource(path=str(mixed_records(shapes, tmp_path)), image_folder=str(shapes.images_dir))
     ]
+    cfg.data.cache_dir = str(tmp_path / "cache")
     config = tmp_path / "ddp.yaml"
     dump_config(cfg, config)
     env = dict(
@@ -58,6 +59,10 @@ def test_two_process_finetune(deepspeed, llava_cfg, shapes, tmp_path):
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # One rank prepares the data while the other waits, then loads what it cached.
+    prepared = [line for line in proc.stderr.splitlines() if "mixed.json (" in line]
+    assert sum("(built," in line for line in prepared) == 1, prepared
+    assert sum("(hit," in line for line in prepared) == 1, prepared
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 4
     # Under ZeRO-3 parameters are sharded: the saved weights must be whole, not a rank's empty shard.
