@@ -1,19 +1,25 @@
-"""`sdpa_packed`: SDPA run once per sample inside packed rows, for devices without flash-attn or flex_attention.
+"""`sdpa_packed`: attention within each sample of packed rows, for devices without flash-attn or flex_attention.
 
 With plain sdpa a packed row of L tokens gets a block-diagonal mask, and the kernel still computes all L x L
 scores: packing then saves the padding but pays full-row attention (on the tiny CPU model, packed rows of 2048
-ran at 0.82x padded slot tokens/s). Here each sample is its own causal SDPA call, the way flash-attn's varlen
-kernel treats packed rows, so attention costs sum(len_i^2) instead of L^2 per row.
+ran at 0.82x padded slot tokens/s). Here samples are attended separately, as flash-attn's varlen kernel does:
+the samples of all rows are sorted by length into a few buckets of similar lengths, each bucket right-padded to
+its longest sample and run as one causal SDPA call. Right padding needs no mask (a causal query never sees the
+positions after it), so only the padded queries' outputs are wasted, and they are dropped: attention costs about
+sum(len_i^2) rather than L^2 per row, in a handful of calls even when rows hold many short samples.
 
 Without a padding mask, no 4-D mask is built (for packed rows transformers would otherwise build an L x L
 block-diagonal one per row, 134 MB at L = 8192, only to have it ignored): the samples' spans come from the
-position_ids, which restart at 0 per sample (`LlavaModel` computes them once per forward and passes
-`packed_spans`; any other caller gets them from the `position_ids` the decoder layers pass down). With a
+position_ids, which restart at 0 per sample (`LlavaModel` plans the buckets once per forward and passes
+`packed_plan`; any other caller gets them from the `position_ids` the decoder layers pass down). With a
 padding mask (padded batches, generation) this is transformers' own sdpa with its mask.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
@@ -21,6 +27,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "sdpa_packed"
+BUCKET_RATIO = 1.25
+"""Samples share a bucket while the longest is at most this many times their length (or 32 tokens longer)."""
 
 Spans = list[list[tuple[int, int]]]
 """Per row, the (start, end) token span of each sample, covering the row."""
@@ -40,6 +48,56 @@ def packed_spans(position_ids: torch.Tensor) -> Spans:
     return spans
 
 
+@dataclass
+class Bucket:
+    gather: torch.Tensor
+    """[n * length] positions in the flattened [rows * L] tokens; a sample's padding repeats its last token."""
+    keep: torch.Tensor | None
+    """Which of the n * length outputs are real tokens (None: all)."""
+    n: int
+    length: int
+
+
+@dataclass
+class PackedPlan:
+    """How the samples of packed rows are grouped into SDPA calls (`plan_packed`)."""
+
+    rows: int
+    length: int
+    buckets: list[Bucket]
+    order: torch.Tensor
+    """Puts the buckets' real outputs, concatenated, back into flattened row order."""
+    samples: int
+
+
+def plan_packed(spans: Spans, length: int, device: torch.device | str = "cpu") -> PackedPlan:
+    starts = np.array([r * length + s for r, row in enumerate(spans) for s, _ in row], dtype=np.int64)
+    lengths = np.array([e - s for row in spans for s, e in row], dtype=np.int64)
+    by_length = np.argsort(-lengths, kind="stable")
+    buckets, placed = [], []
+    i = 0
+    while i < len(by_length):
+        longest = int(lengths[by_length[i]])
+        j = i + 1
+        while j < len(by_length) and (
+            lengths[by_length[j]] * BUCKET_RATIO >= longest or longest - lengths[by_length[j]] <= 32
+        ):
+            j += 1
+        members = by_length[i:j]
+        lens, firsts = lengths[members], starts[members]
+        offsets = np.arange(longest)
+        gather = firsts[:, None] + np.minimum(offsets[None, :], lens[:, None] - 1)
+        real = (offsets[None, :] < lens[:, None]).reshape(-1)
+        placed.append(gather.reshape(-1)[real])
+        keep = None if real.all() else torch.from_numpy(np.flatnonzero(real)).to(device)
+        buckets.append(Bucket(torch.from_numpy(gather.reshape(-1)).to(device), keep, len(members), longest))
+        i = j
+    positions = np.concatenate(placed)
+    order = np.empty_like(positions)
+    order[positions] = np.arange(len(positions))
+    return PackedPlan(len(spans), length, buckets, torch.from_numpy(order).to(device), len(lengths))
+
+
 def packed_sdpa_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -48,7 +106,7 @@ def packed_sdpa_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    packed_spans: Spans | None = None,
+    packed_plan: PackedPlan | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature: query [B, H, L, D], key/value [B, KV, L, D] -> [B, L, H, D]."""
@@ -60,35 +118,33 @@ def packed_sdpa_forward(
         raise ValueError(
             "sdpa_packed is plain causal attention: use sdpa or flex_attention for sliding-window layers"
         )
-    if packed_spans is None:
+    rows, heads, length, dim = query.shape
+    if packed_plan is None:
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
-            raise ValueError("sdpa_packed without an attention mask needs position_ids or packed_spans")
-        packed_spans = _spans_per_row(position_ids, query.shape[0])
-    if len(packed_spans) != query.shape[0] or any(s[-1][1] != query.shape[2] for s in packed_spans):
+            raise ValueError("sdpa_packed without an attention mask needs position_ids or packed_plan")
+        packed_plan = plan_packed(_spans_per_row(position_ids, rows), length, query.device)
+    if (packed_plan.rows, packed_plan.length) != (rows, length):
         raise ValueError(
-            f"packed_spans cover {[s[-1][1] for s in packed_spans]} tokens in {len(packed_spans)} rows, but the "
-            f"attention input is {query.shape[0]} rows of {query.shape[2]}"
+            f"packed_plan is for {packed_plan.rows} rows of {packed_plan.length} tokens, but the attention "
+            f"input is {rows} rows of {length}"
         )
-    gqa = query.shape[1] != key.shape[1]
     dropout = dropout if module.training else 0.0
-    rows = []
-    for r, spans in enumerate(packed_spans):
-        parts = [
-            F.scaled_dot_product_attention(
-                query[r : r + 1, :, s:e],
-                key[r : r + 1, :, s:e],
-                value[r : r + 1, :, s:e],
-                dropout_p=dropout,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=gqa,
-            )
-            for s, e in spans
-        ]
-        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
+    # [B, H, L, D] -> [B * L, H, D]: one token per index, so a bucket gathers its samples' tokens in one call.
+    q, k, v = (x.transpose(1, 2).reshape(rows * length, x.shape[1], dim) for x in (query, key, value))
+    outs = []
+    for b in packed_plan.buckets:
+        qb, kb, vb = (
+            x.index_select(0, b.gather).view(b.n, b.length, x.shape[1], dim).transpose(1, 2)
+            for x in (q, k, v)
+        )
+        out = F.scaled_dot_product_attention(
+            qb, kb, vb, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=kb.shape[1] != heads
+        )
+        out = out.transpose(1, 2).reshape(b.n * b.length, heads, dim)
+        outs.append(out if b.keep is None else out.index_select(0, b.keep))
+    out = torch.cat(outs).index_select(0, packed_plan.order)
+    return out.view(rows, length, heads, dim), None
 
 
 def _spans_per_row(position_ids: torch.Tensor, rows: int) -> Spans:

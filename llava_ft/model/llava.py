@@ -13,7 +13,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava_ft.data.conversation import IMAGE_TOKEN_INDEX
-from llava_ft.model.attention import PACKED_SDPA, packed_spans
+from llava_ft.model.attention import PACKED_SDPA, packed_spans, plan_packed
 from llava_ft.model.loss import LossMode, causal_lm_loss, is_plain_linear
 
 
@@ -105,7 +105,10 @@ class LlavaModel(nn.Module):
         inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
         packed = position_ids is not None and attention_mask is None  # PackedCollator's rows
         if packed and self.causal_lm().config._attn_implementation == PACKED_SDPA:
-            kwargs["packed_spans"] = packed_spans(position_ids)
+            # Planned once here rather than in each layer.
+            kwargs["packed_plan"] = plan_packed(
+                packed_spans(position_ids), position_ids.shape[1], embeds.device
+            )
         if labels is None or self.loss == "plain":
             if labels is not None and num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch

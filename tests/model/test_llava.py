@@ -180,20 +180,26 @@ def test_packed_rows_equal_padded_batch(loss: str, attn: str, monkeypatch) -> No
     packed = PackedCollator(pad_token_id=PAD, row_length=64)(rows)
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 2
 
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
     real_sdpa = attention.F.scaled_dot_product_attention
     monkeypatch.setattr(
         attention.F,
         "scaled_dot_product_attention",
-        lambda *a, **k: calls.append(a[0].shape[2]) or real_sdpa(*a, **k),
+        lambda *a, **k: calls.append(tuple(a[0].shape[::2])) or real_sdpa(*a, **k),
     )
     want_loss, want_grads, want_logits = _loss_grads_logits(tiny_llava("plain").train(), padded)
     calls.clear()
     got_loss, got_grads, got_logits = _loss_grads_logits(tiny_llava(loss, attn).train(), packed)
-    if attn == "sdpa_packed":  # per layer, one call per sample and per padding tail, in training and in eval
-        lengths = [len(item["input_ids"]) for item in items]
-        tail = packed["input_ids"].shape[1] - sum(lengths[3:])
-        assert calls == 2 * 2 * (lengths[:3] + lengths[3:] + [tail])
+    if attn == "sdpa_packed":  # the samples are attended in buckets of similar lengths, never as whole rows
+        lengths = sorted(len(item["input_ids"]) for item in items)
+        assert calls and all(length < packed["input_ids"].shape[1] for _, length in calls)
+        per_forward = len(calls) // 4  # 2 layers, in training and in eval
+        assert 1 <= per_forward < len(items) + 1 and len(calls) == 4 * per_forward
+        attended = sum(n * length for n, length in calls[:per_forward])
+        tail = packed["input_ids"].shape[1] - sum(len(item["input_ids"]) for item in rows[1])
+        segments = [*lengths, tail]
+        assert attended >= sum(segments)  # every sample and the padding tail, with bounded padding
+        assert attended <= sum(max(attention.BUCKET_RATIO * n, n + 32) for n in segments)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
     assert want_grads.keys() == got_grads.keys() and any(n.startswith("projector.") for n in want_grads)
     for name in want_grads:
@@ -250,6 +256,35 @@ def test_packed_sdpa_reads_position_ids_without_spans() -> None:
         got = llm(input_ids=row, position_ids=position_ids, use_cache=False).logits[0]
         want = torch.cat([llm(input_ids=x[None]).logits[0] for x in ids])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_packed_covers_every_token_once_in_few_buckets() -> None:
+    """Against a naive reading of the plan: each bucket row is one sample's tokens in order, then copies of its
+    last token; the real outputs, put back by `order`, are every position of every row exactly once."""
+    rng = torch.Generator().manual_seed(0)
+    length, spans = 300, []
+    for _ in range(5):
+        cuts = sorted(
+            torch.randint(
+                1, length, (int(torch.randint(0, 12, (1,), generator=rng)),), generator=rng
+            ).tolist()
+        )
+        bounds = [0, *sorted(set(cuts)), length]
+        spans.append(list(zip(bounds, bounds[1:])))
+    plan = attention.plan_packed(spans, length)
+    samples = {(r * length + s, e - s) for r, row in enumerate(spans) for s, e in row}
+    assert plan.samples == len(samples) and len(plan.buckets) < len(samples)
+    real = []
+    for b in plan.buckets:
+        rows = b.gather.view(b.n, b.length).tolist()
+        keep = set(range(b.n * b.length)) if b.keep is None else set(b.keep.tolist())
+        for k, row in enumerate(rows):
+            n = sum(k * b.length + i in keep for i in range(b.length))
+            assert (row[0], n) in samples and row[:n] == list(range(row[0], row[0] + n))
+            assert row[n:] == [row[n - 1]] * (b.length - n)
+            assert n * attention.BUCKET_RATIO >= b.length or b.length - n <= 32
+            real += row[:n]
+    assert torch.tensor(real)[plan.order].tolist() == list(range(5 * length))
 
 
 def test_packed_spans_from_position_ids() -> None:

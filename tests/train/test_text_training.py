@@ -44,14 +44,14 @@ def test_text_training_loss_falls(mode, tiny_root, text_file, tmp_path):
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_packed_training_runs_per_sample_attention(mode, tiny_root, text_file, tmp_path, caplog, monkeypatch):
-    """data.packing on CPU: rows of pack_length, sdpa_packed chosen by default and given the rows' sample spans
-    through the peft wrapper too, loss falling."""
-    spans_seen: list[int] = []
+    """data.packing on CPU: rows of pack_length, sdpa_packed chosen by default and given the rows' plan through
+    the peft wrapper too, loss falling."""
+    samples_seen: list[int] = []
     real = attention.packed_sdpa_forward
 
-    def spy(*args, packed_spans=None, **kwargs):
-        spans_seen.append(0 if packed_spans is None else sum(len(row) for row in packed_spans))
-        return real(*args, packed_spans=packed_spans, **kwargs)
+    def spy(*args, packed_plan=None, **kwargs):
+        samples_seen.append(0 if packed_plan is None else packed_plan.samples)
+        return real(*args, packed_plan=packed_plan, **kwargs)
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa_packed", spy)
     cfg = tiny_config(tiny_root, llm_mode=mode, vision_backend=None)
@@ -66,7 +66,7 @@ def test_packed_training_runs_per_sample_attention(mode, tiny_root, text_file, t
         result = train(cfg)
     assert "packing into rows of 160 tokens" in caplog.text
     assert result.model.causal_lm().config._attn_implementation == "sdpa_packed"
-    assert spans_seen and min(spans_seen) > 1  # every call saw packed rows of several samples
+    assert samples_seen and min(samples_seen) > 1  # every call saw packed rows of several samples
     losses = [h["loss"] for h in result.summary["loss_history"]]
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
