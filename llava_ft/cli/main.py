@@ -21,7 +21,19 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_config(args.config, parse_overrides(extra))
     result = train(cfg, resume=args.resume if args.resume != "auto" else True)
     print(f"stage output: {result.output_dir}")
+    _shut_down_distributed()
     return 0
+
+
+def _shut_down_distributed() -> None:
+    """Under torchrun: every rank done, then the process group closed before exit. Left to interpreter shutdown,
+    gloo's threads were once torn down mid-flight (a rank aborted with "terminate called without an active
+    exception" after the stage output was written, failing the run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:
