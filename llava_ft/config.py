@@ -50,7 +50,7 @@ class ModelSection:
     attn_implementation: str | None = None
     """sdpa, sdpa_packed, eager, flash_attention_2, flex_attention. None: flash_attention_2 when flash-attn is
     installed and on GPU; else for packed rows flex_attention on GPU (block-diagonal mask without padding,
-    1.4-1.75x sdpa's packed speed on an H100) and sdpa_packed on CPU (one SDPA call per sample in a row); else
+    1.4-1.75x sdpa's packed speed on an H100) and sdpa_packed on CPU (attention within each sample of a row); else
     sdpa. The choice is logged."""
     loss: Literal["auto", "plain", "chunked", "fused"] = "auto"
     """How the training loss is computed. plain: the HF causal LM's own (fp32 logits over the whole vocabulary,

@@ -9,7 +9,7 @@ batched three ways with the same per-step budget (`--batch` samples, or `--batch
   grouped  the same, ordered by LengthGroupedSampler              (Collator, sdpa)
   packed   rows of `--pack-length` tokens (default max-length), best-fit decreasing, batch x max-length / pack-length
            rows per step (PackedCollator, the attention `build_model` picks for packed rows: sdpa_packed on CPU,
-           one SDPA call per sample)
+           attention within each sample)
 Every mode runs `LlavaModel` (tiny Llama LLM; frozen tower + trainable projector for llava) in a fresh
 subprocess (so peak RSS is its own) and times forward + backward + AdamW on the same randomly chosen share of
 its epoch's batches. Every sample of the epoch is checked to be in exactly one packed row.

@@ -35,7 +35,7 @@ def resolve_attn_implementation(
 ) -> str:
     """An explicit name wins. Else on GPU: flash_attention_2 when flash-attn is installed (its varlen kernel
     reads packed position_ids), flex_attention for packed rows (a block-diagonal mask that skips the other
-    samples' blocks); on CPU, sdpa_packed for packed rows (one SDPA call per sample, model/attention.py);
+    samples' blocks); on CPU, sdpa_packed for packed rows (attention within each sample, model/attention.py);
     sdpa otherwise."""
     if name:
         return name
