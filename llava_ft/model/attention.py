@@ -27,8 +27,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "sdpa_packed"
-BUCKET_RATIO = 1.25
-"""Samples share a bucket while the longest is at most this many times their length (or 32 tokens longer)."""
+BUCKET_RATIO, BUCKET_SLACK = 1.25, 32
+"""Samples share a bucket while its longest is at most BUCKET_RATIO times their length or BUCKET_SLACK tokens
+longer: padding stays bounded, and short samples do not each cost a call."""
 
 Spans = list[list[tuple[int, int]]]
 """Per row, the (start, end) token span of each sample, covering the row."""
@@ -71,6 +72,8 @@ class PackedPlan:
 
 
 def plan_packed(spans: Spans, length: int, device: torch.device | str = "cpu") -> PackedPlan:
+    """Buckets of similar-length samples (longest first) over rows of `length` tokens, and the order that puts
+    their outputs back; built once per forward and shared by every layer."""
     starts = np.array([r * length + s for r, row in enumerate(spans) for s, _ in row], dtype=np.int64)
     lengths = np.array([e - s for row in spans for s, e in row], dtype=np.int64)
     by_length = np.argsort(-lengths, kind="stable")
@@ -80,7 +83,7 @@ def plan_packed(spans: Spans, length: int, device: torch.device | str = "cpu") -
         longest = int(lengths[by_length[i]])
         j = i + 1
         while j < len(by_length) and (
-            lengths[by_length[j]] * BUCKET_RATIO >= longest or longest - lengths[by_length[j]] <= 32
+            lengths[by_length[j]] * BUCKET_RATIO >= longest or longest - lengths[by_length[j]] <= BUCKET_SLACK
         ):
             j += 1
         members = by_length[i:j]

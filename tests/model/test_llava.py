@@ -199,7 +199,7 @@ def test_packed_rows_equal_padded_batch(loss: str, attn: str, monkeypatch) -> No
         tail = packed["input_ids"].shape[1] - sum(len(item["input_ids"]) for item in rows[1])
         segments = [*lengths, tail]
         assert attended >= sum(segments)  # every sample and the padding tail, with bounded padding
-        assert attended <= sum(max(attention.BUCKET_RATIO * n, n + 32) for n in segments)
+        assert attended <= sum(max(attention.BUCKET_RATIO * n, n + attention.BUCKET_SLACK) for n in segments)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
     assert want_grads.keys() == got_grads.keys() and any(n.startswith("projector.") for n in want_grads)
     for name in want_grads:
@@ -282,7 +282,7 @@ def test_plan_packed_covers_every_token_once_in_few_buckets() -> None:
             n = sum(k * b.length + i in keep for i in range(b.length))
             assert (row[0], n) in samples and row[:n] == list(range(row[0], row[0] + n))
             assert row[n:] == [row[n - 1]] * (b.length - n)
-            assert n * attention.BUCKET_RATIO >= b.length or b.length - n <= 32
+            assert n * attention.BUCKET_RATIO >= b.length or b.length - n <= attention.BUCKET_SLACK
             real += row[:n]
     assert torch.tensor(real)[plan.order].tolist() == list(range(5 * length))
 
