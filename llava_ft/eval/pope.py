@@ -38,21 +38,11 @@ def load_pope(path: str | Path, images: str | Path) -> list[PopeItem]:
     items: list[PopeItem] = []
     seen: dict[str, str] = {}
     for _, where, rec in runner.iter_jsonl(path):
-        if not isinstance(rec, dict):
-            raise DataError(where, "a record must be a JSON object")
-        for field in ("question_id", "image", "text", "label"):
-            if field not in rec:
-                raise DataError(where, f"missing field '{field}'")
+        rec = runner.require_fields(rec, where, ("question_id", "image", "text", "label"))
         label = str(rec["label"]).strip().lower()
         if label not in ("yes", "no"):
             raise DataError(where, f"field 'label' is {rec['label']!r}, not 'yes' or 'no'")
-        key = str(rec["question_id"])
-        if key in seen:
-            raise DataError(where, f"question_id {rec['question_id']!r} repeats {seen[key]}")
-        seen[key] = where
-        image = images / rec["image"]
-        if not image.is_file():
-            raise DataError(where, f"field 'image': file {image} not found")
+        image = runner.unique_image(rec, where, seen, images)
         split = rec.get("category", rec.get("split", "(none)"))
         items.append(PopeItem(rec["question_id"], image, rec["text"], label, str(split), where))
     if not items:

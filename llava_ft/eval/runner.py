@@ -93,6 +93,29 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
                 raise DataError(where, f"not valid JSON ({e.msg})") from None
 
 
+def require_fields(rec: Any, where: str, fields: tuple[str, ...]) -> dict:
+    """A benchmark record: a JSON object holding every one of `fields`."""
+    if not isinstance(rec, dict):
+        raise DataError(where, "a record must be a JSON object")
+    for field in fields:
+        if field not in rec:
+            raise DataError(where, f"missing field '{field}'")
+    return rec
+
+
+def unique_image(rec: dict, where: str, seen: dict[str, str], images: Path) -> Path:
+    """The record's image file under `images`, once its question_id is checked not to repeat an earlier one
+    (`seen`: question_id -> where it was first read)."""
+    key = str(rec["question_id"])
+    if key in seen:
+        raise DataError(where, f"question_id {rec['question_id']!r} repeats {seen[key]}")
+    seen[key] = where
+    image = images / rec["image"]
+    if not image.is_file():
+        raise DataError(where, f"field 'image': file {image} not found")
+    return image
+
+
 def read_predictions(path: Path, id_field: str) -> dict[str, dict]:
     """Records of a predictions file by str(id). Accepts `prediction` or LLaVA's `text` for the answer."""
     records: dict[str, dict] = {}
@@ -263,11 +286,8 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> None:
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def provenance(

@@ -223,11 +223,7 @@ def load_vqa(path: str | Path, images: str | Path) -> list[VqaItem]:
     items: list[VqaItem] = []
     seen: dict[str, str] = {}
     for _, where, rec in runner.iter_jsonl(path):
-        if not isinstance(rec, dict):
-            raise DataError(where, "a record must be a JSON object")
-        for field in ("question_id", "image", "question", "answers"):
-            if field not in rec:
-                raise DataError(where, f"missing field '{field}'")
+        rec = runner.require_fields(rec, where, ("question_id", "image", "question", "answers"))
         answers = (
             [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in rec["answers"]]
             if isinstance(rec["answers"], list)
@@ -235,13 +231,7 @@ def load_vqa(path: str | Path, images: str | Path) -> list[VqaItem]:
         )
         if not answers or not all(isinstance(a, str) for a in answers):
             raise DataError(where, "field 'answers' must be a non-empty list of strings (or {'answer': ...})")
-        key = str(rec["question_id"])
-        if key in seen:
-            raise DataError(where, f"question_id {rec['question_id']!r} repeats {seen[key]}")
-        seen[key] = where
-        image = images / rec["image"]
-        if not image.is_file():
-            raise DataError(where, f"field 'image': file {image} not found")
+        image = runner.unique_image(rec, where, seen, images)
         items.append(
             VqaItem(rec["question_id"], image, rec["question"], answers, rec.get("answer_type"), where)
         )

@@ -209,10 +209,10 @@ def stage_fingerprint(ckpt: str | Path) -> str:
         for path in files:
             if not path.is_file():
                 continue
-            digest.update(f"{path.relative_to(stage)}\0".encode())
             with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
+                digest.update(
+                    f"{path.relative_to(stage)}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode()
+                )
     return "sha256:" + digest.hexdigest()[:16]
 
 
