@@ -130,8 +130,9 @@ class DataSection:
     """Where the prepared-data cache lives; None: ~/.cache/llava_ft/prepared."""
     num_proc: int | None = None
     """Processes that tokenize in parallel when preparing data (the output is the same for any number). None: the
-    CPUs this process may use, shared among the training processes of this machine, at most 8, for files of 8 MiB
-    and more; 1 below that, where starting processes costs more than it saves."""
+    CPUs this process may use, at most 8, for files of 8 MiB and more (1 below that, where starting processes costs
+    more than it saves); shared among the training processes of this machine only with the cache off, when each
+    of them prepares."""
 
 
 @dataclass

@@ -486,14 +486,15 @@ AUTO_NUM_PROC_MIN_BYTES = 8 << 20
 AUTO_NUM_PROC_MAX = 8
 
 
-def auto_num_proc(path: Path) -> int:
-    """Processes for `num_proc=None`: this process's CPUs shared among the local training processes (torchrun's
-    LOCAL_WORLD_SIZE: with the cache off every rank prepares), capped; 1 for small files."""
+def auto_num_proc(path: Path, *, alone: bool = False) -> int:
+    """Processes for `num_proc=None`: this process's CPUs, capped; 1 for small files. Shared among the local
+    training processes (torchrun's LOCAL_WORLD_SIZE) unless this one prepares `alone`: with the cache on,
+    training lets one process per machine prepare while the others wait for its cache entry."""
     if path.stat().st_size < AUTO_NUM_PROC_MIN_BYTES:
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(AUTO_NUM_PROC_MAX, cpus // max(1, local_ranks)))
+    sharing = 1 if alone else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(AUTO_NUM_PROC_MAX, cpus // sharing))
 
 
 def prepare(
@@ -510,7 +511,8 @@ def prepare(
     """Prepared data of one file: loaded from the cache when its key matches, else encoded (and stored).
 
     Bad records raise `DataError` unless `skip_bad` (then counted, as in `encode_all`); drops are counted.
-    `num_proc=None` picks the number of processes (`auto_num_proc`); the output does not depend on it.
+    `num_proc=None` picks the number of processes (`auto_num_proc`; with the cache on it assumes this process
+    prepares alone on its machine, as training arranges); the output does not depend on it.
     """
     started = time.perf_counter()
     path = Path(path)
@@ -526,7 +528,7 @@ def prepare(
         return Prepared(dataset, stats, bad, "hit", time.perf_counter() - started, key)
 
     if num_proc is None:
-        num_proc = auto_num_proc(path)
+        num_proc = auto_num_proc(path, alone=use_cache)
         log.info("preparing %s with %d process(es)", path, num_proc)
     if use_cache:
         root.mkdir(parents=True, exist_ok=True)

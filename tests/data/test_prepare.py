@@ -124,7 +124,8 @@ def test_two_processes_same_output(fam, tokenizers, tmp_path, monkeypatch):
 
 
 def test_automatic_process_count(tokenizers, tmp_path, monkeypatch, caplog):
-    """num_proc=None: 1 for a small file; else the allowed CPUs shared among local ranks, capped; same output."""
+    """num_proc=None: 1 for a small file; else the allowed CPUs, capped, shared among local ranks unless this
+    process prepares alone (the cache on: the other ranks wait for its entry); same output."""
     monkeypatch.setattr(prep, "BATCH_SIZE", 8)
     path = write(tmp_path / "d.json", corpus(n=40))
     assert prep.auto_num_proc(path) == 1  # far below 8 MiB
@@ -134,12 +135,17 @@ def test_automatic_process_count(tokenizers, tmp_path, monkeypatch, caplog):
     assert prep.auto_num_proc(path) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert prep.auto_num_proc(path) == 3
+    assert prep.auto_num_proc(path, alone=True) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")
     enc = encoder(tokenizers["bpe"])
     with caplog.at_level(logging.INFO, logger="llava_ft"):
         auto = prep.prepare(path, enc, use_cache=False, num_proc=None)
     assert "with 2 process(es)" in caplog.text
     assert auto.dataset.data.equals(prep.prepare(path, enc, use_cache=False, num_proc=1).dataset.data)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llava_ft"):
+        prep.prepare(path, enc, cache_dir=tmp_path / "cache", num_proc=None)
+    assert "with 8 process(es)" in caplog.text
 
 
 # ---------------------------------------------------------------- cache
