@@ -21,7 +21,8 @@ import torch
 from transformers import AddedToken, GenerationConfig, PreTrainedTokenizerBase
 
 from llava_ft.data.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, Message
-from llava_ft.train.checkpoint import atomic_dir, read_stage_config
+from llava_ft.files import atomic_dir
+from llava_ft.train.checkpoint import read_stage_config
 
 log = logging.getLogger("llava_ft")
 

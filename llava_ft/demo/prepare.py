@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from llava_ft.demo.shapes import ShapesDataset, corpus_texts, generate_shapes_dataset, heldout_rows
+from llava_ft.files import atomic_write_text
 
 log = logging.getLogger("llava_ft")
 
@@ -41,9 +41,7 @@ def _done(folder: Path, params: dict) -> bool:
 
 
 def _mark(folder: Path, params: dict) -> None:
-    tmp = folder / ".llava_ft_made.json.tmp"
-    tmp.write_text(json.dumps(params))
-    os.replace(tmp, folder / ".llava_ft_made.json")
+    atomic_write_text(folder / ".llava_ft_made.json", json.dumps(params))
 
 
 def prepare(root: str | Path = "data/demo", *, blank: bool = False) -> TinyAssets:

@@ -12,7 +12,6 @@ were under-sampled a probe model took 3x longer to learn them (see FACTS.md).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from collections import Counter
@@ -24,6 +23,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from llava_ft.data.conversation import IMAGE_TOKEN
+from llava_ft.files import atomic_path
 
 # Bump when the generated content changes, so cached datasets written by older code are regenerated.
 FORMAT_VERSION = 1
@@ -276,9 +276,8 @@ def generate_shapes_dataset(
         **{f"heldout_questions_{qtype}": sum(q == qtype for _, q in heldout) for qtype in QTYPES},
         "text_lines": len(texts),
     }
-    tmp = root / (MANIFEST + ".tmp")
-    _write_json(tmp, {"params": params, "counts": counts})
-    os.replace(tmp, root / MANIFEST)
+    with atomic_path(root / MANIFEST) as tmp:
+        _write_json(tmp, {"params": params, "counts": counts})
     return ShapesDataset._at(root, params, counts)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from llava_ft.data.conversation import DataError
+from llava_ft.files import atomic_path
 from llava_ft.inference import Query
 
 PREDICTIONS = "predictions.jsonl"
@@ -275,11 +275,9 @@ def _check_len(answers: list, batch: list[Item], what: str) -> None:
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
     """Write atomically: a crash while rewriting must not lose the predictions a resume depends on."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps({k: v for k, v in rec.items() if k != "_line"}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ provenance

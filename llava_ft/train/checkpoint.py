@@ -16,15 +16,13 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from llava_ft.config import RunConfig, dump_config, load_config
+from llava_ft.files import atomic_dir, atomic_path, atomic_write_bytes
 
 log = logging.getLogger("llava_ft")
 
@@ -34,34 +32,9 @@ PROJECTOR_NAME = "projector.safetensors"
 TRAINABLE_NAME = "trainable.safetensors"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def atomic_dir(path: Path, write) -> None:
-    """write(tmpdir) fills a fresh folder beside `path` that then takes its place; a failure leaves `path` as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -128,9 +101,8 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
         )
     info = {"name": template.name, "stop_words": list(template.stop_words)}
     atomic_write_bytes(out / TEMPLATE_NAME, json.dumps(info, indent=2).encode())
-    tmp = out / f".{CONFIG_NAME}.tmp"
-    dump_config(absolute_paths(cfg), tmp)
-    os.replace(tmp, out / CONFIG_NAME)
+    with atomic_path(out / CONFIG_NAME) as tmp:
+        dump_config(absolute_paths(cfg), tmp)
     log.info("stage output written to %s", out)
     return out
 
