@@ -17,7 +17,7 @@ Nth batch of 256 records end to end (convert, encode, write Arrow); the parent i
 and counts back in record order, so the output is the same as one process's.
 
 Storage: one IMAGE_TOKEN_INDEX per image (expanded when read), `length` the full length, images as written
-in the record. The cache entry is a folder named by the key (data file content, format, template, tokenizer,
+in the record. The cache entry is a folder named by the key (data file content and path, format, template, tokenizer,
 max_length, image tokens, options, this code's source); it is built under a temporary name and renamed when
 complete, and its checksum is verified before it is loaded, so a half-written or damaged entry is rebuilt.
 """
@@ -431,6 +431,8 @@ def _file_digest(path: Path) -> str:
 def cache_key_parts(path: str | Path, encoder: Encoder, fmt: str, skip_bad: bool) -> dict:
     return {
         "data": _file_digest(Path(path)),
+        # Records are reported as "PATH:LINE": a copy elsewhere must not report the original's path.
+        "path": str(path),
         "format": fmt,
         "template": encoder.template.name,
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),

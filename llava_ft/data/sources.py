@@ -267,9 +267,32 @@ def _record_id(record: dict) -> str | None:
     return None if value is None else str(value)
 
 
-def _opted_out(turn: dict) -> bool:
-    """Per-turn opt-out of the loss: `"train": false`, `"loss": false` or `"weight": 0`."""
-    return turn.get("train") is False or turn.get("loss") is False or turn.get("weight") == 0
+def _opted_out(turn: dict, where: str, context: str) -> bool:
+    """Per-turn opt-out of the loss: `"train": false`, `"loss": false` or `"weight": 0` (OpenAI's 0/1 weight).
+    Other values are refused rather than read as "trained": `"train": "false"` would otherwise train."""
+    for key in ("train", "loss"):
+        if key in turn and not isinstance(turn[key], bool):
+            raise DataError(where, f"{context}{key!r} must be true or false, got {turn[key]!r}")
+    weight = turn.get("weight", 1)
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise DataError(
+            where, f"{context}'weight' must be 0 or 1 (loss weights are not fractional), got {weight!r}"
+        )
+    return turn.get("train") is False or turn.get("loss") is False or weight == 0
+
+
+def _record_images(record: dict, where: str) -> list[str]:
+    """`image` or `images` (either spelling, one path or a list), never both: a key that is not read would
+    silently turn an image record into a text-only one."""
+    if "image" in record and "images" in record:
+        raise DataError(where, "both 'image' and 'images' given; use one")
+    return _images(record.get("image", record.get("images")), where)
+
+
+def _optional_text(record: dict, key: str, where: str, what: str) -> str:
+    """record[key] when present and not null, checked to be a string (0 or [] is an error, not "absent")."""
+    value = record.get(key)
+    return "" if value is None else _text(value, where, what)
 
 
 # ---------------------------------------------------------------- adapters
@@ -288,8 +311,9 @@ def _from_llava(record: Any, where: str) -> Conversation:
                 where, f"turn {i}: unknown role {sender!r} (expected one of {sorted(_LLAVA_ROLES)})"
             )
         content = _text(_require(turn, "value", where, f"turn {i}: "), where, f"turn {i} 'value'")
-        messages.append(Message(role, content, trainable=False if _opted_out(turn) else None))
-    return Conversation(messages, _images(record.get("image"), where), id=_record_id(record))
+        opted_out = _opted_out(turn, where, f"turn {i}: ")
+        messages.append(Message(role, content, trainable=False if opted_out else None))
+    return Conversation(messages, _record_images(record, where), id=_record_id(record))
 
 
 def _from_xtuner(record: Any, where: str) -> Conversation:
@@ -298,25 +322,42 @@ def _from_xtuner(record: Any, where: str) -> Conversation:
         raise DataError(where, "'conversation' must be a list")
     messages = []
     for i, item in enumerate(items):
-        system = item.get("system") if isinstance(item, dict) else None
-        if system:
-            messages.append(Message("system", _text(system, where, f"item {i} 'system'")))
+        if not isinstance(item, dict):
+            raise DataError(where, f"item {i}: must be an object with input and output")
+        if system := _optional_text(item, "system", where, f"item {i} 'system'"):
+            messages.append(Message("system", system))
         messages.append(
             Message("user", _text(_require(item, "input", where, f"item {i}: "), where, f"item {i} 'input'"))
         )
         output = _text(_require(item, "output", where, f"item {i}: "), where, f"item {i} 'output'")
         messages.append(Message("assistant", output))
-    return Conversation(messages, _images(record.get("image"), where), id=_record_id(record))
+    return Conversation(messages, _record_images(record, where), id=_record_id(record))
 
 
 def _from_alpaca(record: Any, where: str) -> Conversation:
     instruction = _text(_require(record, "instruction", where), where, "'instruction'")
     output = _text(_require(record, "output", where), where, "'output'")
-    extra = _text(record.get("input") or "", where, "'input'")
-    system = _text(record.get("system") or "", where, "'system'")
+    extra = _optional_text(record, "input", where, "'input'")
+    system = _optional_text(record, "system", where, "'system'")
     messages = [Message("system", system)] if system else []
+    messages += _alpaca_history(record.get("history"), where)
     messages += [Message("user", instruction + ("\n" + extra if extra else "")), Message("assistant", output)]
-    return Conversation(messages, id=_record_id(record))
+    return Conversation(messages, _record_images(record, where), id=_record_id(record))
+
+
+def _alpaca_history(history: Any, where: str) -> list[Message]:
+    """LLaMA-Factory's `history`: earlier [instruction, response] pairs, before the record's own turn."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise DataError(where, "'history' must be a list of [instruction, response] pairs")
+    messages = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise DataError(where, f"history {i}: must be an [instruction, response] pair")
+        messages.append(Message("user", _text(pair[0], where, f"history {i} instruction")))
+        messages.append(Message("assistant", _text(pair[1], where, f"history {i} response")))
+    return messages
 
 
 def _from_openai(record: Any, where: str) -> Conversation:
@@ -326,7 +367,7 @@ def _from_openai(record: Any, where: str) -> Conversation:
     messages, part_images = [], []
     for i, msg in enumerate(raw):
         role = _require(msg, "role", where, f"message {i}: ")
-        if role not in _OPENAI_ROLES:
+        if not isinstance(role, str) or role not in _OPENAI_ROLES:
             raise DataError(
                 where, f"message {i}: unknown role {role!r} (expected one of {sorted(_OPENAI_ROLES)})"
             )
@@ -337,10 +378,10 @@ def _from_openai(record: Any, where: str) -> Conversation:
             Message(
                 role,
                 _text(content, where, f"message {i} 'content'"),
-                trainable=False if _opted_out(msg) else None,
+                trainable=False if _opted_out(msg, where, f"message {i}: ") else None,
             )
         )
-    images = _images(record.get("images"), where)
+    images = _record_images(record, where)
     if images and part_images:
         raise DataError(where, "images are given both in 'images' and inside content parts")
     return Conversation(messages, images or part_images, id=_record_id(record))
@@ -366,6 +407,8 @@ def _openai_parts(parts: list, images: list[str], where: str) -> str:
 
 def _from_text(record: Any, where: str) -> Conversation:
     text = _text(_require(record, "text", where), where, "'text'")
+    if "image" in record or "images" in record:
+        raise DataError(where, "plain-text records take no images (use the llava or openai format)")
     return Conversation([Message("assistant", text)], id=_record_id(record), kind="text")
 
 

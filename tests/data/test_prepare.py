@@ -192,6 +192,14 @@ def test_every_key_part_invalidates(tokenizers, fresh_tokenizer, data_file, tmp_
     monkeypatch.setattr(prep, "code_version", lambda: "another version")
     assert prep.prepare(data_file, encoder(tok), cache_dir=cache, skip_bad=True).cache == "built"
     monkeypatch.undo()
+    copy = tmp_path / "elsewhere" / data_file.name
+    copy.parent.mkdir()
+    copy.write_bytes(data_file.read_bytes())
+    moved = prep.prepare(copy, encoder(tok), cache_dir=cache, skip_bad=True)
+    problems = moved.bad.items + moved.stats.problems
+    assert moved.cache == "built" and problems  # the copy's problems name the copy, not the original
+    assert all(where.startswith(f"{copy}") for where, _ in problems)
+    assert set(moved.dataset["source"]) and all(s.startswith(f"{copy}") for s in moved.dataset["source"])
     records = corpus()
     records[0]["conversations"][1]["value"] += " changed"
     write(data_file, records)  # same name, new content

@@ -167,3 +167,52 @@ def test_iter_is_lazy(tmp_path):
     assert next(it).source == f"{path}:1"  # the bad line 2 is not parsed yet
     with pytest.raises(DataError, match=r"lazy\.jsonl:2"):
         next(it)
+
+
+def test_image_spellings_and_alpaca_history(tmp_path):
+    """`image` or `images` in every chat format; LLaMA-Factory's alpaca `history` turns come first."""
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"images": ["a.png"], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"image": "b.png", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ])  # fmt: skip
+    llava, _ = read_conversations(path, "llava", skip_bad=True)
+    openai, _ = read_conversations(path, "openai", skip_bad=True)
+    assert llava[0].images == ["a.png"] and llava[0].messages[0].content == "<image>\nq"
+    assert openai[0].images == ["b.png"] and openai[0].messages[0].content == "<image>\nq"
+    al = write_jsonl(tmp_path / "al.jsonl", [{"instruction": "And then?", "output": "He left.", "images": "c.png",
+                                             "history": [["Who came?", "Tom."], ["When?", "At noon."]]}])  # fmt: skip
+    (conv,), _ = read_conversations(al)
+    assert conv.messages == [
+        Message("user", "<image>\nWho came?"), Message("assistant", "Tom."), Message("user", "When?"),
+        Message("assistant", "At noon."), Message("user", "And then?"), Message("assistant", "He left."),
+    ]  # fmt: skip
+    assert conv.images == ["c.png"]
+
+
+CHAT = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.parametrize(
+    "fmt, record, problem",
+    [
+        ("openai", {"messages": [{"role": ["user"], "content": "q"}]}, r"message 0: unknown role \['user'\]"),
+        ("openai", {"messages": [CHAT[0], {**CHAT[1], "weight": 0.5}]}, "message 1: 'weight' must be 0 or 1"),
+        ("openai", {"messages": [CHAT[0], {**CHAT[1], "loss": 0}]}, "message 1: 'loss' must be true or false"),
+        ("llava", {**GOOD, "conversations": [GOOD["conversations"][0], {**GOOD["conversations"][1],
+         "train": "false"}]}, "turn 1: 'train' must be true or false"),  # fmt: skip
+        ("llava", {**GOOD, "image": "a.png", "images": ["a.png"]}, "both 'image' and 'images'"),
+        ("alpaca", {"instruction": "i", "output": "o", "input": 0}, "'input' must be a string"),
+        ("alpaca", {"instruction": "i", "output": "o", "system": False}, "'system' must be a string"),
+        ("alpaca", {"instruction": "i", "output": "o", "history": [["q"]]}, "history 0: must be an"),
+        ("xtuner", {"conversation": [{"system": 0, "input": "i", "output": "o"}]}, "item 0 'system' must be"),
+        ("text", {"text": "corpus", "image": "a.png"}, "plain-text records take no images"),
+    ],
+)  # fmt: skip
+def test_wrong_values_are_refused_not_ignored(tmp_path, fmt, record, problem):
+    """A wrong-typed optional field or an opt-out flag that is not a boolean is an error naming the record:
+    read as absent, it would silently change what trains."""
+    path = write_jsonl(tmp_path / "bad.jsonl", [record])
+    with pytest.raises(DataError, match=rf"bad\.jsonl:1: .*{problem}"):
+        read_conversations(path, fmt)
+    convs, bad = read_conversations(path, fmt, skip_bad=True)
+    assert convs == [] and len(bad) == 1
