@@ -21,6 +21,10 @@ setup(
         "pyyaml",
         "tqdm",
     ],
-    extras_require={"gpu": ["liger-kernel", "bitsandbytes"], "4bit": ["bitsandbytes"], "deepspeed": ["deepspeed"]},
+    extras_require={
+        "gpu": ["liger-kernel", "bitsandbytes"],
+        "4bit": ["bitsandbytes"],
+        "deepspeed": ["deepspeed"],
+    },
     entry_points={"console_scripts": ["llava-ft=llava_ft.cli.main:main"]},
 )
