@@ -70,6 +70,8 @@ def iter_conversations(
     path: str | Path, fmt: str = "auto", *, skip_bad: bool = False, bad: BadRecords | None = None
 ) -> Iterator[Conversation]:
     """Yield conversations lazily. Bad records raise `DataError`, or with `skip_bad` go to `bad`."""
+    if skip_bad and bad is None:
+        raise ValueError("skip_bad needs a BadRecords to count the skipped records in (bad=...)")
     reader = FormatReader(fmt)
     for where, record in iter_records(path):
         try:
@@ -77,8 +79,7 @@ def iter_conversations(
         except DataError as err:
             if not skip_bad:
                 raise
-            if bad is not None:
-                bad.add(err)
+            bad.add(err)
             continue
         yield conv
 
