@@ -73,8 +73,8 @@ class PackedDataset(Dataset):
     """Item i is the list of samples packed into row i; collate it with `PackedCollator`.
 
     `lengths[j]` must be `len(dataset[j]["input_ids"])` (image tokens included), known up front so planning
-    never loads a sample. With a seed, `set_epoch(e)` re-plans with seed + e (the Trainer calls it through
-    accelerate's data loader each epoch); the row count does not change.
+    never loads a sample. With a seed, `set_epoch(e)` re-plans with seed + e (`train.trainer.DatasetEpoch` calls it
+    at each epoch start, a resumed one included); the row count does not change.
     """
 
     def __init__(self, dataset: Dataset, lengths: Sequence[int], max_length: int, seed: int | None = 0):
@@ -84,11 +84,15 @@ class PackedDataset(Dataset):
         self.lengths = list(lengths)
         self.max_length = max_length
         self.seed = seed
+        self.epoch: int | None = None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch == self.epoch:  # called by accelerate and by the Trainer callback: plan once
+            return
         seed = None if self.seed is None else self.seed + epoch
         self.rows = plan_packs(self.lengths, self.max_length, shuffle_seed=seed)
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.rows)

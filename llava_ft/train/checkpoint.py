@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -84,6 +85,7 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
+    _remove_stale_parts(out, cfg, model)
     if cfg.trainable.projector == "full" and model.projector is not None:
         atomic_save_tensors(model.projector.state_dict(), out / PROJECTOR_NAME)
     if cfg.trainable.llm in ("lora", "qlora"):
@@ -105,6 +107,26 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
         dump_config(absolute_paths(cfg), tmp)
     log.info("stage output written to %s", out)
     return out
+
+
+def _remove_stale_parts(out: Path, cfg: RunConfig, model) -> None:
+    """Parts an earlier run into the same folder trained but this one does not: loading applies every part
+    present, so a leftover adapter or projector would silently change the model."""
+    written = {
+        PROJECTOR_NAME: cfg.trainable.projector == "full" and model.projector is not None,
+        "llm_adapter": cfg.trainable.llm in ("lora", "qlora"),
+        "llm": cfg.trainable.llm == "full",
+        "vision_adapter": cfg.trainable.vision == "lora",
+    }
+    for name, kept in written.items():
+        part = out / name
+        if kept or not part.exists():
+            continue
+        log.warning("%s: removing %s left by an earlier run (this stage does not train it)", out, name)
+        if part.is_dir():
+            shutil.rmtree(part)
+        else:
+            part.unlink()
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -223,5 +245,21 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
                         f"{adapter}: init_from holds a LoRA adapter but this stage does not train LoRA on {attr}; "
                         "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
                     )
-                set_peft_model_state_dict(module, load_file(str(adapter / "adapter_model.safetensors")))
+                loaded = set_peft_model_state_dict(
+                    module, load_file(str(adapter / "adapter_model.safetensors"))
+                )
+                _check_adapter_fits(module, loaded, adapter)
             log.info("%s adapter from %s", attr, adapter)
+
+
+def _check_adapter_fits(module, loaded, adapter: Path) -> None:
+    """Continuing an adapter with other LoRA settings (target_modules, rank) would silently start from a model
+    the earlier stage never produced; and only this stage's adapter is applied on load, so the rest is lost."""
+    unexpected = list(loaded.unexpected_keys)
+    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    if unexpected or missing:
+        raise ValueError(
+            f"{adapter}: the adapter does not fit this stage's LoRA ({len(unexpected)} saved tensors without a place, "
+            f"e.g. {unexpected[:3]}; {len(missing)} LoRA tensors not in the adapter, e.g. {missing[:3]}): use the "
+            "same lora settings as the stage it continues, or merge it first (llava-ft export --format merged-llm)"
+        )

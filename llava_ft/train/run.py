@@ -18,7 +18,7 @@ from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability, log_trainability
 from llava_ft.report import write_report
 from llava_ft.train.checkpoint import apply_stage_weights, gathered_trainable, save_stage_output, trained_llm
-from llava_ft.train.trainer import LlavaTrainer, last_checkpoint
+from llava_ft.train.trainer import LlavaTrainer, finished_checkpoint, last_checkpoint, restore_finished
 
 log = logging.getLogger("llava_ft")
 
@@ -81,7 +81,12 @@ def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None 
         if resume_from is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint-N folder in {out}")
         log.info("resuming from %s", resume_from)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    if resume_from is not None and finished_checkpoint(resume_from):
+        # Killed after its last checkpoint: the Trainer would take one step past max_steps before checking it.
+        log.info("%s is the last step: writing the stage output from it without training", resume_from)
+        result = restore_finished(trainer, resume_from)
+    else:
+        result = trainer.train(resume_from_checkpoint=resume_from)
 
     # 5. Save only what trained, with the resolved config and the template.
     summary = {}

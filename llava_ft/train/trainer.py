@@ -3,11 +3,14 @@ LLaVA model needs: a projector learning rate, trainable-only checkpoints, and ou
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from pathlib import Path
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from llava_ft.train.checkpoint import TRAINABLE_NAME, load_trainable, save_trainable
 
@@ -23,6 +26,8 @@ class LlavaTrainer(Trainer):
         self._train_sampler = train_sampler
         self.pad_token_id = pad_token_id
         self.token_counts = {"slots": 0, "real": 0, "trained": 0, "samples": 0}
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.add_callback(DatasetEpoch(self.train_dataset))
 
     def _get_train_sampler(self, train_dataset=None):
         if self._train_sampler is not None:
@@ -84,6 +89,33 @@ class LlavaTrainer(Trainer):
             counts["real"] += int(real.sum())
             counts["samples"] += int(((inputs["position_ids"] == 0) & real).sum())
         counts["trained"] += int((inputs["labels"] != -100).sum())
+
+
+class DatasetEpoch(TrainerCallback):
+    """Tells an epoch-dependent dataset (packed rows, re-planned per epoch) which epoch starts. accelerate
+    forwards set_epoch to the dataset only for some loader shapes: the batch-skipping loader of a resumed epoch
+    is not one, so that epoch was trained on epoch 0's rows. The epoch is computed as the Trainer does."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        steps_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
+        self.dataset.set_epoch(state.global_step // steps_per_epoch)
+
+
+def finished_checkpoint(checkpoint: str) -> bool:
+    """Whether a checkpoint is the run's last step (the Trainer, resumed there, would take one step more)."""
+    state = json.loads(Path(checkpoint, "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+
+
+def restore_finished(trainer: LlavaTrainer, checkpoint: str) -> TrainOutput:
+    """The trainer as it stood at a finished checkpoint (weights, state and log history), for the stage output."""
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    trainer._load_from_checkpoint(checkpoint)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
 
 
 def last_checkpoint(output_dir: str) -> str | None:

@@ -86,3 +86,37 @@ def test_a_stage_after_a_full_llm_stage_builds_on_its_llm(tiny_root, text_file, 
     assert Path(read_stage_config(lora).model.llm) == (full / "llm").resolve()
     # With a zero learning rate the LoRA update is zero: the stage computes what the full stage's LLM does.
     torch.testing.assert_close(_logits(lora), _logits(full))
+
+
+def test_a_stage_retrained_in_place_drops_the_parts_it_no_longer_trains(tiny_root, tmp_path, caplog):
+    """A LoRA run, then a projector-only run into the same folder: the old adapter must go, else loading the
+    folder would still apply it."""
+    out = write_tiny_stage_output(tiny_root, tmp_path / "stage", llm_mode="lora")
+    assert (out / "llm_adapter").is_dir()
+    with caplog.at_level(logging.WARNING, logger="llava_ft"):
+        write_tiny_stage_output(tiny_root, out, llm_mode="frozen")
+    assert not (out / "llm_adapter").exists() and (out / "projector.safetensors").is_file()
+    assert "removing llm_adapter left by an earlier run" in caplog.text
+    _, _, _, model = load_merged(out)
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+
+
+def test_init_from_an_adapter_with_other_lora_settings_is_refused(tiny_root, tmp_path):
+    """Continuing an adapter on fewer target modules would silently drop most of the earlier stage's update."""
+    import pytest
+
+    from llava_ft.model.build import build_model
+    from llava_ft.model.trainability import apply_trainability
+    from llava_ft.train.checkpoint import apply_stage_weights
+
+    first = write_tiny_stage_output(tiny_root, tmp_path / "first", llm_mode="lora")
+    cfg = tiny_config(tiny_root, llm_mode="lora")
+    cfg.lora.target_modules = ["q_proj"]
+    _, model = build_model(cfg)
+    apply_trainability(model, cfg.trainable, cfg.lora)
+    with pytest.raises(ValueError, match="the adapter does not fit this stage's LoRA"):
+        apply_stage_weights(model, first, adapters="init")
+    cfg = tiny_config(tiny_root, llm_mode="lora")  # the same settings continue fine
+    _, model = build_model(cfg)
+    apply_trainability(model, cfg.trainable, cfg.lora)
+    apply_stage_weights(model, first, adapters="init")

@@ -43,3 +43,38 @@ def test_resume_without_checkpoint_is_a_clear_error(llava_cfg, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(llava_cfg(tmp_path / "none", stage="finetune", llm_mode="lora"), resume=True)
+
+
+def test_packed_resume_in_a_later_epoch_matches_uninterrupted_run(llava_cfg, tmp_path):
+    """Packed rows are re-planned per epoch: a run resumed inside epoch 1 must train epoch 1's rows, not epoch 0's
+    (the resumed epoch's batch-skipping loader does not pass the epoch on to the dataset)."""
+    kwargs = dict(stage="finetune", llm_mode="lora", max_steps=-1, epochs=3, grad_accum=3, save_steps=2,
+                  save_total_limit=50)  # fmt: skip
+
+    def cfg(out):
+        c = llava_cfg(out, **kwargs)
+        c.data.packing = True
+        return c
+
+    full_run = train(cfg(tmp_path / "full"))
+    per_epoch = full_run.summary["steps"] // 3
+    stop = next(s for s in range(per_epoch + 1, 2 * per_epoch) if s % 2 == 0)  # a checkpoint inside epoch 1
+    train(cfg(tmp_path / "cut"), callbacks=[StopAt(stop)])
+    resumed = train(cfg(tmp_path / "cut"), resume=True)
+    full, again = trainable(full_run.model), trainable(resumed.model)
+    assert max(float((again[n] - full[n]).abs().max()) for n in full) < 1e-5
+    losses = [h["loss"] for h in full_run.summary["loss_history"] if h["step"] > stop]
+    assert losses == [h["loss"] for h in resumed.summary["loss_history"] if h["step"] > stop]
+
+
+def test_resume_from_the_last_checkpoint_takes_no_further_step(llava_cfg, tmp_path):
+    """Killed while writing the stage output after its last checkpoint: --resume writes it from that checkpoint
+    (the Trainer alone would take one step past max_steps)."""
+    kwargs = dict(stage="finetune", llm_mode="lora", max_steps=4, save_steps=2, lr_scheduler="constant")
+    full = train(llava_cfg(tmp_path / "run", **kwargs))
+    expected = trainable(full.model)
+    (tmp_path / "run" / "llava_ft.yaml").unlink()  # the stage output left incomplete
+    resumed = train(llava_cfg(tmp_path / "run", **kwargs), resume=True)
+    assert resumed.summary["steps"] == 4 and (tmp_path / "run" / "llava_ft.yaml").is_file()
+    again = trainable(resumed.model)
+    assert max(float((again[n] - expected[n]).abs().max()) for n in expected) == 0.0
