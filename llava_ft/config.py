@@ -8,6 +8,7 @@ validates, naming the offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -209,10 +210,69 @@ class ConfigError(ValueError):
     pass
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from plain data, rejecting unknown keys with their dotted path."""
+_NULL_TAG = "tag:yaml.org,2002:null"
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+@dataclass
+class _SourceText:
+    """What YAML's parsed values lose, by dotted path as errors name it (`train.output_dir`, `data.train[0].path`)."""
+
+    plain: dict[str, str] = field(default_factory=dict)
+    """Source text of unquoted scalars YAML read as something other than a string (`0755` -> 493, `1.10` -> 1.1):
+    a field typed str takes this text, not the parsed value turned back into a string."""
+    empty: set[str] = field(default_factory=set)
+    """Keys written with no value at all (`vision:` with every key under it commented out), unlike an explicit
+    `null`; YAML reads both as None."""
+
+    def scan(self, node: yaml.Node | None, where: str, _stack: frozenset[int] = frozenset()) -> None:
+        """Record the plain-scalar texts and empty values under `node`, a composed YAML node found at `where`."""
+        if node is None:  # an empty document or override value
+            self.empty.add(where)
+        elif id(node) in _stack:  # an alias that refers to its own ancestor
+            return
+        elif isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = key_node.value
+                    self.scan(value_node, f"{where}.{key}" if where else key, _stack | {id(node)})
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.scan(item, f"{where}[{i}]", _stack | {id(node)})
+        elif isinstance(node, yaml.ScalarNode) and where:
+            if node.tag == _NULL_TAG and node.value == "":
+                self.empty.add(where)
+            elif node.style is None and node.tag != _STR_TAG:
+                self.plain[where] = node.value
+
+    def replace(self, key: str, other: _SourceText | None) -> None:
+        """An override of dotted `key` replaced what was there: forget the old texts at and under it, take `other`'s."""
+
+        def under(path: str) -> bool:
+            return path == key or path.startswith((f"{key}.", f"{key}["))
+
+        self.plain = {k: v for k, v in self.plain.items() if not under(k)}
+        self.empty = {k for k in self.empty if not under(k)}
+        if other is not None:
+            self.plain.update(other.plain)
+            self.empty |= other.empty
+
+
+class Overrides(dict[str, Any]):
+    """`parse_overrides`' result: dotted key -> value parsed as YAML, plus the text each value was written as."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source: dict[str, _SourceText] = {}
+        """Per override key, the source text its parsed value lost (see _SourceText)."""
+
+
+def _build(cls: type, data: Any, where: str, src: _SourceText | None = None) -> Any:
+    """Build dataclass `cls` from plain data, rejecting unknown keys with their dotted path. An empty section
+    (None: `train:` with all its keys commented out) takes every default."""
+    src = src if src is not None else _SourceText()
     if data is None:
-        return None
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -222,30 +282,41 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
-        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key, src)
     return cls(**kwargs)
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def _convert(tp: Any, value: Any, where: str, src: _SourceText) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
+            if where in src.empty and any(dataclasses.is_dataclass(a) for a in args):
+                name = where.rsplit(".", 1)[-1]
+                raise ConfigError(
+                    f"{where}: the section is empty, which could mean null (none) or all defaults; "
+                    f"write `{name}: null` for none, or set at least one of its keys"
+                )
             return None
         non_none = [a for a in args if a is not type(None)]
         errors = []
         for a in non_none:
             try:
-                return _convert(a, value, where)
+                return _convert(a, value, where, src)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {non_none}")
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return _build(tp, value, where, src)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = []
+        for i, v in enumerate(value):
+            if v is None and dataclasses.is_dataclass(args[0]):
+                raise ConfigError(f"{where}[{i}]: empty entry; expected a mapping")
+            out.append(_convert(args[0], v, f"{where}[{i}]", src))
+        return out
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
@@ -269,7 +340,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return int(number)
         return number
     if tp is str:
-        if not isinstance(value, str | int | float):
+        if isinstance(value, str):
+            return value
+        if value is not None and not isinstance(value, list | dict) and where in src.plain:
+            return src.plain[where]  # the text as written: 0755 stays "0755", 1.10 stays "1.10"
+        if not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     if tp is Any:
@@ -289,9 +364,10 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`--train.lr 1e-3 --data.packing true` -> {"train.lr": 1e-3, "data.packing": True} (values parsed as YAML)."""
-    out: dict[str, Any] = {}
+def parse_overrides(args: list[str]) -> Overrides:
+    """`--train.lr 1e-3 --data.packing true` -> {"train.lr": 1e-3, "data.packing": True} (values parsed as YAML;
+    string fields keep the text as written, see Overrides). A key given twice keeps its last value."""
+    out = Overrides()
     i = 0
     while i < len(args):
         arg = args[i]
@@ -306,26 +382,46 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override --{key} has no value")
             raw = args[i + 1]
             i += 2
-        out[key.replace("-", "_")] = yaml.safe_load(raw)
+        key = key.replace("-", "_")
+        try:
+            value = yaml.safe_load(raw)
+            node = yaml.compose(raw, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override --{key}: {raw!r} is not valid YAML: {e}") from None
+        src = _SourceText()
+        src.scan(node, key)
+        out.pop(key, None)  # re-inserted last: applied after any section override given before it
+        out[key] = value
+        out.source[key] = src
     return out
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
     data: dict = {}
+    src = _SourceText()
     if path is not None:
         text = Path(path).read_text()
         try:
             data = yaml.safe_load(text) or {}
+            src.scan(yaml.compose(text, Loader=yaml.SafeLoader), "")
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    sources = getattr(overrides, "source", {})
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
+        src.replace(key, sources.get(key))
+    where = str(path) if path is not None else "<overrides>"
     try:
-        cfg = _build(RunConfig, data, "")
+        cfg = _build(RunConfig, data, "", src)
+        validate(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{path or '<overrides>'}: {e}") from None
-    validate(cfg)
+        raise ConfigError(f"{where}: {e}") from None
     return cfg
+
+
+def _need(ok: bool, name: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -346,6 +442,39 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.num_proc must be >= 1 or null (automatic), got {cfg.data.num_proc}")
     if cfg.model.loss_chunk_size <= 0:
         raise ConfigError("model.loss_chunk_size must be positive")
+    t = cfg.train
+    if t.max_steps > 0:  # epochs is then ignored and may be 0, but is never negative or infinite
+        _need(math.isfinite(t.epochs) and t.epochs >= 0, "train.epochs", t.epochs, "a finite number >= 0")
+    else:
+        _need(
+            math.isfinite(t.epochs) and t.epochs > 0,
+            "train.epochs",
+            t.epochs,
+            "a finite number > 0 (or set train.max_steps > 0)",
+        )
+    _need(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    _need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
+    _need(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "a finite number > 0")
+    if t.projector_lr is not None:
+        _need(
+            math.isfinite(t.projector_lr) and t.projector_lr > 0,
+            "train.projector_lr",
+            t.projector_lr,
+            "a finite number > 0 or null (train.lr)",
+        )
+    _need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, ">= 0 and < 1")
+    _need(
+        math.isfinite(t.weight_decay) and t.weight_decay >= 0,
+        "train.weight_decay",
+        t.weight_decay,
+        "a finite number >= 0",
+    )
+    _need(
+        math.isfinite(t.max_grad_norm) and t.max_grad_norm >= 0,
+        "train.max_grad_norm",
+        t.max_grad_norm,
+        "a finite number >= 0 (0: no clipping)",
+    )
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from llava_ft.config import ConfigError, load_config, parse_overrides
+from llava_ft.config import ConfigError, LoraSection, TrainSection, load_config, parse_overrides
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
 
@@ -47,3 +48,83 @@ def test_overrides_and_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="full cannot train a 4-bit LLM"):
         load_config(None, {"trainable.llm": "full", "model.load_in_4bit": True})
+
+
+def test_empty_section_takes_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("model:\n  llm: /x\ntrain:\n  # lr: 1e-3\n  # seed: 1\nlora:\n")
+    cfg = load_config(path)
+    assert cfg.train == TrainSection() and cfg.lora == LoraSection()
+
+
+def test_empty_optional_section_is_named(tmp_path):
+    """model.vision: (nothing) could mean null or defaults: refused, while an explicit null stays a text model."""
+    path = tmp_path / "vision.yaml"
+    path.write_text("model:\n  llm: /x\n  vision:\n    # model: ViT-B-16\n")
+    with pytest.raises(ConfigError, match=r"vision\.yaml: model\.vision: the section is empty"):
+        load_config(path)
+    assert load_config(path, parse_overrides(["--model.vision", "null"])).model.vision is None
+    assert load_config(path, parse_overrides(["--model.vision.pool", "2"])).model.vision.pool == 2
+    path.write_text("model:\n  llm: /x\n  vision: null\n")
+    assert load_config(path).model.vision is None
+    path.write_text("data:\n  train:\n    -\n")
+    with pytest.raises(ConfigError, match=r"data\.train\[0\]: empty entry"):
+        load_config(path)
+
+
+def test_string_fields_keep_their_text(tmp_path):
+    cfg = load_config(None, parse_overrides(["--train.output_dir", "0755", "--name", "1.10"]))
+    assert cfg.train.output_dir == "0755" and cfg.name == "1.10"
+    cfg = load_config(
+        None, parse_overrides(["--train.init_from=1_000", "--lora.target_modules", "[q, 0755]"])
+    )
+    assert cfg.train.init_from == "1_000" and cfg.lora.target_modules == ["q", "0755"]
+    assert load_config(None, parse_overrides(["--name", "'0755'"])).name == "0755"  # YAML quoting still works
+    assert load_config(None, parse_overrides(["--train.init_from", "null"])).train.init_from is None
+    # the same in a file, and an override (parsed or programmatic) replaces the file's text
+    path = tmp_path / "strings.yaml"
+    path.write_text("name: 1.10\ntrain:\n  output_dir: 0755\ndata:\n  train:\n    - path: 0644\n")
+    cfg = load_config(path)
+    assert cfg.name == "1.10" and cfg.train.output_dir == "0755" and cfg.data.train[0].path == "0644"
+    assert load_config(path, {"name": 7}).name == "7"
+    assert load_config(path, parse_overrides(["--train", "{lr: 1}"])).train.output_dir == "work_dirs/run"
+    # a key given twice: the last wins, and it is applied after a section override given before it
+    args = ["--train.output_dir", "a", "--train", "{lr: 1}", "--train.output_dir", "007"]
+    assert load_config(None, parse_overrides(args)).train.output_dir == "007"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("train.epochs", "-1"),
+        ("train.epochs", "0"),
+        ("train.epochs", "inf"),
+        ("train.batch_size", "0"),
+        ("train.grad_accum", "0"),
+        ("train.lr", "nan"),
+        ("train.lr", "0"),
+        ("train.lr", "-1e-4"),
+        ("train.projector_lr", "inf"),
+        ("train.projector_lr", "0"),
+        ("train.warmup_ratio", "1"),
+        ("train.warmup_ratio", "-0.1"),
+        ("train.warmup_ratio", "nan"),
+        ("train.weight_decay", "-0.01"),
+        ("train.max_grad_norm", "nan"),
+        ("train.max_grad_norm", "-1"),
+    ],
+)
+def test_bad_numbers_are_named(key, value):
+    with pytest.raises(ConfigError, match=rf"{CONFIGS[0].name}: {re.escape(key)} must be"):
+        load_config(CONFIGS[0], parse_overrides([f"--{key}", value]))
+
+
+def test_number_edges_accepted():
+    args = ["--train.warmup_ratio", "0", "--train.weight_decay", "0", "--train.max_grad_norm", "0"]
+    cfg = load_config(CONFIGS[0], parse_overrides(args))
+    assert (cfg.train.warmup_ratio, cfg.train.weight_decay, cfg.train.max_grad_norm) == (0, 0, 0)
+    # with max_steps set, epochs is ignored: 0 is fine, a negative value still is not
+    cfg = load_config(CONFIGS[0], parse_overrides(["--train.max_steps", "10", "--train.epochs", "0"]))
+    assert cfg.train.max_steps == 10 and cfg.train.epochs == 0
+    with pytest.raises(ConfigError, match="train.epochs must be"):
+        load_config(CONFIGS[0], parse_overrides(["--train.max_steps", "10", "--train.epochs", "-1"]))
