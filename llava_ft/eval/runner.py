@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +26,8 @@ from llava_ft.inference import Query
 
 PREDICTIONS = "predictions.jsonl"
 UNKNOWN_CHECKPOINT = "(unknown: not recorded in the predictions file)"
+
+log = logging.getLogger("llava_ft")
 
 
 class Assistant(Protocol):
@@ -71,26 +75,59 @@ class Asking:
     weights: str | None = None
     """Fingerprint of the checkpoint's weights (`stage_fingerprint`): a resume into predictions made by other
     weights under the same path (a retrained stage) is refused instead of silently mixing them."""
+    load_4bit: bool = False
+    """The model was loaded 4-bit quantised: recorded, since its answers differ from full precision's."""
 
     @property
     def mode(self) -> str:
         return "likelihood" if self.options else "generate"
 
+    def settings(self) -> dict[str, Any]:
+        """What every prediction record stores about how it was obtained; a resume must match each one.
+        Only settings that change the answers: max_new_tokens in generate mode, the options in likelihood."""
+        fields: dict[str, Any] = {"checkpoint": self.checkpoint, "mode": self.mode}
+        if self.weights is not None:
+            fields["weights"] = self.weights
+        if self.options is None:
+            fields["max_new_tokens"] = self.max_new_tokens
+        else:
+            fields["options"] = list(self.options)
+        fields["load_4bit"] = self.load_4bit
+        return fields
+
 
 # ------------------------------------------------------------------------------------------ predictions
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """(line number, "file line N", parsed value) for every non-blank line; bad JSON names its line."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def _parse_line(raw: bytes) -> tuple[bool, Any]:
+    """(blank, value) of one line; raises UnicodeDecodeError or JSONDecodeError."""
+    text = raw.decode("utf-8")
+    return (True, None) if not text.strip() else (False, json.loads(text))
+
+
+def _line_problem(e: ValueError) -> str:
+    return f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else "not valid UTF-8"
+
+
+def iter_jsonl(path: Path, *, drop_cut_tail: bool = False) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "file line N", parsed value) for every non-blank line; a bad line names its line.
+
+    With `drop_cut_tail`, a bad last line without a newline (a write cut off when a process was killed) is
+    skipped with a warning: only the last line can lack its newline, and nothing after it was written.
+    """
+    # Bytes, decoded per line: a write cut inside a multi-byte character must be a bad line, not a crash.
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
             where = f"{path} line {line_no}"
             try:
-                yield line_no, where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(where, f"not valid JSON ({e.msg})") from None
+                blank, value = _parse_line(raw)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                if drop_cut_tail and not raw.endswith(b"\n"):
+                    log.warning("%s: %s and no newline: dropped as a write cut off", where, _line_problem(e))
+                    return
+                raise DataError(where, _line_problem(e)) from None
+            if not blank:
+                yield line_no, where, value
 
 
 def require_fields(rec: Any, where: str, fields: tuple[str, ...]) -> dict:
@@ -117,9 +154,10 @@ def unique_image(rec: dict, where: str, seen: dict[str, str], images: Path) -> P
 
 
 def read_predictions(path: Path, id_field: str) -> dict[str, dict]:
-    """Records of a predictions file by str(id). Accepts `prediction` or LLaVA's `text` for the answer."""
+    """Records of a predictions file by str(id), in file order. Accepts `prediction` or LLaVA's `text` for the
+    answer. A last line cut off mid-write is dropped with a warning (its item has no prediction)."""
     records: dict[str, dict] = {}
-    for line_no, where, rec in iter_jsonl(path):
+    for line_no, where, rec in iter_jsonl(path, drop_cut_tail=True):
         if not isinstance(rec, dict) or id_field not in rec:
             raise DataError(where, f"record has no '{id_field}' field")
         if "prediction" not in rec and "text" in rec:
@@ -145,16 +183,30 @@ def _check_previous(path: Path, rec: dict, item: Item, asking: Asking | None) ->
             "prompt option?); use a fresh --output directory",
         )
     if asking is not None:
-        for field, now in (
-            ("checkpoint", asking.checkpoint),
-            ("mode", asking.mode),
-            ("weights", asking.weights),
-        ):
-            if now is not None and rec.get(field, now) != now:
+        # A setting the record lacks (an older version, another tool) cannot be checked and is accepted.
+        for field, now in asking.settings().items():
+            if field in rec and rec[field] != now:
                 raise DataError(
                     where,
                     f"predicted with {field} {rec[field]!r}, this run uses {now!r}; use a fresh --output directory",
                 )
+
+
+def _seal_tail(path: Path) -> None:
+    """Make `path` end with a newline before appending to it: a last line lacking its newline is completed if
+    valid, or cut away if it is the cut-off write `read_predictions` dropped (else it would swallow the next
+    record into one bad line)."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        try:
+            _parse_line(data[start:])
+        except ValueError:
+            f.truncate(start)
+        else:
+            f.write(b"\n")
 
 
 def collect_predictions(
@@ -196,6 +248,8 @@ def collect_predictions(
     reused = sum(str(it.id) in records for it in items)
     todo = [it for it in items if str(it.id) not in records]
     batches = [todo[i : i + asking.batch_size] for i in range(0, len(todo), asking.batch_size)]
+    if path.exists():
+        _seal_tail(path)
     with open(path, "a", encoding="utf-8") as f:
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not batches):
             for rec in _ask(batch, asking, id_field):
@@ -203,6 +257,16 @@ def collect_predictions(
                 records[str(rec[id_field])] = rec
             f.flush()
     return records, reused
+
+
+class Chosen(list):
+    """This run's prediction records in item order (what `predict` returns), carrying `stored`: every record of
+    the predictions file in file order, this run's among them, so that `finish` rewrites the file without
+    dropping the items this run left out (--limit)."""
+
+    def __init__(self, chosen: Iterable[dict], stored: list[dict]):
+        super().__init__(chosen)
+        self.stored = stored
 
 
 def predict(
@@ -217,13 +281,17 @@ def predict(
     data: Path,
     command: str,
 ) -> tuple[list[dict], dict]:
-    """Every item's prediction record in item order (asked, resumed, or read from `predictions_file`) and the
-    head of results.json: benchmark, rule (name, description), provenance, mode and reused predictions."""
+    """Every item's prediction record in item order (asked, resumed, or read from `predictions_file`; a `Chosen`
+    for `finish`) and the head of results.json: benchmark, rule, provenance, mode and reused predictions."""
     pred_path = Path(predictions_file) if predictions_file else None
     records, reused = collect_predictions(
         items, output, id_field=id_field, asking=asking, predictions_file=pred_path, desc=benchmark
     )
-    chosen = [records[str(it.id)] for it in items]
+    mine = [records[str(it.id)] for it in items]
+    own = output / PREDICTIONS
+    # A re-score into another folder writes only what it scored; into its own file, it keeps the rest.
+    keeps_rest = pred_path is None or (own.exists() and os.path.samefile(pred_path, own))
+    chosen = Chosen(mine, list(records.values()) if keeps_rest else mine)
     head = {
         "benchmark": benchmark,
         "rule": {"name": rule[0], "description": rule[1]},
@@ -236,23 +304,27 @@ def predict(
 
 def finish(output: Path, results: dict, markdown: str, chosen: list[dict], per_item: Iterable[dict]) -> dict:
     """Rewrite predictions.jsonl with what scoring found per item (after the record's own fields, LLaVA's
-    `text` alias dropped), then write results.json and results.md; returns `results`."""
-    write_jsonl(
-        output / PREDICTIONS,
-        (
-            {**{k: v for k, v in rec.items() if k != "text"}, **extra}
-            for rec, extra in zip(chosen, per_item, strict=True)
-        ),
-    )
+    `text` alias dropped), then write results.json and results.md; returns `results`.
+
+    With `chosen` from `predict`, the stored records of items outside this run stay in the file, in their
+    place and as they were (only the `text` alias becomes `prediction`): a --limit run must not throw away
+    predictions that a later full run would otherwise ask the model for again.
+    """
+    # Keyed by identity: `chosen.stored` holds these very record objects.
+    scored = {id(rec): {**_no_text(rec), **extra} for rec, extra in zip(chosen, per_item, strict=True)}
+    stored = chosen.stored if isinstance(chosen, Chosen) else chosen
+    write_jsonl(output / PREDICTIONS, (scored.get(id(rec)) or _no_text(rec) for rec in stored))
     write_report(output, results, markdown)
     return results
 
 
+def _no_text(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k != "text"}
+
+
 def _ask(batch: list[Item], asking: Asking, id_field: str) -> list[dict]:
     queries = [Query(question=it.prompt, image=it.image()) for it in batch]
-    fields = {"checkpoint": asking.checkpoint, "mode": asking.mode}
-    if asking.weights is not None:
-        fields["weights"] = asking.weights
+    fields = asking.settings()
     base = [{id_field: it.id, "prompt": it.prompt, **fields} for it in batch]
     if asking.options is None:
         answers = asking.assistant.generate(queries, max_new_tokens=asking.max_new_tokens)
@@ -367,4 +439,6 @@ def asking_from_args(args: argparse.Namespace, options: list[str] | None = None)
         return None
     assistant = open_assistant(args.checkpoint, load_4bit=args.load_4bit)
     weights = checkpoint_weights(args.checkpoint)
-    return Asking(assistant, args.checkpoint, args.batch_size, args.max_new_tokens, options, weights)
+    return Asking(
+        assistant, args.checkpoint, args.batch_size, args.max_new_tokens, options, weights, args.load_4bit
+    )
