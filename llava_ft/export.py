@@ -403,8 +403,19 @@ def _generation_config(llm, tokenizer, template, suppress: list[int]) -> Generat
     from llava_ft.inference import split_stop_words
 
     gen = copy.deepcopy(llm.generation_config)
-    gen.eos_token_id, stop_strings = split_stop_words(tokenizer, template.stop_words)
-    gen.stop_strings = stop_strings or None  # generate(..., tokenizer=...) matches these on text
+    # What another tool sees is eos_token_id only: it stops when the model emits eos or a single-token stop
+    # word as that very token, not when the word is merged into a larger token (byte-level BPE's ".\n" for the
+    # `plain` template's "\n") or spans several tokens; llava_ft's Assistant also matches them on decoded text.
+    # No stop_strings: transformers' generate refuses to run without `tokenizer=` when the saved config has
+    # them, and runtimes that read only eos ids ignore them.
+    gen.eos_token_id, text_words = split_stop_words(tokenizer, template.stop_words)
+    gen.stop_strings = None
+    if text_words:
+        log.info(
+            "stop words %s are matched on decoded text by llava_ft only; the export stops on token ids %s",
+            text_words,
+            gen.eos_token_id,
+        )
     gen.pad_token_id = tokenizer.pad_token_id
     gen.bos_token_id = tokenizer.bos_token_id
     gen.suppress_tokens = suppress or None

