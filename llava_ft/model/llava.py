@@ -63,7 +63,15 @@ class LlavaModel(nn.Module):
         proj_dtype = next(self.projector.parameters()).dtype
         return self.projector(features.to(proj_dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features at the image positions, images in row order. `image_counts`
+        (images per row, as the collators give it) is checked per row: batch totals alone can match while one
+        row's images land in another."""
         image_mask = input_ids == IMAGE_TOKEN_INDEX
         embed_layer = self.input_embeddings()
         # Placeholders are not vocabulary ids: look up id 0 there and overwrite with image features.
@@ -79,6 +87,15 @@ class LlavaModel(nn.Module):
                     f"{features.shape[1]} tokens = {features.shape[0] * features.shape[1]} features, but "
                     f"input_ids hold {n_positions} image positions"
                 )
+            if image_counts is not None:
+                per_row = image_mask.sum(dim=1).cpu()
+                expected = image_counts.cpu() * features.shape[1]
+                if not torch.equal(per_row, expected):
+                    row = int((per_row != expected).nonzero()[0])
+                    raise ValueError(
+                        f"batch row {row} holds {int(per_row[row])} image positions but "
+                        f"{int(image_counts[row])} image(s) x {features.shape[1]} tokens"
+                    )
             features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
         elif n_positions:
@@ -99,8 +116,7 @@ class LlavaModel(nn.Module):
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ):
-        kwargs.pop("image_counts", None)
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, kwargs.pop("image_counts", None))
         # use_cache=False always in training: with a cache, packed samples would attend to each other.
         inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
         packed = position_ids is not None and attention_mask is None  # PackedCollator's rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -22,17 +23,26 @@ def linear_module_names(module: nn.Module, exclude: tuple[str, ...] = ("lm_head"
 
 
 def vision_lora_targets(tower: nn.Module) -> list[str]:
-    """Linear layers of the tower; nn.MultiheadAttention (open_clip) is targeted whole, because it reads
-    `out_proj.weight` directly and a LoRA on out_proj alone would never receive a gradient."""
-    mha = {name.split(".")[-1] for name, m in tower.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    inside_mha = {
-        f"{name}.{sub}".split(".")[-1]
+    """Full names of the tower's Linear layers in the blocks up to the one whose output is used (`tower.block`):
+    later blocks never reach the loss, so adapters there would be trainable in name only. nn.MultiheadAttention
+    (open_clip) is targeted whole, because it reads `out_proj.weight` directly and a LoRA on out_proj alone
+    would never receive a gradient."""
+    last = getattr(tower, "block", None)
+    mha = [name for name, m in tower.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    names = mha + [
+        name
         for name, m in tower.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-        for sub, _ in m.named_modules()
-        if sub
-    }
-    return sorted(mha | (set(linear_module_names(tower, exclude=())) - inside_mha))
+        if isinstance(m, nn.Linear) and not any(name.startswith(f"{outer}.") for outer in mha)
+    ]
+
+    def used(name: str) -> bool:
+        found = _BLOCK_INDEX.search(name)
+        return last is None or found is None or int(found.group(1)) <= last
+
+    return sorted(name for name in names if used(name))
+
+
+_BLOCK_INDEX = re.compile(r"\.(?:resblocks|layers)\.(\d+)\.")  # open_clip's and transformers' block lists
 
 
 def count_params(module: nn.Module | None) -> tuple[int, int]:

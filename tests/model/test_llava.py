@@ -121,6 +121,11 @@ def test_image_count_mismatch_raises() -> None:
         model.embed(batch["input_ids"], two)
     with pytest.raises(ValueError, match="4 image positions but no pixel_values"):
         model.embed(batch["input_ids"], None)
+    # Totals that match while rows do not: row 0 holds 1 image span and row 2 holds 2, counts say 2 and 1.
+    batch = Collator(pad_token_id=PAD)(MIXED)
+    swapped = torch.tensor([2, 0, 1])
+    with pytest.raises(ValueError, match="batch row 0 holds 4 image positions but 2 image"):
+        model(**{**batch, "image_counts": swapped})
     text_only = LlavaModel(model.llm)
     with pytest.raises(ValueError, match="no vision tower"):
         text_only.embed(batch["input_ids"], batch["pixel_values"])

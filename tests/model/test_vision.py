@@ -199,3 +199,30 @@ def test_hf_folder_with_missing_weights_is_refused(tmp_path):
         ValueError, match=r"missing from the checkpoint: \['encoder.layers.0.mlp.fc1.weight'\]"
     ):
         tower("hf", folder)
+
+
+@pytest.mark.parametrize("backend", ["open_clip", "hf"])
+@pytest.mark.parametrize("feature_layer", [-1, -2, 1])
+def test_vision_lora_only_where_it_reaches_the_features(open_clip_dir, hf_dir, backend, feature_layer):
+    """Every LoRA weight trainable.vision=lora adds must get a gradient: blocks after `feature_layer` never
+    reach the features, so they get no adapter (one there would be trainable in name only)."""
+    from peft import LoraConfig, get_peft_model
+
+    from llava_ft.model.trainability import vision_lora_targets
+
+    t = tower(backend, open_clip_dir if backend == "open_clip" else hf_dir, feature_layer=feature_layer)
+    peft_tower = get_peft_model(t, LoraConfig(r=2, lora_alpha=4, target_modules=vision_lora_targets(t)))
+    with torch.no_grad():  # B starts at zero, which would leave A without a gradient anywhere
+        for name, p in peft_tower.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    pixels = torch.randn(1, 3, t.image_size, t.image_size)
+    peft_tower(pixels).square().sum().backward()
+    lora = {n: p for n, p in peft_tower.named_parameters() if "lora_" in n}
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values()), [
+        n for n, p in lora.items() if p.grad is None or not p.grad.abs().sum()
+    ]
+    blocks = {
+        int(n.split("resblocks." if backend == "open_clip" else "layers.")[1].split(".")[0]) for n in lora
+    }
+    assert blocks == set(range(t.block + 1))
