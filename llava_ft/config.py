@@ -454,13 +454,14 @@ def validate(cfg: RunConfig) -> None:
         )
     _need(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     _need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
-    _need(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "a finite number > 0")
+    # lr 0 is allowed: a run that only checks the pipeline (and tests) trains nothing on purpose.
+    _need(math.isfinite(t.lr) and t.lr >= 0, "train.lr", t.lr, "a finite number >= 0")
     if t.projector_lr is not None:
         _need(
-            math.isfinite(t.projector_lr) and t.projector_lr > 0,
+            math.isfinite(t.projector_lr) and t.projector_lr >= 0,
             "train.projector_lr",
             t.projector_lr,
-            "a finite number > 0 or null (train.lr)",
+            "a finite number >= 0 or null (train.lr)",
         )
     _need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, ">= 0 and < 1")
     _need(

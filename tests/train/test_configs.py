@@ -102,10 +102,9 @@ def test_string_fields_keep_their_text(tmp_path):
         ("train.batch_size", "0"),
         ("train.grad_accum", "0"),
         ("train.lr", "nan"),
-        ("train.lr", "0"),
         ("train.lr", "-1e-4"),
         ("train.projector_lr", "inf"),
-        ("train.projector_lr", "0"),
+        ("train.projector_lr", "-1"),
         ("train.warmup_ratio", "1"),
         ("train.warmup_ratio", "-0.1"),
         ("train.warmup_ratio", "nan"),
@@ -120,9 +119,19 @@ def test_bad_numbers_are_named(key, value):
 
 
 def test_number_edges_accepted():
-    args = ["--train.warmup_ratio", "0", "--train.weight_decay", "0", "--train.max_grad_norm", "0"]
+    args = [
+        "--train.warmup_ratio",
+        "0",
+        "--train.weight_decay",
+        "0",
+        "--train.max_grad_norm",
+        "0",
+        "--train.lr",
+        "0",
+    ]
     cfg = load_config(CONFIGS[0], parse_overrides(args))
-    assert (cfg.train.warmup_ratio, cfg.train.weight_decay, cfg.train.max_grad_norm) == (0, 0, 0)
+    t = cfg.train
+    assert (t.warmup_ratio, t.weight_decay, t.max_grad_norm, t.lr) == (0, 0, 0, 0)  # lr 0: a pipeline check
     # with max_steps set, epochs is ignored: 0 is fine, a negative value still is not
     cfg = load_config(CONFIGS[0], parse_overrides(["--train.max_steps", "10", "--train.epochs", "0"]))
     assert cfg.train.max_steps == 10 and cfg.train.epochs == 0
