@@ -37,11 +37,16 @@ class MLPProjector(nn.Module):
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """`linear`, `mlp2x_gelu` (LLaVA-1.5) or `mlpNx_gelu` (N linear layers, N >= 1)."""
+    return MLPProjector(in_dim, out_dim, depth=projector_depth(kind))
+
+
+def projector_depth(kind: str) -> int:
+    """Linear layers of a projector kind; ValueError for an unknown kind (config validation calls it too)."""
     if kind == "linear":
-        return MLPProjector(in_dim, out_dim, depth=1)
+        return 1
     match = _MLP_KIND.fullmatch(kind)
     if match is None or int(match.group(1)) < 1:
         raise ValueError(
             f"unknown projector kind {kind!r}: expected 'linear', 'mlp2x_gelu' or 'mlpNx_gelu' (N >= 1)"
         )
-    return MLPProjector(in_dim, out_dim, depth=int(match.group(1)))
+    return int(match.group(1))

@@ -111,6 +111,10 @@ def test_string_fields_keep_their_text(tmp_path):
         ("train.weight_decay", "-0.01"),
         ("train.max_grad_norm", "nan"),
         ("train.max_grad_norm", "-1"),
+        ("train.logging_steps", "0"),
+        ("train.save_steps", "-1"),
+        ("train.save_total_limit", "-3"),
+        ("train.dataloader_workers", "-1"),
     ],
 )
 def test_bad_numbers_are_named(key, value):
@@ -137,3 +141,18 @@ def test_number_edges_accepted():
     assert cfg.train.max_steps == 10 and cfg.train.epochs == 0
     with pytest.raises(ConfigError, match="train.epochs must be"):
         load_config(CONFIGS[0], parse_overrides(["--train.max_steps", "10", "--train.epochs", "-1"]))
+
+
+@pytest.mark.parametrize(
+    "override, problem",
+    [
+        (["--train.lr_scheduler", "cosin"], "train.lr_scheduler: 'cosin' is not one of"),
+        (["--model.projector", "mlp"], "model.projector: unknown projector kind 'mlp'"),
+        (["--data.train", "[{path: x.json, format: llva}]"], r"data.train\[0\].format: 'llva' is not one of"),
+    ],
+)
+def test_unknown_names_are_refused_when_the_config_loads(override, problem):
+    """Names handed to other code (scheduler, projector, data format) fail at load, naming the field, not
+    minutes later when the run is built."""
+    with pytest.raises(ConfigError, match=rf"{CONFIGS[0].name}: {problem}"):
+        load_config(CONFIGS[0], parse_overrides(override))
