@@ -228,6 +228,17 @@ def collect_predictions(
         raise ValueError("give exactly one of asking (a model) or predictions_file (re-score)")
     if predictions_file is not None:
         records = read_predictions(predictions_file, id_field)
+        own = output / PREDICTIONS
+        if own.exists() and not os.path.samefile(predictions_file, own):
+            # The re-score rewrites that file with what it scored: refuse if that loses an answer not in the source.
+            lost = [k for k, rec in read_predictions(own, id_field).items()
+                    if records.get(k, {}).get("prediction") != rec.get("prediction")]  # fmt: skip
+            if lost:
+                raise DataError(
+                    str(own),
+                    f"holds {len(lost)} prediction(s) not in {predictions_file} (first id: {lost[0]}) that the "
+                    "re-score would replace: use a fresh --output",
+                )
         missing = [it.id for it in items if str(it.id) not in records]
         if missing:
             raise DataError(

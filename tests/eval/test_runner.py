@@ -85,6 +85,14 @@ def test_rescore_with_limit(tmp_path, vqa_data, image_dir, scripted):
     # Into another folder: only what was scored.
     vqa.run_vqa(vqa_data, image_dir, tmp_path / "re", predictions_file=out / "predictions.jsonl", limit=2)
     assert [r["question_id"] for r in _records(tmp_path / "re" / "predictions.jsonl")] == [0, 1]
+    # Again into it: nothing there is lost; but a folder holding other answers is not overwritten.
+    vqa.run_vqa(vqa_data, image_dir, tmp_path / "re", predictions_file=out / "predictions.jsonl", limit=3)
+    other = tmp_path / "other"
+    vqa.run_vqa(vqa_data, image_dir, other, asking=Asking(scripted(lambda q: "No."), "ck2"))
+    before = (other / "predictions.jsonl").read_bytes()
+    with pytest.raises(DataError, match=r"holds 6 prediction\(s\) not in .* use a fresh --output"):
+        vqa.run_vqa(vqa_data, image_dir, other, predictions_file=out / "predictions.jsonl")
+    assert (other / "predictions.jsonl").read_bytes() == before
 
 
 def test_text_alias_of_kept_records_becomes_prediction(tmp_path, vqa_data, image_dir, scripted):
