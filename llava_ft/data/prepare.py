@@ -17,8 +17,8 @@ Nth batch of 256 records end to end (convert, encode, write Arrow); the parent i
 and counts back in record order, so the output is the same as one process's.
 
 Storage: one IMAGE_TOKEN_INDEX per image (expanded when read), `length` the full length, images as written
-in the record. The cache entry is a folder named by the key (data file content and path, format, template, tokenizer,
-max_length, image tokens, options, this code's source); it is built under a temporary name and renamed when
+in the record. The cache entry is a folder named by the key (data file content and path, format, template,
+tokenizer, max_length, image tokens, options, this code's source); it is built under a temporary name and renamed when
 complete, and its checksum is verified before it is loaded, so a half-written or damaged entry is rebuilt.
 """
 

@@ -85,19 +85,22 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
-    _remove_stale_parts(out, cfg, model)
-    if cfg.trainable.projector == "full" and model.projector is not None:
+    trains = _trained_parts(cfg, model)
+    for name, trained in trains.items():
+        if not trained and (out / name).exists():
+            _remove_stale(out, name)
+    if trains[PROJECTOR_NAME]:
         atomic_save_tensors(model.projector.state_dict(), out / PROJECTOR_NAME)
-    if cfg.trainable.llm in ("lora", "qlora"):
+    if trains["llm_adapter"]:
         atomic_dir(out / "llm_adapter", lambda d: model.llm.save_pretrained(d, safe_serialization=True))
-    if cfg.trainable.llm == "full":
+    if trains["llm"]:
 
         def write_llm(d: Path) -> None:
             model.llm.save_pretrained(d, safe_serialization=True)
             tokenizer.save_pretrained(d)
 
         atomic_dir(out / "llm", write_llm)
-    if cfg.trainable.vision == "lora":
+    if trains["vision_adapter"]:
         atomic_dir(
             out / "vision_adapter", lambda d: model.vision_tower.save_pretrained(d, safe_serialization=True)
         )
@@ -109,24 +112,25 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
     return out
 
 
-def _remove_stale_parts(out: Path, cfg: RunConfig, model) -> None:
-    """Parts an earlier run into the same folder trained but this one does not: loading applies every part
-    present, so a leftover adapter or projector would silently change the model."""
-    written = {
+def _trained_parts(cfg: RunConfig, model) -> dict[str, bool]:
+    """Which parts of a stage output this config writes (the only place that decides it)."""
+    return {
         PROJECTOR_NAME: cfg.trainable.projector == "full" and model.projector is not None,
         "llm_adapter": cfg.trainable.llm in ("lora", "qlora"),
         "llm": cfg.trainable.llm == "full",
         "vision_adapter": cfg.trainable.vision == "lora",
     }
-    for name, kept in written.items():
-        part = out / name
-        if kept or not part.exists():
-            continue
-        log.warning("%s: removing %s left by an earlier run (this stage does not train it)", out, name)
-        if part.is_dir():
-            shutil.rmtree(part)
-        else:
-            part.unlink()
+
+
+def _remove_stale(out: Path, name: str) -> None:
+    """A part an earlier run into the same folder trained but this one does not: loading applies every part
+    present, so a leftover adapter or projector would silently change the model."""
+    log.warning("%s: removing %s left by an earlier run (this stage does not train it)", out, name)
+    part = out / name
+    if part.is_dir():
+        shutil.rmtree(part)
+    else:
+        part.unlink()
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
