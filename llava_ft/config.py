@@ -427,9 +427,13 @@ def _need(ok: bool, name: str, value: Any, what: str) -> None:
 def _validate_names(cfg: RunConfig) -> None:
     """Names the config hands to code elsewhere, checked now rather than when the run is built (minutes later,
     after data preparation). Imported here: the owners of the names stay their one place."""
+    from transformers.integrations import get_available_reporting_integrations
     from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
 
     from llava_ft.data.sources import FORMATS
+    from llava_ft.data.templates import TEMPLATE_NAMES
+    from llava_ft.model.build import attn_implementations
     from llava_ft.model.projector import projector_depth
 
     try:
@@ -442,6 +446,22 @@ def _validate_names(cfg: RunConfig) -> None:
     schedulers = [s.value for s in SchedulerType]
     if cfg.train.lr_scheduler not in schedulers:
         raise ConfigError(f"train.lr_scheduler: {cfg.train.lr_scheduler!r} is not one of {schedulers}")
+    if cfg.data.template not in TEMPLATE_NAMES:
+        raise ConfigError(f"data.template: {cfg.data.template!r} is not one of {list(TEMPLATE_NAMES)}")
+    optimizers = [o.value for o in OptimizerNames]
+    if cfg.train.optim not in optimizers:
+        raise ConfigError(f"train.optim: {cfg.train.optim!r} is not one of transformers' {optimizers}")
+    if cfg.train.report_to != "none" and cfg.train.report_to not in get_available_reporting_integrations():
+        raise ConfigError(
+            f"train.report_to: {cfg.train.report_to!r} is not installed here; installed: "
+            f"{get_available_reporting_integrations()}, or none"
+        )
+    attn = cfg.model.attn_implementation
+    # A name with a slash is a hub kernel, which transformers resolves itself.
+    if attn is not None and attn not in attn_implementations() and "/" not in attn:
+        raise ConfigError(f"model.attn_implementation: {attn!r} is not one of {attn_implementations()}")
+    if cfg.train.deepspeed is not None and not Path(cfg.train.deepspeed).is_file():
+        raise ConfigError(f"train.deepspeed: {cfg.train.deepspeed}: no such file")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -464,6 +484,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.loss_chunk_size must be positive")
     _validate_names(cfg)
     t = cfg.train
+    lora = cfg.lora
+    _need(lora.r >= 1, "lora.r", lora.r, ">= 1")
+    _need(lora.vision_r >= 1, "lora.vision_r", lora.vision_r, ">= 1")
+    _need(0 <= lora.dropout < 1, "lora.dropout", lora.dropout, ">= 0 and < 1")
     _need(t.logging_steps >= 1, "train.logging_steps", t.logging_steps, ">= 1")
     _need(t.save_steps >= 0, "train.save_steps", t.save_steps, ">= 0 (0: only at the end)")
     _need(t.save_total_limit >= 1, "train.save_total_limit", t.save_total_limit, ">= 1")

@@ -9,9 +9,18 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 config=configs/tiny/$stage.yaml
 if [ $# -gt 0 ] && [[ "$1" != --* ]]; then config=$1; shift; fi
 if [[ "$config" == configs/tiny/* ]]; then
-  # The embedded tiny default: synthetic data and tiny checkpoints (made once), and the text stage the
-  # tiny LLM needs before it can read captions.
+  # The embedded tiny default: synthetic data and tiny checkpoints (made once), then the stages it builds on
+  # when their outputs are missing: the text stage the tiny LLM needs before it can read captions, and for
+  # the finetune the pretrain it starts from (train.init_from).
   .venv/bin/python -m llava_ft.demo.prepare
+  needs=(text)
+  [[ "$config" == configs/tiny/finetune.yaml ]] && needs+=(pretrain)
+  for need in "${needs[@]}"; do
+    if [ ! -f "work_dirs/tiny/$need/llava_ft.yaml" ]; then
+      echo "$stage: first the tiny $need stage it builds on (configs/tiny/$need.yaml)"
+      .venv/bin/llava-ft train "configs/tiny/$need.yaml"
+    fi
+  done
 fi
 if [ "${NPROC:-1}" -gt 1 ]; then
   exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" -m llava_ft.cli.main train "$config" "$@"

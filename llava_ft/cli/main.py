@@ -19,7 +19,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_ft.train.run import train
 
     cfg = load_config(args.config, parse_overrides(extra))
-    result = train(cfg, resume=args.resume if args.resume != "auto" else True)
+    result = train(cfg, resume=args.resume if args.resume != "auto" else True, overwrite=args.overwrite)
     print(f"stage output: {result.output_dir}")
     _shut_down_distributed()
     return 0
@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         const="auto",
         default=False,
         help="resume from the newest checkpoint-N in the output folder, or from the folder given",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an output folder holding an earlier run's checkpoint-N folders (removes them)",
     )
     p.set_defaults(func=cmd_train, takes_extra=True)
 

@@ -432,12 +432,22 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--predictions", type=Path, help="re-score this predictions.jsonl without a model")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True, help="folder for predictions.jsonl and results")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="evaluate only the first N questions"
+    )
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--n-resamples", type=positive_int, default=1000, help="bootstrap resamples")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a slice by a negative --limit would silently drop items from the end."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def command_line(argv: list[str] | None) -> str:

@@ -30,6 +30,14 @@ def flash_attn_available() -> bool:
     return is_flash_attn_2_available()
 
 
+def attn_implementations() -> list[str]:
+    """The names a config may give: transformers' own, and model/attention.py's packed SDPA (a hub kernel
+    "org/name" is resolved by transformers itself)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys(), PACKED_SDPA]
+
+
 def resolve_attn_implementation(
     name: str | None, *, packing: bool = False, on_gpu: bool | None = None
 ) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -12,13 +13,20 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
-from llava_ft.config import RunConfig
+from llava_ft.config import ConfigError, RunConfig
 from llava_ft.data.dataset import build_dataset
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability, log_trainability
 from llava_ft.report import write_report
 from llava_ft.train.checkpoint import apply_stage_weights, gathered_trainable, save_stage_output, trained_llm
-from llava_ft.train.trainer import LlavaTrainer, finished_checkpoint, last_checkpoint, restore_finished
+from llava_ft.train.trainer import (
+    LlavaTrainer,
+    checkpoint_folders,
+    finished_checkpoint,
+    last_checkpoint,
+    planned_steps,
+    restore_finished,
+)
 
 log = logging.getLogger("llava_ft")
 
@@ -30,10 +38,21 @@ class StageResult:
     summary: dict
 
 
-def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None = None) -> StageResult:
+def train(
+    cfg: RunConfig, *, resume: bool | str = False, overwrite: bool = False, callbacks: list | None = None
+) -> StageResult:
+    """One stage. resume: continue from the newest checkpoint-N in the output folder (True) or from the one
+    given. overwrite: a fresh run into a folder holding an earlier run's checkpoints removes them; without it
+    such a run is refused (their steps would be mixed with this run's by rotation and --resume)."""
     started = time.time()
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
+    earlier = [] if resume else checkpoint_folders(out)
+    if earlier and not overwrite:
+        raise ConfigError(
+            f"{out} holds {', '.join(f.name for _, f in earlier)} from an earlier run: --resume continues it, "
+            "--overwrite starts again and removes them"
+        )
 
     # 1. Parts: tokenizer + chat template, vision tower, projector, LLM (4-bit when asked).
     from llava_ft.data.templates import get_template
@@ -55,6 +74,10 @@ def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None 
     # 3. Data: records -> conversations -> token ids + labels; images read lazily. With the cache on, one
     # process per machine prepares it while the other ranks wait, then load it from the cache.
     args = training_arguments(cfg)
+    if earlier and args.should_save:
+        log.warning("--overwrite: removing the earlier run's %s", ", ".join(f.name for _, f in earlier))
+        for _, folder in earlier:
+            shutil.rmtree(folder)
     processor = model.vision_tower.processor if model.vision_tower is not None else None
     first = args.main_process_first(local=True, desc="data preparation") if cfg.data.cache else nullcontext()
     with first:
@@ -81,7 +104,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None 
         if resume_from is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint-N folder in {out}")
         log.info("resuming from %s", resume_from)
-    if resume_from is not None and finished_checkpoint(resume_from):
+    if resume_from is not None and finished_checkpoint(resume_from, planned_steps(trainer)):
         # Killed after its last checkpoint: the Trainer would take one step past max_steps before checking it.
         log.info("%s is the last step: writing the stage output from it without training", resume_from)
         result = restore_finished(trainer, resume_from)
@@ -90,10 +113,11 @@ def train(cfg: RunConfig, *, resume: bool | str = False, callbacks: list | None 
 
     # 5. Save only what trained, with the resolved config and the template.
     summary = {}
+    counts = trainer.all_token_counts()
     with gathered_trainable(model):
         if trainer.args.should_save:
             save_stage_output(model, cfg, tokenizer, template, out)
-            summary = write_summary(out, cfg, trainer, result, stats, model, time.time() - started)
+            summary = write_summary(out, cfg, trainer, result, stats, model, counts, time.time() - started)
             write_report(out, trainer.state.log_history, summary)
     return StageResult(out, model, summary)
 
@@ -160,9 +184,11 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
     )
 
 
-def write_summary(out: Path, cfg: RunConfig, trainer, result, stats, model, wall_s: float) -> dict:
+def write_summary(
+    out: Path, cfg: RunConfig, trainer, result, stats, model, counts: dict[str, int], wall_s: float
+) -> dict:
+    """summary.json; counts: the token counts of all processes together."""
     history = [h for h in trainer.state.log_history if "loss" in h]
-    counts = trainer.token_counts
     runtime = result.metrics.get("train_runtime", 0.0)
     summary = {
         "name": cfg.name,

@@ -90,6 +90,18 @@ class LlavaTrainer(Trainer):
             counts["samples"] += int(((inputs["position_ids"] == 0) & real).sum())
         counts["trained"] += int((inputs["labels"] != -100).sum())
 
+    def all_token_counts(self) -> dict[str, int]:
+        """token_counts summed over all processes (each counts only the batches it ran). Every rank must call it."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return dict(self.token_counts)
+        keys = sorted(self.token_counts)
+        total = torch.tensor([self.token_counts[k] for k in keys], dtype=torch.int64, device=self.args.device)
+        dist.all_reduce(total)
+        return dict(zip(keys, total.tolist(), strict=True))
+
 
 class DatasetEpoch(TrainerCallback):
     """Tells an epoch-dependent dataset (packed rows, re-planned per epoch) which epoch starts. accelerate
@@ -104,10 +116,23 @@ class DatasetEpoch(TrainerCallback):
         self.dataset.set_epoch(state.global_step // steps_per_epoch)
 
 
-def finished_checkpoint(checkpoint: str) -> bool:
-    """Whether a checkpoint is the run's last step (the Trainer, resumed there, would take one step more)."""
-    state = json.loads(Path(checkpoint, "trainer_state.json").read_text())
-    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+def planned_steps(trainer: Trainer) -> int:
+    """This run's optimiser steps, as the Trainer computes them (max_steps, else epochs x steps per epoch)."""
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
+def finished_checkpoint(checkpoint: str, max_steps: int) -> bool:
+    """Whether a checkpoint already holds this run's last step (the Trainer, resumed there, would take one step
+    more). The checkpoint's own max_steps does not count: a resume may extend the run (more steps or epochs)."""
+    step = json.loads(Path(checkpoint, "trainer_state.json").read_text())["global_step"]
+    if step > max_steps:
+        from llava_ft.config import ConfigError
+
+        raise ConfigError(
+            f"--resume: {checkpoint} is at step {step}, past this run's {max_steps} steps; resume from an "
+            "earlier checkpoint-N or raise train.max_steps / train.epochs"
+        )
+    return step == max_steps
 
 
 def restore_finished(trainer: LlavaTrainer, checkpoint: str) -> TrainOutput:
@@ -118,18 +143,22 @@ def restore_finished(trainer: LlavaTrainer, checkpoint: str) -> TrainOutput:
     return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
 
 
+def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every checkpoint-N folder in output_dir (complete or not), oldest first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for folder in out.iterdir():
+        step = folder.name[len("checkpoint-") :]
+        if folder.name.startswith("checkpoint-") and step.isdigit() and folder.is_dir():
+            found.append((int(step), folder))
+    return sorted(found)
+
+
 def last_checkpoint(output_dir: str) -> str | None:
     """The newest complete checkpoint-N folder (one with trainer_state.json, written after the weights)."""
-    if not os.path.isdir(output_dir):
-        return None
-    best = None
-    for name in os.listdir(output_dir):
-        if name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit():
-            folder = os.path.join(output_dir, name)
-            if os.path.isfile(os.path.join(folder, "trainer_state.json")) and os.path.isfile(
-                os.path.join(folder, TRAINABLE_NAME)
-            ):
-                step = int(name[len("checkpoint-") :])
-                if best is None or step > best[0]:
-                    best = (step, folder)
-    return best[1] if best else None
+    for _, folder in reversed(checkpoint_folders(output_dir)):
+        if (folder / "trainer_state.json").is_file() and (folder / TRAINABLE_NAME).is_file():
+            return str(folder)
+    return None

@@ -273,3 +273,14 @@ def test_data_files_keep_refusing_a_cut_off_last_line(tmp_path, vqa_data, image_
     vqa_data.write_bytes(vqa_data.read_bytes()[:-5])
     with pytest.raises(DataError, match=rf"vqa.jsonl line {N}: not valid JSON"):
         vqa.load_vqa(vqa_data, image_dir)
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--batch-size", "--max-new-tokens", "--n-resamples"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_counts_below_one_are_refused(tmp_path, vqa_data, image_dir, flag, value, capsys):
+    """--limit -1 once scored all but the last item, --limit 0 scored nothing as nan, both with exit 0."""
+    argv = ["--predictions", "p.jsonl", "--data", str(vqa_data), "--images", str(image_dir)]
+    with pytest.raises(SystemExit) as exit_info:
+        vqa.main([*argv, "--output", str(tmp_path), flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag}: must be >= 1, got {value}" in capsys.readouterr().err

@@ -115,6 +115,10 @@ def test_string_fields_keep_their_text(tmp_path):
         ("train.save_steps", "-1"),
         ("train.save_total_limit", "-3"),
         ("train.dataloader_workers", "-1"),
+        ("lora.r", "0"),
+        ("lora.vision_r", "-8"),
+        ("lora.dropout", "1"),
+        ("lora.dropout", "-0.1"),
     ],
 )
 def test_bad_numbers_are_named(key, value):
@@ -149,6 +153,11 @@ def test_number_edges_accepted():
         (["--train.lr_scheduler", "cosin"], "train.lr_scheduler: 'cosin' is not one of"),
         (["--model.projector", "mlp"], "model.projector: unknown projector kind 'mlp'"),
         (["--data.train", "[{path: x.json, format: llva}]"], r"data.train\[0\].format: 'llva' is not one of"),
+        (["--data.template", "internlm2"], "data.template: 'internlm2' is not one of"),
+        (["--train.optim", "adam"], "train.optim: 'adam' is not one of"),
+        (["--train.report_to", "no-such-tracker"], "train.report_to: 'no-such-tracker' is not installed"),
+        (["--model.attn_implementation", "flsh"], "model.attn_implementation: 'flsh' is not one of"),
+        (["--train.deepspeed", "nothere.json"], "train.deepspeed: nothere.json: no such file"),
     ],
 )
 def test_unknown_names_are_refused_when_the_config_loads(override, problem):

@@ -65,6 +65,8 @@ def test_two_process_finetune(deepspeed, llava_cfg, shapes, tmp_path):
     assert sum("(hit," in line for line in prepared) == 1, prepared
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 4
+    # Throughput counts every rank's batches, not rank 0's alone.
+    assert summary["samples"] == 4 * cfg.train.grad_accum * 2 * 2, summary["samples"]
     # Under ZeRO-3 parameters are sharded: the saved weights must be whole, not a rank's empty shard.
     from safetensors.torch import load_file
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import TrainerCallback
 
+from llava_ft.config import ConfigError
 from llava_ft.train.run import train
 
 
@@ -39,8 +41,6 @@ def test_resume_matches_uninterrupted_run(llava_cfg, tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(llava_cfg, tmp_path):
-    import pytest
-
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(llava_cfg(tmp_path / "none", stage="finetune", llm_mode="lora"), resume=True)
 
@@ -78,3 +78,30 @@ def test_resume_from_the_last_checkpoint_takes_no_further_step(llava_cfg, tmp_pa
     assert resumed.summary["steps"] == 4 and (tmp_path / "run" / "llava_ft.yaml").is_file()
     again = trainable(resumed.model)
     assert max(float((again[n] - expected[n]).abs().max()) for n in expected) == 0.0
+
+
+def test_resume_with_more_steps_continues_the_run(llava_cfg, tmp_path):
+    """A finished run resumed with a larger max_steps trains on to it, as one run of that length would."""
+    kwargs = dict(stage="finetune", llm_mode="lora", save_steps=2, lr_scheduler="constant")
+    longer = trainable(train(llava_cfg(tmp_path / "long", max_steps=6, **kwargs)).model)
+    train(llava_cfg(tmp_path / "run", max_steps=4, **kwargs))
+    extended = train(llava_cfg(tmp_path / "run", max_steps=6, **kwargs), resume=True)
+    assert extended.summary["steps"] == 6
+    again = trainable(extended.model)
+    assert max(float((again[n] - longer[n]).abs().max()) for n in longer) < 1e-5
+    with pytest.raises(ConfigError, match="checkpoint-6 is at step 6, past this run's 2 steps"):
+        train(llava_cfg(tmp_path / "run", max_steps=2, **kwargs), resume=True)
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused_or_overwrites(llava_cfg, tmp_path):
+    """An earlier run's checkpoints would be rotated in place of this run's and picked up by --resume."""
+    kwargs = dict(stage="finetune", llm_mode="lora", max_steps=4, save_steps=2)
+    train(llava_cfg(tmp_path / "run", lr=5e-3, seed=1, **kwargs))
+    with pytest.raises(ConfigError, match="holds checkpoint-2, checkpoint-4 from an earlier run: --resume"):
+        train(llava_cfg(tmp_path / "run", **kwargs))
+    fresh = trainable(train(llava_cfg(tmp_path / "fresh", **kwargs)).model)
+    again = train(llava_cfg(tmp_path / "run", **kwargs), overwrite=True, callbacks=[StopAt(2)])
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = trainable(train(llava_cfg(tmp_path / "run", **kwargs), resume=True).model)
+    assert again.summary["steps"] == 2
+    assert max(float((resumed[n] - fresh[n]).abs().max()) for n in fresh) < 1e-5
