@@ -123,15 +123,16 @@ def load_merged(checkpoint: str | Path):
     """(cfg, tokenizer, template, LlavaModel with adapters applied but not merged), fp32, unquantized."""
     from llava_ft.data.templates import get_template
     from llava_ft.model.build import build_model
-    from llava_ft.train.checkpoint import apply_stage_weights, read_template_info, stage_model_config
+    from llava_ft.train.checkpoint import apply_stage_weights, check_stage_files, stage_model_config
 
     ckpt = Path(checkpoint)
     cfg = stage_model_config(ckpt)
+    info = check_stage_files(ckpt)  # a damaged stage output fails before the models load
     # QLoRA adapters merge into the base in full precision: a 4-bit base cannot hold the merged weights.
     cfg.model.dtype = "float32"
     tokenizer, model = build_model(cfg, load_in_4bit=False)
     apply_stage_weights(model, ckpt, adapters="load")
-    template = get_template(read_template_info(ckpt)["name"], tokenizer)
+    template = get_template(info["name"], tokenizer)
     return cfg, tokenizer, template, model.eval()
 
 
@@ -143,10 +144,33 @@ def merge_adapters(model) -> list[str]:
     for attr in ("llm", "vision_tower"):
         module = getattr(model, attr)
         while isinstance(module, PeftModel):  # one wrapper per stage that trained an adapter
+            if attr == "llm" and untie_adapted_embeddings(module.get_base_model()):
+                log.info("LoRA targets the tied input/output embeddings: the export saves lm_head separately")
             module = module.merge_and_unload()
             merged.append(attr)
         setattr(model, attr, module)
     return merged
+
+
+def untie_adapted_embeddings(llm) -> bool:
+    """Give the output layer its own copy of the shared embedding matrix when a LoRA adapts either of them.
+
+    Merging adds a LoRA's delta to its base weight; with tied embeddings that weight is also the other layer's,
+    so an lm_head delta would change the input embeddings (and vice versa). Returns whether it untied."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inp, out = llm.get_input_embeddings(), llm.get_output_embeddings()
+    if out is None or inp is None or not (isinstance(inp, BaseTunerLayer) or isinstance(out, BaseTunerLayer)):
+        return False
+    head = out.get_base_layer() if isinstance(out, BaseTunerLayer) else out
+    table = inp.get_base_layer() if isinstance(inp, BaseTunerLayer) else inp
+    if head.weight.data_ptr() != table.weight.data_ptr():
+        return False
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    # Saved and reloaded untied: with tie_word_embeddings transformers would tie them again on load.
+    for config in {id(c): c for c in (llm.config, llm.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -280,6 +304,50 @@ def chat_template_for(template, tokenizer) -> str:
     raise ValueError(f"no chat template (Jinja) known to render like llava_ft's '{template.name}' template")
 
 
+def processor_chat_template(jinja: str, tokenizer: PreTrainedTokenizerBase, template) -> str:
+    """The processor's chat template, so that both processor paths give training's ids:
+    `processor(text=apply_chat_template(...))` (special tokens added by the tokenizer) and
+    `apply_chat_template(..., tokenize=True)` (which adds them only when the prompt does not start with BOS).
+
+    `jinja` writes BOS as training did. When the tokenizer adds BOS itself, the template drops its leading one,
+    as llava-hf's processors do, provided the text then tokenizes the same; otherwise (sentencepiece-style
+    tokenizers tokenize "A" after `<s>` unlike at the start) the template keeps BOS and the tokenizer stops
+    adding it (`tokenizer` is changed in place)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    auto = tokenizer("a")["input_ids"]
+    if auto == plain:
+        return jinja  # nothing added: the template's own BOS stays
+    bos = tokenizer.bos_token
+    convs = [
+        Conversation(messages=m) for m in _probe_conversations(template.name) if IMAGE_TOKEN not in str(m)
+    ]
+    convs = convs or [Conversation(messages=[Message("user", "Hi")])]
+    texts = [
+        template.render(c, bos=bos or "", eos=tokenizer.eos_token or "", add_generation_prompt=True)
+        for c in convs
+    ]
+    if bos is not None and auto == [tokenizer.bos_token_id, *plain] and all(t.startswith(bos) for t in texts):
+        if all(
+            tokenizer(t[len(bos) :])["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]
+            for t in texts
+        ):
+            # Render with BOS (the checked template), then drop the leading one: later BOS tokens (llama2_chat's
+            # per turn) stay.
+            return (
+                "{% set _rendered %}" + jinja + "{% endset %}{{ _rendered[bos_token|length:] "
+                "if bos_token and _rendered.startswith(bos_token) else _rendered }}"
+            )
+    tokenizer.add_bos_token = False
+    tokenizer.add_eos_token = False
+    if tokenizer("a")["input_ids"] != plain:
+        added = tokenizer.convert_ids_to_tokens([t for t in auto if t not in plain])
+        raise ValueError(
+            f"the tokenizer adds {added} to every text and cannot be told not to: a LlavaProcessor would "
+            f"tokenize prompts unlike llava_ft's '{template.name}' template (export --format merged-llm instead)"
+        )
+    return jinja
+
+
 def _renders_like(template, tokenizer, jinja: str, messages: list[Message]) -> bool:
     conv = Conversation(messages=messages, images=["x"] * sum(m.content.count(IMAGE_TOKEN) for m in messages))
     bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
@@ -379,11 +447,22 @@ def build_hf_llava(model, image_token_index: int):
     return llava.eval()
 
 
+# transformers' center_crop floors the margin; llava_ft (torchvision's CenterCrop) rounds it half to even, so
+# for some image sizes every pixel would be one position off.
+CROP_UNSUPPORTED = (
+    "model.vision.image_aspect: crop cannot be exported as hf-llava: transformers' LlavaImageProcessor centre "
+    "crops at other offsets than llava_ft (one pixel off for some image sizes). Export --format merged-llm, "
+    "or train with image_aspect pad or resize"
+)
+
+
 def image_processor_for(tower):
     """LlavaImageProcessor reproducing llava_ft's ImageProcessor (use the PIL backend for exact pixels)."""
     from transformers import LlavaImageProcessor
 
     p = tower.processor
+    if p.aspect == "crop":
+        raise ValueError(CROP_UNSUPPORTED)
     size = p.image_size
     common = {"image_mean": list(p.mean), "image_std": list(p.std), "resample": 3, "do_convert_rgb": True}
     if p.aspect == "resize":
@@ -425,13 +504,16 @@ def _generation_config(llm, tokenizer, template, suppress: list[int]) -> Generat
 # --------------------------------------------------------------------------------------------- checks
 
 
+_DUMMY_QUESTION = "Describe this in  detail.\nPlease!"
+
+
 def _dummy_inputs(model, tokenizer, template, with_image: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """llava_ft prompt ids (with IMAGE_TOKEN_INDEX placeholders when with_image) and pixel values for the
     logit checks."""
     from llava_ft.data.tokenize import Encoder
 
     has_vision = with_image and model.vision_tower is not None
-    question = (f"{IMAGE_TOKEN}\n" if has_vision else "") + "Describe this in  detail.\nPlease!"
+    question = (f"{IMAGE_TOKEN}\n" if has_vision else "") + _DUMMY_QUESTION
     conv = Conversation(messages=[Message("user", question)], images=["dummy"] if has_vision else [])
     encoder = Encoder(tokenizer, template, max_length=None, num_image_tokens=max(1, model.num_image_tokens))
     ids = torch.tensor([encoder.encode_prompt(conv)])
@@ -496,10 +578,16 @@ def export_checkpoint(
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: already exists (pass --overwrite to replace it)")
 
-    if fmt == "hf-llava" and read_stage_config(checkpoint).model.vision is None:
+    if output.exists() and not output.is_dir():
+        # Replacing a file by a folder is surely a wrong --output, not an old export.
+        raise FileExistsError(f"{output}: exists and is not a folder; choose another --output")
+    vision = read_stage_config(checkpoint).model.vision
+    if fmt == "hf-llava" and vision is None:
         raise ValueError(
             f"{checkpoint}: a text-only checkpoint (no vision tower) exports as merged-llm, not hf-llava"
         )
+    if fmt == "hf-llava" and vision.image_aspect == "crop":
+        raise ValueError(f"{checkpoint}: {CROP_UNSUPPORTED}")
     _, tokenizer, template, model = load_merged(checkpoint)
     result = ExportResult(output=output, format=fmt)
     ids, pixels = _dummy_inputs(model, tokenizer, template, with_image=fmt == "hf-llava")
@@ -518,7 +606,12 @@ def export_checkpoint(
     reference = llava_ft_logits(model, ids, pixels) if verify else None
 
     hf_tok = hf_tokenizer(tokenizer)
+    # Training pads on the right (labels); batched generation with the export needs left padding. Only
+    # init_kwargs are written to tokenizer_config.json.
+    hf_tok.padding_side = hf_tok.init_kwargs["padding_side"] = "left"
     hf_tok.chat_template = chat_template_for(template, tokenizer)
+    if fmt == "hf-llava":
+        hf_tok.chat_template = processor_chat_template(hf_tok.chat_template, hf_tok, template)
     suppress: list[int] = []
     if fmt == "hf-llava":
         result.image_token_index = add_image_token(hf_tok)
@@ -532,7 +625,10 @@ def export_checkpoint(
         else:
             _write_merged_llm(model.llm, hf_tok, generation, folder, torch_dtype)
         if verify:
-            result.export_max_diff = _verify(folder, fmt, reference, ids, pixels, tokenizer, result)
+            image_processor = model.vision_tower.processor if fmt == "hf-llava" else None
+            result.export_max_diff = _verify(
+                folder, fmt, reference, ids, pixels, tokenizer, result, image_processor
+            )
 
     atomic_dir(output, write)
     log.info("exported %s (%s) to %s", checkpoint, fmt, output)
@@ -565,23 +661,44 @@ def _write_merged_llm(llm, tokenizer, generation, folder: Path, dtype: torch.dty
     tokenizer.save_pretrained(folder)
 
 
-def _verify(folder: Path, fmt: str, reference, ids, pixels, tokenizer, result: ExportResult) -> float:
-    """Reload `folder` the standard way and compare tokens and logits with llava_ft's."""
-    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+# Odd sizes, wide and tall: where resizing and centring arithmetic could differ by a pixel.
+VERIFY_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((37, 23), (23, 37), (61, 40), (33, 35), (50, 50))
+
+
+def _verify(
+    folder: Path,
+    fmt: str,
+    reference,
+    ids,
+    pixels,
+    tokenizer,
+    result: ExportResult,
+    image_processor=None,
+) -> float:
+    """Reload `folder` the standard way and compare tokens, pixels and logits with llava_ft's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
     exported_tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     check_token_ids(tokenizer, exported_tok, PROBE_TEXTS)
-    messages = [{"role": "user", "content": "Describe this in  detail.\nPlease!"}]
+    messages = [{"role": "user", "content": _DUMMY_QUESTION}]
     rendered = exported_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     check_token_ids(tokenizer, exported_tok, [rendered])
     if fmt == "hf-llava":
-        AutoProcessor.from_pretrained(folder, local_files_only=True)
+        hf_ids = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, result.image_token_index)
+        _verify_processor(folder, hf_ids[0].tolist(), image_processor, result)
         hf, info = LlavaForConditionalGeneration.from_pretrained(
             folder, dtype=torch.float32, output_loading_info=True, local_files_only=True
         )
-        hf_ids = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, result.image_token_index)
         inputs = {"input_ids": hf_ids, "pixel_values": pixels}
     else:
+        # The text-only path: the tokenizer's chat template, tokenized, gives the prompt as trained.
+        got = exported_tok.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        if list(got) != ids[0].tolist():
+            raise ValueError(
+                f"{folder}: apply_chat_template(tokenize=True) gives {list(got)}, training {ids[0]}"
+            )
         hf, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, output_loading_info=True, local_files_only=True
         )
@@ -590,3 +707,45 @@ def _verify(folder: Path, fmt: str, reference, ids, pixels, tokenizer, result: E
     with torch.no_grad():
         logits = hf(**inputs, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
     return _max_diff(reference, logits, f"{folder} reloaded")
+
+
+def _verify_processor(folder: Path, want: list[int], image_processor, result: ExportResult) -> None:
+    """The reloaded LlavaProcessor, used both standard ways, gives training's prompt ids, and its image
+    processor llava_ft's pixels (PIL backend, as open_clip's transform)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True, backend="pil")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in VERIFY_IMAGE_SIZES]
+    content = [{"type": "image", "image": images[0]}, {"type": "text", "text": _DUMMY_QUESTION}]
+    messages = [{"role": "user", "content": content}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    paths = {
+        "processor(text=apply_chat_template(...))": processor(images=images[0], text=text)["input_ids"][0],
+        "apply_chat_template(tokenize=True)": processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"][0],
+    }
+    for how, got in paths.items():
+        got = list(got)
+        if got == want:
+            continue
+        image_id = result.image_token_index
+        if got[:2] != want[:2] or got.count(image_id) != want.count(image_id):
+            # BOS twice or missing, or image features that would not fit the placeholders: a broken export.
+            raise ValueError(f"{folder}: the processor's {how} gives ids {got}, training {want}")
+        # Elsewhere only tokenization at the <image> boundary can differ: llava_ft tokenizes the text on each
+        # side apart, and sentencepiece-style tokenizers then add a "▁" piece there.
+        note = f"the processor's {how} tokenizes around <image> unlike training: {got} vs {want}"
+        log.warning(note)
+        result.notes.append(note)
+    for image in images:
+        got = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        diff = float((got - image_processor(image)).abs().max())
+        if diff > 1e-5:
+            raise ValueError(
+                f"{folder}: the image processor's pixels for a {image.size[0]}x{image.size[1]} image differ "
+                f"from llava_ft's by up to {diff:.3g}"
+            )

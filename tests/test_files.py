@@ -33,3 +33,19 @@ def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["llm"]
     atomic_dir(target, lambda d: (d / "b.txt").write_text("3"))
     assert [p.name for p in target.iterdir()] == ["b.txt"]
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_atomic_dir_refuses_a_non_folder_before_writing(tmp_path: Path, kind: str):
+    """A file at the destination was once moved aside, then rmtree failed on it after the write."""
+    target = tmp_path / "out"
+    if kind == "file":
+        target.write_text("an old file")
+    else:
+        (tmp_path / "real").mkdir()
+        target.symlink_to(tmp_path / "real")
+    written = []
+    with pytest.raises(FileExistsError, match="out: exists and is not a folder"):
+        atomic_dir(target, written.append)
+    assert written == []  # refused before any work
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if kind == "file" else ["out", "real"])

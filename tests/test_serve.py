@@ -332,3 +332,30 @@ def test_large_file_refused_by_the_handler_too(files):
     good = files["heldout"][0][0]
     state, message, taken = app.load_image(str(good), PageState())
     assert taken and state.image.size == Image.open(good).size
+
+
+def test_fractional_upload_limit_reaches_gradio_as_bytes(monkeypatch):
+    """--max-upload-mb 2.5 once failed in gradio ("Invalid file size unit: .5MB") after the model loaded."""
+    import gradio as gr
+    from gradio.utils import _parse_file_size
+
+    import llava_ft.inference
+    from llava_ft.cli.serve import serve
+
+    class TextOnly:
+        has_vision = False
+
+    launched: dict = {}
+    monkeypatch.setattr(llava_ft.inference, "load_assistant", lambda *a, **k: TextOnly())
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
+    for mb, limit in ((2.5, int(2.5 * 2**20)), (1e6, 10**6 * 2**20), (0.5, 2**19)):
+        serve("ckpt", max_upload_mb=mb, block=False)
+        assert _parse_file_size(launched["max_file_size"]) == limit
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "abc", "1e-9"])
+def test_bad_upload_limit_refused_at_argument_parsing(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "no/such/checkpoint", "--max-upload-mb", value])
+    assert e.value.code == 2
+    assert "--max-upload-mb" in capsys.readouterr().err

@@ -34,6 +34,24 @@ DEFAULT_MAX_UPLOAD_MB = 20
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def upload_limit_bytes(max_upload_mb: float) -> int:
+    """The upload limit in bytes (MB = 2**20, as gradio counts): what both the web server and the handler
+    enforce. gradio's own "<n>mb" strings take integers only, so it is given the byte count."""
+    return int(max_upload_mb * 2**20)
+
+
+def positive_mb(text: str) -> float:
+    """argparse type of --max-upload-mb: a number of MB above zero (fractions allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    # nan/inf would reach gradio as an invalid size; below one byte nothing could be uploaded.
+    if not value > 0 or value == float("inf") or upload_limit_bytes(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a size in MB above zero, got {text!r}")
+    return value
+
+
 @dataclass
 class PageState:
     """One browser session: its image (in the first user turn) and the turns so far."""
@@ -55,7 +73,7 @@ class DemoApp:
 
     def __init__(self, assistant, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB):
         self.assistant = assistant
-        self.max_upload_bytes = int(max_upload_mb * 2**20)
+        self.max_upload_bytes = upload_limit_bytes(max_upload_mb)
         # One model: answers are generated one at a time, whichever button or session asked.
         self.lock = threading.Lock()
 
@@ -250,7 +268,7 @@ def serve(
     page.launch(
         server_name=host,
         server_port=port,
-        max_file_size=f"{max_upload_mb:g}mb" if max_upload_mb >= 1 else int(max_upload_mb * 2**20),
+        max_file_size=app.max_upload_bytes,  # int bytes: gradio rejects "2.5mb" ("Invalid file size unit")
         ssr_mode=False,
         share=False,
         prevent_thread_lock=not block,
@@ -263,9 +281,9 @@ def serve(
 def cmd_serve(args: argparse.Namespace) -> int:
     from llava_ft.train.checkpoint import read_stage_config
 
-    if args.temperature < 0 or args.max_new_tokens < 1 or args.max_upload_mb <= 0:
+    if args.temperature < 0 or args.max_new_tokens < 1:
         print(
-            "llava-ft serve: error: need --temperature >= 0, --max-new-tokens >= 1, --max-upload-mb > 0",
+            "llava-ft serve: error: need --temperature >= 0, --max-new-tokens >= 1",
             file=sys.stderr,
         )
         return 2
@@ -307,7 +325,10 @@ def add_commands(subparsers) -> None:
         "--temperature", type=float, default=0.0, help="initial value of the page's setting (0 = greedy)"
     )
     p.add_argument(
-        "--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest image file accepted"
+        "--max-upload-mb",
+        type=positive_mb,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help="largest image file accepted, in MB (fractions allowed, e.g. 2.5)",
     )
     p.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit NF4 (needs a GPU)")
     p.set_defaults(func=cmd_serve)

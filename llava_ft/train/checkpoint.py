@@ -168,7 +168,67 @@ def read_stage_config(ckpt: str | Path) -> RunConfig:
 
 
 def read_template_info(ckpt: str | Path) -> dict:
-    return json.loads((Path(ckpt) / TEMPLATE_NAME).read_text())
+    """template.json of a stage output: {"name": ..., "stop_words": [...]}; a damaged one names itself."""
+    path = Path(ckpt) / TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (every stage output has one; the folder is incomplete)")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+        raise ValueError(f'{path}: expected {{"name": ..., "stop_words": [...]}}, got {str(info)[:80]}')
+    stop_words = info.get("stop_words", [])
+    if not isinstance(stop_words, list) or not all(isinstance(w, str) for w in stop_words):
+        raise ValueError(f"{path}: stop_words must be a list of strings, got {stop_words!r}")
+    return info
+
+
+def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """load_file, with a damaged file (truncated, not safetensors) reported by name instead of a raw
+    SafetensorError, which the command line does not catch."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: cannot read the {what} ({e}); the file is damaged or truncated") from None
+
+
+def _adapter_weights(adapter: Path) -> Path:
+    """The weights file of a peft adapter folder; without this check peft takes the missing local folder for a
+    hub repo id and fails with "Repo id must be in the form ..."."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: LoRA adapter folder without adapter_config.json (incomplete)")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter / name).is_file():
+            return adapter / name
+    raise FileNotFoundError(f"{adapter}: LoRA adapter folder without adapter_model.safetensors (incomplete)")
+
+
+def check_stage_files(ckpt: str | Path) -> dict:
+    """Cheap checks of everything `apply_stage_weights` will read along the chain, so that a damaged stage
+    output fails before the models are built: template.json parses, safetensors headers read, adapter folders
+    complete. Returns the template info."""
+    from safetensors import SafetensorError, safe_open
+
+    info = read_template_info(ckpt)
+    for stage in stage_chain(ckpt):
+        files = [stage / PROJECTOR_NAME] if (stage / PROJECTOR_NAME).is_file() else []
+        files += [
+            _adapter_weights(stage / sub)
+            for sub in ("llm_adapter", "vision_adapter")
+            if (stage / sub).is_dir()
+        ]
+        for path in files:
+            if path.suffix != ".safetensors":
+                continue
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except SafetensorError as e:
+                raise ValueError(f"{path}: cannot read it ({e}); the file is damaged or truncated") from None
+    return info
 
 
 def stage_chain(ckpt: str | Path) -> list[Path]:
@@ -230,17 +290,30 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
         if (stage / PROJECTOR_NAME).is_file():
             if model.projector is None:
                 raise ValueError(f"{stage}: has projector weights but this model has no vision tower")
-            model.projector.load_state_dict(load_file(str(stage / PROJECTOR_NAME)))
+            state = _load_tensors(stage / PROJECTOR_NAME, "projector weights")
+            try:
+                model.projector.load_state_dict(state)
+            except RuntimeError as e:  # names or shapes of another projector
+                raise ValueError(
+                    f"{stage / PROJECTOR_NAME}: does not fit this model's projector: {e}"
+                ) from None
             log.info("projector weights from %s", stage)
         for sub, attr in (("llm_adapter", "llm"), ("vision_adapter", "vision_tower")):
             if newest[sub] != i:
                 continue
             adapter = stage / sub
+            weights = _adapter_weights(adapter)
             module = getattr(model, attr)
             if adapters == "load":
                 from peft import PeftModel
+                from safetensors import SafetensorError
 
-                setattr(model, attr, PeftModel.from_pretrained(module, str(adapter)))
+                try:
+                    setattr(model, attr, PeftModel.from_pretrained(module, str(adapter)))
+                except SafetensorError as e:
+                    raise ValueError(
+                        f"{weights}: cannot read it ({e}); the file is damaged or truncated"
+                    ) from None
             else:
                 from peft import set_peft_model_state_dict
 
@@ -249,9 +322,7 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
                         f"{adapter}: init_from holds a LoRA adapter but this stage does not train LoRA on {attr}; "
                         "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
                     )
-                loaded = set_peft_model_state_dict(
-                    module, load_file(str(adapter / "adapter_model.safetensors"))
-                )
+                loaded = set_peft_model_state_dict(module, _load_tensors(weights, "LoRA adapter weights"))
                 _check_adapter_fits(module, loaded, adapter)
             log.info("%s adapter from %s", attr, adapter)
 

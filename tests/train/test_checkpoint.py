@@ -6,14 +6,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from llava_ft.config import DataSource
 from llava_ft.export import load_merged
+from llava_ft.model.build import build_model
 from llava_ft.testing.tiny_llava import tiny_config, write_tiny_stage_output
 from llava_ft.train.checkpoint import (
     CONFIG_NAME,
+    apply_stage_weights,
     read_stage_config,
     stage_chain,
     stage_fingerprint,
@@ -120,3 +123,78 @@ def test_init_from_an_adapter_with_other_lora_settings_is_refused(tiny_root, tmp
     _, model = build_model(cfg)
     apply_trainability(model, cfg.trainable, cfg.lora)
     apply_stage_weights(model, first, adapters="init")
+
+
+def _damage_projector(stage: Path) -> Path:
+    path = stage / "projector.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+def _drop_adapter_weights(stage: Path) -> Path:
+    (stage / "llm_adapter" / "adapter_model.safetensors").unlink()
+    return stage / "llm_adapter"
+
+
+def _break_template(stage: Path) -> Path:
+    (stage / "template.json").write_text("{")
+    return stage / "template.json"
+
+
+def _drop_template(stage: Path) -> Path:
+    (stage / "template.json").unlink()
+    return stage / "template.json"
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (_damage_projector, "damaged or truncated"),
+        (_drop_adapter_weights, "without adapter_model.safetensors"),
+        (_break_template, "not valid JSON"),
+        (_drop_template, "missing"),
+    ],
+)
+def test_damaged_stage_files_are_named_before_the_model_loads(
+    tiny_root, tmp_path, monkeypatch, capsys, damage, problem
+):
+    """These once gave a raw SafetensorError traceback, peft's "Repo id must be in the form ...", or a json
+    error without the file name, and only after the whole model had loaded."""
+    import llava_ft.model.build
+    from llava_ft.cli.main import main
+
+    stage = write_tiny_stage_output(
+        tiny_root, tmp_path / "stage", llm_mode="lora", vision_backend="open_clip"
+    )
+    bad = damage(stage)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the stage files were checked")
+
+    monkeypatch.setattr(llava_ft.model.build, "build_model", no_build)
+    for argv in (
+        ["chat", str(stage), "--question", "hi"],
+        ["export", str(stage), "--output", str(tmp_path / "o")],
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: {bad}: " in err and problem in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_damaged_weights_are_named_when_loading_too(tiny_root, tmp_path):
+    """apply_stage_weights (also used when a stage starts from init_from) reports the file, not SafetensorError."""
+    stage = write_tiny_stage_output(
+        tiny_root, tmp_path / "stage", llm_mode="lora", vision_backend="open_clip"
+    )
+    cfg = read_stage_config(stage)
+    _, model = build_model(cfg)
+    path = stage / "projector.safetensors"
+    path.write_bytes(path.read_bytes()[:-8])  # header intact, data cut short
+    with pytest.raises(ValueError, match="projector.safetensors: cannot read the projector weights"):
+        apply_stage_weights(model, stage, adapters="load")
+    path.unlink()
+    _drop_adapter_weights(stage)
+    with pytest.raises(FileNotFoundError, match="llm_adapter: LoRA adapter folder without adapter_model"):
+        apply_stage_weights(model, stage, adapters="load")
