@@ -2,6 +2,7 @@
 
     llava-ft data preview --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--index 3] [--json]
     llava-ft data check   --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--skip-bad]
+                          [--image-folder DIR]   (also: every image file exists)
     llava-ft data prepare --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--num-proc N]
                           [--no-cache] [--output CACHE_DIR]   (what training runs; cached for it)
 
@@ -13,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from itertools import islice
 
-from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataError
-from llava_ft.data.sources import FORMATS, BadRecords, iter_conversations
+from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation, DataError
+from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
 from llava_ft.data.tokenize import DroppedSample, Encoder, TokenizedSample, encode_all
 
@@ -50,6 +52,12 @@ def _add_subcommands(sub) -> None:
         "check", parents=[common], help="counts, token lengths, truncation, drops, bad records"
     )
     c.add_argument("--skip-bad", action="store_true", help="exit 0 even if some records are bad")
+    c.add_argument(
+        "--image-folder",
+        default=None,
+        help="folder the records' image paths are relative to (data.train[].image_folder): check that each "
+        "image file exists",
+    )
     c.set_defaults(func=cmd_check)
 
     r = sub.add_parser(
@@ -89,12 +97,10 @@ def _encoder(args: argparse.Namespace) -> Encoder:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     encoder = _encoder(args)
-    convs = iter_conversations(args.data, args.format)
     if args.index is not None:
-        picked = list(islice(convs, args.index, args.index + 1))
-        if not picked:
-            raise DataError(args.data, f"no record at index {args.index}")
+        picked = [_record_at(args.data, args.format, args.index)]
     else:
+        convs = iter_conversations(args.data, args.format)
         picked = convs if args.limit == 0 else islice(convs, args.limit)
     if not args.json:
         print(f"{GREEN}green{RESET}: trained tokens; {CYAN}<image xN>{RESET}: N image placeholder tokens\n")
@@ -111,6 +117,20 @@ def cmd_preview(args: argparse.Namespace) -> int:
             print(_header(conv.source, sample))
             print(render_sample(encoder.tokenizer, sample, encoder.num_image_tokens) + "\n")
     return 0
+
+
+def _record_at(path: str, fmt: str, index: int) -> Conversation:
+    """Record `index` (0-based, raw records counted) converted alone: bad records before it do not block it. With
+    "auto" the format is still detected from the first record that names one, as prepare does."""
+    if index < 0:
+        raise DataError(path, f"--index must be >= 0, got {index}")
+    reader = FormatReader(fmt)
+    count = 0
+    for count, (where, record) in enumerate(iter_records(path), start=1):
+        if count - 1 == index:
+            return reader.conversation(record, where)
+        reader.detect(record)  # a key check only: nothing before the chosen record is converted
+    raise DataError(path, f"no record at index {index} (the file has {count} records)")
 
 
 def _header(source: str | None, s: TokenizedSample) -> str:
@@ -164,9 +184,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     convs = list(
         iter_conversations(args.data, args.format, skip_bad=True, bad=bad)
     )  # report every bad record
+    read = len(convs) + len(bad)
+    if args.image_folder is not None:
+        convs = _with_images(convs, args.image_folder, bad)
     samples, stats = encode_all(convs, encoder, skip_bad=True)
     lengths = sorted(len(s.input_ids) for s in samples)
-    print(f"{args.data}: {len(convs) + len(bad)} records read, {len(bad)} bad")
+    print(f"{args.data}: {read} records read, {len(bad)} bad")
     print(bad.summary())
     print(stats.summary())
     if lengths:
@@ -179,6 +202,27 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{failed} bad record(s); fix them or pass --skip-bad", file=sys.stderr)
         return 1
     return 0
+
+
+def _with_images(convs: list[Conversation], folder: str, bad: BadRecords) -> list[Conversation]:
+    """The conversations whose image files all exist in `folder` (as training checks before it starts); the
+    others go to `bad`, named by record and path."""
+    from llava_ft.data.images import missing_images
+
+    if not os.path.isdir(folder):
+        raise DataError(folder, "image folder not found")
+    missing = missing_images(folder, (p for conv in convs for p in conv.images))
+    if not missing:
+        return convs
+    kept = []
+    for conv in convs:
+        absent = [p for p in conv.images if p in missing]
+        if absent:
+            more = f" (and {len(absent) - 1} more of its images)" if len(absent) > 1 else ""
+            bad.add(DataError(str(conv.source), f"image {absent[0]}: file not found in {folder}{more}"))
+        else:
+            kept.append(conv)
+    return kept
 
 
 # ---------------------------------------------------------------- prepare

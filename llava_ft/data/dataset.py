@@ -8,11 +8,13 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 from torch.utils.data import Dataset
 
 from llava_ft.config import DataSection
-from llava_ft.data.conversation import IMAGE_TOKEN_INDEX, DataError
+from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataError
 from llava_ft.data.tokenize import EncodeStats
 
 log = logging.getLogger("llava_ft")
@@ -31,13 +33,14 @@ class SFTDataset(Dataset):
     ):
         """`parts`: (prepared table, folder its image paths are relative to) per source file."""
         self.tables = [
-            table.with_format("numpy", columns=["input_ids", "labels", "images"]) for table, _ in parts
+            table.with_format("numpy", columns=["input_ids", "labels", "images", "source"])
+            for table, _ in parts
         ]
         self.folders = [Path(folder) for _, folder in parts]
         self.starts = np.cumsum([0] + [len(t) for t in self.tables]).tolist()
         self.num_image_tokens = num_image_tokens
         self.image_processor = image_processor
-        self._lengths = [n for table, _ in parts for n in table.data.column("length").to_numpy().tolist()]
+        self._lengths = [n for table, _ in parts for n in _column(table, "length").to_numpy().tolist()]
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -69,11 +72,73 @@ class SFTDataset(Dataset):
         if len(row["images"]):
             from llava_ft.data.images import load_image
 
-            paths = [self.folders[part] / p for p in row["images"]]
+            source = str(row["source"])  # "file:line": the record to fix, not only the image
             if self.image_processor is None:
-                raise DataError(str(paths[0]), "sample has images but the model has no vision tower")
-            item["pixel_values"] = torch.stack([self.image_processor(load_image(p)) for p in paths])
+                raise DataError(source, "sample has images but the model has no vision tower")
+            pixels = []
+            for name in row["images"]:
+                path = self.folders[part] / name
+                try:
+                    image = load_image(path)
+                except DataError as err:
+                    raise DataError(source, f"image {path}: {err.problem}") from err
+                pixels.append(self.image_processor(image))
+            item["pixel_values"] = torch.stack(pixels)
         return item
+
+
+def _column(table: datasets.Dataset, name: str) -> pa.ChunkedArray:
+    """A column in the table's row order. A table filtered by `select` keeps its rows as an indices mapping over
+    the full (mapped) table, which `table.data` does not apply; read through a format instead, the mapping would
+    gather every column (seconds at LLaVA scale)."""
+    column = table.data.column(name)
+    return column if table._indices is None else column.take(table._indices.column(0))
+
+
+def drop_missing_images(
+    table: datasets.Dataset, folder: Path, stats: EncodeStats, *, skip_bad: bool, num_image_tokens: int
+) -> datasets.Dataset:
+    """The rows whose image files all exist (checked, not decoded), so that a missing image stops the run before
+    training rather than at the step that first draws it. A missing image makes its record bad: raised naming the
+    record and the path, or under `skip_bad` the row is left out (an indices mapping; the table stays mapped)
+    and moved from `stats.kept` to `stats.skipped`, its tokens taken off the totals (`truncated` and `realigned`
+    keep it: they are not stored per sample)."""
+    from llava_ft.data.images import missing_images
+
+    column = table.data.column("images")
+    flat = pa.compute.list_flatten(column).to_pylist()  # the path column only: nothing else leaves Arrow
+    missing = missing_images(folder, flat) if flat else set()
+    if not missing:
+        return table
+    owner = pa.compute.list_parent_indices(column).to_numpy()
+    first: dict[int, str] = {}  # row -> its first missing image
+    counts: dict[int, int] = {}
+    for j in np.flatnonzero(np.fromiter((p in missing for p in flat), bool, len(flat))):
+        row = int(owner[j])
+        first.setdefault(row, flat[j])
+        counts[row] = counts.get(row, 0) + 1
+    rows = sorted(first)
+    sources = table.data.column("source").take(pa.array(rows)).to_pylist()
+
+    def problem(row: int) -> str:
+        more = f" (and {counts[row] - 1} more of its images)" if counts[row] > 1 else ""
+        return f"image {first[row]}: file not found in {folder}{more}"
+
+    if not skip_bad:
+        others = f"; {len(rows) - 1} more record(s) with missing images" if len(rows) > 1 else ""
+        raise DataError(sources[0], f"{problem(rows[0])}{others} (data.skip_bad skips them)")
+    removed = table.data.table.select(["length", "labels", "images"]).take(pa.array(rows))
+    labels = pa.compute.list_flatten(removed.column("labels"))
+    stats.kept -= len(rows)
+    stats.skipped += len(rows)
+    stats.total_tokens -= int(pa.compute.sum(removed.column("length")).as_py())
+    stats.supervised_tokens -= int(pa.compute.sum(pa.compute.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+    stats.image_tokens -= (
+        int(pa.compute.sum(pa.compute.list_value_length(removed.column("images"))).as_py() or 0)
+        * num_image_tokens
+    )
+    stats.problems += [(source, problem(row)) for source, row in zip(sources, rows)]
+    return table.select(np.setdiff1d(np.arange(len(table)), rows))
 
 
 def build_dataset(
@@ -105,10 +170,20 @@ def build_dataset(
         )
         if prepared.bad:
             log.warning("%s", prepared.bad.summary())
-        log.info("%s (%s, %.1f s): %s", src.path, prepared.cache, prepared.seconds, prepared.stats.summary())
+        # Records skipped at reading are counted in the run's totals (summary.json), not only in that warning.
+        stats = EncodeStats().merge(prepared.stats).add_bad(prepared.bad)
         folder = Path(src.image_folder) if src.image_folder else Path(src.path).parent
-        parts.append((prepared.dataset, folder))
-        total.merge(prepared.stats)
+        # After the cache too: images can go missing after the data was prepared.
+        table = drop_missing_images(
+            prepared.dataset, folder, stats, skip_bad=data.skip_bad, num_image_tokens=num_image_tokens
+        )
+        if stats.skipped > len(prepared.bad):
+            log.warning(
+                "%s: %d record(s) skipped: image file missing", src.path, stats.skipped - len(prepared.bad)
+            )
+        log.info("%s (%s, %.1f s): %s", src.path, prepared.cache, prepared.seconds, stats.summary())
+        parts.append((table, folder))
+        total.merge(stats)
     dataset = SFTDataset(parts, num_image_tokens=num_image_tokens, image_processor=image_processor)
     if not len(dataset):
         raise DataError(", ".join(s.path for s in data.train) or "data.train", "no training samples")

@@ -17,9 +17,10 @@ Nth batch of 256 records end to end (convert, encode, write Arrow); the parent i
 and counts back in record order, so the output is the same as one process's.
 
 Storage: one IMAGE_TOKEN_INDEX per image (expanded when read), `length` the full length, images as written
-in the record. The cache entry is a folder named by the key (data file content and path, format, template,
-tokenizer, max_length, image tokens, options, this code's source); it is built under a temporary name and renamed when
-complete, and its checksum is verified before it is loaded, so a half-written or damaged entry is rebuilt.
+in the record, `source` as "PATH:LINE" with the resolved path. The cache entry is a folder named by the key
+(data file content and resolved path, effective format, template, tokenizer, max_length, image tokens, options,
+this code's source); it is built under a temporary name and renamed when complete, and its checksum is verified
+before it is loaded, so a half-written or damaged entry is rebuilt.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, DataError
-from llava_ft.data.sources import BadRecords, FormatReader, iter_records
+from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
 from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizationMismatch, TokenizedSample
 
 log = logging.getLogger("llava_ft")
@@ -429,11 +430,15 @@ def _file_digest(path: Path) -> str:
 
 
 def cache_key_parts(path: str | Path, encoder: Encoder, fmt: str, skip_bad: bool) -> dict:
+    """What the prepared output depends on, each part as it affects the output, so that `llava-ft data prepare`
+    and training share the entry however they name the same file and format."""
+    path = Path(path).resolve()
     return {
-        "data": _file_digest(Path(path)),
-        # Records are reported as "PATH:LINE": a copy elsewhere must not report the original's path.
+        "data": _file_digest(path),
+        # Records are reported as "PATH:LINE" with the resolved path (`prepare` resolves it): one entry for every
+        # spelling of the file, and a copy elsewhere does not report the original's path.
         "path": str(path),
-        "format": fmt,
+        "format": effective_format(path, fmt),  # "auto" that detects llava prepares as "llava" does
         "template": encoder.template.name,
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
         "max_length": encoder.max_length,
@@ -520,6 +525,8 @@ def prepare(
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "data file not found")
+    # Sources ("PATH:LINE", stored in the cache) name the resolved path: the same for any spelling of the file.
+    path = path.resolve()
     # The key hashes the data file and the tokenizer: only worth it when the cache is used.
     parts = cache_key_parts(path, encoder, fmt, skip_bad) if use_cache else {}
     key = _key(parts) if use_cache else ""

@@ -120,6 +120,26 @@ class FormatReader:
         return conv
 
 
+def effective_format(path: str | Path, fmt: str = "auto") -> str:
+    """The format the file's records are converted with: `fmt` when named; with "auto", the format the first
+    record names, which "auto" then converts every record with, as if named. A file whose first record names
+    none stays "auto" (records before the detecting one are reported differently than under a named format).
+    Reads only the first record: `.json` files are not checked as a whole here."""
+    if fmt != "auto":
+        return fmt
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            if path.suffix == ".json":
+                first = next(_json_items(path, handle), None)
+            else:
+                raw = next((line for line in handle if line.strip()), None)
+                first = None if raw is None else ("", _parse_line(raw, ""))
+            return detect_format(first[1], "") if first is not None else "auto"
+    except (DataError, OSError):  # reading the file reports it properly
+        return "auto"
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(where, record) for every record of the file, in order. A `.jsonl` line that is not JSON comes as
     (where, DataError), so that it is counted in its place; a `.json` file that is not a list of JSON values

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
 from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, DataError
+from llava_ft.data.sources import BadRecords
 from llava_ft.data.templates import ChatTemplate, Segment
 
 
@@ -235,13 +236,17 @@ class EncodeStats:
     mismatched: int = 0
     failed: int = 0
     """Other DataErrors (e.g. a template rejecting the roles) skipped under skip_bad."""
+    skipped: int = 0
+    """Records skipped under skip_bad before encoding (unreadable, not convertible, an image file missing), counted
+    in `records`. Only totals that fold them in set it (`add_bad`, training's build_dataset); `prepare` and
+    `encode_all` keep them in their `BadRecords`."""
     total_tokens: int = 0
     supervised_tokens: int = 0
     image_tokens: int = 0
     dropped: Counter = field(default_factory=Counter)
     """reason -> count"""
     problems: list[tuple[str, str]] = field(default_factory=list)
-    """(where, problem) for every record dropped, mismatched or failed."""
+    """(where, problem) for every record dropped, mismatched, failed or skipped."""
 
     def add(self, sample: TokenizedSample) -> None:
         self.kept += 1
@@ -250,6 +255,13 @@ class EncodeStats:
         self.total_tokens += len(sample.input_ids)
         self.supervised_tokens += sum(1 for label in sample.labels if label != IGNORE_INDEX)
         self.image_tokens += sum(1 for t in sample.input_ids if t == IMAGE_TOKEN_INDEX)
+
+    def add_bad(self, bad: BadRecords) -> EncodeStats:
+        """Fold in records skipped before encoding, so the totals account for every record; returns self."""
+        self.records += len(bad)
+        self.skipped += len(bad)
+        self.problems += bad.items
+        return self
 
     def merge(self, other: EncodeStats) -> EncodeStats:
         """Add `other` into this one (e.g. over sources or shards); returns self."""
@@ -274,7 +286,8 @@ class EncodeStats:
         share = self.supervised_tokens / text_tokens if text_tokens else 0.0
         lines = [
             f"records {self.records}: kept {self.kept}, truncated {self.truncated}, dropped {self.num_dropped}, "
-            f"mismatched {self.mismatched}, failed {self.failed}, realigned {self.realigned}",
+            f"mismatched {self.mismatched}, failed {self.failed}, realigned {self.realigned}"
+            + (f", skipped {self.skipped}" if self.skipped else ""),
             f"tokens {self.total_tokens} (image {self.image_tokens}, supervised {self.supervised_tokens} = "
             f"{share:.1%} of text tokens)",
         ]

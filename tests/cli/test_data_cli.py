@@ -147,6 +147,42 @@ def test_errors_name_the_record(tmp_path, capsys, tok_dir):
     assert code == 2
 
 
+def test_preview_index_converts_only_the_chosen_record(tmp_path, capsys, tok_dir):
+    bad_roles = {"conversations": [{"from": "gpt", "value": "answer first"}]}
+    data = write(tmp_path / "d.jsonl", [RECORDS[1], "{oops", bad_roles, RECORDS[0]])
+    common = ["--data", data, "--template", "internlm2_chat", "--tokenizer", tok_dir, "--json"]
+    code, out, err = run(capsys, "preview", *common, "--index", 3)  # records 1 and 2 before it are bad
+    assert code == 0, err
+    assert json.loads(out)["source"] == f"{data}:4"  # raw records counted: a bad line is still a record
+    code, _, err = run(capsys, "preview", *common, "--index", 2)
+    assert code == 2 and f"{data}:3: message 0: expected role 'user'" in err
+    code, _, err = run(capsys, "preview", *common, "--index", 1)
+    assert code == 2 and f"{data}:2: malformed JSON line" in err
+    code, _, err = run(capsys, "preview", *common, "--index", 4)
+    assert code == 2 and f"{data}: no record at index 4 (the file has 4 records)" in err
+
+
+def test_check_with_image_folder_reports_missing_images(tmp_path, capsys, tok_dir):
+    data = write(tmp_path / "d.jsonl", [*RECORDS, {**RECORDS[0], "image": "sub/y.png"}])
+    images = tmp_path / "images"
+    images.mkdir()
+    common = ["check", "--data", data, "--template", "internlm2_chat", "--tokenizer", tok_dir,
+              "--num-image-tokens", N_IMG]  # fmt: skip
+    assert run(capsys, *common)[0] == 0  # no folder given: images are not looked at
+    code, out, err = run(capsys, *common, "--image-folder", images)
+    assert code == 1 and "--skip-bad" in err
+    assert "3 records read, 2 bad" in out and "kept 1," in out
+    assert f"{data}:1: image x.png: file not found in {images}" in out
+    assert f"{data}:3: image sub/y.png: file not found in {images}" in out
+    (images / "x.png").touch()  # existence only: nothing is decoded
+    (images / "sub").mkdir()
+    (images / "sub" / "y.png").touch()
+    code, out, _ = run(capsys, *common, "--image-folder", images)
+    assert code == 0 and "3 records read, 0 bad" in out
+    code, _, err = run(capsys, *common, "--image-folder", tmp_path / "nowhere")
+    assert code == 2 and f"{tmp_path / 'nowhere'}: image folder not found" in err
+
+
 def test_registers_under_a_parent_parser():
     parser = argparse.ArgumentParser(prog="llava-ft")
     add_data_commands(parser.add_subparsers(dest="command"))

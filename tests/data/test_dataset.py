@@ -94,18 +94,92 @@ def test_second_build_uses_the_cache(sources, tokenizers, tmp_path, caplog):
     assert caplog.text.count("(hit,") == 2 and len(ds) == 32
 
 
-def test_missing_image_and_missing_processor_are_named(sources, tokenizers, tmp_path):
+def test_missing_processor_and_unreadable_image_name_the_record(sources, tokenizers, tmp_path):
     tok = tokenizers["llama"]
     template = get_template("internlm2_chat", tok)
     ds, _ = build_dataset(section(sources, tmp_path), tok, template, num_image_tokens=N_IMG)
-    with pytest.raises(DataError, match="no vision tower"):
+    with pytest.raises(
+        DataError, match=r"llava\.json\[0\]: sample has images but the model has no vision tower"
+    ):
         ds[0]
-    (Path(sources[0].image_folder) / "2.png").unlink()
     ds, _ = build_dataset(
         section(sources, tmp_path), tok, template, num_image_tokens=N_IMG, image_processor=processor
     )
-    with pytest.raises(DataError, match="2.png"):
+    # Gone (or damaged) after the build: the sample that draws it names the record, not only the image.
+    (Path(sources[0].image_folder) / "2.png").unlink()
+    with pytest.raises(DataError, match=r"llava\.json\[1\]: image \S*images/2\.png: image file not found"):
         ds[1]
+    (Path(sources[0].image_folder) / "2.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"llava\.json\[1\]: image \S*2\.png: not a readable image"):
+        ds[1]
+
+
+def test_missing_image_stops_the_build_even_from_the_cache(sources, tokenizers, tmp_path, caplog):
+    tok = tokenizers["llama"]
+    template = get_template("internlm2_chat", tok)
+    build_dataset(
+        section(sources, tmp_path), tok, template, num_image_tokens=N_IMG
+    )  # cached with every image
+    folder = Path(sources[0].image_folder)
+    (folder / "2.png").unlink()
+    with caplog.at_level("INFO", logger="llava_ft"), pytest.raises(DataError) as err:
+        build_dataset(section(sources, tmp_path), tok, template, num_image_tokens=N_IMG)
+    assert str(err.value) == (
+        f"{sources[0].path}[1]: image 2.png: file not found in {folder} (data.skip_bad skips them)"
+    )
+    assert "prepared-data cache" not in caplog.text  # the entry was loaded, not rebuilt
+
+
+@pytest.mark.parametrize("list_folder_min", [256, 1])  # a stat per image, one listing of the folder
+def test_skip_bad_leaves_out_records_with_missing_images(
+    list_folder_min, sources, tokenizers, tmp_path, monkeypatch
+):
+    from llava_ft.data import images
+
+    monkeypatch.setattr(images, "LIST_FOLDER_MIN", list_folder_min)
+    tok = tokenizers["llama"]
+    template = get_template("internlm2_chat", tok)
+    full, full_stats = build_dataset(section(sources, tmp_path, skip_bad=True), tok, template,
+                                     num_image_tokens=N_IMG, image_processor=processor)  # fmt: skip
+    want = [full.tokens(i) for i in range(len(full)) if i != 1]
+    (Path(sources[0].image_folder) / "2.png").unlink()
+    for _ in range(2):  # built, then from the cache
+        ds, stats = build_dataset(section(sources, tmp_path, skip_bad=True), tok, template,
+                                  num_image_tokens=N_IMG, image_processor=processor)  # fmt: skip
+        assert len(ds) == len(full) - 1 == stats.kept and stats.records == full_stats.records == 32
+        assert stats.skipped == 1 and stats.problems == [
+            (f"{sources[0].path}[1]", f"image 2.png: file not found in {sources[0].image_folder}")
+        ]
+        assert "skipped 1" in stats.summary() and stats.as_dict()["skipped"] == 1
+        for i, (ids, labels) in enumerate(want):  # sample 1 ("b") is gone; the rest are unchanged
+            got = ds.tokens(i)
+            assert got[0].tolist() == ids.tolist() and got[1].tolist() == labels.tolist()
+            assert ds.lengths[i] == len(ids)
+        assert "pixel_values" not in ds[1]  # "c", the text-only record, follows "a"
+        removed = full.lengths[1]
+        assert stats.total_tokens == full_stats.total_tokens - removed
+        assert stats.image_tokens == full_stats.image_tokens - 2 * N_IMG
+        assert stats.supervised_tokens == full_stats.supervised_tokens - int(
+            (full.tokens(1)[1] != IGNORE_INDEX).sum()
+        )
+
+
+def test_records_skipped_at_reading_are_in_the_totals(tokenizers, tmp_path, caplog):
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    lines = [json.dumps(good)] * 4 + [
+        json.dumps({"conversations": [{"from": "robot", "value": "x"}]}),
+        "{broken json",
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    data = DataSection(train=[DataSource(str(tmp_path / "d.jsonl"))], template="internlm2_chat", max_length=64,
+                       skip_bad=True, cache=False)  # fmt: skip
+    tok = tokenizers["llama"]
+    with caplog.at_level("INFO", logger="llava_ft"):
+        ds, stats = build_dataset(data, tok, get_template("internlm2_chat", tok), num_image_tokens=N_IMG)
+    d = stats.as_dict()  # what training writes to summary.json["data"]
+    assert len(ds) == d["kept"] == 4 and d["records"] == 6 and d["skipped"] == 2 and d["num_problems"] == 2
+    assert [where for where, _ in d["problems"]] == [f"{tmp_path / 'd.jsonl'}:5", f"{tmp_path / 'd.jsonl'}:6"]
+    assert "records 6: kept 4" in caplog.text and "skipped 2" in caplog.text
 
 
 def test_packing_keeps_every_sample_and_label(sources, tokenizers, tmp_path):

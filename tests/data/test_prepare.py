@@ -254,6 +254,44 @@ def test_cli_prepare_prints_counts_and_speed(tokenizer_dirs, data_file, tmp_path
     assert "cache off; 2 process(es)" in capsys.readouterr().out
 
 
+def test_cli_prepare_warms_the_cache_training_uses(tokenizer_dirs, tmp_path, monkeypatch, capsys):
+    """`llava-ft data prepare` with format auto and a relative path, then training naming the format and the
+    absolute path (as a resumed run's config does): one entry, a hit."""
+    from llava_ft.config import DataSection, DataSource
+    from llava_ft.data.dataset import build_dataset
+    from llava_ft.model.llm import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    records = corpus(n=12)
+    records[5]["conversations"] = [{"from": "gpt", "value": "answer first"}]  # bad: its source is cached too
+    write(tmp_path / "data" / "ft.json", records)
+    (tmp_path / "data" / "img").mkdir()
+    for record in records:  # training checks that the images exist
+        for image in [record["image"]] if isinstance(record.get("image"), str) else record.get("image", []):
+            (tmp_path / "data" / image).touch()
+    cache = tmp_path / "cache"
+    resolved = tmp_path.resolve() / "data" / "ft.json"
+    assert main(["prepare", "--data", "data/ft.json", "--template", "internlm2_chat", "--tokenizer",
+                 str(tokenizer_dirs["llama"]), "--max-length", "120", "--num-image-tokens", str(N_IMG),
+                 "--skip-bad", "--output", str(cache)]) == 0  # fmt: skip
+    assert "cached (" in capsys.readouterr().out
+    tok = load_tokenizer(tokenizer_dirs["llama"])
+    monkeypatch.setattr(prep, "_build", lambda *a: pytest.fail("a cache miss: the data was tokenized again"))
+    for path in (str(tmp_path / "data" / "ft.json"), "data/../data/ft.json"):
+        data = DataSection(train=[DataSource(path, format="llava")], template="internlm2_chat", max_length=120,
+                           skip_bad=True, cache_dir=str(cache))  # fmt: skip
+        ds, stats = build_dataset(data, tok, get_template("internlm2_chat", tok), num_image_tokens=N_IMG)
+        # Sources name the resolved path, whichever spelling prepared the entry.
+        assert stats.skipped == 1 and f"{resolved}[5]" in [where for where, _ in stats.problems]
+        sources = [str(x) for x in ds.tables[0]["source"]]
+        assert len(sources) == stats.kept > 6 and all(x.startswith(f"{resolved}[") for x in sources)
+    assert len([e for e in cache.iterdir() if not e.name.startswith(".")]) == 1
+    # What the format is detected as, not how it was asked for, is the key: another format is another entry.
+    assert prep.cache_key_parts("data/ft.json", encoder(tok), "auto", True)["format"] == "llava"
+    assert prep.cache_key_parts("data/ft.json", encoder(tok), "xtuner", True)["format"] == "xtuner"
+
+
 # ---------------------------------------------------------------- reading and processes at scale
 
 
