@@ -184,7 +184,7 @@ def read_template_info(ckpt: str | Path) -> dict:
     return info
 
 
-def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """load_file, with a damaged file (truncated, not safetensors) reported by name instead of a raw
     SafetensorError, which the command line does not catch."""
     from safetensors import SafetensorError
@@ -192,7 +192,11 @@ def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except SafetensorError as e:
-        raise ValueError(f"{path}: cannot read the {what} ({e}); the file is damaged or truncated") from None
+        raise damaged(path, e) from None
+
+
+def damaged(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path}: cannot read it ({error}); the file is damaged or truncated")
 
 
 def _adapter_weights(adapter: Path) -> Path:
@@ -200,9 +204,8 @@ def _adapter_weights(adapter: Path) -> Path:
     hub repo id and fails with "Repo id must be in the form ..."."""
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: LoRA adapter folder without adapter_config.json (incomplete)")
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (adapter / name).is_file():
-            return adapter / name
+    if (adapter / "adapter_model.safetensors").is_file():  # the only form llava_ft writes and reads
+        return adapter / "adapter_model.safetensors"
     raise FileNotFoundError(f"{adapter}: LoRA adapter folder without adapter_model.safetensors (incomplete)")
 
 
@@ -221,13 +224,11 @@ def check_stage_files(ckpt: str | Path) -> dict:
             if (stage / sub).is_dir()
         ]
         for path in files:
-            if path.suffix != ".safetensors":
-                continue
             try:
                 with safe_open(str(path), framework="pt"):
                     pass
             except SafetensorError as e:
-                raise ValueError(f"{path}: cannot read it ({e}); the file is damaged or truncated") from None
+                raise damaged(path, e) from None
     return info
 
 
@@ -290,7 +291,7 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
         if (stage / PROJECTOR_NAME).is_file():
             if model.projector is None:
                 raise ValueError(f"{stage}: has projector weights but this model has no vision tower")
-            state = _load_tensors(stage / PROJECTOR_NAME, "projector weights")
+            state = _load_tensors(stage / PROJECTOR_NAME)
             try:
                 model.projector.load_state_dict(state)
             except RuntimeError as e:  # names or shapes of another projector
@@ -311,9 +312,7 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
                 try:
                     setattr(model, attr, PeftModel.from_pretrained(module, str(adapter)))
                 except SafetensorError as e:
-                    raise ValueError(
-                        f"{weights}: cannot read it ({e}); the file is damaged or truncated"
-                    ) from None
+                    raise damaged(weights, e) from None
             else:
                 from peft import set_peft_model_state_dict
 
@@ -322,7 +321,7 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
                         f"{adapter}: init_from holds a LoRA adapter but this stage does not train LoRA on {attr}; "
                         "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
                     )
-                loaded = set_peft_model_state_dict(module, _load_tensors(weights, "LoRA adapter weights"))
+                loaded = set_peft_model_state_dict(module, _load_tensors(weights))
                 _check_adapter_fits(module, loaded, adapter)
             log.info("%s adapter from %s", attr, adapter)
 

@@ -192,7 +192,7 @@ def test_damaged_weights_are_named_when_loading_too(tiny_root, tmp_path):
     _, model = build_model(cfg)
     path = stage / "projector.safetensors"
     path.write_bytes(path.read_bytes()[:-8])  # header intact, data cut short
-    with pytest.raises(ValueError, match="projector.safetensors: cannot read the projector weights"):
+    with pytest.raises(ValueError, match="projector.safetensors: cannot read it .*damaged or truncated"):
         apply_stage_weights(model, stage, adapters="load")
     path.unlink()
     _drop_adapter_weights(stage)
