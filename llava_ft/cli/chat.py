@@ -78,9 +78,10 @@ def open_image(path: str, has_vision: bool):
     return load_image(path)
 
 
-def run_script(session: ChatSession, lines: Iterable[str], out) -> int:
+def run_script(session: ChatSession, lines: Iterable[str], out, *, unit: str = "line") -> int:
     """Answer each line (commands run silently), one answer per line; line breaks inside an answer are written
-    as the two characters `\\n` (and a backslash as `\\\\`), so every answer stays one line."""
+    as the two characters `\\n` (and a backslash as `\\\\`), so every answer stays one line. An error names the
+    failing input as `unit` and its 1-based number (blank lines and commands counted: "line" for stdin)."""
     for n, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line:
@@ -92,7 +93,7 @@ def run_script(session: ChatSession, lines: Iterable[str], out) -> int:
                 continue
             answer = session.ask(line)
         except (ChatError, DataError) as e:
-            print(f"llava-ft chat: error: question {n}: {e}", file=sys.stderr)
+            print(f"llava-ft chat: error: {unit} {n}: {e}", file=sys.stderr)
             return 2
         print(answer.replace("\\", "\\\\").replace("\n", "\\n"), file=out, flush=True)
     return 0
@@ -146,7 +147,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"llava-ft chat: error: {e}", file=sys.stderr)
         return 2
     if args.question:
-        return run_script(session, args.question, sys.stdout)
+        return run_script(session, args.question, sys.stdout, unit="--question")
     if not sys.stdin.isatty():
         return run_script(session, sys.stdin, sys.stdout)
     return run_interactive(session)

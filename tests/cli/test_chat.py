@@ -117,9 +117,13 @@ def test_errors_are_one_line_exit_2(files, capsys, monkeypatch, which, argv_extr
 
 
 def test_bad_image_command_in_script_is_exit_2(files, capsys, monkeypatch):
-    rc, lines, err = chat([files["vision"]], capsys, monkeypatch, stdin="hi\n/image nowhere.png\nhi\n")
+    rc, lines, err = chat([files["vision"]], capsys, monkeypatch, stdin="hi\n\n/image nowhere.png\nhi\n")
     assert rc == 2 and len(lines) == 1
-    assert "question 2" in err and "nowhere.png: image file not found" in err
+    # the stdin line that failed (a command, after a blank line), not a count of questions
+    assert "error: line 3: " in err and "nowhere.png: image file not found" in err
+    argv = [files["vision"], "--question", "hi", "--question", "/image nowhere.png"]
+    rc, lines, err = chat(argv, capsys, monkeypatch)
+    assert rc == 2 and "error: --question 2: " in err
 
 
 def test_text_only_checkpoint_chats_without_image(files, capsys, monkeypatch):
