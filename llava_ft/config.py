@@ -396,7 +396,12 @@ def parse_overrides(args: list[str]) -> Overrides:
     return out
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None, *, for_training: bool = False
+) -> RunConfig:
+    """The config at `path` (None: defaults) with dotted overrides, validated. for_training: also check what only
+    this machine can tell (the DeepSpeed file exists, the report_to integration is installed); a stage output's
+    config is read elsewhere too (chat, export, eval, a later stage) and must load there."""
     data: dict = {}
     src = _SourceText()
     if path is not None:
@@ -414,6 +419,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     try:
         cfg = _build(RunConfig, data, "", src)
         validate(cfg)
+        if for_training:
+            _check_training_machine(cfg)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return cfg
@@ -427,7 +434,6 @@ def _need(ok: bool, name: str, value: Any, what: str) -> None:
 def _validate_names(cfg: RunConfig) -> None:
     """Names the config hands to code elsewhere, checked now rather than when the run is built (minutes later,
     after data preparation). Imported here: the owners of the names stay their one place."""
-    from transformers.integrations import get_available_reporting_integrations
     from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
@@ -451,15 +457,20 @@ def _validate_names(cfg: RunConfig) -> None:
     optimizers = [o.value for o in OptimizerNames]
     if cfg.train.optim not in optimizers:
         raise ConfigError(f"train.optim: {cfg.train.optim!r} is not one of transformers' {optimizers}")
-    if cfg.train.report_to != "none" and cfg.train.report_to not in get_available_reporting_integrations():
-        raise ConfigError(
-            f"train.report_to: {cfg.train.report_to!r} is not installed here; installed: "
-            f"{get_available_reporting_integrations()}, or none"
-        )
     attn = cfg.model.attn_implementation
     # A name with a slash is a hub kernel, which transformers resolves itself.
     if attn is not None and attn not in attn_implementations() and "/" not in attn:
         raise ConfigError(f"model.attn_implementation: {attn!r} is not one of {attn_implementations()}")
+
+
+def _check_training_machine(cfg: RunConfig) -> None:
+    from transformers.integrations import get_available_reporting_integrations
+
+    installed = get_available_reporting_integrations()
+    if cfg.train.report_to not in ("none", "all", *installed):
+        raise ConfigError(
+            f"train.report_to: {cfg.train.report_to!r} is not installed here; installed: {installed}, all or none"
+        )
     if cfg.train.deepspeed is not None and not Path(cfg.train.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed: {cfg.train.deepspeed}: no such file")
 

@@ -18,7 +18,12 @@ if [[ "$config" == configs/tiny/* ]]; then
   for need in "${needs[@]}"; do
     if [ ! -f "work_dirs/tiny/$need/llava_ft.yaml" ]; then
       echo "$stage: first the tiny $need stage it builds on (configs/tiny/$need.yaml)"
-      .venv/bin/llava-ft train "configs/tiny/$need.yaml"
+      # An interrupted run of it (checkpoint-N left, no output) is continued, or redone when no checkpoint
+      # is complete, rather than refused.
+      again=()
+      if compgen -G "work_dirs/tiny/$need/checkpoint-*/trainer_state.json" > /dev/null; then again=(--resume)
+      elif compgen -G "work_dirs/tiny/$need/checkpoint-*" > /dev/null; then again=(--overwrite); fi
+      .venv/bin/llava-ft train "configs/tiny/$need.yaml" "${again[@]}"
     fi
   done
 fi

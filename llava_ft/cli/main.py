@@ -18,7 +18,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_ft.config import load_config, parse_overrides
     from llava_ft.train.run import train
 
-    cfg = load_config(args.config, parse_overrides(extra))
+    cfg = load_config(args.config, parse_overrides(extra), for_training=True)
     result = train(cfg, resume=args.resume if args.resume != "auto" else True, overwrite=args.overwrite)
     print(f"stage output: {result.output_dir}")
     _shut_down_distributed()

@@ -150,6 +150,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         c.model.vision.pretrained = absolute(c.model.vision.pretrained)
     c.train.output_dir = str(Path(c.train.output_dir).resolve())
     c.train.init_from = absolute(c.train.init_from)
+    c.train.deepspeed = absolute(c.train.deepspeed)
     for src in c.data.train:
         src.path = absolute(src.path)
         src.image_folder = absolute(src.image_folder)

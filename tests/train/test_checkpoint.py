@@ -198,3 +198,22 @@ def test_damaged_weights_are_named_when_loading_too(tiny_root, tmp_path):
     _drop_adapter_weights(stage)
     with pytest.raises(FileNotFoundError, match="llm_adapter: LoRA adapter folder without adapter_model"):
         apply_stage_weights(model, stage, adapters="load")
+
+
+def test_a_stage_config_reads_from_anywhere(tmp_path, monkeypatch):
+    """A stage trained with `--train.deepspeed configs/deepspeed/zero3.json` (relative) and a tracker this machine
+    lacks is still read by chat, export and later stages from another folder."""
+    from llava_ft.config import dump_config, load_config, parse_overrides
+    from llava_ft.train.checkpoint import absolute_paths
+
+    repo = Path(__file__).parents[2]
+    monkeypatch.chdir(repo)
+    overrides = ["--train.deepspeed", "configs/deepspeed/zero3.json", "--train.report_to", "no-such-tracker"]
+    cfg = load_config(repo / "configs" / "tiny" / "finetune.yaml", parse_overrides(overrides))
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    dump_config(absolute_paths(cfg), stage / CONFIG_NAME)
+    monkeypatch.chdir(tmp_path)
+    again = read_stage_config(stage)
+    assert again.train.deepspeed == str(repo / "configs" / "deepspeed" / "zero3.json")
+    assert again.train.report_to == "no-such-tracker"
