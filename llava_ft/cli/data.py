@@ -207,7 +207,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _with_images(convs: list[Conversation], folder: str, bad: BadRecords) -> list[Conversation]:
     """The conversations whose image files all exist in `folder` (as training checks before it starts); the
     others go to `bad`, named by record and path."""
-    from llava_ft.data.images import missing_images
+    from llava_ft.data.images import missing_image_problem, missing_images
 
     if not os.path.isdir(folder):
         raise DataError(folder, "image folder not found")
@@ -218,8 +218,7 @@ def _with_images(convs: list[Conversation], folder: str, bad: BadRecords) -> lis
     for conv in convs:
         absent = [p for p in conv.images if p in missing]
         if absent:
-            more = f" (and {len(absent) - 1} more of its images)" if len(absent) > 1 else ""
-            bad.add(DataError(str(conv.source), f"image {absent[0]}: file not found in {folder}{more}"))
+            bad.add(DataError(str(conv.source), missing_image_problem(absent, folder)))
         else:
             kept.append(conv)
     return kept

@@ -103,7 +103,7 @@ def drop_missing_images(
     record and the path, or under `skip_bad` the row is left out (an indices mapping; the table stays mapped)
     and moved from `stats.kept` to `stats.skipped`, its tokens taken off the totals (`truncated` and `realigned`
     keep it: they are not stored per sample)."""
-    from llava_ft.data.images import missing_images
+    from llava_ft.data.images import missing_image_problem, missing_images
 
     column = table.data.column("images")
     flat = pa.compute.list_flatten(column).to_pylist()  # the path column only: nothing else leaves Arrow
@@ -111,18 +111,14 @@ def drop_missing_images(
     if not missing:
         return table
     owner = pa.compute.list_parent_indices(column).to_numpy()
-    first: dict[int, str] = {}  # row -> its first missing image
-    counts: dict[int, int] = {}
+    absent: dict[int, list[str]] = {}  # row -> its missing images, in order
     for j in np.flatnonzero(np.fromiter((p in missing for p in flat), bool, len(flat))):
-        row = int(owner[j])
-        first.setdefault(row, flat[j])
-        counts[row] = counts.get(row, 0) + 1
-    rows = sorted(first)
+        absent.setdefault(int(owner[j]), []).append(flat[j])
+    rows = sorted(absent)
     sources = table.data.column("source").take(pa.array(rows)).to_pylist()
 
     def problem(row: int) -> str:
-        more = f" (and {counts[row] - 1} more of its images)" if counts[row] > 1 else ""
-        return f"image {first[row]}: file not found in {folder}{more}"
+        return missing_image_problem(absent[row], folder)
 
     if not skip_bad:
         others = f"; {len(rows) - 1} more record(s) with missing images" if len(rows) > 1 else ""

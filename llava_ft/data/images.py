@@ -81,6 +81,12 @@ def missing_images(folder: str | os.PathLike, paths: Iterable[str]) -> set[str]:
     return missing
 
 
+def missing_image_problem(absent: list[str], folder: str | os.PathLike) -> str:
+    """The problem reported for a record whose images `absent` (its missing ones, in order) are not in `folder`."""
+    more = f" (and {len(absent) - 1} more of its images)" if len(absent) > 1 else ""
+    return f"image {absent[0]}: file not found in {folder}{more}"
+
+
 def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """LLaVA-1.5's padding: centre the image on a square canvas of its longer side."""
     width, height = img.size
