@@ -93,13 +93,12 @@ class LlavaTrainer(Trainer):
     def all_token_counts(self) -> dict[str, int]:
         """token_counts summed over all processes (each counts only the batches it ran). Every rank must call it."""
         import torch
-        import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return dict(self.token_counts)
         keys = sorted(self.token_counts)
-        total = torch.tensor([self.token_counts[k] for k in keys], dtype=torch.int64, device=self.args.device)
-        dist.all_reduce(total)
+        counts = torch.tensor(
+            [self.token_counts[k] for k in keys], dtype=torch.int64, device=self.args.device
+        )
+        total = self.accelerator.reduce(counts, reduction="sum")  # itself when there is one process
         return dict(zip(keys, total.tolist(), strict=True))
 
 
