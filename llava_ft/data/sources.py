@@ -334,7 +334,19 @@ def _from_llava(record: Any, where: str) -> Conversation:
         content = _text(_require(turn, "value", where, f"turn {i}: "), where, f"turn {i} 'value'")
         opted_out = _opted_out(turn, where, f"turn {i}: ")
         messages.append(Message(role, content, trainable=False if opted_out else None))
-    return Conversation(messages, _record_images(record, where), id=_record_id(record))
+    images = _record_images(record, where)
+    if len(images) == 1:
+        for msg in messages:
+            if msg.role == "user" and msg.content.count(IMAGE_TOKEN) == 1:
+                msg.content = _image_first(msg.content)
+    return Conversation(messages, images, id=_record_id(record))
+
+
+def _image_first(content: str) -> str:
+    """A one-image LLaVA turn as LLaVA-1.5 and XTuner train it: the marker moved to the front, then the stripped
+    text ("What is this?\\n<image>" -> "<image>\\nWhat is this?"; about half of LLaVA-Instruct's records put the
+    image last). Chat and eval prompts put the image first too, so training matches them."""
+    return f"{IMAGE_TOKEN}\n{content.replace(IMAGE_TOKEN, '').strip()}".strip()
 
 
 def _from_xtuner(record: Any, where: str) -> Conversation:
@@ -451,7 +463,8 @@ def _validate(conv: Conversation, where: str) -> None:
         _check_roles(conv.messages, where)
     markers = conv.num_image_markers()
     if conv.images and markers == 0:
-        # LLaVA's rule for records whose text has no marker: the image goes before the first user turn.
+        # No marker: the image goes before the first user turn, as LLaVA's inference prompts put it (LLaVA's
+        # training would leave such an image unused).
         first_user = next(m for m in conv.messages if m.role == "user")
         first_user.content = IMAGE_TOKEN * len(conv.images) + "\n" + first_user.content
     elif markers != len(conv.images):

@@ -35,7 +35,7 @@ def test_llava_json(tmp_path):
     assert len(bad) == 0
     assert convs == [
         Conversation(
-            [Message("user", "What is this?\n<image>"), Message("assistant", "A cat."),
+            [Message("user", "<image>\nWhat is this?"), Message("assistant", "A cat."),
              Message("user", "Colour?"), Message("assistant", "Black.", trainable=False)],
             images=["coco/1.jpg"], id="7", source=f"{path}[0]",
         ),
@@ -45,6 +45,46 @@ def test_llava_json(tmp_path):
         ),
         Conversation([Message("user", "Hi"), Message("assistant", "Hello")], id="text-only", source=f"{path}[2]"),
     ]  # fmt: skip
+
+
+def _llava_preprocess_multimodal(value: str) -> str:
+    """LLaVA-1.5's training rule (llava/train/train.py, preprocess_multimodal), restated: a turn holding the marker
+    becomes the marker, a newline and the rest of its text, stripped."""
+    if "<image>" not in value:
+        return value
+    return ("<image>\n" + value.replace("<image>", "").strip()).strip()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "What is this?\n<image>",
+        "  <image>\n\nWhat is this?  \n",
+        "Look: <image> what?",
+        "<image>",
+        "<image>\nPlain.",
+    ],
+)
+def test_llava_single_image_goes_first_as_llava_trains_it(tmp_path, value):
+    # The marker in a later turn; other turns keep their text as written (LLaVA strips only the marker's turn).
+    record = {"image": "a.jpg", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": " Hello "},
+        {"from": "human", "value": value}, {"from": "gpt", "value": "Yes."}]}  # fmt: skip
+    (conv,), _ = read_conversations(write_jsonl(tmp_path / "a.jsonl", [record]))
+    assert [m.content for m in conv.messages] == [
+        "Hi",
+        " Hello ",
+        _llava_preprocess_multimodal(value),
+        "Yes.",
+    ]
+
+
+def test_llava_multi_image_markers_stay_where_written(tmp_path):
+    value = "Compare <image> with <image> please."
+    record = {"images": ["a.jpg", "b.jpg"], "conversations": [
+        {"from": "human", "value": value}, {"from": "gpt", "value": "Same."}]}  # fmt: skip
+    (conv,), _ = read_conversations(write_jsonl(tmp_path / "a.jsonl", [record]))
+    assert conv.messages[0].content == value
 
 
 def test_xtuner_alpaca_text_jsonl(tmp_path):
