@@ -432,6 +432,7 @@ def run_mmbench(
     return runner.finish(output, results, mmbench_markdown(results), chosen, per_item)
 
 
+@runner.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     runner.add_common_args(parser)

@@ -25,7 +25,8 @@ LIKELIHOOD_OPTIONS = ["Yes", "No"]
 @dataclass
 class PopeItem:
     question_id: object
-    image: Path
+    image: Path | None
+    """None when loaded for a re-score (no image folder)."""
     text: str
     label: str
     """"yes" or "no"."""
@@ -33,8 +34,9 @@ class PopeItem:
     where: str
 
 
-def load_pope(path: str | Path, images: str | Path) -> list[PopeItem]:
-    path, images = Path(path), Path(images)
+def load_pope(path: str | Path, images: str | Path | None) -> list[PopeItem]:
+    """With `images` None (a re-score) image files are neither looked for nor needed."""
+    path, images = Path(path), None if images is None else Path(images)
     items: list[PopeItem] = []
     seen: dict[str, str] = {}
     for _, where, rec in runner.iter_jsonl(path):
@@ -166,7 +168,7 @@ def pope_markdown(results: dict) -> str:
 
 def run_pope(
     data: str | Path,
-    images: str | Path,
+    images: str | Path | None,
     output: str | Path,
     *,
     asking: runner.Asking | None = None,
@@ -181,7 +183,8 @@ def run_pope(
     if rule not in POPE_RULES:
         raise ValueError(f"unknown rule {rule!r}; choose from {sorted(POPE_RULES)}")
     data, output = Path(data), Path(output)
-    items = load_pope(data, images)[:limit]
+    # A re-score asks nothing, so no image is opened: it must not need the files either.
+    items = load_pope(data, images if asking is not None else None)[:limit]
     work = [
         runner.Item(it.question_id, build_prompt(it.text, suffix), lambda it=it: load_image(it))
         for it in items
@@ -192,7 +195,7 @@ def run_pope(
     )  # fmt: skip
     scores = score_pope(items, [r["prediction"] for r in chosen], rule, seed=seed, n_resamples=n_resamples)
     extracted = scores.pop("_extracted")
-    results = {**head, "images": str(images), **scores}
+    results = {**head, "images": str(images) if images is not None else None, **scores}
     per_item = (
         {
             "label": it.label,
@@ -205,12 +208,11 @@ def run_pope(
     return runner.finish(output, results, pope_markdown(results), chosen, per_item)
 
 
+@runner.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     runner.add_common_args(parser)
-    parser.add_argument(
-        "--images", type=Path, required=True, help="folder the records' image paths are relative to"
-    )
+    runner.add_images_arg(parser)
     parser.add_argument(
         "--mode",
         choices=["generate", "likelihood"],
@@ -222,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt-suffix", default=SUFFIX, help="appended to each question unless already there"
     )
     args = parser.parse_args(argv)
+    images = runner.images_from_args(parser, args)
     options = LIKELIHOOD_OPTIONS if args.mode == "likelihood" else None
     results = run_pope(
         args.data,
-        args.images,
+        images,
         args.output,
         asking=runner.asking_from_args(args, options),
         predictions_file=args.predictions,

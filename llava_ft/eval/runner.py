@@ -7,6 +7,7 @@ about asking the model, resuming and writing files lives here, so the three beha
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from llava_ft.config import ConfigError
 from llava_ft.data.conversation import DataError
 from llava_ft.files import atomic_path
 from llava_ft.inference import Query
@@ -140,13 +142,16 @@ def require_fields(rec: Any, where: str, fields: tuple[str, ...]) -> dict:
     return rec
 
 
-def unique_image(rec: dict, where: str, seen: dict[str, str], images: Path) -> Path:
+def unique_image(rec: dict, where: str, seen: dict[str, str], images: Path | None) -> Path | None:
     """The record's image file under `images`, once its question_id is checked not to repeat an earlier one
-    (`seen`: question_id -> where it was first read)."""
+    (`seen`: question_id -> where it was first read). With `images` None (a re-score, which needs no pixels)
+    no file is looked for and None is returned."""
     key = str(rec["question_id"])
     if key in seen:
         raise DataError(where, f"question_id {rec['question_id']!r} repeats {seen[key]}")
     seen[key] = where
+    if images is None:
+        return None
     image = images / rec["image"]
     if not image.is_file():
         raise DataError(where, f"field 'image': file {image} not found")
@@ -257,6 +262,9 @@ def collect_predictions(
         if str(it.id) in records:
             _check_previous(path, records[str(it.id)], it, asking)
     reused = sum(str(it.id) in records for it in items)
+    if reused:
+        # stderr, beside tqdm's bar: stdout carries only the score line.
+        print(f"resuming: {reused} of {len(items)} predictions reused from {path}", file=sys.stderr)
     todo = [it for it in items if str(it.id) not in records]
     batches = [todo[i : i + asking.batch_size] for i in range(0, len(todo), asking.batch_size)]
     if path.exists():
@@ -426,6 +434,24 @@ def write_report(output: Path, results: dict, markdown: str) -> None:
 # ------------------------------------------------------------------------------------------ command line
 
 
+def add_images_arg(parser: argparse.ArgumentParser) -> None:
+    """--images, required only with --checkpoint (`images_from_args` checks): a re-score needs no pixels."""
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="folder the records' image paths are relative to (needed with --checkpoint, not --predictions)",
+    )
+
+
+def images_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path | None:
+    """The image folder when predicting; None when re-scoring, so that no image file is looked for."""
+    if args.checkpoint is None:
+        return None
+    if args.images is None:
+        parser.error("--images is required with --checkpoint (re-scoring with --predictions needs none)")
+    return args.images
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="trained checkpoint folder to evaluate")
@@ -453,6 +479,22 @@ def positive_int(text: str) -> int:
 def command_line(argv: list[str] | None) -> str:
     args = sys.argv[1:] if argv is None else argv
     return shlex.join(["python", sys.argv[0] or "-", *args])
+
+
+def reports_user_errors(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wrap a benchmark's `main` as `llava-ft` does its commands: bad input (a data or predictions file, a
+    checkpoint folder, a refused resume) prints one `prog: error: ...` line and returns 2; any other exception
+    is a bug and keeps its traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except (DataError, ConfigError, FileNotFoundError) as e:
+            print(f"{Path(sys.argv[0]).name or 'eval'}: error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper
 
 
 def asking_from_args(args: argparse.Namespace, options: list[str] | None = None) -> Asking | None:

@@ -211,15 +211,17 @@ def exact_match(prediction: str, answers: list[str]) -> bool:
 @dataclass
 class VqaItem:
     question_id: object
-    image: Path
+    image: Path | None
+    """None when loaded for a re-score (no image folder)."""
     question: str
     answers: list[str]
     answer_type: str | None
     where: str
 
 
-def load_vqa(path: str | Path, images: str | Path) -> list[VqaItem]:
-    path, images = Path(path), Path(images)
+def load_vqa(path: str | Path, images: str | Path | None) -> list[VqaItem]:
+    """With `images` None (a re-score) image files are neither looked for nor needed."""
+    path, images = Path(path), None if images is None else Path(images)
     items: list[VqaItem] = []
     seen: dict[str, str] = {}
     for _, where, rec in runner.iter_jsonl(path):
@@ -316,7 +318,7 @@ def vqa_markdown(results: dict) -> str:
 
 def run_vqa(
     data: str | Path,
-    images: str | Path,
+    images: str | Path | None,
     output: str | Path,
     *,
     asking: runner.Asking | None = None,
@@ -331,7 +333,8 @@ def run_vqa(
     if normalization not in NORMALIZE_RULES:
         raise ValueError(f"unknown normalisation {normalization!r}; choose from {sorted(NORMALIZE_RULES)}")
     data, output = Path(data), Path(output)
-    items = load_vqa(data, images)[:limit]
+    # A re-score asks nothing, so no image is opened: it must not need the files either.
+    items = load_vqa(data, images if asking is not None else None)[:limit]
     work = [
         runner.Item(it.question_id, build_prompt(it.question, suffix), lambda it=it: load_image(it))
         for it in items
@@ -344,7 +347,7 @@ def run_vqa(
         items, [r["prediction"] for r in chosen], normalization, seed=seed, n_resamples=n_resamples
     )
     per_item = scores.pop("_per_item")
-    results = {**head, "images": str(images), **scores}
+    results = {**head, "images": str(images) if images is not None else None, **scores}
     fields = (
         {"answers": it.answers, "soft_accuracy": per_item["soft"][i], "exact_match": per_item["exact"][i]}
         for i, it in enumerate(items)
@@ -352,12 +355,11 @@ def run_vqa(
     return runner.finish(output, results, vqa_markdown(results), chosen, fields)
 
 
+@runner.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     runner.add_common_args(parser)
-    parser.add_argument(
-        "--images", type=Path, required=True, help="folder the records' image paths are relative to"
-    )
+    runner.add_images_arg(parser)
     parser.add_argument(
         "--normalize",
         choices=sorted(NORMALIZE_RULES),
@@ -368,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt-suffix", default=SUFFIX, help="appended to each question unless already there"
     )
     args = parser.parse_args(argv)
+    images = runner.images_from_args(parser, args)
     results = run_vqa(
         args.data,
-        args.images,
+        images,
         args.output,
         asking=runner.asking_from_args(args),
         predictions_file=args.predictions,
