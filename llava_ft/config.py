@@ -174,7 +174,8 @@ class TrainSection:
     logging_steps: int = 10
     """Log loss, learning rate and grad norm every N steps."""
     save_steps: int = 0
-    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    """Write a resumable checkpoint-N every N steps (0: none; the stage output holds the final weights, and an
+    interrupted run starts again)."""
     save_total_limit: int = 2
     """Keep at most this many intermediate checkpoints."""
     dataloader_workers: int = 0
@@ -500,7 +501,7 @@ def validate(cfg: RunConfig) -> None:
     _need(lora.vision_r >= 1, "lora.vision_r", lora.vision_r, ">= 1")
     _need(0 <= lora.dropout < 1, "lora.dropout", lora.dropout, ">= 0 and < 1")
     _need(t.logging_steps >= 1, "train.logging_steps", t.logging_steps, ">= 1")
-    _need(t.save_steps >= 0, "train.save_steps", t.save_steps, ">= 0 (0: only at the end)")
+    _need(t.save_steps >= 0, "train.save_steps", t.save_steps, ">= 0 (0: no checkpoints)")
     _need(t.save_total_limit >= 1, "train.save_total_limit", t.save_total_limit, ">= 1")
     _need(t.dataloader_workers >= 0, "train.dataloader_workers", t.dataloader_workers, ">= 0")
     if t.max_steps > 0:  # epochs is then ignored and may be 0, but is never negative or infinite

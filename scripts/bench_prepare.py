@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-XTB_SCRIPTS = HERE.parent.parent / "shared" / "bench" / "xtuner_prep"
+# The XTuner harness (setup.sh, gen_llava.py, bench_xtuner.py) lives outside the repository.
+XTB_SCRIPTS = Path(os.environ.get("XTUNER_PREP", HERE.parent.parent / "shared" / "bench" / "xtuner_prep"))
 FILES = {"llava": "llava_{n}.json", "sft": "sft_openai_{n}.json"}
 XTUNER_STAGES = "llava/loop,llava/hf,sft/loop,sft/hf"
 IMAGE_TOKENS = 576
@@ -137,6 +138,9 @@ def run_scale(args: argparse.Namespace) -> dict:
     path = data / f"llava_{args.scale}.json"
     if not path.exists():
         gen = XTB_SCRIPTS / "gen_llava.py"
+        if not gen.is_file():
+            print(f"scale row left out: no {gen} to generate {args.scale} records (XTUNER_PREP=DIR)")
+            return {}
         subprocess.run([sys.executable, str(gen), "--n", str(args.scale), "--out", str(data)], check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
         for other in ("sft_xtuner", "sft_openai"):
@@ -226,15 +230,19 @@ def main() -> None:
         return
     if not (Path(args.root) / "data").is_dir():
         sys.exit(f"no records under {args.root}/data: run `bash {XTB_SCRIPTS}/setup.sh {args.root}` first")
-    have_xtuner = Path(f"{args.root}/venv/bin/python").exists()
+    have_xtuner = (
+        Path(f"{args.root}/venv/bin/python").exists() and (XTB_SCRIPTS / "bench_xtuner.py").is_file()
+    )
     if not have_xtuner:
-        print(f"XTuner columns left out: set its venv up with `bash {XTB_SCRIPTS}/setup.sh {args.root}`")
+        print(f"XTuner columns left out: set its venv up with `bash {XTB_SCRIPTS}/setup.sh {args.root}` "
+              "(XTUNER_PREP=DIR names the harness folder when it is elsewhere)")  # fmt: skip
     results: dict = {"n": args.n, "runs": args.runs, "tokenizers": {}, "load_start": os.getloadavg()[0]}
     for tk in args.tokenizers.split(","):
         xt = run_xtuner(args, tk) if have_xtuner else None
         results["tokenizers"][tk] = {"xtuner": xt, "ours": run_ours(args, tk)}
     if args.scale:
-        results["scale"] = run_scale(args)
+        if scale := run_scale(args):
+            results["scale"] = scale
     packing = [json.loads(Path(p).read_text()) for p in args.packing_json]
     results["packing"] = packing
     results["load_end"] = os.getloadavg()[0]

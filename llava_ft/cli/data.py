@@ -5,6 +5,7 @@
                           [--image-folder DIR]   (also: every image file exists)
     llava-ft data prepare --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--num-proc N]
                           [--no-cache] [--output CACHE_DIR]   (what training runs; cached for it)
+    llava-ft data check --config CONFIG.yaml   (every data.train file, as that config trains on it)
 
 Also runs standalone: `python -m llava_ft.cli.data preview ...`.
 """
@@ -12,18 +13,22 @@ Also runs standalone: `python -m llava_ft.cli.data preview ...`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from itertools import islice
 
+from llava_ft.config import DataSection, DataSource
 from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation, DataError
 from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
 from llava_ft.data.tokenize import DroppedSample, Encoder, TokenizedSample, encode_all
 
 GREEN, CYAN, RESET = "\x1b[32m", "\x1b[36m", "\x1b[0m"
+DEFAULT_IMAGE_TOKENS = 576
 
 
 def add_data_commands(subparsers) -> None:
@@ -34,12 +39,25 @@ def add_data_commands(subparsers) -> None:
 
 def _add_subcommands(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", required=True, help=".json (list of records) or .jsonl file")
-    common.add_argument("--template", required=True, choices=TEMPLATE_NAMES)
-    common.add_argument("--tokenizer", required=True, help="tokenizer folder (usually the LLM's)")
-    common.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    common.add_argument(
+        "--config",
+        default=None,
+        help="a training config: its template, tokenizer (model.llm), max_length, last_turn_only, image tokens "
+        "per image (its vision tower), data.skip_bad and cache settings and, without --data, its data.train "
+        "files with their formats and image folders, as training reads them; flags given beside it win",
+    )
+    common.add_argument("--data", default=None, help=".json (list of records) or .jsonl file")
+    common.add_argument("--template", default=None, choices=TEMPLATE_NAMES)
+    common.add_argument("--tokenizer", default=None, help="tokenizer folder (usually the LLM's)")
+    common.add_argument("--format", default=None, choices=("auto", *FORMATS), help="default: auto")
     common.add_argument("--max-length", type=int, default=None, help="tokens, image tokens included")
-    common.add_argument("--num-image-tokens", type=int, default=576)
+    common.add_argument(
+        "--num-image-tokens",
+        type=int,
+        default=None,
+        help=f"placeholder tokens per image (default: the --config's vision tower, else {DEFAULT_IMAGE_TOKENS}, "
+        "CLIP ViT-L/14-336's)",
+    )
     common.add_argument("--last-turn-only", action="store_true", help="train only each record's last answer")
 
     p = sub.add_parser("preview", parents=[common], help="rendered records, trained spans in green")
@@ -81,42 +99,86 @@ def _load_tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def _encoder(args: argparse.Namespace) -> Encoder:
-    tokenizer = _load_tokenizer(args.tokenizer)
-    return Encoder(
-        tokenizer,
-        get_template(args.template, tokenizer),
-        max_length=args.max_length,
-        num_image_tokens=args.num_image_tokens,
-        last_turn_only=args.last_turn_only,
-    )
+@dataclass
+class _Setup:
+    """What a data command reads and how it encodes: from the flags, or a training config under them."""
+
+    encoder: Encoder
+    sources: list[DataSource]
+    data: DataSection | None
+    """The config's data section (skip_bad, cache, num_proc), when --config is given."""
+
+
+def _setup(args: argparse.Namespace) -> _Setup:
+    cfg = None
+    if args.config is not None:
+        from llava_ft.config import load_config
+
+        cfg = load_config(args.config)
+    else:
+        missing = [f"--{name}" for name in ("data", "template", "tokenizer") if getattr(args, name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} required (or --config CONFIG.yaml, which names them)")
+    tokenizer = _load_tokenizer(args.tokenizer or cfg.model.llm)
+    template = get_template(args.template or cfg.data.template, tokenizer)
+    if args.num_image_tokens is not None:
+        num_image_tokens = args.num_image_tokens
+    elif cfg is not None:
+        from llava_ft.model.build import build_vision
+
+        # The count training uses (the tower's grid after pooling); a text-only config has none.
+        tower = build_vision(cfg.model)
+        num_image_tokens = 0 if tower is None else tower.num_tokens
+        print(f"{args.config}: {num_image_tokens} image tokens per image, template {template.name}")
+    else:
+        num_image_tokens = DEFAULT_IMAGE_TOKENS
+    # Without a config: no length limit unless --max-length (a config always has one).
+    data = cfg.data if cfg is not None else DataSection(max_length=None)
+    if args.max_length is not None:
+        data.max_length = args.max_length
+    data.last_turn_only = data.last_turn_only or args.last_turn_only
+    if args.data is not None:
+        data.train = [DataSource(args.data, args.format or "auto")]
+    elif args.format is not None:
+        data.train = [dataclasses.replace(src, format=args.format) for src in data.train]
+    if not data.train:
+        raise ValueError(f"{args.config}: data.train names no files (or pass --data)")
+    from llava_ft.data.dataset import data_encoder  # torch and datasets: only when a command runs
+
+    return _Setup(data_encoder(data, tokenizer, template, num_image_tokens), data.train, cfg and cfg.data)
 
 
 # ---------------------------------------------------------------- preview
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    encoder = _encoder(args)
-    if args.index is not None:
-        picked = [_record_at(args.data, args.format, args.index)]
-    else:
-        convs = iter_conversations(args.data, args.format)
-        picked = convs if args.limit == 0 else islice(convs, args.limit)
+    setup = _setup(args)
+    encoder = setup.encoder
     if not args.json:
         print(f"{GREEN}green{RESET}: trained tokens; {CYAN}<image xN>{RESET}: N image placeholder tokens\n")
+    for src in setup.sources:
+        if args.index is not None:
+            picked = [_record_at(src.path, src.format, args.index)]
+        else:
+            convs = iter_conversations(src.path, src.format)
+            picked = convs if args.limit == 0 else islice(convs, args.limit)
+        _preview(picked, encoder, args.json)
+    return 0
+
+
+def _preview(picked, encoder: Encoder, as_json: bool) -> None:
     for conv in picked:
         try:
             sample = encoder.encode(conv)
         except DroppedSample as err:
-            print(json.dumps({"source": conv.source, "dropped": err.problem}) if args.json else f"-- {err}\n")
+            print(json.dumps({"source": conv.source, "dropped": err.problem}) if as_json else f"-- {err}\n")
             continue
-        if args.json:
+        if as_json:
             print(json.dumps({"source": conv.source, "num_images": sample.num_images, "truncated": sample.truncated,
                               "input_ids": sample.input_ids, "labels": sample.labels}))  # fmt: skip
         else:
             print(_header(conv.source, sample))
             print(render_sample(encoder.tokenizer, sample, encoder.num_image_tokens) + "\n")
-    return 0
 
 
 def _record_at(path: str, fmt: str, index: int) -> Conversation:
@@ -179,17 +241,29 @@ def _render_text(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    encoder = _encoder(args)
+    setup = _setup(args)
+    failed = 0
+    for src in setup.sources:
+        folder = args.image_folder
+        if folder is None and setup.data is not None:  # as training checks them
+            folder = src.image_folder or os.path.dirname(src.path) or "."
+        failed += _check_file(src, setup.encoder, folder)
+    if failed and not (args.skip_bad or (setup.data is not None and setup.data.skip_bad)):
+        print(f"{failed} bad record(s); fix them or pass --skip-bad", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_file(src: DataSource, encoder: Encoder, image_folder: str | None) -> int:
+    """Print one file's counts; return its bad records."""
     bad = BadRecords()
-    convs = list(
-        iter_conversations(args.data, args.format, skip_bad=True, bad=bad)
-    )  # report every bad record
+    convs = list(iter_conversations(src.path, src.format, skip_bad=True, bad=bad))  # report every bad record
     read = len(convs) + len(bad)
-    if args.image_folder is not None:
-        convs = _with_images(convs, args.image_folder, bad)
+    if image_folder is not None:
+        convs = _with_images(convs, image_folder, bad)
     samples, stats = encode_all(convs, encoder, skip_bad=True)
     lengths = sorted(len(s.input_ids) for s in samples)
-    print(f"{args.data}: {read} records read, {len(bad)} bad")
+    print(f"{src.path}: {read} records read, {len(bad)} bad")
     print(bad.summary())
     print(stats.summary())
     if lengths:
@@ -197,11 +271,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(
             f"token length: {pct}  max {lengths[-1]}  (samples with images: {sum(s.num_images > 0 for s in samples)})"
         )
-    failed = len(bad) + stats.mismatched + stats.failed
-    if failed and not args.skip_bad:
-        print(f"{failed} bad record(s); fix them or pass --skip-bad", file=sys.stderr)
-        return 1
-    return 0
+    return len(bad) + stats.mismatched + stats.failed
 
 
 def _with_images(convs: list[Conversation], folder: str, bad: BadRecords) -> list[Conversation]:
@@ -232,23 +302,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from llava_ft.data.prepare import compact_tokens, prepare, throughput_line
 
-    encoder = _encoder(args)
-    done = prepare(args.data, encoder, fmt=args.format, skip_bad=args.skip_bad, num_proc=args.num_proc,
-                   cache_dir=args.output, use_cache=not args.no_cache, progress=True)  # fmt: skip
-    lengths = np.sort(done.dataset.data.column("length").to_numpy()).tolist()
-    print(f"{args.data}: {done.stats.records + len(done.bad)} records read, {len(done.bad)} bad")
-    print(done.bad.summary())
-    print(done.stats.summary())
-    if lengths:
-        pct = "  ".join(f"p{p} {_percentile(lengths, p)}" for p in (50, 90, 99))
-        print(f"token length: {pct}  max {lengths[-1]}")
-    folder = args.output or "the default folder"
-    if done.cache == "hit":
-        print(f"cache hit ({folder}, key {done.key}): loaded in {done.seconds:.2f} s")
-    else:
-        where = "cache off" if done.cache == "off" else f"cached ({folder}, key {done.key})"
-        rate = throughput_line(done.stats.records, compact_tokens(done.dataset), done.seconds)
-        print(f"{where}; {done.processes} process(es) prepared {rate}")
+    setup = _setup(args)
+    # A config's own settings key the cache as training keys it, so training then loads what this prepared.
+    data = setup.data or DataSection()
+    output = args.output or (data.cache_dir if setup.data is not None else None)
+    for src in setup.sources:
+        done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=args.skip_bad or data.skip_bad,
+                       num_proc=args.num_proc or data.num_proc, cache_dir=output,
+                       use_cache=not args.no_cache and data.cache, progress=True)  # fmt: skip
+        lengths = np.sort(done.dataset.data.column("length").to_numpy()).tolist()
+        print(f"{src.path}: {done.stats.records + len(done.bad)} records read, {len(done.bad)} bad")
+        print(done.bad.summary())
+        print(done.stats.summary())
+        if lengths:
+            pct = "  ".join(f"p{p} {_percentile(lengths, p)}" for p in (50, 90, 99))
+            print(f"token length: {pct}  max {lengths[-1]}")
+        folder = output or "the default folder"
+        if done.cache == "hit":
+            print(f"cache hit ({folder}, key {done.key}): loaded in {done.seconds:.2f} s")
+        else:
+            where = "cache off" if done.cache == "off" else f"cached ({folder}, key {done.key})"
+            rate = throughput_line(done.stats.records, compact_tokens(done.dataset), done.seconds)
+            print(f"{where}; {done.processes} process(es) prepared {rate}")
     return 0
 
 

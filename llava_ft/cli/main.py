@@ -19,10 +19,26 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from llava_ft.train.run import train
 
     cfg = load_config(args.config, parse_overrides(extra), for_training=True)
+    if cfg.train.deepspeed and "RANK" not in os.environ:
+        _single_process_group()
     result = train(cfg, resume=args.resume if args.resume != "auto" else True, overwrite=args.overwrite)
-    print(f"stage output: {result.output_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
+        print(f"stage output: {result.output_dir}")
     _shut_down_distributed()
     return 0
+
+
+def _single_process_group() -> None:
+    """DeepSpeed outside a launcher: describe a one-process group, as torchrun would, rather than let DeepSpeed
+    look for MPI (which fails with "No module named 'mpi4py'")."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
 
 
 def _shut_down_distributed() -> None:

@@ -137,20 +137,26 @@ def drop_missing_images(
     return table.select(np.setdiff1d(np.arange(len(table)), rows))
 
 
-def build_dataset(
-    data: DataSection, tokenizer, template, *, num_image_tokens: int, image_processor=None
-) -> tuple[SFTDataset, EncodeStats]:
-    """Prepare (or load from the cache) every source, report counts. Returns (SFTDataset, EncodeStats)."""
-    from llava_ft.data.prepare import prepare
+def data_encoder(data: DataSection, tokenizer, template, num_image_tokens: int):
+    """The Encoder a data section trains with (also `llava-ft data ... --config`, so both key the same cache)."""
     from llava_ft.data.tokenize import Encoder
 
-    encoder = Encoder(
+    return Encoder(
         tokenizer,
         template,
         max_length=data.max_length,
         num_image_tokens=num_image_tokens,
         last_turn_only=data.last_turn_only,
     )
+
+
+def build_dataset(
+    data: DataSection, tokenizer, template, *, num_image_tokens: int, image_processor=None
+) -> tuple[SFTDataset, EncodeStats]:
+    """Prepare (or load from the cache) every source, report counts. Returns (SFTDataset, EncodeStats)."""
+    from llava_ft.data.prepare import prepare
+
+    encoder = data_encoder(data, tokenizer, template, num_image_tokens)
     cache_dir, num_proc = data.cache_dir, data.num_proc
     parts = []
     total = EncodeStats()

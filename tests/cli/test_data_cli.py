@@ -189,4 +189,70 @@ def test_registers_under_a_parent_parser():
     args = parser.parse_args(
         ["data", "check", "--data", "d.jsonl", "--template", "plain", "--tokenizer", "t"]
     )
-    assert args.func.__name__ == "cmd_check" and args.num_image_tokens == 576 and not args.skip_bad
+    assert args.func.__name__ == "cmd_check" and args.num_image_tokens is None and not args.skip_bad
+
+
+# ---------------------------------------------------------------- --config: the data as a training config reads it
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny training config on disk (open_clip tower of 4x4 patches: 16 image tokens) with two data files."""
+    from llava_ft.config import DataSource, dump_config
+    from llava_ft.testing.tiny_llava import tiny_config
+
+    root = tmp_path_factory.mktemp("cfg_run")
+    cfg = tiny_config(root / "models")
+    (root / "img").mkdir()
+    (root / "img" / "x.png").touch()
+    first = write(root / "a.jsonl", RECORDS)
+    second = write(root / "b.jsonl", [{**RECORDS[0], "image": "gone.png"}, RECORDS[1]])
+    cfg.data.train = [DataSource(str(first), image_folder=str(root / "img")),
+                      DataSource(str(second), format="llava", image_folder=str(root / "img"))]  # fmt: skip
+    cfg.data.max_length = 64
+    cfg.data.cache_dir = str(root / "cache")
+    dump_config(cfg, root / "run.yaml")
+    return root, cfg
+
+
+def test_check_with_config_reads_every_file_as_training_does(tiny_run, capsys):
+    from llava_ft.model.build import build_vision
+
+    root, cfg = tiny_run
+    tokens = build_vision(cfg.model).num_tokens
+    assert tokens == 16
+    code, out, err = run(capsys, "check", "--config", root / "run.yaml")
+    # The tower's count, not the 576 default; both files; the config's image folder checked.
+    assert f"{tokens} image tokens per image, template internlm2_chat" in out
+    assert f"{root / 'a.jsonl'}: 2 records read, 0 bad" in out
+    assert f"{root / 'b.jsonl'}: 2 records read, 1 bad" in out and "gone.png" in out
+    assert code == 1 and "1 bad record(s)" in err
+    # Flags win over the config: one file, and the image count given.
+    code, out, _ = run(capsys, "preview", "--config", root / "run.yaml", "--data", root / "a.jsonl",
+                       "--num-image-tokens", 3, "--json")  # fmt: skip
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert code == 0 and len(rows) == 2
+    assert rows[0]["input_ids"].count(-200) == 3
+
+
+def test_prepare_with_config_warms_the_cache_training_reads(tiny_run, capsys, monkeypatch):
+    from llava_ft.data import prepare as prep
+    from llava_ft.data.dataset import build_dataset
+    from llava_ft.data.templates import get_template
+    from llava_ft.model.build import build_vision
+    from llava_ft.model.llm import load_tokenizer
+
+    root, cfg = tiny_run
+    code, out, _ = run(capsys, "prepare", "--config", root / "run.yaml", "--data", root / "a.jsonl")
+    assert code == 0 and f"cached ({root / 'cache'}" in out
+    monkeypatch.setattr(prep, "_build", lambda *a: pytest.fail("a cache miss: the data was tokenized again"))
+    cfg.data.train = cfg.data.train[:1]
+    tok = load_tokenizer(cfg.model.llm)
+    tokens = build_vision(cfg.model).num_tokens
+    dataset, stats = build_dataset(cfg.data, tok, get_template(cfg.data.template, tok), num_image_tokens=tokens)
+    assert len(dataset) == stats.kept == 2
+
+
+def test_without_config_the_file_template_and_tokenizer_are_required(capsys):
+    code, _, err = run(capsys, "check", "--data", "x.jsonl")
+    assert code == 2 and "--template, --tokenizer required (or --config CONFIG.yaml" in err
