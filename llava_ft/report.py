@@ -4,8 +4,8 @@ Panels: training loss (and eval loss when logged), learning rate, grad norm over
 evaluation accuracy: logged `eval_*accuracy*` values over steps, or a finished evaluation stored in the summary
 under "eval" (overall and per question type, next to chance). The header line holds the summary's figures.
 
-    python -m llava_ft.report STAGE_DIR   # redraw: summary.json + the newest checkpoint's log history
-                                          # (or summary.json's loss history when no checkpoint is kept)
+    python -m llava_ft.report STAGE_DIR   # redraw from summary.json (its log history; older summaries: the
+                                          # newest checkpoint's trainer_state.json, else the loss history)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 REPORT_NAME = "report.png"
+PLOTTED = ("loss", "learning_rate", "grad_norm")  # plus eval_* metrics
 
 
 def series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -144,16 +145,35 @@ def write_report(out_dir: str | Path, log_history: list[dict], summary: dict) ->
     return path
 
 
+def compact_log_history(log_history: list[dict]) -> list[dict]:
+    """The rows of the Trainer's log history a report draws, with only the plotted keys and eval metrics: what
+    summary.json keeps, since a default run keeps no checkpoint-N/trainer_state.json to redraw from."""
+    rows = []
+    for row in log_history:
+        kept = {
+            k: v
+            for k, v in row.items()
+            if k in PLOTTED or (k.startswith("eval_") and not k.endswith(("_runtime", "_per_second")))
+        }
+        if kept:
+            rows.append({"step": row.get("step"), **kept})
+    return rows
+
+
 def saved_log_history(stage_dir: str | Path) -> list[dict]:
-    """The log history of the newest checkpoint-N/trainer_state.json in stage_dir, else the loss history kept
-    in summary.json (loss only)."""
+    """The log history kept in summary.json; for a summary written before it was kept there, the log history
+    of the newest checkpoint-N/trainer_state.json in stage_dir, else the summary's loss history (loss only)."""
     stage_dir = Path(stage_dir)
+    summary = json.loads((stage_dir / "summary.json").read_text())
+    # Preferred over a checkpoint: it holds the whole run, a kept checkpoint may predate the last steps.
+    if summary.get("log_history") is not None:
+        return summary["log_history"]
     states = sorted(
         stage_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1])
     )
     if states:
         return json.loads(states[-1].read_text())["log_history"]
-    return json.loads((stage_dir / "summary.json").read_text()).get("loss_history", [])
+    return summary.get("loss_history") or []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,24 +4,25 @@ and the header holds the summary's figures."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from llava_ft.config import DataSource
-from llava_ft.report import draw_report, header, main, write_report
+from llava_ft.report import draw_report, header, main, saved_log_history, write_report
 from llava_ft.testing.tiny_llava import tiny_config
 from llava_ft.train.run import train
 
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def stage(tmp_path_factory) -> Path:
-    """A real tiny text stage (LoRA, 6 steps, logging every step) that keeps its last checkpoint."""
-    root = tmp_path_factory.mktemp("report")
+def run_stage(root: Path, steps: int, logging_steps: int, save_steps: int) -> Path:
+    """A real tiny text stage (LoRA)."""
     data = root / "chat.jsonl"
     lines = [
         {"messages": [{"role": "user", "content": f"Count to {n}."}, {"role": "assistant", "content": " ".join(map(str, range(1, n + 1)))}]}
@@ -32,9 +33,15 @@ def stage(tmp_path_factory) -> Path:
     cfg.data.train = [DataSource(path=str(data), format="openai")]
     cfg.data.max_length = 64
     t = cfg.train
-    t.output_dir, t.max_steps, t.batch_size, t.lr = str(root / "stage"), STEPS, 4, 1e-3
-    t.logging_steps, t.save_steps, t.report_to = 1, STEPS, "none"
+    t.output_dir, t.max_steps, t.batch_size, t.lr = str(root / "stage"), steps, 4, 1e-3
+    t.logging_steps, t.save_steps, t.report_to = logging_steps, save_steps, "none"
     return train(cfg).output_dir
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory) -> Path:
+    """6 steps, logging every step, keeping its last checkpoint."""
+    return run_stage(tmp_path_factory.mktemp("report"), STEPS, logging_steps=1, save_steps=STEPS)
 
 
 def trainer_log(stage: Path) -> list[dict]:
@@ -114,3 +121,53 @@ def test_finished_evaluation_in_summary_is_drawn_per_type(tmp_path):
     for title in ("loss", "learning rate", "grad norm"):
         assert axis(fig, title).texts[0].get_text().startswith("no ")
     assert not any(math.isnan(h) for _, h in bars)
+
+
+def pixels(png: Path) -> np.ndarray:
+    with Image.open(png) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_redraw_of_a_stage_without_checkpoints_equals_the_training_report(stage, tmp_path):
+    """A default run keeps no checkpoint-N: the redraw used to read summary.json's loss history alone and
+    overwrote the report with empty learning rate and grad norm panels."""
+    copy = tmp_path / "stage"
+    shutil.copytree(stage, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    written = pixels(copy / "report.png")
+    assert main([str(copy)]) == 0
+    assert np.array_equal(pixels(copy / "report.png"), written), "the redraw differs from the training report"
+
+    kept = json.loads((copy / "summary.json").read_text())["log_history"]
+    plotted = [
+        {k: row[k] for k in ("step", "loss", "learning_rate", "grad_norm")}
+        for row in trainer_log(stage)
+        if "loss" in row
+    ]
+    assert kept == plotted  # fmt: skip
+
+
+def test_a_summary_without_a_log_history_still_redraws_its_loss(stage, tmp_path):
+    """summary.json written before it kept the log history: the loss history is drawn, the rest is said to be
+    missing."""
+    copy = tmp_path / "old"
+    shutil.copytree(stage, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    summary = json.loads((copy / "summary.json").read_text())
+    del summary["log_history"]
+    (copy / "summary.json").write_text(json.dumps(summary, indent=2))
+    assert main([str(copy)]) == 0
+    fig = draw_report(saved_log_history(copy), summary)
+    assert line_data(axis(fig, "loss"))["train"][0] == list(range(1, STEPS + 1))
+    assert axis(fig, "learning rate").texts[0].get_text() == "no learning rate logged"
+
+
+def test_a_run_shorter_than_logging_steps_says_so(tmp_path, caplog):
+    """max_steps 2 < logging_steps 10: the Trainer logs no loss, and the summary line said "loss None -> None"."""
+    with caplog.at_level(logging.INFO, logger="llava_ft"):
+        out = run_stage(tmp_path, steps=2, logging_steps=10, save_steps=0)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("summary:")]
+    assert "no loss logged (logging_steps 10 > 2 steps)" in line and "None" not in line, line
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["first_loss"] is None and summary["log_history"] == []
+    assert main([str(out)]) == 0
+    fig = draw_report(saved_log_history(out), summary)
+    assert axis(fig, "loss").texts[0].get_text() == "no loss logged"

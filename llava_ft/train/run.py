@@ -15,9 +15,10 @@ from transformers import TrainingArguments, set_seed
 
 from llava_ft.config import ConfigError, RunConfig
 from llava_ft.data.dataset import build_dataset
+from llava_ft.files import atomic_write_text
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability, log_trainability
-from llava_ft.report import write_report
+from llava_ft.report import compact_log_history, write_report
 from llava_ft.train.checkpoint import apply_stage_weights, gathered_trainable, save_stage_output, trained_llm
 from llava_ft.train.trainer import (
     LlavaTrainer,
@@ -208,17 +209,39 @@ def write_summary(
         "params": log_trainability(model, cfg.trainable),
         "data": stats.as_dict() if hasattr(stats, "as_dict") else str(stats.summary()),
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in history],
+        # What report.png draws, so that `python -m llava_ft.report` redraws it without a checkpoint-N.
+        "log_history": compact_log_history(trainer.state.log_history),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", summary_json(summary))
     log.info(
-        "summary: steps %d, loss %s -> %s, %.0f tokens/s, %.0fs",
+        "summary: steps %d, %s, %.0f tokens/s, %.0fs",
         summary["steps"],
-        summary["first_loss"],
-        summary["last_loss"],
+        loss_line(summary, cfg.train.logging_steps),
         summary["tokens_per_s"] or 0,
         wall_s,
     )
     return summary
+
+
+def loss_line(summary: dict, logging_steps: int) -> str:
+    """'loss A -> B', or why there is none: the Trainer logs a loss only every logging_steps steps."""
+    if summary["first_loss"] is not None:
+        return f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
+    if logging_steps > summary["steps"]:
+        return f"no loss logged (logging_steps {logging_steps} > {summary['steps']} steps)"
+    return "no loss logged"
+
+
+def summary_json(summary: dict) -> str:
+    """summary.json, indented, with each history row on one line (a long run logs thousands of rows)."""
+    fields = []
+    for key, value in summary.items():
+        if key.endswith("_history") and value:
+            text = "[\n" + ",\n".join(f"    {json.dumps(row)}" for row in value) + "\n  ]"
+        else:
+            text = json.dumps(value, indent=2).replace("\n", "\n  ")
+        fields.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
 def peak_memory_mb() -> float:

@@ -59,6 +59,7 @@ def test_two_process_finetune(deepspeed, llava_cfg, shapes, tmp_path):
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("stage output:") == 1, proc.stdout  # printed by the main process only
     # One rank prepares the data while the other waits, then loads what it cached.
     prepared = [line for line in proc.stderr.splitlines() if "mixed.json (" in line]
     assert sum("(built," in line for line in prepared) == 1, prepared
