@@ -129,7 +129,10 @@ def _setup(args: argparse.Namespace) -> _Setup:
         # The count training uses (the tower's grid after pooling); a text-only config has none.
         tower = build_vision(cfg.model)
         num_image_tokens = 0 if tower is None else tower.num_tokens
-        print(f"{args.config}: {num_image_tokens} image tokens per image, template {template.name}")
+        print(
+            f"{args.config}: {num_image_tokens} image tokens per image, template {template.name}",
+            file=sys.stderr,
+        )
     else:
         num_image_tokens = DEFAULT_IMAGE_TOKENS
     # Without a config: no length limit unless --max-length (a config always has one).

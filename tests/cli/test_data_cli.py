@@ -223,14 +223,14 @@ def test_check_with_config_reads_every_file_as_training_does(tiny_run, capsys):
     assert tokens == 16
     code, out, err = run(capsys, "check", "--config", root / "run.yaml")
     # The tower's count, not the 576 default; both files; the config's image folder checked.
-    assert f"{tokens} image tokens per image, template internlm2_chat" in out
+    assert f"{tokens} image tokens per image, template internlm2_chat" in err
     assert f"{root / 'a.jsonl'}: 2 records read, 0 bad" in out
     assert f"{root / 'b.jsonl'}: 2 records read, 1 bad" in out and "gone.png" in out
     assert code == 1 and "1 bad record(s)" in err
     # Flags win over the config: one file, and the image count given.
     code, out, _ = run(capsys, "preview", "--config", root / "run.yaml", "--data", root / "a.jsonl",
                        "--num-image-tokens", 3, "--json")  # fmt: skip
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in out.splitlines()]  # stdout: JSON lines only
     assert code == 0 and len(rows) == 2
     assert rows[0]["input_ids"].count(-200) == 3
 
