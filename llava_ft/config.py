@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -353,16 +354,36 @@ def _convert(tp: Any, value: Any, where: str, src: _SourceText) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
+_PATH_PART = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
+
+
+def _canonical_key(key: str) -> str:
+    """`data.train.0.path` -> `data.train[0].path`, the spelling errors and source texts use."""
+    return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
+
+
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        if node.get(k) is None:
-            node[k] = {}
-        node = node[k]
-        if not isinstance(node, dict):
-            raise ConfigError(f"override --{dotted}: {k} is not a section")
-    node[keys[-1]] = value
+    """Set `section.key` or `section.list[i].key` (an existing list entry) in the parsed YAML."""
+    parts = [int(index) if index else name for index, name in _PATH_PART.findall(dotted)]
+    node: Any = data
+    for depth, part in enumerate(parts):
+        parent = _canonical_key(".".join(str(p) for p in parts[:depth])) or "the config"
+        if isinstance(part, int):
+            if not isinstance(node, list):
+                raise ConfigError(f"override --{dotted}: {parent} is not a list")
+            if part >= len(node):
+                n = len(node)
+                raise ConfigError(
+                    f"override --{dotted}: {parent} has {n} entr{'y' if n == 1 else 'ies'} (index 0..{n - 1})"
+                )
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override --{dotted}: {parent} is not a section")
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
 
 
 def parse_overrides(args: list[str]) -> Overrides:
@@ -383,7 +404,7 @@ def parse_overrides(args: list[str]) -> Overrides:
                 raise ConfigError(f"override --{key} has no value")
             raw = args[i + 1]
             i += 2
-        key = key.replace("-", "_")
+        key = _canonical_key(key.replace("-", "_"))
         try:
             value = yaml.safe_load(raw)
             node = yaml.compose(raw, Loader=yaml.SafeLoader)

@@ -180,3 +180,21 @@ def test_training_machine_checks_only_when_training(override, problem):
     load_config(CONFIGS[0], parse_overrides(override))
     cfg = load_config(CONFIGS[0], parse_overrides(["--train.report_to", "all"]), for_training=True)
     assert cfg.train.report_to == "all"  # transformers' "every installed integration"
+
+
+def test_overrides_reach_into_list_entries():
+    """`--data.train.0.path` (or `[0]`) sets one entry of data.train; its other keys and entries stay."""
+    path = Path(__file__).parents[2] / "configs" / "tiny" / "finetune.yaml"
+    base = load_config(path)
+    cfg = load_config(
+        path, parse_overrides(["--data.train.0.path", "mine.json", "--data.train[0].image_folder", "0755"])
+    )
+    assert cfg.data.train[0].path == "mine.json"
+    assert cfg.data.train[0].image_folder == "0755"  # a string field keeps the text as written
+    assert cfg.data.train[0].format == base.data.train[0].format and len(cfg.data.train) == len(
+        base.data.train
+    )
+    with pytest.raises(ConfigError, match=r"--data.train\[5\].path: data.train has 1 entry \(index 0..0\)"):
+        load_config(path, parse_overrides(["--data.train.5.path", "x.json"]))
+    with pytest.raises(ConfigError, match=r"--train.lr\[0\]: train.lr is not a list"):
+        load_config(path, parse_overrides(["--train.lr.0", "1"]))
