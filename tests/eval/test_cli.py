@@ -44,6 +44,10 @@ def fake_model(monkeypatch, scripted):
     return fake
 
 
+def predict_argv(data: Path, images: Path, output: Path) -> list[str]:
+    return ["--checkpoint", "ck", "--data", str(data), "--images", str(images), "--output", str(output)]
+
+
 # ------------------------------------------------------------------------------------------ user errors
 
 
@@ -51,16 +55,7 @@ def test_missing_image_is_one_error_line(tmp_path, image_dir, fake_model, capsys
     rows = _vqa_rows()
     rows[3]["image"] = "nope.png"
     data = _write(tmp_path / "vqa_bad.jsonl", rows)
-    argv = [
-        "--checkpoint",
-        "ck",
-        "--data",
-        str(data),
-        "--images",
-        str(image_dir),
-        "--output",
-        str(tmp_path / "o"),
-    ]
+    argv = predict_argv(data, image_dir, tmp_path / "o")
     assert vqa.main(argv) == 2
     line = _error_line(capsys)
     assert line.endswith(f"vqa_bad.jsonl line 4: field 'image': file {image_dir / 'nope.png'} not found")
@@ -70,16 +65,7 @@ def test_missing_image_is_one_error_line(tmp_path, image_dir, fake_model, capsys
 def test_bad_json_line_is_one_error_line(tmp_path, image_dir, fake_model, capsys):
     data = tmp_path / "pope.jsonl"
     data.write_text(json.dumps(_pope_rows()[0]) + "\n{not json\n")
-    argv = [
-        "--checkpoint",
-        "ck",
-        "--data",
-        str(data),
-        "--images",
-        str(image_dir),
-        "--output",
-        str(tmp_path / "o"),
-    ]
+    argv = predict_argv(data, image_dir, tmp_path / "o")
     assert pope.main(argv) == 2
     assert _error_line(capsys).endswith(
         "pope.jsonl line 2: not valid JSON (Expecting property name enclosed in double quotes)"
