@@ -421,14 +421,15 @@ def _from_openai(record: Any, where: str) -> Conversation:
 
 
 def _openai_parts(parts: list, images: list[str], where: str) -> str:
-    """Text parts concatenated; image parts become `<image>` markers (their path, if given, is collected)."""
+    """Text parts concatenated in order; an image part becomes `<image>\\n` (its path, if given, is collected): the
+    string chat puts before a question and an hf-llava export's chat template renders for the same parts."""
     out = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             out.append(_text(part.get("text"), where, f"part {j} 'text'"))
         elif kind in ("image", "image_url"):
-            out.append(IMAGE_TOKEN)
+            out.append(f"{IMAGE_TOKEN}\n")
             ref = part.get(kind)
             ref = ref.get("url") if isinstance(ref, dict) else ref
             if isinstance(ref, str) and ref:

@@ -130,12 +130,43 @@ def test_openai_messages(tmp_path):
     ])  # fmt: skip
     convs, _ = read_conversations(path)
     assert convs[0] == Conversation(
-        [Message("system", "S"), Message("user", "Look: <image> what?"),
+        [Message("system", "S"), Message("user", "Look: <image>\n what?"),
          Message("assistant", "A box.", trainable=False), Message("user", "And?"), Message("assistant", "Red.")],
         images=["img/x.png"], source=f"{path}:1",
     )  # fmt: skip
-    assert convs[1].images == ["y.png"] and convs[1].messages[0].content == "<image>Hm"
+    assert convs[1].images == ["y.png"] and convs[1].messages[0].content == "<image>\nHm"
     assert convs[1].messages[1].trainable is False
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [{"type": "image"}, {"type": "text", "text": "What colour?"}],
+        [
+            {"type": "text", "text": "Compare"},
+            {"type": "image"},
+            {"type": "image"},
+            {"type": "text", "text": "now."},
+        ],
+    ],
+)
+def test_openai_parts_read_as_an_hf_llava_export_renders_them(tmp_path, parts):
+    """Content parts train on the text an exported model's processor renders for the same parts (its chat
+    template turns them into a string first), so training and inference see the same prompt."""
+    import jinja2
+
+    from llava_ft.export import _CONTENT_AS_TEXT
+
+    n_images = sum(p["type"] == "image" for p in parts)
+    messages = [{"role": "user", "content": parts}, {"role": "assistant", "content": "Red."}]
+    path = write_jsonl(
+        tmp_path / "oa.jsonl", [{"messages": messages, "images": [f"{i}.png" for i in range(n_images)]}]
+    )
+    (conv,), _ = read_conversations(path)
+    rendered = jinja2.Template(_CONTENT_AS_TEXT + "{{ messages[0]['content'] }}").render(messages=messages)
+    assert conv.messages[0].content == rendered
+    if n_images == 1:  # and what chat asks: the image, a newline, the question
+        assert rendered == "<image>\nWhat colour?"
 
 
 def test_format_detected_per_file_or_named(tmp_path):
