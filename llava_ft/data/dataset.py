@@ -138,7 +138,10 @@ def drop_missing_images(
 
 
 def data_encoder(data: DataSection, tokenizer, template, num_image_tokens: int):
-    """The Encoder a data section trains with (also `llava-ft data ... --config`, so both key the same cache)."""
+    """The Encoder a data section trains with (also `llava-ft data ... --config`, so both key the same cache). Plain
+    text sources alone never render the chat template: its markers need not suit the tokenizer then (the default
+    internlm2_chat on a Llama tokenizer, say)."""
+    from llava_ft.data.sources import effective_format
     from llava_ft.data.tokenize import Encoder
 
     return Encoder(
@@ -147,6 +150,7 @@ def data_encoder(data: DataSection, tokenizer, template, num_image_tokens: int):
         max_length=data.max_length,
         num_image_tokens=num_image_tokens,
         last_turn_only=data.last_turn_only,
+        chat=any(effective_format(src.path, src.format) != "text" for src in data.train) or not data.train,
     )
 
 

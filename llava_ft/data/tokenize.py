@@ -52,6 +52,7 @@ class Encoder:
         num_image_tokens: int,
         last_turn_only: bool = False,
         check: bool = True,
+        chat: bool = True,
     ):
         if num_image_tokens < 0:
             raise ValueError(f"num_image_tokens must be >= 0 (0: a text-only model), got {num_image_tokens}")
@@ -62,11 +63,12 @@ class Encoder:
         self.last_turn_only, self.check = last_turn_only, check
         self.bos = tokenizer.bos_token or ""
         self.eos = tokenizer.eos_token or ""
-        self._check_special_tokens()
+        # chat False: only plain text (incremental pretraining) is encoded, which never uses the template's markers.
+        self._check_special_tokens(self.template.special_tokens if chat else ())
 
-    def _check_special_tokens(self) -> None:
+    def _check_special_tokens(self, markers) -> None:
         """Template markers must be single special ids, else labels and stop words silently degrade."""
-        for text in (self.bos, self.eos, *self.template.special_tokens):
+        for text in (self.bos, self.eos, *markers):
             if text and len(ids := self._ids(text)) != 1:
                 raise ValueError(
                     f"{type(self.tokenizer).__name__} encodes {text!r} as {len(ids)} tokens {ids}; the "

@@ -203,3 +203,34 @@ def test_packing_keeps_every_sample_and_label(sources, tokenizers, tmp_path):
         assert (batch["labels"][0, sum(ds.lengths[i] for i in packed.rows[r]) :] == IGNORE_INDEX).all()
     assert sorted(seen) == list(range(len(ds)))  # every sample exactly once
     assert packed.stats().real_tokens == sum(ds.lengths)
+
+
+def test_plain_text_data_needs_no_chat_template_markers(tmp_path):
+    """Incremental pretraining never renders the chat template: the default internlm2_chat must not refuse a
+    Llama tokenizer without ChatML tokens there; chat data still gets the check."""
+    import shutil
+
+    import mistral_common
+    from transformers import LlamaTokenizer
+
+    from llava_ft.data.dataset import data_encoder
+
+    shutil.copy(
+        Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", tmp_path / "tokenizer.model"
+    )
+    tok = LlamaTokenizer.from_pretrained(tmp_path)
+    text = tmp_path / "corpus.jsonl"
+    text.write_text(json.dumps({"text": "The cat sat."}) + "\n")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})
+        + "\n"
+    )
+    data = DataSection(train=[DataSource(str(text))], template="internlm2_chat", cache=False)
+    ds, stats = build_dataset(data, tok, get_template(data.template, tok), num_image_tokens=0)
+    assert stats.kept == 1 and ds[0]["input_ids"][0].item() == tok.bos_token_id
+    data.train.append(DataSource(str(chat)))
+    with pytest.raises(
+        ValueError, match="'<\\|im_start\\|>' as .* tokens .* 'internlm2_chat' template needs it"
+    ):
+        data_encoder(data, tok, get_template(data.template, tok), 0)
