@@ -84,10 +84,10 @@ class LlavaTrainer(Trainer):
         if inputs.get("attention_mask") is not None:
             counts["real"] += int(inputs["attention_mask"].sum())
             counts["samples"] += ids.shape[0]
-        else:  # packed rows: the padding segment holds pad ids only
-            real = ids != self.pad_token_id
-            counts["real"] += int(real.sum())
-            counts["samples"] += int(((inputs["position_ids"] == 0) & real).sum())
+        else:
+            real, samples = packed_counts(ids, inputs["labels"], inputs["position_ids"], self.pad_token_id)
+            counts["real"] += real
+            counts["samples"] += samples
         counts["trained"] += int((inputs["labels"] != -100).sum())
 
     def all_token_counts(self) -> dict[str, int]:
@@ -113,6 +113,20 @@ class DatasetEpoch(TrainerCallback):
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         steps_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
         self.dataset.set_epoch(state.global_step // steps_per_epoch)
+
+
+def packed_counts(ids, labels, position_ids, pad_token_id: int) -> tuple[int, int]:
+    """(real tokens, samples) of packed rows. Each sample's positions start at 0; a row shorter than the batch
+    ends with a padding segment (positions from 0 again, pad ids, no labels). Only that last segment is padding:
+    pad ids inside samples are real tokens (the pad id is often EOS, which samples end with)."""
+    real, samples = 0, 0
+    for row_ids, row_labels, row_pos in zip(ids, labels, position_ids, strict=True):
+        starts = (row_pos == 0).nonzero().flatten().tolist()
+        last = starts[-1]
+        padding = bool((row_ids[last:] == pad_token_id).all() and (row_labels[last:] == -100).all())
+        real += last if padding else len(row_ids)
+        samples += len(starts) - padding
+    return real, samples
 
 
 def planned_steps(trainer: Trainer) -> int:
