@@ -166,7 +166,8 @@ class BatchEncoder:
             try:
                 if isinstance(item, DataError):
                     raise item
-                fast = self._fast(*item, encodings) if self.backend is not None else None
+                lead = self.encoder.leading_ids(conv)
+                fast = self._fast(*item, encodings, lead) if self.backend is not None else None
                 if fast is None:
                     sample = self.encoder.encode(conv)
                     stats.add(sample)
@@ -193,7 +194,7 @@ class BatchEncoder:
         return out.finish(stats)
 
     def _fast(
-        self, segments: list, chunks: list[str], k: int, encodings: list
+        self, segments: list, chunks: list[str], k: int, encodings: list, lead: list[int]
     ) -> tuple[list[int], list[int], list[bool], int, int] | None:
         """Compact ids and their labels as runs (token count, trained) from the whole-text encoding, or None
         where `Encoder.encode` must decide (a token across a segment boundary, truncation, nothing trained)."""
@@ -202,9 +203,9 @@ class BatchEncoder:
             bounds.append((pos, seg.trainable))
             pos += len(seg.text)
         bounds.append((pos + 1, False))  # sentinel past the end
-        ids_out: list[int] = []
-        runs: list[int] = []
-        flags: list[bool] = []
+        ids_out: list[int] = list(lead)  # untrained ids before the text (Encoder.leading_ids)
+        runs: list[int] = [len(lead)] if lead else []
+        flags: list[bool] = [False] if lead else []
         start, b = 0, 0  # b: the segment in force at `start`
         for j, chunk in enumerate(chunks):
             if j:

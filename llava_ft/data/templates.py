@@ -65,8 +65,9 @@ class ChatTemplate:
         if conv.kind == "text":
             if len(conv.messages) != 1:
                 raise DataError(where, f"a text record has exactly one message, got {len(conv.messages)}")
-            # Incremental pretraining: every text token is trained, and so is eos (the model learns to stop).
-            out.add(bos, False)
+            # Incremental pretraining: every text token is trained, and so is eos (the model learns to stop). BOS is
+            # prepended as an id by the Encoder: as text before the document it would change how a sentencepiece
+            # tokenizer starts the first word ("The", not tokenizer(text)'s "▁The").
             out.add(conv.messages[0].content, True)
             out.add(eos, True)
         else:

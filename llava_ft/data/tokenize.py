@@ -65,6 +65,7 @@ class Encoder:
         self.eos = tokenizer.eos_token or ""
         # chat False: only plain text (incremental pretraining) is encoded, which never uses the template's markers.
         self._check_special_tokens(self.template.special_tokens if chat else ())
+        self.bos_id = self._ids(self.bos)[0] if self.bos else None
 
     def _check_special_tokens(self, markers) -> None:
         """Template markers must be single special ids, else labels and stop words silently degrade."""
@@ -105,11 +106,17 @@ class Encoder:
             if whole != ids:
                 ids, labels = self._realign(segments, text, where)
                 realigned = True
+        if lead := self.leading_ids(conv):  # plain text: BOS as an id, as tokenizer(text) puts it
+            ids, labels = lead + ids, [IGNORE_INDEX] * len(lead) + labels
         if all(label == IGNORE_INDEX for label in labels):
             raise DroppedSample(where, "no supervised tokens", "every assistant turn is opted out or empty")
         ids, labels, truncated = self._truncate(ids, labels, where)
         # Truncation never cuts an image, so every marker is still there.
         return TokenizedSample(ids, labels, text.count(IMAGE_TOKEN), truncated, realigned)
+
+    def leading_ids(self, conv: Conversation) -> list[int]:
+        """Untrained ids before the rendered text: BOS for a plain-text record (the template leaves it out)."""
+        return [self.bos_id] if conv.kind == "text" and self.bos_id is not None else []
 
     def encode_prompt(self, conv: Conversation) -> list[int]:
         """Inference prompt ids: the conversation (ending on a user turn) plus the generation prompt, tokenized

@@ -12,7 +12,7 @@ import pytest
 
 from llava_ft.cli.data import main
 from llava_ft.data import prepare as prep
-from llava_ft.data.conversation import DataError
+from llava_ft.data.conversation import IGNORE_INDEX, DataError
 from llava_ft.data.dataset import SFTDataset
 from llava_ft.data.sources import read_conversations
 from llava_ft.data.templates import get_template
@@ -98,6 +98,23 @@ def test_same_samples_as_encoder(template, family, tokenizers, data_file, tmp_pa
         ids, labels = ds.tokens(i)
         assert ids.tolist() == sample.input_ids and labels.tolist() == sample.labels, i
     assert ds.lengths == [len(s.input_ids) for s in samples]
+
+
+def test_plain_text_same_samples_as_encoder(family, tokenizers, tmp_path):
+    """Incremental pretraining records (BOS put first as an id, truncation, whitespace-led texts) through the
+    batched path equal Encoder's."""
+    tok = tokenizers[family]
+    texts = ["The cat sat.", "  two leading spaces", "\nnewline first", "數學 and émigré " * 30, "x"]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    enc = encoder(tok, max_length=40)
+    done = prep.prepare(path, enc, use_cache=False)
+    samples, stats = encode_all(read_conversations(path)[0], enc)
+    assert comparable(done.stats) == comparable(stats) and stats.truncated == 1
+    ds = SFTDataset([(done.dataset, tmp_path)], num_image_tokens=N_IMG)
+    assert [ds.tokens(i)[0].tolist() for i in range(len(ds))] == [s.input_ids for s in samples]
+    assert [ds.tokens(i)[1].tolist() for i in range(len(ds))] == [s.labels for s in samples]
+    assert all(s.input_ids[0] == tok.bos_token_id and s.labels[0] == IGNORE_INDEX for s in samples)
 
 
 def test_bad_record_names_file_and_record(tokenizers, tmp_path):

@@ -82,7 +82,7 @@ def test_last_turn_only_and_opt_out():
 def test_text_kind_trains_text_and_eos_not_bos(name):
     conv = Conversation([Message("assistant", "Plain corpus text.\n")], kind="text")
     segs = get_template(name).segments(conv, bos="<s>", eos="</s>")
-    assert segs == [Segment("<s>", False), Segment("Plain corpus text.\n</s>", True)]
+    assert segs == [Segment("Plain corpus text.\n</s>", True)]  # BOS: an id the Encoder puts first
 
 
 def test_plain_is_llava_pretrain_format():

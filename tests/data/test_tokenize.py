@@ -137,8 +137,14 @@ def test_last_turn_only_and_opt_out(family, tokenizers, trained_reference):
 def test_text_kind_trains_everything_but_bos(family, tokenizers):
     tok = tokenizers[family]
     conv = Conversation([Message("assistant", "Plain  corpus text.\nSecond line 二.")], kind="text")
+    text = conv.messages[0].content
     sample = encoder(tok).encode(conv)
-    assert sample.input_ids == reference_ids(tok, tok.bos_token + conv.messages[0].content + tok.eos_token)
+    # As the tokenizer itself encodes a document (BOS as an id, then the text from its start, as pretraining
+    # does), not the string "<s>" + text: sentencepiece would then start the first word without its "▁".
+    assert sample.input_ids == [tok.bos_token_id] + reference_ids(tok, text + tok.eos_token)
+    own = tok(text)["input_ids"]
+    if own[0] == tok.bos_token_id:  # a tokenizer that adds BOS itself: exactly its own call, plus EOS
+        assert sample.input_ids == own + [tok.eos_token_id]
     assert sample.labels == [IGNORE_INDEX] + sample.input_ids[1:]
 
 
