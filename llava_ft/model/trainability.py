@@ -72,6 +72,8 @@ def apply_trainability(model: nn.Module, trainable: TrainableSection, lora: Lora
         targets = lora.target_modules
         if targets == "all-linear":
             targets = linear_module_names(model.llm)
+        elif isinstance(targets, list):
+            _check_targets(model.llm, targets)
         cfg = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
@@ -93,6 +95,21 @@ def apply_trainability(model: nn.Module, trainable: TrainableSection, lora: Lora
         model.vision_tower = get_peft_model(model.vision_tower, cfg)
 
     log_trainability(model, trainable)
+
+
+def _check_targets(llm: nn.Module, targets: list[str]) -> None:
+    """Every name in lora.target_modules must match a module (peft's rule: the name, or its last dotted parts).
+    peft refuses only when none matches; a list written for another architecture would otherwise adapt a part
+    of the layers and train on without a word."""
+    names = [name for name, _ in llm.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        from llava_ft.config import ConfigError
+
+        raise ConfigError(
+            f"lora.target_modules: {unmatched} match no module of this LLM; its linear layers are "
+            f"{linear_module_names(llm)} (or use all-linear)"
+        )
 
 
 def log_trainability(model: nn.Module, trainable: TrainableSection) -> dict[str, dict[str, int]]:

@@ -58,3 +58,25 @@ def test_finetune_changes_projector_and_lora_only(llava_cfg, tmp_path):
     out = tmp_path / "finetune"
     assert (out / "llm_adapter" / "adapter_model.safetensors").is_file()
     assert (out / "projector.safetensors").is_file() and (out / "llava_ft.yaml").is_file()
+
+
+def test_lora_targets_that_match_nothing_are_refused(tiny_root):
+    """A list written for another architecture: peft adapts the names that match and is silent about the rest."""
+    import pytest
+
+    from llava_ft.config import ConfigError
+    from llava_ft.model.build import build_model
+    from llava_ft.model.trainability import apply_trainability
+    from llava_ft.testing.tiny_llava import tiny_config
+
+    cfg = tiny_config(tiny_root, llm_mode="lora")
+    cfg.lora.target_modules = ["q_proj", "wqkv"]  # wqkv: InternLM2's remote-code name, not this loader's
+    _, model = build_model(cfg)
+    with pytest.raises(
+        ConfigError, match=r"\['wqkv'\] match no module of this LLM; its linear layers are \["
+    ):
+        apply_trainability(model, cfg.trainable, cfg.lora)
+    cfg.lora.target_modules = ["q_proj", "v_proj"]
+    _, model = build_model(cfg)
+    apply_trainability(model, cfg.trainable, cfg.lora)
+    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
