@@ -300,6 +300,31 @@ TEMPLATES: dict[str, ChatTemplate] = {
 TEMPLATE_NAMES = (*TEMPLATES, "tokenizer")
 
 
+def differs_from_tokenizer(template: ChatTemplate, tokenizer) -> str | None:
+    """How a named chat template renders a probe conversation where the tokenizer's own chat_template renders
+    it otherwise (the model's chat format is not the one chosen), else None. `plain` is LLaVA's pretraining
+    format, never a chat template; a tokenizer without one, or whose Jinja fails, has nothing to compare."""
+    if template.name in ("plain", "tokenizer") or not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [Message("user", "Hi"), Message("assistant", "Hello")]
+    try:
+        theirs = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages], tokenize=False
+        )
+    except Exception:  # noqa: BLE001 - any Jinja failure: nothing to compare with
+        return None
+    segments = template.segments(
+        Conversation(messages), bos=tokenizer.bos_token or "", eos=tokenizer.eos_token or ""
+    )
+    ours = "".join(seg.text for seg in segments)
+    if ours == theirs:
+        return None
+    return (
+        f"data.template {template.name!r} renders {ours!r}, the tokenizer's own chat_template {theirs!r}: the "
+        "model would be trained in a format it was not made for (data.template: tokenizer uses its own)"
+    )
+
+
 def get_template(name: str, tokenizer=None) -> ChatTemplate:
     """A named template, or "tokenizer" for the tokenizer's own chat_template."""
     if name == "tokenizer":

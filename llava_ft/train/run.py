@@ -56,7 +56,7 @@ def train(
         )
 
     # 1. Parts: tokenizer + chat template, vision tower, projector, LLM (4-bit when asked).
-    from llava_ft.data.templates import get_template
+    from llava_ft.data.templates import differs_from_tokenizer, get_template
 
     if cfg.train.init_from and (llm := trained_llm(cfg.train.init_from)) is not None:
         if Path(cfg.model.llm).resolve() != llm.resolve():
@@ -66,6 +66,8 @@ def train(
             cfg.model.llm = str(llm)
     tokenizer, model = build_model(cfg)
     template = get_template(cfg.data.template, tokenizer)
+    if problem := differs_from_tokenizer(template, tokenizer):
+        log.warning("%s", problem)
 
     # 2. Trainability per component, then the previous stage's trained weights (init_from).
     apply_trainability(model, cfg.trainable, cfg.lora)

@@ -150,3 +150,21 @@ def test_embedded_jinja_and_stop_words_match_reference(official_jinja):
     for name in CHAT_TEMPLATES:
         assert official_jinja[name] == ref[name]["jinja"]
         assert TEMPLATES[name].stop_words == ref[name]["stop_words"]
+
+
+@pytest.mark.parametrize("fam", ["sp", "bpe"])
+def test_a_template_other_than_the_tokenizers_own_is_named(fam, tokenizers, official_jinja, monkeypatch):
+    from llava_ft.data.templates import differs_from_tokenizer
+
+    tok = tokenizers[fam]
+    for name in CHAT_TEMPLATES:
+        monkeypatch.setattr(tok, "chat_template", official_jinja[name])
+        assert differs_from_tokenizer(get_template(name), tok) is None, name  # each model's own: silent
+        assert (
+            differs_from_tokenizer(get_template("plain"), tok) is None
+        )  # LLaVA pretraining: not a chat format
+        other = "qwen2_chat" if name != "qwen2_chat" else "llama3_chat"
+        problem = differs_from_tokenizer(get_template(other), tok)
+        assert problem and problem.startswith(f"data.template '{other}' renders ") and "Hello" in problem
+    monkeypatch.setattr(tok, "chat_template", None)
+    assert differs_from_tokenizer(get_template("qwen2_chat"), tok) is None  # nothing to compare with
