@@ -15,7 +15,7 @@ import io
 import re
 import string
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -374,7 +374,7 @@ def run_mmbench(
     data: str | Path,
     output: str | Path,
     *,
-    asking: runner.Asking | None = None,
+    asking: runner.Asking | Callable[[], runner.Asking] | None = None,
     predictions_file: str | Path | None = None,
     rule: str = "vlmevalkit",
     lang: str = "auto",
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_mmbench(
         args.data,
         args.output,
-        asking=runner.asking_from_args(args),
+        asking=runner.lazy_asking(args),
         predictions_file=args.predictions,
         rule=args.rule,
         lang=args.lang,

@@ -6,7 +6,7 @@ JSONL records: {question_id, image, text, label: "yes"|"no", category or split: 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,7 +171,7 @@ def run_pope(
     images: str | Path | None,
     output: str | Path,
     *,
-    asking: runner.Asking | None = None,
+    asking: runner.Asking | Callable[[], runner.Asking] | None = None,
     predictions_file: str | Path | None = None,
     rule: str = "llava",
     suffix: str = SUFFIX,
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data,
         images,
         args.output,
-        asking=runner.asking_from_args(args, options),
+        asking=runner.lazy_asking(args, options),
         predictions_file=args.predictions,
         rule=args.rule,
         suffix=args.prompt_suffix,

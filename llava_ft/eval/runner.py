@@ -295,13 +295,16 @@ def predict(
     benchmark: str,
     rule: tuple[str, str],
     id_field: str,
-    asking: Asking | None,
+    asking: Asking | Callable[[], Asking] | None,
     predictions_file: str | Path | None,
     data: Path,
     command: str,
 ) -> tuple[list[dict], dict]:
     """Every item's prediction record in item order (asked, resumed, or read from `predictions_file`; a `Chosen`
-    for `finish`) and the head of results.json: benchmark, rule, provenance, mode and reused predictions."""
+    for `finish`) and the head of results.json: benchmark, rule, provenance, mode and reused predictions.
+    `asking` may be a function giving it (`lazy_asking`): the model then loads after the items read cleanly."""
+    if callable(asking):
+        asking = asking()
     pred_path = Path(predictions_file) if predictions_file else None
     records, reused = collect_predictions(
         items, output, id_field=id_field, asking=asking, predictions_file=pred_path, desc=benchmark
@@ -495,6 +498,12 @@ def reports_user_errors(main: Callable[[list[str] | None], int]) -> Callable[[li
             return 2
 
     return wrapper
+
+
+def lazy_asking(args: argparse.Namespace, options: list[str] | None = None) -> Callable[[], Asking] | None:
+    """`asking_from_args`, deferred until the benchmark's data has been read: a bad record is reported before
+    the model loads, not after (minutes for a 7B model)."""
+    return None if args.checkpoint is None else lambda: asking_from_args(args, options)
 
 
 def asking_from_args(args: argparse.Namespace, options: list[str] | None = None) -> Asking | None:

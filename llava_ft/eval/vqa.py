@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,7 +322,7 @@ def run_vqa(
     images: str | Path | None,
     output: str | Path,
     *,
-    asking: runner.Asking | None = None,
+    asking: runner.Asking | Callable[[], runner.Asking] | None = None,
     predictions_file: str | Path | None = None,
     normalization: str = "official",
     suffix: str = SUFFIX,
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data,
         images,
         args.output,
-        asking=runner.asking_from_args(args),
+        asking=runner.lazy_asking(args),
         predictions_file=args.predictions,
         normalization=args.normalize,
         suffix=args.prompt_suffix,

@@ -198,3 +198,15 @@ def test_resume_says_how_many_predictions_it_reused(tmp_path, image_dir, fake_mo
     err = capsys.readouterr().err
     assert f"resuming: 1 of {N} predictions reused from {out / 'predictions.jsonl'}\n" in err
     assert len(fake_model.asked) == N
+
+
+@pytest.mark.parametrize("bench", ["vqa", "pope"])
+def test_bad_data_is_reported_before_the_model_loads(bench, tmp_path, image_dir, monkeypatch, capsys):
+    """Loading a real model takes minutes: a missing image must not wait for it."""
+    monkeypatch.setattr(runner, "open_assistant", lambda *a, **k: pytest.fail("the model loaded first"))
+    rows = _vqa_rows() if bench == "vqa" else _pope_rows()
+    rows[1]["image"] = "nope.png"
+    data = _write(tmp_path / f"{bench}.jsonl", rows)
+    module = vqa if bench == "vqa" else pope
+    assert module.main(predict_argv(data, image_dir, tmp_path / "o")) == 2
+    assert _error_line(capsys).endswith(f"line 2: field 'image': file {image_dir / 'nope.png'} not found")
