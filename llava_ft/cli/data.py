@@ -104,9 +104,10 @@ class _Setup:
     """What a data command reads and how it encodes: from the flags, or a training config under them."""
 
     encoder: Encoder
-    sources: list[DataSource]
-    data: DataSection | None
-    """The config's data section (skip_bad, cache, num_proc), when --config is given."""
+    data: DataSection
+    """The files (`train`) and how they are read: the config's section under the flags, or the flags alone (then
+    skip_bad, cache and num_proc keep their defaults)."""
+    from_config: bool
 
 
 def _setup(args: argparse.Namespace) -> _Setup:
@@ -148,7 +149,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
         raise ValueError(f"{args.config}: data.train names no files (or pass --data)")
     from llava_ft.data.dataset import data_encoder  # torch and datasets: only when a command runs
 
-    return _Setup(data_encoder(data, tokenizer, template, num_image_tokens), data.train, cfg and cfg.data)
+    return _Setup(data_encoder(data, tokenizer, template, num_image_tokens), data, cfg is not None)
 
 
 # ---------------------------------------------------------------- preview
@@ -159,7 +160,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     encoder = setup.encoder
     if not args.json:
         print(f"{GREEN}green{RESET}: trained tokens; {CYAN}<image xN>{RESET}: N image placeholder tokens\n")
-    for src in setup.sources:
+    for src in setup.data.train:
         if args.index is not None:
             picked = [_record_at(src.path, src.format, args.index)]
         else:
@@ -246,12 +247,12 @@ def _render_text(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 def cmd_check(args: argparse.Namespace) -> int:
     setup = _setup(args)
     failed = 0
-    for src in setup.sources:
+    for src in setup.data.train:
         folder = args.image_folder
-        if folder is None and setup.data is not None:  # as training checks them
+        if folder is None and setup.from_config:  # as training checks them
             folder = src.image_folder or os.path.dirname(src.path) or "."
         failed += _check_file(src, setup.encoder, folder)
-    if failed and not (args.skip_bad or (setup.data is not None and setup.data.skip_bad)):
+    if failed and not (args.skip_bad or setup.data.skip_bad):
         print(f"{failed} bad record(s); fix them or pass --skip-bad", file=sys.stderr)
         return 1
     return 0
@@ -307,9 +308,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     setup = _setup(args)
     # A config's own settings key the cache as training keys it, so training then loads what this prepared.
-    data = setup.data or DataSection()
-    output = args.output or (data.cache_dir if setup.data is not None else None)
-    for src in setup.sources:
+    data = setup.data
+    output = args.output or data.cache_dir
+    for src in data.train:
         done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=args.skip_bad or data.skip_bad,
                        num_proc=args.num_proc or data.num_proc, cache_dir=output,
                        use_cache=not args.no_cache and data.cache, progress=True)  # fmt: skip
