@@ -22,7 +22,7 @@ import torch
 from transformers import AddedToken, GenerationConfig, PreTrainedTokenizerBase
 
 from llava_ft.data.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, Message
-from llava_ft.files import atomic_dir
+from llava_ft.files import atomic_dir, check_replaceable_dir
 from llava_ft.train.checkpoint import read_stage_config
 
 log = logging.getLogger("llava_ft")
@@ -582,9 +582,7 @@ def export_checkpoint(
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: already exists (pass --overwrite to replace it)")
 
-    if output.exists() and not output.is_dir():
-        # Replacing a file by a folder is surely a wrong --output, not an old export.
-        raise FileExistsError(f"{output}: exists and is not a folder; choose another --output")
+    check_replaceable_dir(output)  # a file as --output fails now, not after the merge
     vision = read_stage_config(checkpoint).model.vision
     if fmt == "hf-llava" and vision is None:
         raise ValueError(

@@ -32,12 +32,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def check_replaceable_dir(path: Path) -> None:
+    """Refuse a `path` that `atomic_dir` could not replace: moving a file (or link) aside and then removing it as
+    a folder would fail after the new folder was written, leaving a hidden `.name.oldNNN` behind. Callers with
+    long work before `atomic_dir` call it first, so that such a path fails at once."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FileExistsError(f"{path}: exists and is not a folder; refusing to replace it with one")
+
+
 def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
     """write(tmpdir) fills a fresh folder beside `path` that then takes its place; a failure leaves `path` as it was."""
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        # Checked before any work: moving a file aside and then removing it as a folder would fail after the
-        # new folder was written, leaving a hidden `.name.oldNNN` behind.
-        raise FileExistsError(f"{path}: exists and is not a folder; refusing to replace it with one")
+    check_replaceable_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
