@@ -3,14 +3,14 @@
 The one path shared by `llava-ft data prepare` and training: read (sources) -> Conversation -> template ->
 token ids + labels (`<image>` expanded, truncation and drops counted, the segment-vs-whole check) -> Arrow.
 
-Speed: on fast tokenizers a batch of records goes through the tokenizer's Rust backend in one call, each
-record's text tokenized once, as a whole, with offsets (what the model sees; `Encoder` keeps these ids too).
-A token is trained iff its characters come from a trained segment. That is `Encoder.encode`'s result whenever
-every token lies inside one segment, which the offsets at each segment boundary show (the segment-vs-whole
-check; the two tokens around a boundary are read, not the whole offset list); every other record (a token
-crossing a trained/untrained boundary, a record to truncate or drop) and every record of a slow tokenizer goes
-through `Encoder.encode` itself, so the output is exactly `Encoder`'s. Labels are kept as runs and expanded
-in numpy. On the benchmark files the tokenizer's own work is about 80% of the time.
+Speed: on fast tokenizers each record's text is tokenized once, as a whole (what the model sees; `Encoder`
+keeps these ids too): by `ChunkedTokenizer` (chunked.py: the same ids, each distinct word tokenized once) where
+it reproduces the tokenizer's pipeline, else by one call into the Rust backend per batch. A token is trained iff
+its characters come from a trained segment. That is `Encoder.encode`'s result whenever every token lies inside
+one segment, which the token at each segment boundary shows (the segment-vs-whole check); every other record (a
+token crossing a trained/untrained boundary, a record to truncate or drop) and every record of a slow tokenizer
+goes through `Encoder.encode` itself, so the output is exactly `Encoder`'s. Labels are kept as runs and
+expanded in numpy.
 
 Processes: with num_proc N, N forked processes each read the whole file (parsing is cheap) and take every
 Nth batch of 256 records end to end (convert, encode, write Arrow); the parent interleaves their Arrow batches
@@ -25,7 +25,6 @@ before it is loaded, so a half-written or damaged entry is rebuilt.
 
 from __future__ import annotations
 
-import bisect
 import gc
 import hashlib
 import json
@@ -48,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from llava_ft.data.chunked import ChunkedTokenizer, token_boundary
 from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, DataError
 from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
 from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizationMismatch, TokenizedSample
@@ -64,7 +64,7 @@ FEATURES = datasets.Features(
     }
 )
 SCHEMA = FEATURES.arrow_schema  # computed once: the property builds it anew on every call
-_CODE_FILES = ("prepare.py", "tokenize.py", "templates.py", "sources.py", "conversation.py")
+_CODE_FILES = ("prepare.py", "chunked.py", "tokenize.py", "templates.py", "sources.py", "conversation.py")
 BATCH_SIZE = 256
 
 
@@ -121,6 +121,7 @@ class BatchEncoder:
             self.backend.no_truncation()
             self.backend.no_padding()
             self.backend.encode_special_tokens = bool(getattr(tok, "split_special_tokens", False))
+        self.chunked = ChunkedTokenizer.of(tok) if self.backend is not None else None
 
     def encode_records(self, slots: list[tuple[str, Any]], reader: FormatReader, skip_bad: bool) -> _Batch:
         """Records (as `iter_records` yields them) -> conversations -> encoded, in record order; the first bad
@@ -142,22 +143,17 @@ class BatchEncoder:
 
     def encode_batch(self, convs: list[Conversation], skip_bad: bool) -> _Batch:
         rendered: list = []
-        texts: list[str] = []
+        texts: list[tuple[str, list[int]]] = []  # (text between images, segment boundaries inside it)
         for conv in convs:
             try:
                 segments, text = self.encoder.render(conv)
             except DataError as err:
                 rendered.append(err)
                 continue
-            chunks = text.split(IMAGE_TOKEN)
-            rendered.append((segments, chunks, len(texts)))
-            texts += [c for c in chunks if c]
-        # One call into the Rust backend for the whole batch: per-call overhead is paid once.
-        encodings = (
-            self.backend.encode_batch(texts, add_special_tokens=False)
-            if self.backend is not None and texts
-            else []
-        )
+            layout = _layout(segments, text.split(IMAGE_TOKEN))
+            rendered.append((layout, len(texts)))
+            texts += [(chunk, cuts) for chunk, cuts, _ in layout if chunk]
+        tokenized = self._tokenize(texts) if self.backend is not None else []
 
         out = _Columns()
         stats = EncodeStats()
@@ -167,7 +163,7 @@ class BatchEncoder:
                 if isinstance(item, DataError):
                     raise item
                 lead = self.encoder.leading_ids(conv)
-                fast = self._fast(*item, encodings, lead) if self.backend is not None else None
+                fast = self._fast(*item, tokenized, lead) if self.backend is not None else None
                 if fast is None:
                     sample = self.encoder.encode(conv)
                     stats.add(sample)
@@ -193,51 +189,56 @@ class BatchEncoder:
                 stats.problems.append((err.where, err.problem))
         return out.finish(stats)
 
+    def _tokenize(
+        self, texts: list[tuple[str, list[int]]]
+    ) -> list[tuple[list[int], list[int | None]] | None]:
+        """Per text: the whole text's ids and the token index at each segment boundary (None where a token
+        spans it), or None for a text the Encoder must judge."""
+        if self.chunked is not None:
+            return [self.chunked.encode(text, cuts) for text, cuts in texts]
+        # One call into the Rust backend for the whole batch: per-call overhead is paid once.
+        encodings = self.backend.encode_batch([text for text, _ in texts], add_special_tokens=False)
+        out: list = []
+        for enc, (text, cuts) in zip(encodings, texts):
+            n = len(enc.ids)
+            if n and enc.token_to_chars(n - 1)[0] >= len(text):  # an empty token at the very end
+                out.append(None)
+            else:
+                out.append((enc.ids, [token_boundary(enc, c, len(text)) for c in cuts]))
+        return out
+
     def _fast(
-        self, segments: list, chunks: list[str], k: int, encodings: list, lead: list[int]
+        self, layout: list[tuple[str, list[int], list[bool]]], k: int, tokenized: list, lead: list[int]
     ) -> tuple[list[int], list[int], list[bool], int, int] | None:
-        """Compact ids and their labels as runs (token count, trained) from the whole-text encoding, or None
+        """Compact ids and their labels as runs (token count, trained) from the whole-text tokenization, or None
         where `Encoder.encode` must decide (a token across a segment boundary, truncation, nothing trained)."""
-        bounds, pos = [], 0  # (character where the segment starts, trainable)
-        for seg in segments:
-            bounds.append((pos, seg.trainable))
-            pos += len(seg.text)
-        bounds.append((pos + 1, False))  # sentinel past the end
         ids_out: list[int] = list(lead)  # untrained ids before the text (Encoder.leading_ids)
         runs: list[int] = [len(lead)] if lead else []
         flags: list[bool] = [False] if lead else []
-        start, b = 0, 0  # b: the segment in force at `start`
-        for j, chunk in enumerate(chunks):
+        for j, (chunk, _, trained) in enumerate(layout):
             if j:
                 ids_out.append(IMAGE_TOKEN_INDEX)
                 runs.append(1)
                 flags.append(False)
             if not chunk:
-                start += len(IMAGE_TOKEN)
                 continue
-            enc = encodings[k]
+            done = tokenized[k]
             k += 1
-            ids = enc.ids
-            n = len(ids)
-            if n and enc.token_to_chars(n - 1)[0] >= len(chunk):  # an empty token at the very end
+            if done is None:
                 return None
-            end = start + len(chunk)
-            while bounds[b + 1][0] <= start:
-                b += 1
+            ids, at = done
             cut = 0
-            while bounds[b + 1][0] < end:
-                i = _token_boundary(enc, bounds[b + 1][0] - start, len(chunk))
+            for i, flag in zip(at, trained):
                 if i is None:
                     return None
                 runs.append(i - cut)
-                flags.append(bounds[b][1])
-                cut, b = i, b + 1
-            runs.append(n - cut)
-            flags.append(bounds[b][1])
+                flags.append(flag)
+                cut = i
+            runs.append(len(ids) - cut)
+            flags.append(trained[-1])
             ids_out += ids
-            start = end + len(IMAGE_TOKEN)
         n_trained = sum(r for r, f in zip(runs, flags) if f)
-        n_img = len(chunks) - 1
+        n_img = len(layout) - 1
         full = len(ids_out) + n_img * (self.encoder.num_image_tokens - 1)
         too_long = self.encoder.max_length is not None and full > self.encoder.max_length
         if n_trained == 0 or too_long:  # drops and truncation: Encoder.encode's rules and messages
@@ -255,27 +256,30 @@ class BatchEncoder:
         return ids[keep].tolist(), labels[keep].tolist()
 
 
-def _token_boundary(enc, c: int, chunk_len: int) -> int | None:
-    """Index of the first token at or after character c when c is a clean boundary, else None.
-
-    Clean: the tokens before it end at or before c and the tokens after it start at or after c, with no
-    trimmed gap around c (a gap's characters belong to a neighbour that the offsets do not show). The common
-    case (a token starting exactly at c, the one before it ending by c) is read from two tokens; every other
-    case from all the chunk's offsets."""
-    j = enc.char_to_token(c)
-    if j is not None and enc.token_to_chars(j)[0] == c:
-        if j == 0:
-            return 0
-        before_start, before_end = enc.token_to_chars(j - 1)
-        if before_start < c and before_end <= c:
-            return j
-    offsets = enc.offsets
-    i = bisect.bisect_left([s for s, _ in offsets], c)
-    left_end = offsets[i - 1][1] if i else 0
-    right_start = offsets[i][0] if i < len(offsets) else chunk_len
-    if left_end > c or left_end < c < right_start:  # crosses the boundary, or a gap does
-        return None
-    return i
+def _layout(segments: list, chunks: list[str]) -> list[tuple[str, list[int], list[bool]]]:
+    """Per text between image markers: the text, the segment boundaries strictly inside it (characters), and
+    whether each stretch between them is trained (one more than the boundaries; none for an empty text)."""
+    bounds, pos = [], 0  # (character where the segment starts, trainable)
+    for seg in segments:
+        bounds.append((pos, seg.trainable))
+        pos += len(seg.text)
+    bounds.append((pos + 1, False))  # sentinel past the end
+    layout, start, b = [], 0, 0  # b: the segment in force at `start`
+    for chunk in chunks:
+        end = start + len(chunk)
+        cuts: list[int] = []
+        trained: list[bool] = []
+        if chunk:
+            while bounds[b + 1][0] <= start:
+                b += 1
+            while bounds[b + 1][0] < end:
+                cuts.append(bounds[b + 1][0] - start)
+                trained.append(bounds[b][1])
+                b += 1
+            trained.append(bounds[b][1])
+        layout.append((chunk, cuts, trained))
+        start = end + len(IMAGE_TOKEN)
+    return layout
 
 
 class _Columns:

@@ -1,0 +1,412 @@
+"""Exact tokenization of chat text, memoised per chunk, for the two common fast-tokenizer pipelines.
+
+A `tokenizers` pipeline splits out added tokens, then cuts the rest into pieces that its model tokenizes
+independently. Data preparation sees the same pieces (words, mostly) millions of times, and the Rust call
+costs more than looking them up, so `ChunkedTokenizer` does the split in Python, tokenizes each distinct piece
+once with the tokenizer's own model and remembers it. It returns the ids `backend.encode(text,
+add_special_tokens=False)` returns; where that would not be guaranteed, `ChunkedTokenizer.of` returns None and
+preparation keeps the Rust call:
+
+- sentencepiece-style BPE (Llama, Mistral: a Metaspace pre-tokenizer that does not split, no normalizer). The
+  model sees each span between added tokens as one word, so chunks are ours: we cut before each run of "▁"
+  that follows another character. No merge can cross such a cut when no vocabulary entry holds a "▁" after
+  another character (checked), and BPE merges that cannot cross a cut happen in the same order either way.
+- byte-level BPE (GPT-2, Llama-3, Qwen2, DeepSeek: Split regexes then ByteLevel, no normalizer or NFC). Its
+  pieces are what the regexes isolate. On spans of printable ASCII plus tab and newline, each `\\p{..}` class
+  is a fixed set of ASCII characters, so the pattern is restated for Python's `re`; other spans go through the
+  Rust call, one span at a time (the split at added tokens isolates them).
+Both are checked against the Rust pipeline on a probe text when built.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import random
+import re
+import unicodedata
+from collections.abc import Callable
+from itertools import accumulate, chain
+from typing import Any
+
+log = logging.getLogger("llava_ft")
+
+MAX_CACHED = 1 << 19
+"""Pieces remembered before the memo is emptied (about 100 MB); real corpora repeat most words."""
+_NOT_PLAIN = re.compile(r"[^\x20-\x7e\t\n\r]")  # byte-level: a span with one of these takes the Rust call
+_GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_PROPERTY = re.compile(r"\\([pP])\{(\w+)\}")
+
+
+class ChunkedTokenizer:
+    """`encode(text, cuts)`: the backend's ids for `text` and the token index at each cut character."""
+
+    def __init__(
+        self, backend, data: dict, kind: str, split: Callable[[str], list[str]] | None, prepend: str
+    ):
+        self.backend = backend
+        self.kind = kind
+        """"metaspace" or "bytelevel"."""
+        self._split = split
+        self._prepend = prepend  # metaspace: "always", "first" or "never"
+        added = data["added_tokens"]
+        self._added = re.compile(_trie_pattern([t["content"] for t in added])) if added else None
+        self._added_id = {t["content"]: t["id"] for t in added}
+        self._model = backend.model
+        self._ids: dict[str, list[int]] = {}
+        self._starts: dict[str, list[int]] = {}
+        if kind == "bytelevel":
+            self._bytes = {i: c for i, c in _bytes_to_unicode().items() if i < 128}
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def of(cls, tokenizer) -> ChunkedTokenizer | None:
+        """For a transformers fast tokenizer whose pipeline this class reproduces exactly, else None."""
+        if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "split_special_tokens", False):
+            return None
+        backend = tokenizer.backend_tokenizer
+        try:
+            made = cls._build(backend, _pipeline(backend))
+        except (AttributeError, KeyError, TypeError, ValueError, re.error) as err:  # a layout we do not read
+            log.debug("chunked tokenization off: %s", err)
+            return None
+        if made is not None and not made._agrees_with_backend():
+            log.warning("chunked tokenization off: it disagrees with the tokenizer on the probe text")
+            return None
+        return made
+
+    @classmethod
+    def _build(cls, backend, data: dict[str, Any]) -> ChunkedTokenizer | None:
+        model, pre, norm = data["model"], data["pre_tokenizer"], data["normalizer"]
+        if model["type"] != "BPE" or model.get("dropout") or model.get("continuing_subword_prefix"):
+            return None
+        if model.get("end_of_word_suffix"):
+            return None
+        added = data["added_tokens"]
+        if any(t["lstrip"] or t["rstrip"] or t["single_word"] for t in added):
+            return None
+        if pre and pre["type"] == "Metaspace":
+            if norm is not None or pre.get("split", True) or model.get("ignore_merges"):
+                return None
+            rep = pre["replacement"]
+            crossing = re.compile(f"[^{re.escape(rep)}]{re.escape(rep)}")
+            if any(crossing.search(token) for token in backend.get_vocab(with_added_tokens=False)):
+                return None  # a merge could cross a chunk cut
+            self = cls(backend, data, "metaspace", None, pre["prepend_scheme"])
+            self._rep = rep
+            self._chunk = re.compile(f"{re.escape(rep)}*[^{re.escape(rep)}]+|{re.escape(rep)}+")
+            return self
+        if not _identity_on_ascii(norm):
+            return None
+        if _normalizes(norm) and any(t["normalized"] for t in added):
+            return None  # matched on normalized text, which the split at added tokens does not see
+        steps = pre["pretokenizers"] if pre and pre["type"] == "Sequence" else [pre]
+        last = steps[-1] if steps and steps[-1] else {}
+        if last.get("type") != "ByteLevel" or last.get("add_prefix_space"):
+            return None
+        patterns = []
+        for step in steps[:-1]:
+            if step["type"] != "Split" or step["behavior"] != "Isolated" or step["invert"]:
+                return None
+            patterns.append(step["pattern"]["Regex"])
+        if last.get("use_regex", True):
+            patterns.append(_GPT2_PATTERN)
+        regexes = [re.compile(f"({_ascii_pattern(p)})", re.ASCII) for p in patterns]
+        if any(rx.groups != 1 for rx in regexes):
+            return None
+        return cls(backend, data, "bytelevel", _isolating(regexes), "never")
+
+    def _agrees_with_backend(self) -> bool:
+        rng = random.Random(0)
+        alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "\r", "  ", "é", "中文", "\u2581", "🙂"]
+        words = ["the", " cat", "Hello", "don't", "3.14", "1234567", "\n\n", "   ", *self._added_id]
+        probe = "".join(
+            rng.choice(alphabet) if rng.random() < 0.5 else rng.choice(words) for _ in range(3000)
+        )
+        texts = [probe, " " + probe, probe[1:] + " ", "x", " ", "\n"]
+        for t in texts:
+            got = self.encode(t, [])
+            if got is not None and got[0] != self.backend.encode(t, add_special_tokens=False).ids:
+                return False
+        return True
+
+    # ------------------------------------------------------------ encoding
+
+    def encode(self, text: str, cuts: list[int]) -> tuple[list[int], list[int | None]] | None:
+        """Ids of `text`, and for each cut (ascending characters, 0 < cut < len(text)) the index of the first
+        token at or after it, or None where a token spans it; None for a text that the Encoder must judge."""
+        try:
+            return self._encode(text, cuts)
+        except _Unsure:
+            return None
+
+    def _encode(self, text: str, cuts: list[int]) -> tuple[list[int], list[int | None]]:
+        out: list[int] = []
+        at: list[int | None] = []
+        pos = 0
+        k = 0  # next cut
+        spans = self._added.finditer(text) if self._added is not None else ()
+        for m in spans:
+            start = m.start()
+            if start > pos:
+                k = self._span(text, pos, start, cuts, k, out, at)
+            while k < len(cuts) and cuts[k] <= m.end():
+                at.append(len(out) if cuts[k] == start else len(out) + 1 if cuts[k] == m.end() else None)
+                k += 1
+            out.append(self._added_id[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            k = self._span(text, pos, len(text), cuts, k, out, at)
+        while k < len(cuts):  # at the very end
+            at.append(len(out))
+            k += 1
+        return out, at
+
+    def _span(self, text: str, a: int, b: int, cuts: list[int], k: int, out: list[int], at: list) -> int:
+        """Appends the ids of text[a:b] (no added token inside) and the index at each cut in [a, b); returns
+        the next cut."""
+        s = text[a:b]
+        if self.kind == "metaspace":
+            shift = 0
+            s = s.replace(" ", self._rep)
+            if (self._prepend == "always" or (self._prepend == "first" and a == 0)) and not s.startswith(
+                self._rep
+            ):
+                s, shift = self._rep + s, 1
+            pieces = self._chunk.findall(s)
+        elif _NOT_PLAIN.search(s) is None:
+            shift, pieces = 0, self._split(s)
+        else:
+            return self._rust_span(s, a, b, cuts, k, out, at)
+        ids = self._ids
+        if k == len(cuts) or cuts[k] >= b:  # the common case: no cut inside
+            got = list(map(ids.get, pieces))
+            if None in got:
+                got = [g if g is not None else self._tokenize(p) for g, p in zip(got, pieces)]
+            out += chain.from_iterable(got)
+            return k
+        pos = a - shift  # text position of the current piece
+        for piece in pieces:
+            end = pos + len(piece)
+            while k < len(cuts) and cuts[k] < end:
+                inside = self._token_starts(piece)
+                j = bisect.bisect_left(inside, cuts[k] - pos)
+                clean = j < len(inside) and inside[j] == cuts[k] - pos
+                at.append(len(out) + j if clean else None)
+                k += 1
+            got = ids.get(piece)
+            out += got if got is not None else self._tokenize(piece)
+            pos = end
+        return k
+
+    def _rust_span(self, s: str, a: int, b: int, cuts: list[int], k: int, out: list[int], at: list) -> int:
+        enc = self.backend.encode(s, add_special_tokens=False)
+        if enc.ids and enc.token_to_chars(len(enc.ids) - 1)[0] >= len(s):
+            raise _Unsure  # an empty token at the end: which side of a cut it is on is the Encoder's call
+        while k < len(cuts) and cuts[k] < b:
+            j = token_boundary(enc, cuts[k] - a, len(s))
+            at.append(None if j is None else len(out) + j)
+            k += 1
+        out += enc.ids
+        return k
+
+    def _tokenize(self, piece: str) -> list[int]:
+        if len(self._ids) >= MAX_CACHED:
+            self._ids.clear()
+            self._starts.clear()
+        word = piece.translate(self._bytes) if self.kind == "bytelevel" else piece
+        ids = self._ids[piece] = [t.id for t in self._model.tokenize(word)]
+        return ids
+
+    def _token_starts(self, piece: str) -> list[int]:
+        """Character offsets in `piece` where its tokens start (one per token)."""
+        starts = self._starts.get(piece)
+        if starts is None:
+            word = piece.translate(self._bytes) if self.kind == "bytelevel" else piece
+            starts = [t.offsets[0] for t in self._model.tokenize(word)]  # UTF-8 bytes of `word`
+            if (
+                not word.isascii()
+            ):  # a byte-fallback token may start inside a character: it counts as its start
+                char_bytes = list(accumulate((len(ch.encode()) for ch in word), initial=0))
+                starts = [bisect.bisect_right(char_bytes, x) - 1 for x in starts]
+            self._starts[piece] = starts
+        return starts
+
+
+class _Unsure(Exception):
+    pass
+
+
+def token_boundary(enc, c: int, chunk_len: int) -> int | None:
+    """Index of the first token of a `tokenizers` Encoding at or after character c when c is a clean boundary,
+    else None.
+
+    Clean: the tokens before it end at or before c and the tokens after it start at or after c, with no
+    trimmed gap around c (a gap's characters belong to a neighbour that the offsets do not show). The common
+    case (a token starting exactly at c, the one before it ending by c) is read from two tokens; every other
+    case from all the offsets."""
+    j = enc.char_to_token(c)
+    if j is not None and enc.token_to_chars(j)[0] == c:
+        if j == 0:
+            return 0
+        before_start, before_end = enc.token_to_chars(j - 1)
+        if before_start < c and before_end <= c:
+            return j
+    offsets = enc.offsets
+    i = bisect.bisect_left([s for s, _ in offsets], c)
+    left_end = offsets[i - 1][1] if i else 0
+    right_start = offsets[i][0] if i < len(offsets) else chunk_len
+    if left_end > c or left_end < c < right_start:  # crosses the boundary, or a gap does
+        return None
+    return i
+
+
+def _trie_pattern(words: list[str]) -> str:
+    """A regex matching any of `words`, leftmost-longest as the backend matches added tokens, that tests one
+    character per step instead of every word at every position (1,000+ added tokens are common)."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a word ends here
+
+    def pattern(node: dict) -> str:
+        ends = "" in node
+        alts = [re.escape(ch) + pattern(child) for ch, child in node.items() if ch]
+        if not alts:
+            return ""
+        group = alts[0] if len(alts) == 1 and not ends else f"(?:{'|'.join(alts)})"
+        return group + ("?" if ends else "")  # a longer word first, then this one
+
+    return pattern(trie)
+
+
+_LOOKAROUND = re.compile(r"\\[bBAZz]|\(\?<?[=!]|(?<!\\)[$^]")
+
+
+def _pipeline(backend) -> dict[str, Any]:
+    """The parts of a `tokenizers.Tokenizer` that decide its ids, in its JSON layout (without the vocabulary,
+    which the whole `to_str` would parse at length)."""
+
+    def state(part) -> dict | None:
+        return json.loads(part.__getstate__()) if part is not None else None
+
+    model = backend.model
+    keys = ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges")
+    return {
+        "model": {"type": type(model).__name__, **{k: getattr(model, k, None) for k in keys}},
+        "pre_tokenizer": state(backend.pre_tokenizer),
+        "normalizer": state(backend.normalizer),
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "normalized": t.normalized,
+            }
+            for i, t in backend.get_added_tokens_decoder().items()
+        ],  # fmt: skip
+    }
+
+
+def _isolating(regexes: list[re.Pattern]) -> Callable[[str], list[str]]:
+    """Split steps with the Isolated behaviour, in order: each match a piece, and each gap between them."""
+    # Without lookarounds or anchors, a step that finds nothing in the whole text finds nothing in its pieces.
+    steps = [(rx, _LOOKAROUND.search(rx.pattern) is None) for rx in regexes]
+
+    def split(s: str) -> list[str]:
+        pieces = [s]
+        for rx, plain in steps:
+            if plain and rx.search(s) is None:
+                continue
+            new: list[str] = []
+            for whole in pieces:
+                found = rx.findall(whole)
+                if sum(map(len, found)) == len(whole):  # no gaps: the matches are the pieces
+                    new += found
+                else:
+                    new += [p for p in rx.split(whole) if p]
+            pieces = new
+        return pieces
+
+    return split
+
+
+def _ascii_pattern(pattern: str) -> str:
+    """A `tokenizers` regex restated for Python's `re` on ASCII text: `\\p{X}` becomes the ASCII characters of
+    Unicode category X (a class inside brackets, its members inside them)."""
+    out, i, depth = [], 0, 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            m = _PROPERTY.match(pattern, i)
+            if m:
+                if m.group(1) == "P" and depth:
+                    raise ValueError(f"\\P inside a class: {pattern!r}")
+                members = "".join(re.escape(c) for c in _category_chars(m.group(2)))
+                neg = "^" if m.group(1) == "P" else ""
+                out.append(members if depth else f"[{neg}{members}]" if members else "(?!)")
+                i = m.end()
+                continue
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if ch == "[" and not depth:
+            depth = 1
+            out.append(ch)
+            if pattern.startswith("^", i + 1):
+                out.append("^")
+                i += 1
+            if pattern.startswith("]", i + 1):  # a literal "]" first in the class
+                out.append("\\]")
+                i += 1
+        elif ch == "[" and depth:
+            raise ValueError(f"nested class: {pattern!r}")
+        elif ch == "]" and depth:
+            depth = 0
+            out.append(ch)
+        elif ch == "(" and not depth and not pattern.startswith("(?", i):
+            out.append("(?:")  # no capturing groups: the split keeps only the whole match
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _category_chars(category: str) -> str:
+    if category in ("L", "N", "P", "S", "M", "Z", "C") or len(category) == 2:
+        return "".join(chr(c) for c in range(128) if unicodedata.category(chr(c)).startswith(category))
+    raise ValueError(f"unknown property {category!r}")
+
+
+def _normalizes(normalizer: dict | None) -> bool:
+    if normalizer is None:
+        return False
+    if normalizer["type"] == "Sequence":
+        return any(_normalizes(n) for n in normalizer["normalizers"])
+    return True
+
+
+def _identity_on_ascii(normalizer: dict | None) -> bool:
+    """Unicode normal forms leave ASCII alone; non-ASCII spans are normalized by the Rust call."""
+    if normalizer is None:
+        return True
+    if normalizer["type"] == "Sequence":
+        return all(_identity_on_ascii(n) for n in normalizer["normalizers"])
+    return normalizer["type"] in ("NFC", "NFKC", "NFD", "NFKD")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> character table of byte-level BPE (printable bytes stand for themselves)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
