@@ -352,13 +352,19 @@ def _record_batches(path: Path) -> Iterator[list[tuple[str, Any]]]:
 
 
 def _encode_shard(
-    path: Path, encoder: Encoder, fmt: str, skip_bad: bool, shard: int, num_shards: int, out: Path, progress
+    path: Path,
+    local: BatchEncoder,
+    fmt: str,
+    skip_bad: bool,
+    shard: int,
+    num_shards: int,
+    out: Path,
+    progress,
 ) -> _ShardResult:
     """Batches shard, shard + num_shards, ... of the file, each read, encoded and written to `out` (one Arrow
     record batch per batch, empty ones too, so that shards interleave back in order). Every process reads the
     whole file, which is cheap next to encoding, and converts only its own batches."""
     reader = FormatReader(fmt)
-    local = BatchEncoder(encoder)
     result = _ShardResult([])
     n_read = 0
     with pa.ipc.new_stream(str(out), SCHEMA) as writer:
@@ -581,12 +587,14 @@ def _build(
     bar = tqdm(desc=f"preparing {path.name}", unit=" rec", disable=not progress, mininterval=1.0)
     try:
         with bar:
+            # Built once: forked processes inherit it (and its tokenizer) as it is.
+            local = BatchEncoder(encoder)
             if num_proc <= 1:
-                result = _encode_shard(path, encoder, fmt, skip_bad, 0, 1, out, bar.update)
+                result = _encode_shard(path, local, fmt, skip_bad, 0, 1, out, bar.update)
                 return _merge([result], None, None)
             files = [out.with_name(f".shard-{k}.arrow") for k in range(num_proc)]
             try:
-                results = _run_shards(path, encoder, fmt, skip_bad, files, bar)
+                results = _run_shards(path, local, fmt, skip_bad, files, bar)
                 readers = [pa.ipc.open_stream(pa.memory_map(str(f))) for f in files]
                 with pa.ipc.new_stream(str(out), SCHEMA) as writer:
                     return _merge(results, readers, writer)
@@ -599,20 +607,21 @@ def _build(
             gc.enable()
 
 
-def _run_shards(path: Path, encoder: Encoder, fmt: str, skip_bad: bool, files: list[Path], bar) -> list:
+def _run_shards(path: Path, local: BatchEncoder, fmt: str, skip_bad: bool, files: list[Path], bar) -> list:
     """One forked process per shard file (they inherit the loaded tokenizer); progress read from a counter."""
     import multiprocessing as mp
+    from multiprocessing.connection import wait
 
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
     procs = []
     for k, file in enumerate(files):
-        args = (path, encoder, fmt, skip_bad, k, len(files), file)
+        args = (path, local, fmt, skip_bad, k, len(files), file)
         procs.append(ctx.Process(target=_shard_process, args=(args, file.with_suffix(".result"), counter)))
         procs[-1].start()
     try:
-        while any(p.is_alive() for p in procs):
-            time.sleep(0.2)
+        while alive := [p.sentinel for p in procs if p.is_alive()]:
+            wait(alive, timeout=0.2)  # wakes as soon as one ends
             bar.update(counter.value - bar.n)
     finally:
         for p in procs:
