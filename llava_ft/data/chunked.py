@@ -26,7 +26,7 @@ import logging
 import random
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate, chain
 from typing import Any
 
@@ -51,7 +51,11 @@ class ChunkedTokenizer:
         self._split = split
         self._prepend = prepend  # metaspace: "always", "first" or "never"
         added = data["added_tokens"]
-        self._added = re.compile(_trie_pattern([t["content"] for t in added])) if added else None
+        # The backend finds added tokens that skip normalization first, then the others in what is left.
+        raw = [t["content"] for t in added if not t["normalized"]]
+        normalized = [t["content"] for t in added if t["normalized"]]
+        self._added = re.compile(_trie_pattern(raw)) if raw else None
+        self._added_normalized = re.compile(_trie_pattern(normalized)) if normalized else None
         self._added_id = {t["content"]: t["id"] for t in added}
         self._model = backend.model
         self._ids: dict[str, list[int]] = {}
@@ -72,7 +76,12 @@ class ChunkedTokenizer:
         except (AttributeError, KeyError, TypeError, ValueError, re.error) as err:  # a layout we do not read
             log.debug("chunked tokenization off: %s", err)
             return None
-        if made is not None and not made._agrees_with_backend():
+        try:
+            agrees = made is None or made._agrees_with_backend()
+        except Exception as err:  # noqa: BLE001 - e.g. a model that cannot tokenize a probe character
+            log.debug("chunked tokenization off: the probe text failed (%s)", err)
+            return None
+        if not agrees:
             log.warning("chunked tokenization off: it disagrees with the tokenizer on the probe text")
             return None
         return made
@@ -110,7 +119,8 @@ class ChunkedTokenizer:
         for step in steps[:-1]:
             if step["type"] != "Split" or step["behavior"] != "Isolated" or step["invert"]:
                 return None
-            patterns.append(step["pattern"]["Regex"])
+            pattern = step["pattern"]
+            patterns.append(pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"]))
         if last.get("use_regex", True):
             patterns.append(_GPT2_PATTERN)
         regexes = [re.compile(f"({_ascii_pattern(p)})", re.ASCII) for p in patterns]
@@ -147,7 +157,7 @@ class ChunkedTokenizer:
         at: list[int | None] = []
         pos = 0
         k = 0  # next cut
-        spans = self._added.finditer(text) if self._added is not None else ()
+        spans = self._added_tokens(text)
         for m in spans:
             start = m.start()
             if start > pos:
@@ -163,6 +173,23 @@ class ChunkedTokenizer:
             at.append(len(out))
             k += 1
         return out, at
+
+    def _added_tokens(self, text: str) -> Iterable[re.Match]:
+        first, then = self._added, self._added_normalized
+        if then is None:
+            return first.finditer(text) if first is not None else ()
+        if first is None:
+            return then.finditer(text)
+        return self._two_passes(text, first, then)
+
+    @staticmethod
+    def _two_passes(text: str, first: re.Pattern, then: re.Pattern) -> Iterator[re.Match]:
+        pos = 0
+        for m in first.finditer(text):
+            yield from then.finditer(text, pos, m.start())
+            yield m
+            pos = m.end()
+        yield from then.finditer(text, pos)
 
     def _span(self, text: str, a: int, b: int, cuts: list[int], k: int, out: list[int], at: list) -> int:
         """Appends the ids of text[a:b] (no added token inside) and the index at each cut in [a, b); returns

@@ -63,10 +63,10 @@ def byte_level(pre_tokenizer, normalizer=None) -> PreTrainedTokenizerFast:
     return fast
 
 
-def split_then_bytes(pattern: str):
+def split_then_bytes(pattern: str | Regex):
     return pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.Split(pattern, behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -74,8 +74,8 @@ def split_then_bytes(pattern: str):
 
 BUILT = {
     "gpt2": lambda: byte_level(pre_tokenizers.ByteLevel(add_prefix_space=False)),
-    "llama3": lambda: byte_level(split_then_bytes(LLAMA3)),
-    "qwen2": lambda: byte_level(split_then_bytes(QWEN2), normalizers.NFC()),
+    "llama3": lambda: byte_level(split_then_bytes(Regex(LLAMA3))),
+    "qwen2": lambda: byte_level(split_then_bytes(Regex(QWEN2)), normalizers.NFC()),
 }
 
 
@@ -138,6 +138,16 @@ def test_added_tokens_match_leftmost_longest():
     assert rx.findall("<a><b><ab<a>x<a><c>") == ["<a><b>", "<ab", "<a>", "x", "<a>"]
 
 
+def test_unnormalized_added_tokens_are_found_first():
+    """As the backend does: added tokens that skip normalization, then the others in the text left over."""
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, []))
+    tok.pre_tokenizer = split_then_bytes(" ")  # a plain-string pattern
+    tok.add_tokens([AddedToken("bcd", normalized=False), AddedToken("abc", normalized=True)])
+    chunked = ChunkedTokenizer.of(PreTrainedTokenizerFast(tokenizer_object=tok))
+    for text in ["xabcd", "abc bcd abcd", "abcabcd", "ab cd"]:
+        assert chunked.encode(text, [])[0] == tok.encode(text).ids, text
+
+
 def tiny_metaspace(vocab: dict[str, int]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab, [], byte_fallback=False, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
@@ -148,11 +158,13 @@ def test_unsupported_pipelines_keep_the_rust_call(tokenizers):
     assert ChunkedTokenizer.of(tiny_metaspace({"▁": 0, "a": 1, "▁a": 2})) is not None
     # A vocabulary entry with "▁" after another character: a merge could cross a chunk cut.
     assert ChunkedTokenizer.of(tiny_metaspace({"▁": 0, "a": 1, "a▁": 2})) is None
-    lstrip = byte_level(split_then_bytes(LLAMA3))
+    lstrip = byte_level(split_then_bytes(Regex(LLAMA3)))
     lstrip.add_tokens([AddedToken("<x>", lstrip=True)])
     assert ChunkedTokenizer.of(lstrip) is None
-    outside_ascii = byte_level(split_then_bytes(r"[^\P{L}x]+"))  # \P inside a class has no ASCII restatement
+    outside_ascii = byte_level(
+        split_then_bytes(Regex(r"[^\P{L}x]+"))
+    )  # \P inside a class has no ASCII restatement
     assert ChunkedTokenizer.of(outside_ascii) is None
-    split_specials = byte_level(split_then_bytes(LLAMA3))
+    split_specials = byte_level(split_then_bytes(Regex(LLAMA3)))
     split_specials.split_special_tokens = True
     assert ChunkedTokenizer.of(split_specials) is None
