@@ -253,9 +253,7 @@ class ChunkedTokenizer:
         if starts is None:
             word = piece.translate(self._bytes) if self.kind == "bytelevel" else piece
             starts = [t.offsets[0] for t in self._model.tokenize(word)]  # UTF-8 bytes of `word`
-            if (
-                not word.isascii()
-            ):  # a byte-fallback token may start inside a character: it counts as its start
+            if not word.isascii():  # a byte-fallback token starting inside a character counts as its start
                 char_bytes = list(accumulate((len(ch.encode()) for ch in word), initial=0))
                 starts = [bisect.bisect_right(char_bytes, x) - 1 for x in starts]
             self._starts[piece] = starts

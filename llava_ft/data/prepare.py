@@ -341,12 +341,14 @@ class _ShardResult:
     """What one process did: per batch it encoded (in order), its stats, bad records and error."""
 
     batches: list[tuple[EncodeStats, list[tuple[str, str]], _Error | None]]
-    read_error: tuple[int, _Error] | None = None
-    """(index of the batch being read, error) when the file itself could not be read further."""
+    read_error: _Error | None = None
+    """The file itself could not be read (e.g. malformed JSON): it wins over every record's error."""
 
 
 def _record_batches(path: Path) -> Iterator[list[tuple[str, Any]]]:
-    records = iter_records(path)
+    # No checking pass over a .json list first: a file error found later still wins (see _merge), and
+    # the output of a failed run is never kept.
+    records = iter_records(path, check_first=False)
     while batch := list(islice(records, BATCH_SIZE)):
         yield batch
 
@@ -366,11 +368,10 @@ def _encode_shard(
     whole file, which is cheap next to encoding, and converts only its own batches."""
     reader = FormatReader(fmt)
     result = _ShardResult([])
-    n_read = 0
+    batches = _record_batches(path)
     with pa.ipc.new_stream(str(out), SCHEMA) as writer:
         try:
-            for slots in _record_batches(path):
-                index, n_read = n_read, n_read + 1
+            for index, slots in enumerate(batches):
                 if index % num_shards != shard:
                     for _, record in slots:  # the format is detected from the first record that names one
                         if reader.fmt != "auto":
@@ -382,9 +383,11 @@ def _encode_shard(
                 result.batches.append((batch.stats, batch.bad, batch.error))
                 progress(len(slots))
                 if batch.error is not None:
+                    for _ in batches:  # read on: a file error after it is the one to report
+                        pass
                     break
         except DataError as err:
-            result.read_error = (n_read, (type(err).__name__, err.where, err.problem))
+            result.read_error = (type(err).__name__, err.where, err.problem)
     return result
 
 
@@ -640,15 +643,16 @@ def _run_shards(path: Path, local: BatchEncoder, fmt: str, skip_bad: bool, files
 
 
 def _merge(results: list[_ShardResult], readers: list | None, writer) -> tuple[EncodeStats, BadRecords]:
-    """Batch g came from shard g % len(results): counts (and, with readers, rows) in record order; the first
-    error in record order is raised."""
+    """Batch g came from shard g % len(results): counts (and, with readers, rows) in record order. A file
+    error is raised first, as no record of a broken file can be trusted; else the first error in record order."""
+    for result in results:
+        if result.read_error is not None:
+            _raise(result.read_error)
     stats, bad = EncodeStats(), BadRecords()
     g, n = 0, len(results)
     while True:
         result, local = results[g % n], g // n
         if local == len(result.batches):
-            if result.read_error is not None and result.read_error[0] == g:
-                _raise(result.read_error[1])
             return stats, bad
         batch_stats, batch_bad, error = result.batches[local]
         stats.merge(batch_stats)

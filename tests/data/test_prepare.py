@@ -358,3 +358,19 @@ def test_processes_raise_the_first_error_in_record_order(num_proc, tokenizers, t
     ]
     assert many.stats.as_dict(1000) == one.stats.as_dict(1000)
     assert not list(tmp_path.glob("**/.shard-*"))  # shard files are removed
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_broken_file_is_reported_before_its_bad_records(skip_bad, tokenizers, tmp_path, monkeypatch):
+    """Preparation reads a .json list in one pass; malformed JSON found at its end still wins over a bad
+    record before it, in every process count, as a first checking pass would have it."""
+    monkeypatch.setattr(prep, "BATCH_SIZE", 4)  # the bad record's batch is encoded before the end is read
+    records = corpus(n=30)
+    records[2]["conversations"][0]["from"] = "robot"
+    text = json.dumps(records, indent=1)
+    path = tmp_path / "broken.json"
+    path.write_text(text[: text.rindex("}")] + "\n")  # the list is cut short at its last record
+    line = path.read_text().count("\n") + 1
+    for n in (1, 2):
+        with pytest.raises(DataError, match=rf"broken\.json:{line}: malformed JSON"):
+            prep.prepare(path, encoder(tokenizers["bpe"]), use_cache=False, num_proc=n, skip_bad=skip_bad)
