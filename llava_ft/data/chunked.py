@@ -4,13 +4,16 @@ A `tokenizers` pipeline splits out added tokens, then cuts the rest into pieces 
 independently. Data preparation sees the same pieces (words, mostly) millions of times, and the Rust call
 costs more than looking them up, so `ChunkedTokenizer` does the split in Python, tokenizes each distinct piece
 once with the tokenizer's own model and remembers it. It returns the ids `backend.encode(text,
-add_special_tokens=False)` returns; where that would not be guaranteed, `ChunkedTokenizer.of` returns None and
-preparation keeps the Rust call:
+add_special_tokens=False)` returns with truncation and padding off (as preparation sets the backend), and the
+token at each cut that the backend's offsets give. Where that would not be guaranteed, `ChunkedTokenizer.of`
+returns None and preparation keeps the Rust call: added tokens that strip or match single words, BPE dropout or
+word prefixes/suffixes, a post-processor that trims offsets, regex anchors or flags, and the cases below.
 
 - sentencepiece-style BPE (Llama, Mistral: a Metaspace pre-tokenizer that does not split, no normalizer). The
   model sees each span between added tokens as one word, so chunks are ours: we cut before each run of "▁"
   that follows another character. No merge can cross such a cut when no vocabulary entry holds a "▁" after
-  another character (checked), and BPE merges that cannot cross a cut happen in the same order either way.
+  another character (checked), and BPE merges that cannot cross a cut happen in the same order either way
+  (with fuse_unk, "▁" must be in the vocabulary, else unknown characters on both sides would fuse).
 - byte-level BPE (GPT-2, Llama-3, Qwen2, DeepSeek: Split regexes then ByteLevel, no normalizer or NFC). Its
   pieces are what the regexes isolate. On spans of printable ASCII plus tab and newline, each `\\p{..}` class
   is a fixed set of ASCII characters, so the pattern is restated for Python's `re`; other spans go through the
@@ -37,6 +40,8 @@ MAX_CACHED = 1 << 19
 _NOT_PLAIN = re.compile(r"[^\x20-\x7e\t\n\r]")  # byte-level: a span with one of these takes the Rust call
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _PROPERTY = re.compile(r"\\([pP])\{(\w+)\}")
+_ANCHOR_ESCAPES = ("A", "Z", "z", "G", "b", "B")
+_GROUP_OPENINGS = ("(?:", "(?=", "(?!", "(?<=", "(?<!", "(?>", "(?i:")
 
 
 class ChunkedTokenizer:
@@ -96,13 +101,20 @@ class ChunkedTokenizer:
         added = data["added_tokens"]
         if any(t["lstrip"] or t["rstrip"] or t["single_word"] for t in added):
             return None
+        if data["truncation"] or data["padding"]:
+            return None  # preparation turns both off first (BatchEncoder)
+        if not _keeps_offsets(data["post_processor"]):
+            return None  # offsets trimmed after the model: cut indices would differ
         if pre and pre["type"] == "Metaspace":
             if norm is not None or pre.get("split", True) or model.get("ignore_merges"):
                 return None
             rep = pre["replacement"]
             crossing = re.compile(f"[^{re.escape(rep)}]{re.escape(rep)}")
-            if any(crossing.search(token) for token in backend.get_vocab(with_added_tokens=False)):
+            vocab = backend.get_vocab(with_added_tokens=False)
+            if any(crossing.search(token) for token in vocab):
                 return None  # a merge could cross a chunk cut
+            if model.get("fuse_unk") and rep not in vocab:
+                return None  # an unknown character and an unknown "▁" after it would fuse across the cut
             self = cls(backend, data, "metaspace", None, pre["prepend_scheme"])
             self._rep = rep
             self._chunk = re.compile(f"{re.escape(rep)}*[^{re.escape(rep)}]+|{re.escape(rep)}+")
@@ -320,11 +332,21 @@ def _pipeline(backend) -> dict[str, Any]:
         return json.loads(part.__getstate__()) if part is not None else None
 
     model = backend.model
-    keys = ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges")
+    keys = (
+        "dropout",
+        "continuing_subword_prefix",
+        "end_of_word_suffix",
+        "ignore_merges",
+        "fuse_unk",
+        "unk_token",
+    )
     return {
         "model": {"type": type(model).__name__, **{k: getattr(model, k, None) for k in keys}},
         "pre_tokenizer": state(backend.pre_tokenizer),
         "normalizer": state(backend.normalizer),
+        "post_processor": state(backend.post_processor),
+        "truncation": backend.truncation,
+        "padding": backend.padding,
         "added_tokens": [
             {
                 "id": i,
@@ -374,13 +396,24 @@ def _ascii_pattern(pattern: str) -> str:
                 if m.group(1) == "P" and depth:
                     raise ValueError(f"\\P inside a class: {pattern!r}")
                 members = "".join(re.escape(c) for c in _category_chars(m.group(2)))
-                neg = "^" if m.group(1) == "P" else ""
-                out.append(members if depth else f"[{neg}{members}]" if members else "(?!)")
+                if depth:
+                    out.append(members)
+                elif members:
+                    out.append(f"[{'^' if m.group(1) == 'P' else ''}{members}]")
+                else:  # no ASCII character has the property
+                    out.append("[\\s\\S]" if m.group(1) == "P" else "(?!)")
                 i = m.end()
                 continue
+            if not depth and pattern[i + 1 : i + 2] in _ANCHOR_ESCAPES:
+                raise ValueError(f"anchor {pattern[i : i + 2]} (Oniguruma and Python differ): {pattern!r}")
             out.append(pattern[i : i + 2])
             i += 2
             continue
+        if ch in "^$" and not depth:
+            raise ValueError(f"anchor {ch} (line-wise in Oniguruma): {pattern!r}")
+        if ch == "(" and not depth and pattern.startswith("(?", i):
+            if not pattern.startswith(_GROUP_OPENINGS, i):
+                raise ValueError(f"group {pattern[i : i + 4]!r} (flags differ in Oniguruma): {pattern!r}")
         if ch == "[" and not depth:
             depth = 1
             out.append(ch)
@@ -401,6 +434,15 @@ def _ascii_pattern(pattern: str) -> str:
             out.append(ch)
         i += 1
     return "".join(out)
+
+
+def _keeps_offsets(post: dict | None) -> bool:
+    """Whether the post-processor leaves offsets as the model gives them (with add_special_tokens=False)."""
+    if post is None or post["type"] in ("TemplateProcessing", "BertProcessing"):
+        return True
+    if post["type"] == "Sequence":
+        return all(_keeps_offsets(p) for p in post["processors"])
+    return post["type"] in ("ByteLevel", "RobertaProcessing") and not post.get("trim_offsets", True)
 
 
 def _category_chars(category: str) -> str:

@@ -10,7 +10,17 @@ import random
 import re
 
 import pytest
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 from llava_ft.data.chunked import ChunkedTokenizer, _trie_pattern, token_boundary
@@ -148,9 +158,23 @@ def test_unnormalized_added_tokens_are_found_first():
         assert chunked.encode(text, [])[0] == tok.encode(text).ids, text
 
 
-def tiny_metaspace(vocab: dict[str, int]) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(vocab, [], byte_fallback=False, fuse_unk=False))
+def tiny_metaspace(vocab: dict[str, int], **bpe) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(vocab, [], **{"byte_fallback": False, "fuse_unk": False, **bpe}))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def tiny_byte_level(pattern: str | None, merges=(("a", "b"),), post=None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over the 256 byte characters plus `merges`; `pattern` None: GPT-2's own split."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    tok = Tokenizer(models.BPE(vocab, list(merges)))
+    tok.pre_tokenizer = (
+        pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if pattern is None
+        else split_then_bytes(Regex(pattern))
+    )
+    tok.post_processor = post
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
@@ -158,13 +182,26 @@ def test_unsupported_pipelines_keep_the_rust_call(tokenizers):
     assert ChunkedTokenizer.of(tiny_metaspace({"▁": 0, "a": 1, "▁a": 2})) is not None
     # A vocabulary entry with "▁" after another character: a merge could cross a chunk cut.
     assert ChunkedTokenizer.of(tiny_metaspace({"▁": 0, "a": 1, "a▁": 2})) is None
+    # An unknown character and an unknown "▁" after it fuse into one <unk> across the cut ("ß b").
+    assert ChunkedTokenizer.of(tiny_metaspace({"<unk>": 0, "b": 1}, unk_token="<unk>", fuse_unk=True)) is None
     lstrip = byte_level(split_then_bytes(Regex(LLAMA3)))
     lstrip.add_tokens([AddedToken("<x>", lstrip=True)])
     assert ChunkedTokenizer.of(lstrip) is None
-    outside_ascii = byte_level(
-        split_then_bytes(Regex(r"[^\P{L}x]+"))
-    )  # \P inside a class has no ASCII restatement
-    assert ChunkedTokenizer.of(outside_ascii) is None
+    # \P inside a class has no ASCII restatement; anchors and flags mean other things in Oniguruma.
+    for pattern in [r"[^\P{L}x]+", r"b$|\s+", r"b\Z|\s+", r"^\w|\s+", r"\bab|\s+", r"(?m:a.b)|\s+"]:
+        assert ChunkedTokenizer.of(tiny_byte_level(pattern)) is None, pattern
+    assert ChunkedTokenizer.of(tiny_byte_level(r"ab|\s+")) is not None
+    # Offsets trimmed after the model (GPT-2's own post-processor) would move the cut indices.
+    trims = processors.ByteLevel(trim_offsets=True)
+    assert ChunkedTokenizer.of(tiny_byte_level(None, [("Ġ", "h")], trims)) is None
+    assert ChunkedTokenizer.of(tiny_byte_level(None, [("Ġ", "h")], processors.Sequence([trims]))) is None
+    kept = tiny_byte_level(None, [("Ġ", "h")], processors.ByteLevel(trim_offsets=False))
+    enc = kept.backend_tokenizer.encode("a   h", add_special_tokens=False)
+    want = [token_boundary(enc, c, 5) for c in (1, 2, 3, 4)]
+    assert ChunkedTokenizer.of(kept).encode("a   h", [1, 2, 3, 4])[1] == want == [1, 2, 3, None]
     split_specials = byte_level(split_then_bytes(Regex(LLAMA3)))
     split_specials.split_special_tokens = True
     assert ChunkedTokenizer.of(split_specials) is None
+    truncating = byte_level(split_then_bytes(Regex(LLAMA3)))
+    truncating.backend_tokenizer.enable_truncation(8192)  # longer than the probe text: only the check sees it
+    assert ChunkedTokenizer.of(truncating) is None
