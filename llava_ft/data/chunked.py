@@ -115,10 +115,10 @@ class ChunkedTokenizer:
                 return None  # a merge could cross a chunk cut
             if model.get("fuse_unk") and rep not in vocab:
                 return None  # an unknown character and an unknown "▁" after it would fuse across the cut
-            self = cls(backend, data, "metaspace", None, pre["prepend_scheme"])
-            self._rep = rep
-            self._chunk = re.compile(f"{re.escape(rep)}*[^{re.escape(rep)}]+|{re.escape(rep)}+")
-            return self
+            made = cls(backend, data, "metaspace", None, pre["prepend_scheme"])
+            made._rep = rep
+            made._chunk = re.compile(f"{re.escape(rep)}*[^{re.escape(rep)}]+|{re.escape(rep)}+")
+            return made
         if not _identity_on_ascii(norm):
             return None
         if _normalizes(norm) and any(t["normalized"] for t in added):
