@@ -38,10 +38,14 @@ log = logging.getLogger("llava_ft")
 MAX_CACHED = 1 << 19
 """Pieces remembered before the memo is emptied (about 100 MB); real corpora repeat most words."""
 _NOT_PLAIN = re.compile(r"[^\x20-\x7e\t\n\r]")  # byte-level: a span with one of these takes the Rust call
+_PLAIN = [chr(c) for c in range(0x20, 0x7F)] + ["\t", "\n", "\r"]
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _PROPERTY = re.compile(r"\\([pP])\{(\w+)\}")
 _ANCHOR_ESCAPES = ("A", "Z", "z", "G", "b", "B")
 _GROUP_OPENINGS = ("(?:", "(?=", "(?!", "(?<=", "(?<!", "(?>", "(?i:")
+_CATEGORIES = {"L", "M", "N", "P", "S", "Z", "C", "Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Me", "Nd", "Nl", "No",
+               "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "Sm", "Sc", "Sk", "So", "Zs", "Zl", "Zp", "Cc", "Cf", "Cs",
+               "Co", "Cn"}  # fmt: skip
 
 
 class ChunkedTokenizer:
@@ -137,6 +141,10 @@ class ChunkedTokenizer:
             patterns.append(_GPT2_PATTERN)
         regexes = [re.compile(f"({_ascii_pattern(p)})", re.ASCII) for p in patterns]
         if any(rx.groups != 1 for rx in regexes):
+            return None
+        # After an empty match Python tries again at the same place and Oniguruma moves on: refuse patterns
+        # that match empty (in front of any one character, or alone).
+        if any(rx.match(c) is not None and not rx.match(c).group() for rx in regexes for c in _PLAIN + [""]):
             return None
         return cls(backend, data, "bytelevel", _isolating(regexes), "never")
 
@@ -385,16 +393,21 @@ def _isolating(regexes: list[re.Pattern]) -> Callable[[str], list[str]]:
 
 
 def _ascii_pattern(pattern: str) -> str:
-    """A `tokenizers` regex restated for Python's `re` on ASCII text: `\\p{X}` becomes the ASCII characters of
-    Unicode category X (a class inside brackets, its members inside them)."""
+    """A `tokenizers` (Oniguruma) regex restated for Python's `re` on ASCII text: `\\p{X}` becomes the ASCII
+    characters of general category X (a class inside brackets, its members inside them). What the two engines
+    read differently is refused (ValueError): anchors, flags other than a scoped `(?i:`, other property names,
+    properties or non-ASCII characters under `(?i:`, class intersection `&&`, and `{n,m}+`."""
     out, i, depth = [], 0, 0
+    groups: list[bool] = []  # per open group: case-insensitive
     while i < len(pattern):
         ch = pattern[i]
+        if ord(ch) > 127 and any(groups):
+            raise ValueError(f"non-ASCII {ch!r} under (?i: (Oniguruma folds it to ASCII): {pattern!r}")
         if ch == "\\":
             m = _PROPERTY.match(pattern, i)
             if m:
-                if m.group(1) == "P" and depth:
-                    raise ValueError(f"\\P inside a class: {pattern!r}")
+                if m.group(2) not in _CATEGORIES or (m.group(1) == "P" and depth) or any(groups):
+                    raise ValueError(f"property {m.group()} (read differently by Oniguruma): {pattern!r}")
                 members = "".join(re.escape(c) for c in _category_chars(m.group(2)))
                 if depth:
                     out.append(members)
@@ -404,17 +417,36 @@ def _ascii_pattern(pattern: str) -> str:
                     out.append("[\\s\\S]" if m.group(1) == "P" else "(?!)")
                 i = m.end()
                 continue
-            if not depth and pattern[i + 1 : i + 2] in _ANCHOR_ESCAPES:
-                raise ValueError(f"anchor {pattern[i : i + 2]} (Oniguruma and Python differ): {pattern!r}")
+            nxt = pattern[i + 1 : i + 2]
+            if (not depth and nxt in _ANCHOR_ESCAPES) or (any(groups) and nxt in "uxpP"):
+                raise ValueError(f"{pattern[i : i + 2]} (Oniguruma and Python differ): {pattern!r}")
             out.append(pattern[i : i + 2])
             i += 2
             continue
-        if ch in "^$" and not depth:
+        if depth:
+            if pattern.startswith("&&", i):
+                raise ValueError(f"class intersection && (literal in Python): {pattern!r}")
+            if ch == "[":
+                raise ValueError(f"nested class: {pattern!r}")
+            if ch == "]":
+                depth = 0
+            out.append(ch)
+            i += 1
+            continue
+        if ch in "^$":
             raise ValueError(f"anchor {ch} (line-wise in Oniguruma): {pattern!r}")
-        if ch == "(" and not depth and pattern.startswith("(?", i):
-            if not pattern.startswith(_GROUP_OPENINGS, i):
+        if ch == "}" and pattern.startswith("+", i + 1):
+            raise ValueError(f"{{n,m}}+ (a repeat in Oniguruma, possessive in Python): {pattern!r}")
+        if ch == "(":
+            if pattern.startswith("(?", i) and not pattern.startswith(_GROUP_OPENINGS, i):
                 raise ValueError(f"group {pattern[i : i + 4]!r} (flags differ in Oniguruma): {pattern!r}")
-        if ch == "[" and not depth:
+            groups.append(pattern.startswith("(?i:", i) or any(groups))
+            out.append(ch if pattern.startswith("(?", i) else "(?:")  # the split keeps only the whole match
+        elif ch == ")":
+            if groups:
+                groups.pop()
+            out.append(ch)
+        elif ch == "[":
             depth = 1
             out.append(ch)
             if pattern.startswith("^", i + 1):
@@ -423,13 +455,6 @@ def _ascii_pattern(pattern: str) -> str:
             if pattern.startswith("]", i + 1):  # a literal "]" first in the class
                 out.append("\\]")
                 i += 1
-        elif ch == "[" and depth:
-            raise ValueError(f"nested class: {pattern!r}")
-        elif ch == "]" and depth:
-            depth = 0
-            out.append(ch)
-        elif ch == "(" and not depth and not pattern.startswith("(?", i):
-            out.append("(?:")  # no capturing groups: the split keeps only the whole match
         else:
             out.append(ch)
         i += 1
@@ -446,9 +471,7 @@ def _keeps_offsets(post: dict | None) -> bool:
 
 
 def _category_chars(category: str) -> str:
-    if category in ("L", "N", "P", "S", "M", "Z", "C") or len(category) == 2:
-        return "".join(chr(c) for c in range(128) if unicodedata.category(chr(c)).startswith(category))
-    raise ValueError(f"unknown property {category!r}")
+    return "".join(chr(c) for c in range(128) if unicodedata.category(chr(c)).startswith(category))
 
 
 def _normalizes(normalizer: dict | None) -> bool:

@@ -191,6 +191,7 @@ def test_unsupported_pipelines_keep_the_rust_call(tokenizers):
     for pattern in [r"[^\P{L}x]+", r"b$|\s+", r"b\Z|\s+", r"^\w|\s+", r"\bab|\s+", r"(?m:a.b)|\s+"]:
         assert ChunkedTokenizer.of(tiny_byte_level(pattern)) is None, pattern
     assert ChunkedTokenizer.of(tiny_byte_level(r"ab|\s+")) is not None
+    assert ChunkedTokenizer.of(tiny_byte_level(r"(?i:'s|[a-z]+)|\p{Lu}\p{Ll}+|\s+")) is not None
     # Offsets trimmed after the model (GPT-2's own post-processor) would move the cut indices.
     trims = processors.ByteLevel(trim_offsets=True)
     assert ChunkedTokenizer.of(tiny_byte_level(None, [("Ġ", "h")], trims)) is None
@@ -205,3 +206,26 @@ def test_unsupported_pipelines_keep_the_rust_call(tokenizers):
     truncating = byte_level(split_then_bytes(Regex(LLAMA3)))
     truncating.backend_tokenizer.enable_truncation(8192)  # longer than the probe text: only the check sees it
     assert ChunkedTokenizer.of(truncating) is None
+
+
+# Regexes that Oniguruma (the backend) and Python's `re` read differently on ASCII text, from a fuzzing review:
+# (pattern, the one merge, a text where the two splits differ).
+ENGINES_DIFFER = [
+    (r"\p{lu}", ("a", "Q"), "aQz"),  # property names ignore case in Oniguruma
+    (r"\p{LC}+", ("a", "1"), "a1b"),  # cased letter: not a general category
+    (r"\p{CI}", ("x", "."), "x.y"),  # Case_Ignorable: a binary property
+    (r"(?i:\p{Lu})+", ("a", "B"), "aBc"),  # Oniguruma does not fold \p under (?i:
+    (r"(?i:ß)", ("G", "s"), "Gssw"),  # full case folding: ß matches "ss"
+    (r"(?i:\u212a)", ("a", "k"), "akb"),  # the Kelvin sign matches k
+    (r"[a-z&&b]+", ("c", "b"), "cbd"),  # class intersection; a literal "&" in Python
+    (r"\d{1,3}+", ("1", "9"), "11190"),  # a repeat of {1,3} in Oniguruma, possessive in Python
+    (r"q?|zj", ("z", "j"), "zj"),  # after an empty match Python retries in place, Oniguruma moves on
+]
+
+
+@pytest.mark.parametrize(("pattern", "merge", "text"), ENGINES_DIFFER)
+def test_regexes_the_engines_read_differently_keep_the_rust_call(pattern, merge, text):
+    tok = tiny_byte_level(pattern, (merge,))
+    want = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    chunked = ChunkedTokenizer.of(tok)
+    assert chunked is None or chunked.encode(text, [])[0] == want
