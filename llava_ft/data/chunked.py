@@ -250,29 +250,32 @@ class ChunkedTokenizer:
 
     def _rust_span(self, s: str, a: int, b: int, cuts: list[int], k: int, out: list[int], at: list) -> int:
         enc = self.backend.encode(s, add_special_tokens=False)
-        if enc.ids and enc.token_to_chars(len(enc.ids) - 1)[0] >= len(s):
-            raise _Unsure  # an empty token at the end: which side of a cut it is on is the Encoder's call
-        while k < len(cuts) and cuts[k] < b:
-            j = token_boundary(enc, cuts[k] - a, len(s))
-            at.append(None if j is None else len(out) + j)
-            k += 1
+        end = bisect.bisect_left(cuts, b, k)
+        inside = cut_tokens(enc, len(s), [c - a for c in cuts[k:end]])
+        if inside is None:
+            raise _Unsure
+        at += [None if j is None else len(out) + j for j in inside]
         out += enc.ids
-        return k
+        return end
+
+    def _model_tokens(self, piece: str) -> tuple[str, list]:
+        """The word the model sees for `piece` (byte-level: bytes as characters) and its tokens."""
+        word = piece.translate(self._bytes) if self.kind == "bytelevel" else piece
+        return word, self._model.tokenize(word)
 
     def _tokenize(self, piece: str) -> list[int]:
         if len(self._ids) >= MAX_CACHED:
             self._ids.clear()
             self._starts.clear()
-        word = piece.translate(self._bytes) if self.kind == "bytelevel" else piece
-        ids = self._ids[piece] = [t.id for t in self._model.tokenize(word)]
+        ids = self._ids[piece] = [t.id for t in self._model_tokens(piece)[1]]
         return ids
 
     def _token_starts(self, piece: str) -> list[int]:
         """Character offsets in `piece` where its tokens start (one per token)."""
         starts = self._starts.get(piece)
         if starts is None:
-            word = piece.translate(self._bytes) if self.kind == "bytelevel" else piece
-            starts = [t.offsets[0] for t in self._model.tokenize(word)]  # UTF-8 bytes of `word`
+            word, tokens = self._model_tokens(piece)
+            starts = [t.offsets[0] for t in tokens]  # UTF-8 bytes of `word`
             if not word.isascii():  # a byte-fallback token starting inside a character counts as its start
                 char_bytes = list(accumulate((len(ch.encode()) for ch in word), initial=0))
                 starts = [bisect.bisect_right(char_bytes, x) - 1 for x in starts]
@@ -282,6 +285,14 @@ class ChunkedTokenizer:
 
 class _Unsure(Exception):
     pass
+
+
+def cut_tokens(enc, length: int, cuts: list[int]) -> list[int | None] | None:
+    """`token_boundary` at each cut of a text of `length` characters, or None when its last token is empty (which
+    side of a cut such a token is on is the Encoder's call)."""
+    if enc.ids and enc.token_to_chars(len(enc.ids) - 1)[0] >= length:
+        return None
+    return [token_boundary(enc, c, length) for c in cuts]
 
 
 def token_boundary(enc, c: int, chunk_len: int) -> int | None:
@@ -329,7 +340,7 @@ def _trie_pattern(words: list[str]) -> str:
     return pattern(trie)
 
 
-_LOOKAROUND = re.compile(r"\\[bBAZz]|\(\?<?[=!]|(?<!\\)[$^]")
+_LOOKAROUND = re.compile(r"\(\?<?[=!]")  # anchors are refused by _ascii_pattern
 
 
 def _pipeline(backend) -> dict[str, Any]:
@@ -371,7 +382,7 @@ def _pipeline(backend) -> dict[str, Any]:
 
 def _isolating(regexes: list[re.Pattern]) -> Callable[[str], list[str]]:
     """Split steps with the Isolated behaviour, in order: each match a piece, and each gap between them."""
-    # Without lookarounds or anchors, a step that finds nothing in the whole text finds nothing in its pieces.
+    # Without lookarounds (or anchors), a step that finds nothing in the whole text finds nothing in its pieces.
     steps = [(rx, _LOOKAROUND.search(rx.pattern) is None) for rx in regexes]
 
     def split(s: str) -> list[str]:

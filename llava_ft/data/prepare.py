@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from llava_ft.data.chunked import ChunkedTokenizer, token_boundary
+from llava_ft.data.chunked import ChunkedTokenizer, cut_tokens
 from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, DataError
 from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
 from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizationMismatch, TokenizedSample
@@ -200,11 +200,8 @@ class BatchEncoder:
         encodings = self.backend.encode_batch([text for text, _ in texts], add_special_tokens=False)
         out: list = []
         for enc, (text, cuts) in zip(encodings, texts):
-            n = len(enc.ids)
-            if n and enc.token_to_chars(n - 1)[0] >= len(text):  # an empty token at the very end
-                out.append(None)
-            else:
-                out.append((enc.ids, [token_boundary(enc, c, len(text)) for c in cuts]))
+            at = cut_tokens(enc, len(text), cuts)
+            out.append(None if at is None else (enc.ids, at))
         return out
 
     def _fast(
