@@ -179,94 +179,12 @@ def untie_adapted_embeddings(llm) -> bool:
 
 def hf_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """A copy of `tokenizer` that AutoTokenizer reloads without custom code and that tokenizes the same."""
+    from llava_ft.data.sp_convert import sentencepiece_to_tokenizers
     from llava_ft.model.llm import InternLM2Tokenizer
 
     if isinstance(tokenizer, InternLM2Tokenizer):
         return sentencepiece_to_tokenizers(tokenizer)
     return copy.deepcopy(tokenizer)
-
-
-def sentencepiece_to_tokenizers(tokenizer) -> PreTrainedTokenizerBase:
-    """A `TokenizersBackend` equal to plain sentencepiece BPE encoding (as InternLM2Tokenizer, legacy mode).
-
-    transformers' own conversion (LlamaTokenizer) differs on whitespace runs: it merges across words and orders
-    merges by piece id, while sentencepiece splits words before each non-whitespace run's last "▁" and merges
-    by piece score (whitespace-only pieces score lowest). Reproduced here: words = "▁*[^▁]+" or a trailing "▁+",
-    merges ranked by score, the dummy prefix prepended to every text span between special tokens (legacy).
-    """
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-    from transformers import TokenizersBackend
-    from transformers.convert_slow_tokenizer import generate_merges
-
-    sp = tokenizer.sp_model
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
-    where = getattr(tokenizer, "vocab_file", "tokenizer.model")
-    trainer, norm = proto.trainer_spec, proto.normalizer_spec
-    unsupported = {
-        "model_type is not BPE": trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE,
-        "treat_whitespace_as_suffix": trainer.treat_whitespace_as_suffix,
-        "remove_extra_whitespaces": norm.remove_extra_whitespaces,
-        "escape_whitespaces is off": not norm.escape_whitespaces,
-    }
-    if problems := [name for name, bad in unsupported.items() if bad]:
-        raise ValueError(f"{where}: sentencepiece options with no exact tokenizers equivalent: {problems}")
-
-    piece_type = sentencepiece_model_pb2.ModelProto.SentencePiece
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    scores = {p.piece: p.score for p in proto.pieces}
-    # sentencepiece never builds control/unused/user-defined pieces by merging; user-defined ones are matched
-    # whole, which added tokens do.
-    skip = [p.piece for p in proto.pieces if p.type not in (piece_type.NORMAL, piece_type.BYTE)]
-    backend = Tokenizer(
-        BPE(
-            vocab=vocab,
-            merges=generate_merges(vocab, scores, skip_tokens=skip),
-            unk_token=proto.pieces[sp.unk_id()].piece,
-            fuse_unk=True,
-            byte_fallback=trainer.byte_fallback,
-        )
-    )
-    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
-    steps += [normalizers.Prepend("▁")] if norm.add_dummy_prefix else []
-    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
-    word = "▁*[^▁]+|▁+" if trainer.allow_whitespace_only_pieces else "▁[^▁]*|[^▁]+"
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(word), behavior="isolated")
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else [])
-    )
-    pattern = tokenizer.special_tokens_pattern
-    out = TokenizersBackend(
-        tokenizer_object=backend,
-        bos_token=tokenizer.bos_token,
-        eos_token=tokenizer.eos_token,
-        unk_token=tokenizer.unk_token,
-        pad_token=tokenizer.pad_token,
-        add_bos_token=pattern in ("bos", "bos_eos"),
-        add_eos_token=pattern in ("eos", "bos_eos"),
-        extra_special_tokens=list(tokenizer.extra_special_tokens),
-        chat_template=tokenizer.chat_template,
-        clean_up_tokenization_spaces=False,
-        model_max_length=tokenizer.model_max_length,
-    )
-    special = set(tokenizer.all_special_tokens)
-    added = [
-        AddedToken(t.content, special=t.special, normalized=False, lstrip=t.lstrip, rstrip=t.rstrip)
-        for _, t in sorted(tokenizer.added_tokens_decoder.items())
-    ]
-    added += [
-        AddedToken(p.piece, special=p.piece in special, normalized=False)
-        for p in proto.pieces
-        if p.type == piece_type.USER_DEFINED and p.piece not in {t.content for t in added}
-    ]
-    out.add_tokens(added)
-    out.padding_side = tokenizer.padding_side
-    if len(out) != len(tokenizer):
-        raise ValueError(f"{where}: converted tokenizer has {len(out)} tokens, the original {len(tokenizer)}")
-    return out
 
 
 def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:

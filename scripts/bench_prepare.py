@@ -2,6 +2,8 @@
 
 Uses what ../shared/bench/xtuner_prep/setup.sh builds under ROOT (default /tmp/xtb): records in ROOT/data,
 tokenizers ROOT/tok_sp and ROOT/tok_bpe, XTuner's venv ROOT/venv (its columns are left out when missing).
+"internlm2" is tok_sp's model loaded as llava_ft loads InternLM2's tokenizer (plain sentencepiece), beside
+XTuner's sp figures.
 Per tokenizer, XTuner's own benchmark runs first (its llava/loop, llava/hf, sft/loop, sft/hf stages), then
 llava_ft's `prepare` in a fresh process on the same files. One process, TOKENIZERS_PARALLELISM=false.
 
@@ -43,7 +45,7 @@ def measure_ours(args: argparse.Namespace) -> dict:
     from llava_ft.data.tokenize import Encoder
     from llava_ft.model.llm import load_tokenizer
 
-    tok = load_tokenizer(Path(args.root) / f"tok_{args.ours}")
+    tok = load_tokenizer(tokenizer_folder(args.root, args.ours))
     encoder = Encoder(
         tok, get_template("internlm2_chat", tok), max_length=MAX_LENGTH, num_image_tokens=IMAGE_TOKENS
     )
@@ -95,7 +97,11 @@ def tokenizer_alone(encoder, path: Path, runs: int) -> dict[str, float]:
     convs, _ = read_conversations(path)
     texts = [[c for c in encoder.render(conv)[1].split(IMAGE_TOKEN) if c] for conv in convs]
     batches = [[t for ts in texts[i : i + 256] for t in ts] for i in range(0, len(texts), 256)]
-    backend = encoder.tokenizer.backend_tokenizer
+    from llava_ft.data.sp_convert import fast_twin
+
+    tok = encoder.tokenizer
+    # Plain sentencepiece: the call of its fast twin, which preparation uses.
+    backend = (tok if tok.is_fast else fast_twin(tok)).backend_tokenizer
     out = {}
     for name, call in (("offsets", backend.encode_batch), ("no_offsets", backend.encode_batch_fast)):
         times = []
@@ -106,6 +112,21 @@ def tokenizer_alone(encoder, path: Path, runs: int) -> dict[str, float]:
             times.append(time.perf_counter() - start)
         out[name] = len(convs) / statistics.median(times)
     return out
+
+
+def tokenizer_folder(root: str, tk: str) -> Path:
+    """ROOT/tok_sp or ROOT/tok_bpe; "internlm2": tok_sp's sentencepiece model in a folder that llava_ft loads
+    as InternLM2's own tokenizer (plain sentencepiece, as upstream's slow tokenizer), made on first use."""
+    if tk != "internlm2":
+        return Path(root) / f"tok_{tk}"
+    folder = Path(root) / "tok_internlm2"
+    if not (folder / "tokenizer_config.json").is_file():
+        folder.mkdir(exist_ok=True)
+        (folder / "tokenizer.model").write_bytes((Path(root) / "tok_sp" / "tokenizer.model").read_bytes())
+        config = json.loads((Path(root) / "tok_sp" / "tokenizer_config.json").read_text())
+        config["tokenizer_class"] = "InternLM2Tokenizer"
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return folder
 
 
 def run_xtuner(args: argparse.Namespace, tk: str) -> dict:
@@ -225,7 +246,7 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/xtb")
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--tokenizers", default="sp,bpe")
+    parser.add_argument("--tokenizers", default="sp,bpe,internlm2")
     parser.add_argument("--scale", type=int, default=0, help="also prepare this many generated LLaVA records")
     parser.add_argument("--packing-json", nargs="*", default=[], help="bench_packing.py --json-out files")
     parser.add_argument("--json-out", default=None)
@@ -244,7 +265,10 @@ def main() -> None:
               "(XTUNER_PREP=DIR names the harness folder when it is elsewhere)")  # fmt: skip
     results: dict = {"n": args.n, "runs": args.runs, "tokenizers": {}, "load_start": os.getloadavg()[0]}
     for tk in args.tokenizers.split(","):
-        xt = run_xtuner(args, tk) if have_xtuner else None
+        # internlm2 is tok_sp's model file: XTuner's side is its sp run (it loads that folder as a fast tokenizer).
+        theirs = "sp" if tk == "internlm2" else tk
+        done = results["tokenizers"].get(theirs, {}).get("xtuner")
+        xt = done or (run_xtuner(args, theirs) if have_xtuner else None)
         results["tokenizers"][tk] = {"xtuner": xt, "ours": run_ours(args, tk)}
     if args.scale:
         if scale := run_scale(args):

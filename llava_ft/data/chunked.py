@@ -1,4 +1,4 @@
-"""Exact tokenization of chat text, memoised per chunk, for the two common fast-tokenizer pipelines.
+"""Exact tokenization of chat text, memoised per chunk, for the common fast-tokenizer pipelines.
 
 A `tokenizers` pipeline splits out added tokens, then cuts the rest into pieces that its model tokenizes
 independently. Data preparation sees the same pieces (words, mostly) millions of times, and the Rust call
@@ -14,11 +14,13 @@ word prefixes/suffixes, a post-processor that trims offsets, regex anchors or fl
   that follows another character. No merge can cross such a cut when no vocabulary entry holds a "▁" after
   another character (checked), and BPE merges that cannot cross a cut happen in the same order either way
   (with fuse_unk, "▁" must be in the vocabulary, else unknown characters on both sides would fuse).
+- plain sentencepiece BPE (InternLM2) through its fast twin (sp_convert.py: a dummy "▁" prepended to each
+  span, spaces replaced by "▁", then a Split into sentencepiece's words): the chunks are those words.
 - byte-level BPE (GPT-2, Llama-3, Qwen2, DeepSeek: Split regexes then ByteLevel, no normalizer or NFC). Its
   pieces are what the regexes isolate. On spans of printable ASCII plus tab and newline, each `\\p{..}` class
   is a fixed set of ASCII characters, so the pattern is restated for Python's `re`; other spans go through the
   Rust call, one span at a time (the split at added tokens isolates them).
-Both are checked against the Rust pipeline on a probe text when built.
+Each is checked against the Rust pipeline on a probe text when built.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class ChunkedTokenizer:
         self.kind = kind
         """"metaspace" or "bytelevel"."""
         self._split = split
-        self._prepend = prepend  # metaspace: "always", "first" or "never"
+        # metaspace: "always" or "first" (a "▁" unless the text starts with one), "dummy" (one always), "never"
+        self._prepend = prepend
         added = data["added_tokens"]
         # The backend finds added tokens that skip normalization first, then the others in what is left.
         raw = [t["content"] for t in added if not t["normalized"]]
@@ -122,6 +125,10 @@ class ChunkedTokenizer:
             made = cls(backend, data, "metaspace", None, pre["prepend_scheme"])
             made._rep = rep
             made._chunk = re.compile(f"{re.escape(rep)}*[^{re.escape(rep)}]+|{re.escape(rep)}+")
+            return made
+        if (spm := _sentencepiece_words(norm, pre)) is not None:  # sp_convert's twin of plain sentencepiece
+            made = cls(backend, data, "metaspace", None, "dummy" if spm[1] else "never")
+            made._rep, made._chunk = spm[0], re.compile(spm[2])
             return made
         if not _identity_on_ascii(norm):
             return None
@@ -218,8 +225,9 @@ class ChunkedTokenizer:
         if self.kind == "metaspace":
             shift = 0
             s = s.replace(" ", self._rep)
-            if (self._prepend == "always" or (self._prepend == "first" and a == 0)) and not s.startswith(
-                self._rep
+            if self._prepend == "dummy" or (
+                (self._prepend == "always" or (self._prepend == "first" and a == 0))
+                and not s.startswith(self._rep)
             ):
                 s, shift = self._rep + s, 1
             pieces = self._chunk.findall(s)
@@ -470,6 +478,28 @@ def _ascii_pattern(pattern: str) -> str:
             out.append(ch)
         i += 1
     return "".join(out)
+
+
+def _sentencepiece_words(norm: dict | None, pre: dict | None) -> tuple[str, bool, str] | None:
+    """(replacement, dummy prefix, word regex) for the pipeline of sp_convert.sentencepiece_to_tokenizers
+    without a precompiled normalizer: Prepend("▁")?, Replace(" ", "▁"), Split(words, Isolated). Its two word
+    regexes cover any text with non-empty matches and read alike in Python."""
+    if not norm or norm["type"] != "Sequence" or not pre or pre["type"] != "Split":
+        return None
+    steps = norm["normalizers"]
+    prefix = steps[0]["prepend"] if steps and steps[0]["type"] == "Prepend" else None
+    if prefix is not None:
+        steps = steps[1:]
+    if len(steps) != 1 or steps[0]["type"] != "Replace" or steps[0]["pattern"] != {"String": " "}:
+        return None
+    rep = steps[0]["content"]
+    if len(rep) != 1 or prefix not in (None, rep) or pre["behavior"] != "Isolated" or pre["invert"]:
+        return None
+    e = re.escape(rep)
+    words = pre["pattern"].get("Regex")
+    if words not in (f"{rep}*[^{rep}]+|{rep}+", f"{rep}[^{rep}]*|[^{rep}]+"):
+        return None
+    return rep, prefix is not None, words.replace(rep, e) if e != rep else words
 
 
 def _keeps_offsets(post: dict | None) -> bool:

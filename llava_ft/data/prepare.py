@@ -10,7 +10,9 @@ its characters come from a trained segment. That is `Encoder.encode`'s result wh
 one segment, which the token at each segment boundary shows (the segment-vs-whole check); every other record (a
 token crossing a trained/untrained boundary, a record to truncate or drop) and every record of a slow tokenizer
 goes through `Encoder.encode` itself, so the output is exactly `Encoder`'s. Labels are kept as runs and
-expanded in numpy.
+expanded in numpy. A slow sentencepiece tokenizer (InternLM2's) is read through its fast twin (sp_convert.py:
+the same ids, with offsets). A boundary that no token of the twin crosses is one for Encoder's prefix rule
+too: no merge crosses it, so the text before it tokenizes alone as it does within the whole.
 
 Processes: with num_proc N, N forked processes each read the whole file (parsing is cheap) and take every
 Nth batch of 256 records end to end (convert, encode, write Arrow); the parent interleaves their Arrow batches
@@ -50,6 +52,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from llava_ft.data.chunked import ChunkedTokenizer, cut_tokens
 from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, DataError
 from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
+from llava_ft.data.sp_convert import fast_twin
 from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizationMismatch, TokenizedSample
 
 log = logging.getLogger("llava_ft")
@@ -64,7 +67,15 @@ FEATURES = datasets.Features(
     }
 )
 SCHEMA = FEATURES.arrow_schema  # computed once: the property builds it anew on every call
-_CODE_FILES = ("prepare.py", "chunked.py", "tokenize.py", "templates.py", "sources.py", "conversation.py")
+_CODE_FILES = (
+    "prepare.py",
+    "chunked.py",
+    "sp_convert.py",
+    "tokenize.py",
+    "templates.py",
+    "sources.py",
+    "conversation.py",
+)
 BATCH_SIZE = 256
 
 
@@ -113,8 +124,11 @@ class BatchEncoder:
     def __init__(self, encoder: Encoder):
         self.encoder = encoder
         tok = encoder.tokenizer
+        if not getattr(tok, "is_fast", False):
+            # A slow sentencepiece tokenizer (InternLM2's) has a fast twin with its ids; Encoder stays slow.
+            tok = fast_twin(tok) if encoder.check else None
         # Without the whole-text check, Encoder keeps segment-wise ids: only Encoder itself gives those.
-        fast = getattr(tok, "is_fast", False) and encoder.check
+        fast = tok is not None and encoder.check
         self.backend = tok.backend_tokenizer if fast else None
         if self.backend is not None:
             # As transformers' own __call__ sets them: no truncation or padding, specials per the tokenizer.

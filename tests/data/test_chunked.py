@@ -1,7 +1,8 @@
 """chunked.py: the memoised split gives the Rust pipeline's ids exactly, and the same token at each cut.
 
 References: the tokenizer's own `backend.encode` (ids) and `token_boundary` over its offsets (cuts), on the real
-Mistral sentencepiece-BPE and DeepSeek byte-level tokenizers, and on small byte-level tokenizers built with the
+Mistral sentencepiece-BPE (as transformers converts it, and as sp_convert's twin of plain sentencepiece) and
+DeepSeek byte-level tokenizers, and on small byte-level tokenizers built with the
 pre-tokenizer regexes of GPT-2, Llama-3 and Qwen2."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tokenizers import (
 from transformers import PreTrainedTokenizerFast
 
 from llava_ft.data.chunked import ChunkedTokenizer, _trie_pattern, token_boundary
+from llava_ft.data.sp_convert import fast_twin
 
 LLAMA3 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -96,10 +98,12 @@ def metaspace_first(llama: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-@pytest.fixture(params=["llama", "llama_first", "bpe", *BUILT])
+@pytest.fixture(params=["llama", "llama_first", "sp_twin", "bpe", *BUILT])
 def tokenizer(request, tokenizers):
     if request.param == "llama_first":
         return metaspace_first(tokenizers["llama"])
+    if request.param == "sp_twin":  # plain sentencepiece's fast twin: Prepend + Replace, then a word Split
+        return fast_twin(tokenizers["sp"])
     return tokenizers[request.param] if request.param in tokenizers else BUILT[request.param]()
 
 
