@@ -493,13 +493,12 @@ def _sentencepiece_words(norm: dict | None, pre: dict | None) -> tuple[str, bool
     if len(steps) != 1 or steps[0]["type"] != "Replace" or steps[0]["pattern"] != {"String": " "}:
         return None
     rep = steps[0]["content"]
-    if len(rep) != 1 or prefix not in (None, rep) or pre["behavior"] != "Isolated" or pre["invert"]:
+    if prefix not in (None, rep) or pre["behavior"] != "Isolated" or pre["invert"]:
         return None
-    e = re.escape(rep)
     words = pre["pattern"].get("Regex")
-    if words not in (f"{rep}*[^{rep}]+|{rep}+", f"{rep}[^{rep}]*|[^{rep}]+"):
+    if rep != "▁" or words not in ("▁*[^▁]+|▁+", "▁[^▁]*|[^▁]+"):
         return None
-    return rep, prefix is not None, words.replace(rep, e) if e != rep else words
+    return rep, prefix is not None, words
 
 
 def _keeps_offsets(post: dict | None) -> bool:

@@ -8,11 +8,11 @@ keeps these ids too): by `ChunkedTokenizer` (chunked.py: the same ids, each dist
 it reproduces the tokenizer's pipeline, else by one call into the Rust backend per batch. A token is trained iff
 its characters come from a trained segment. That is `Encoder.encode`'s result whenever every token lies inside
 one segment, which the token at each segment boundary shows (the segment-vs-whole check); every other record (a
-token crossing a trained/untrained boundary, a record to truncate or drop) and every record of a slow tokenizer
-goes through `Encoder.encode` itself, so the output is exactly `Encoder`'s. Labels are kept as runs and
-expanded in numpy. A slow sentencepiece tokenizer (InternLM2's) is read through its fast twin (sp_convert.py:
-the same ids, with offsets). A boundary that no token of the twin crosses is one for Encoder's prefix rule
-too: no merge crosses it, so the text before it tokenizes alone as it does within the whole.
+token crossing a trained/untrained boundary, a record to truncate or drop) goes through `Encoder.encode` itself,
+so the output is exactly `Encoder`'s. Labels are kept as runs and expanded in numpy. A slow sentencepiece
+tokenizer (InternLM2's) is read through its fast twin (sp_convert.py: the same ids, with offsets): a boundary
+that no token of the twin crosses is one for Encoder's prefix rule too, as no merge crosses it, so the text
+before it tokenizes alone as it does within the whole. Other slow tokenizers take `Encoder.encode` throughout.
 
 Processes: with num_proc N, N forked processes each read the whole file (parsing is cheap) and take every
 Nth batch of 256 records end to end (convert, encode, write Arrow); the parent interleaves their Arrow batches
