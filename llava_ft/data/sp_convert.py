@@ -43,6 +43,9 @@ def sentencepiece_to_tokenizers(tokenizer) -> PreTrainedTokenizerBase:
         "model_type is not BPE": trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE,
         "treat_whitespace_as_suffix": trainer.treat_whitespace_as_suffix,
         "remove_extra_whitespaces": norm.remove_extra_whitespaces,
+        # transformers' Precompiled normalizer differs from sentencepiece's on control characters, "\r\n" and
+        # combining marks (ids, and offsets that hide a mark), e.g. with the nmt_nfkc rule.
+        f"a precompiled normalization table ({norm.name})": bool(norm.precompiled_charsmap),
         "escape_whitespaces is off": not norm.escape_whitespaces,
         "legacy=False (no dummy prefix after special tokens)": not getattr(tokenizer, "legacy", True),
         f"user-defined pieces {inner[:5]} that are not added tokens, with a dummy prefix": inner
@@ -65,8 +68,7 @@ def sentencepiece_to_tokenizers(tokenizer) -> PreTrainedTokenizerBase:
             byte_fallback=trainer.byte_fallback,
         )
     )
-    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
-    steps += [normalizers.Prepend("▁")] if norm.add_dummy_prefix else []
+    steps = [normalizers.Prepend("▁")] if norm.add_dummy_prefix else []
     backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
     word = "▁*[^▁]+|▁+" if trainer.allow_whitespace_only_pieces else "▁[^▁]*|[^▁]+"
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(word), behavior="isolated")
@@ -129,12 +131,14 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def _probe_texts(tokenizer) -> list[str]:
-    """Whitespace runs, byte fallback, unknown characters, and every added or special token in context."""
+    """Whitespace runs, control characters, combining marks, byte fallback, and every added or special token in
+    context."""
     rng = random.Random(0)
     specials = sorted(
         {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
     )
-    alphabet = [*"abcXYZ019.,?-(\n\t", " ", "  ", "\n\n", "é", "ü", "中文", "😀", "\u2581", " Hello", "don't"]
+    alphabet = [*"abcXYZ019.,?-(\n\t\r\x00\x1b", " ", "  ", "\n\n", "\r\n ", "é", "e\u0301", "ü", "中文", "😀",
+                "\u2581", "\u3000", "\u00a0", "ｆｕｌｌ", " Hello", "don't"]  # fmt: skip
     texts = ["".join(rng.choice(alphabet + specials) for _ in range(rng.randint(1, 40))) for _ in range(200)]
     return texts + [
         f"{a}{s}{b}" for s in specials for a in ("", " ", "x ", "\n") for b in ("", " ", "y", "\n ")

@@ -56,27 +56,34 @@ def test_no_twin_where_it_would_differ(tokenizers, tmp_path, monkeypatch, caplog
     assert fast_twin(modern) is None
     # A user-defined piece that the slow tokenizer leaves to sentencepiece gets no dummy prefix after it there,
     # but would as an added token of the twin.
+    inner = tiny_sentencepiece(tmp_path / "inner.model", user_defined_symbols=["<x>"])
+    assert fast_twin(inner) is None
+    assert inner("a<x>b", add_special_tokens=False)["input_ids"] == inner.sp_model.encode("a<x>b")
+    # A precompiled normalization table (nmt_nfkc): transformers' Precompiled normalizer differs from
+    # sentencepiece's on control characters, "\r\n" and combining marks.
+    assert fast_twin(tiny_sentencepiece(tmp_path / "nfkc.model", normalization_rule_name="nmt_nfkc")) is None
+    # A conversion that disagrees on the probe texts (transformers' own, on whitespace runs) is not used.
+    monkeypatch.setattr(sp_convert, "sentencepiece_to_tokenizers", llama_conversion)
+    with caplog.at_level(logging.WARNING, logger="llava_ft"):
+        assert fast_twin(tokenizers["sp"]) is None
+    assert "disagrees on the probe text" in caplog.text
+
+
+def tiny_sentencepiece(path, **options) -> SentencePieceBackend:
+    """A small BPE model with a dummy prefix (and `options`), loaded as plain sentencepiece."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(["a b <x> c", "ab ba cab"] * 50),
         model_writer=model,
         model_type="bpe",
         vocab_size=16,
-        user_defined_symbols=["<x>"],
         add_dummy_prefix=True,
-        normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         minloglevel=2,
+        **{"normalization_rule_name": "identity", **options},
     )
-    (tmp_path / "inner.model").write_bytes(model.getvalue())
-    inner = SentencePieceBackend(vocab_file=str(tmp_path / "inner.model"), unk_token="<unk>")
-    assert fast_twin(inner) is None
-    assert inner("a<x>b", add_special_tokens=False)["input_ids"] == inner.sp_model.encode("a<x>b")
-    # A conversion that disagrees on the probe texts (transformers' own, on whitespace runs) is not used.
-    monkeypatch.setattr(sp_convert, "sentencepiece_to_tokenizers", llama_conversion)
-    with caplog.at_level(logging.WARNING, logger="llava_ft"):
-        assert fast_twin(tokenizers["sp"]) is None
-    assert "disagrees on the probe text" in caplog.text
+    path.write_bytes(model.getvalue())
+    return SentencePieceBackend(vocab_file=str(path), unk_token="<unk>")
 
 
 def llama_conversion(tok):
