@@ -2,7 +2,7 @@
 
     llava-ft data preview --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--index 3] [--json]
     llava-ft data check   --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--skip-bad]
-                          [--image-folder DIR]   (also: every image file exists)
+                          [--image-folder DIR]   (prepare's path, every bad record listed; also: image files exist)
     llava-ft data prepare --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--num-proc N]
                           [--no-cache] [--output CACHE_DIR]   (what training runs; cached for it)
     llava-ft data check --config CONFIG.yaml   (every data.train file, as that config trains on it)
@@ -20,12 +20,13 @@ import os
 import sys
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 
 from llava_ft.config import DataSection, DataSource
 from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation, DataError
-from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
+from llava_ft.data.sources import FORMATS, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
-from llava_ft.data.tokenize import DroppedSample, Encoder, TokenizedSample, encode_all
+from llava_ft.data.tokenize import DroppedSample, Encoder, TokenizedSample
 
 GREEN, CYAN, RESET = "\x1b[32m", "\x1b[36m", "\x1b[0m"
 DEFAULT_IMAGE_TOKENS = 576
@@ -251,51 +252,46 @@ def cmd_check(args: argparse.Namespace) -> int:
         folder = args.image_folder
         if folder is None and setup.from_config:  # as training checks them
             folder = src.image_folder or os.path.dirname(src.path) or "."
-        failed += _check_file(src, setup.encoder, folder)
+        failed += _check_file(src, setup.encoder, folder, setup.data.num_proc)
     if failed and not (args.skip_bad or setup.data.skip_bad):
         print(f"{failed} bad record(s); fix them or pass --skip-bad", file=sys.stderr)
         return 1
     return 0
 
 
-def _check_file(src: DataSource, encoder: Encoder, image_folder: str | None) -> int:
-    """Print one file's counts; return its bad records."""
-    bad = BadRecords()
-    convs = list(iter_conversations(src.path, src.format, skip_bad=True, bad=bad))  # report every bad record
-    read = len(convs) + len(bad)
+def _check_file(src: DataSource, encoder: Encoder, image_folder: str | None, num_proc: int | None) -> int:
+    """Print one file's counts; return its bad records. Runs `prepare` (what training runs, at its speed) with
+    every bad record reported and nothing cached, then checks the image files as training does."""
+    import pyarrow as pa
+    import pyarrow.compute  # noqa: F401  (pa.compute)
+
+    from llava_ft.data.dataset import drop_missing_images, table_column
+    from llava_ft.data.prepare import prepare
+
+    if image_folder is not None and not os.path.isdir(image_folder):
+        raise DataError(image_folder, "image folder not found")
+    done = prepare(src.path, encoder, fmt=src.format, skip_bad=True, num_proc=num_proc, use_cache=False,
+                   progress=True)  # fmt: skip
+    stats, bad, table = done.stats, done.bad, done.dataset
+    read = stats.records + len(bad)
     if image_folder is not None:
-        convs = _with_images(convs, image_folder, bad)
-    samples, stats = encode_all(convs, encoder, skip_bad=True)
-    lengths = sorted(len(s.input_ids) for s in samples)
+        # A missing image makes its record bad here, as reading errors do (training skips it under skip_bad).
+        before = len(stats.problems)
+        table = drop_missing_images(
+            table, Path(image_folder), stats, skip_bad=True, num_image_tokens=encoder.num_image_tokens
+        )
+        bad.items += stats.problems[before:]
+        del stats.problems[before:]
+        stats.skipped = 0
+    lengths = sorted(table_column(table, "length").to_pylist())
+    with_images = pa.compute.sum(pa.compute.list_value_length(table_column(table, "images")).cast("bool"))
     print(f"{src.path}: {read} records read, {len(bad)} bad")
     print(bad.summary())
     print(stats.summary())
     if lengths:
         pct = "  ".join(f"p{p} {_percentile(lengths, p)}" for p in (50, 90, 99))
-        print(
-            f"token length: {pct}  max {lengths[-1]}  (samples with images: {sum(s.num_images > 0 for s in samples)})"
-        )
+        print(f"token length: {pct}  max {lengths[-1]}  (samples with images: {with_images.as_py() or 0})")
     return len(bad) + stats.mismatched + stats.failed
-
-
-def _with_images(convs: list[Conversation], folder: str, bad: BadRecords) -> list[Conversation]:
-    """The conversations whose image files all exist in `folder` (as training checks before it starts); the
-    others go to `bad`, named by record and path."""
-    from llava_ft.data.images import missing_image_problem, missing_images
-
-    if not os.path.isdir(folder):
-        raise DataError(folder, "image folder not found")
-    missing = missing_images(folder, (p for conv in convs for p in conv.images))
-    if not missing:
-        return convs
-    kept = []
-    for conv in convs:
-        absent = [p for p in conv.images if p in missing]
-        if absent:
-            bad.add(DataError(str(conv.source), missing_image_problem(absent, folder)))
-        else:
-            kept.append(conv)
-    return kept
 
 
 # ---------------------------------------------------------------- prepare

@@ -40,7 +40,7 @@ class SFTDataset(Dataset):
         self.starts = np.cumsum([0] + [len(t) for t in self.tables]).tolist()
         self.num_image_tokens = num_image_tokens
         self.image_processor = image_processor
-        self._lengths = [n for table, _ in parts for n in _column(table, "length").to_numpy().tolist()]
+        self._lengths = [n for table, _ in parts for n in table_column(table, "length").to_numpy().tolist()]
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -87,7 +87,7 @@ class SFTDataset(Dataset):
         return item
 
 
-def _column(table: datasets.Dataset, name: str) -> pa.ChunkedArray:
+def table_column(table: datasets.Dataset, name: str) -> pa.ChunkedArray:
     """A column in the table's row order. A table filtered by `select` keeps its rows as an indices mapping over
     the full (mapped) table, which `table.data` does not apply; read through a format instead, the mapping would
     gather every column (seconds at LLaVA scale)."""

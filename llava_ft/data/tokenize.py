@@ -242,6 +242,8 @@ class EncodeStats:
     kept: int = 0
     truncated: int = 0
     realigned: int = 0
+    """Samples whose labels `Encoder.encode` reassigned by character position. Only that path counts them:
+    `prepare` tokenizes segments apart only for the records it hands to it, so the summary leaves this out."""
     mismatched: int = 0
     failed: int = 0
     """Other DataErrors (e.g. a template rejecting the roles) skipped under skip_bad."""
@@ -295,7 +297,7 @@ class EncodeStats:
         share = self.supervised_tokens / text_tokens if text_tokens else 0.0
         lines = [
             f"records {self.records}: kept {self.kept}, truncated {self.truncated}, dropped {self.num_dropped}, "
-            f"mismatched {self.mismatched}, failed {self.failed}, realigned {self.realigned}"
+            f"mismatched {self.mismatched}, failed {self.failed}"
             + (f", skipped {self.skipped}" if self.skipped else ""),
             f"tokens {self.total_tokens} (image {self.image_tokens}, supervised {self.supervised_tokens} = "
             f"{share:.1%} of text tokens)",
