@@ -280,9 +280,10 @@ def _check_file(src: DataSource, encoder: Encoder, image_folder: str | None, num
         table = drop_missing_images(
             table, Path(image_folder), stats, skip_bad=True, num_image_tokens=encoder.num_image_tokens
         )
-        bad.items += stats.problems[before:]
+        moved = stats.problems[before:]
+        bad.items += moved
         del stats.problems[before:]
-        stats.skipped = 0
+        stats.skipped -= len(moved)
     lengths = sorted(table_column(table, "length").to_pylist())
     with_images = pa.compute.sum(pa.compute.list_value_length(table_column(table, "images")).cast("bool"))
     print(f"{src.path}: {read} records read, {len(bad)} bad")
