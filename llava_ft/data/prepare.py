@@ -7,9 +7,10 @@ Speed: on fast tokenizers each record's text is tokenized once, as a whole (what
 keeps these ids too): by `ChunkedTokenizer` (chunked.py: the same ids, each distinct word tokenized once) where
 it reproduces the tokenizer's pipeline, else by one call into the Rust backend per batch. A token is trained iff
 its characters come from a trained segment. That is `Encoder.encode`'s result whenever every token lies inside
-one segment, which the token at each segment boundary shows (the segment-vs-whole check); every other record (a
-token crossing a trained/untrained boundary, a record to truncate or drop) goes through `Encoder.encode` itself,
-so the output is exactly `Encoder`'s. Labels are kept as runs and expanded in numpy. A slow sentencepiece
+one segment, which the token at each segment boundary shows (the segment-vs-whole check). Truncation and its
+drops follow `Encoder`'s rules and messages (shared functions); every other record (a token crossing a
+trained/untrained boundary, nothing trained) goes through `Encoder.encode` itself, so the output is exactly
+`Encoder`'s. Labels are kept as runs and expanded in numpy. A slow sentencepiece
 tokenizer (InternLM2's) is read through its fast twin (sp_convert.py: the same ids, with offsets): a boundary
 that no token of the twin crosses is one for Encoder's prefix rule too, as no merge crosses it, so the text
 before it tokenizes alone as it does within the whole. Other slow tokenizers take `Encoder.encode` throughout.
@@ -53,7 +54,15 @@ from llava_ft.data.chunked import ChunkedTokenizer, cut_tokens
 from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, DataError
 from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
 from llava_ft.data.sp_convert import fast_twin
-from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizationMismatch, TokenizedSample
+from llava_ft.data.tokenize import (
+    DroppedSample,
+    Encoder,
+    EncodeStats,
+    TokenizationMismatch,
+    TokenizedSample,
+    check_images_fit,
+    nothing_trained_after_truncation,
+)
 
 log = logging.getLogger("llava_ft")
 
@@ -177,15 +186,17 @@ class BatchEncoder:
                 if isinstance(item, DataError):
                     raise item
                 lead = self.encoder.leading_ids(conv)
-                fast = self._fast(*item, tokenized, lead) if self.backend is not None else None
+                where = conv.source or "<conversation>"
+                fast = self._fast(*item, tokenized, lead, where) if self.backend is not None else None
                 if fast is None:
                     sample = self.encoder.encode(conv)
                     stats.add(sample)
                     out.add_sample(*self._compact(sample), len(sample.input_ids), conv)
                 else:
-                    ids, runs, flags, n_trained, n_img = fast
+                    ids, runs, flags, n_trained, n_img, truncated = fast
                     length = len(ids) + n_img * (self.encoder.num_image_tokens - 1)
                     stats.kept += 1
+                    stats.truncated += truncated
                     stats.total_tokens += length
                     stats.supervised_tokens += n_trained
                     stats.image_tokens += n_img * self.encoder.num_image_tokens
@@ -219,18 +230,26 @@ class BatchEncoder:
         return out
 
     def _fast(
-        self, layout: list[tuple[str, list[int], list[bool]]], k: int, tokenized: list, lead: list[int]
-    ) -> tuple[list[int], list[int], list[bool], int, int] | None:
-        """Compact ids and their labels as runs (token count, trained) from the whole-text tokenization, or None
-        where `Encoder.encode` must decide (a token across a segment boundary, truncation, nothing trained)."""
+        self,
+        layout: list[tuple[str, list[int], list[bool]]],
+        k: int,
+        tokenized: list,
+        lead: list[int],
+        where: str,
+    ) -> tuple[list[int], list[int], list[bool], int, int, bool] | None:
+        """Compact ids, their labels as runs (token count, trained), the trained count, the image count and
+        whether it was truncated, from the whole-text tokenization; None where `Encoder.encode` must decide (a
+        token across a segment boundary, nothing trained). Truncation and its drops follow `Encoder._truncate`."""
         ids_out: list[int] = list(lead)  # untrained ids before the text (Encoder.leading_ids)
         runs: list[int] = [len(lead)] if lead else []
         flags: list[bool] = [False] if lead else []
+        images_end = 0  # compact index after the last image
         for j, (chunk, _, trained) in enumerate(layout):
             if j:
                 ids_out.append(IMAGE_TOKEN_INDEX)
                 runs.append(1)
                 flags.append(False)
+                images_end = len(ids_out)
             if not chunk:
                 continue
             done = tokenized[k]
@@ -249,12 +268,26 @@ class BatchEncoder:
             flags.append(trained[-1])
             ids_out += ids
         n_trained = sum(r for r, f in zip(runs, flags) if f)
-        n_img = len(layout) - 1
-        full = len(ids_out) + n_img * (self.encoder.num_image_tokens - 1)
-        too_long = self.encoder.max_length is not None and full > self.encoder.max_length
-        if n_trained == 0 or too_long:  # drops and truncation: Encoder.encode's rules and messages
+        if n_trained == 0:  # Encoder.encode's drop and message
             return None
-        return ids_out, runs, flags, n_trained, n_img
+        n_img = len(layout) - 1
+        extra = n_img * (self.encoder.num_image_tokens - 1)  # each image stands for num_image_tokens ids
+        max_length = self.encoder.max_length
+        if max_length is None or len(ids_out) + extra <= max_length:
+            return ids_out, runs, flags, n_trained, n_img, False
+        check_images_fit(images_end + extra, max_length, where)
+        keep = max_length - extra  # compact ids kept: every image lies before the cut
+        kept_runs: list[int] = []
+        left = keep
+        for run in runs:
+            kept_runs.append(min(run, left))
+            left -= kept_runs[-1]
+            if not left:
+                break
+        n_trained = sum(r for r, f in zip(kept_runs, flags) if f)
+        if n_trained == 0:
+            raise nothing_trained_after_truncation(max_length, where)
+        return ids_out[:keep], kept_runs, flags[: len(kept_runs)], n_trained, n_img, True
 
     def _compact(self, sample: TokenizedSample) -> tuple[list[int], list[int]]:
         """One IMAGE_TOKEN_INDEX per image span (spans are never cut, so each holds num_image_tokens)."""

@@ -222,18 +222,25 @@ class Encoder:
         if self.max_length is None or len(ids) <= self.max_length:
             return ids, labels, False
         images_end = max((i + 1 for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX), default=0)
-        if images_end > self.max_length:
-            raise DroppedSample(
-                where,
-                "images do not fit",
-                f"the last image span ends at token {images_end} > max_length {self.max_length}",
-            )
+        check_images_fit(images_end, self.max_length, where)
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(label == IGNORE_INDEX for label in labels):
-            raise DroppedSample(
-                where, "no supervised tokens after truncation", f"max_length {self.max_length}"
-            )
+            raise nothing_trained_after_truncation(self.max_length, where)
         return ids, labels, True
+
+
+def check_images_fit(images_end: int, max_length: int, where: str) -> None:
+    """Truncation cuts text only: a sample whose last image span ends past max_length is dropped."""
+    if images_end > max_length:
+        raise DroppedSample(
+            where,
+            "images do not fit",
+            f"the last image span ends at token {images_end} > max_length {max_length}",
+        )
+
+
+def nothing_trained_after_truncation(max_length: int, where: str) -> DroppedSample:
+    return DroppedSample(where, "no supervised tokens after truncation", f"max_length {max_length}")
 
 
 @dataclass

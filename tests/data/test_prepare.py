@@ -100,6 +100,26 @@ def test_same_samples_as_encoder(template, family, tokenizers, data_file, tmp_pa
     assert ds.lengths == [len(s.input_ids) for s in samples]
 
 
+def test_truncation_around_the_last_image_as_encoder(family, tokenizers, tmp_path):
+    """Records whose last image ends just before, at or just after max_length once each image counts
+    N_IMG tokens: truncated or dropped exactly as `Encoder` does (counts, messages, ids and labels)."""
+    records = [
+        {"image": ["a.png", "b.png"],
+         "conversations": [{"from": "human", "value": "w " * k + "<image> <image>\nq"},
+                           {"from": "gpt", "value": "an answer of several words" + " more" * (k % 5)}]}
+        for k in range(60, 120)
+    ]  # fmt: skip
+    path = write(tmp_path / "edge.json", records)
+    enc = encoder(tokenizers[family], max_length=100)
+    done = prep.prepare(path, enc, use_cache=False, skip_bad=True)
+    samples, stats = encode_all(read_conversations(path)[0], enc, skip_bad=True)
+    assert comparable(done.stats) == comparable(stats)
+    assert stats.truncated and stats.dropped["images do not fit"]
+    ds = SFTDataset([(done.dataset, tmp_path)], num_image_tokens=N_IMG)
+    assert [ds.tokens(i)[0].tolist() for i in range(len(ds))] == [s.input_ids for s in samples]
+    assert [ds.tokens(i)[1].tolist() for i in range(len(ds))] == [s.labels for s in samples]
+
+
 def test_plain_text_same_samples_as_encoder(family, tokenizers, tmp_path):
     """Incremental pretraining records (BOS put first as an id, truncation, whitespace-led texts) through the
     batched path equal Encoder's."""
