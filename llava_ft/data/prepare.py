@@ -136,6 +136,8 @@ class BatchEncoder:
         if not getattr(tok, "is_fast", False):
             # A slow sentencepiece tokenizer (InternLM2's) has a fast twin with its ids; Encoder stays slow.
             tok = fast_twin(tok) if encoder.check else None
+            if tok is not None:
+                log.info("%s: tokenizing through its fast twin (same ids)", type(encoder.tokenizer).__name__)
         # Without the whole-text check, Encoder keeps segment-wise ids: only Encoder itself gives those.
         fast = tok is not None and encoder.check
         self.backend = tok.backend_tokenizer if fast else None
@@ -638,14 +640,14 @@ def _build(
 ) -> tuple[EncodeStats, BadRecords]:
     from tqdm.auto import tqdm
 
+    # Built once: forked processes inherit it (and its tokenizer) as it is.
+    local = BatchEncoder(encoder)
     # Nothing built here is cyclic; without this, collections of the growing heap cost up to a tenth of the time.
     gc_was_on = gc.isenabled()
     gc.disable()
     bar = tqdm(desc=f"preparing {path.name}", unit=" rec", disable=not progress, mininterval=1.0)
     try:
         with bar:
-            # Built once: forked processes inherit it (and its tokenizer) as it is.
-            local = BatchEncoder(encoder)
             if num_proc <= 1:
                 result = _encode_shard(path, local, fmt, skip_bad, 0, 1, out, bar.update)
                 return _merge([result], None, None)
