@@ -7,13 +7,13 @@ Speed: on fast tokenizers each record's text is tokenized once, as a whole (what
 keeps these ids too): by `ChunkedTokenizer` (chunked.py: the same ids, each distinct word tokenized once) where
 it reproduces the tokenizer's pipeline, else by one call into the Rust backend per batch. A token is trained iff
 its characters come from a trained segment. That is `Encoder.encode`'s result whenever every token lies inside
-one segment, which the token at each segment boundary shows (the segment-vs-whole check). Truncation and its
-drops follow `Encoder`'s rules and messages (shared functions); every other record (a token crossing a
-trained/untrained boundary, nothing trained) goes through `Encoder.encode` itself, so the output is exactly
-`Encoder`'s. Labels are kept as runs and expanded in numpy. A slow sentencepiece
-tokenizer (InternLM2's) is read through its fast twin (sp_convert.py: the same ids, with offsets): a boundary
-that no token of the twin crosses is one for Encoder's prefix rule too, as no merge crosses it, so the text
-before it tokenizes alone as it does within the whole. Other slow tokenizers take `Encoder.encode` throughout.
+one segment, which the token at each segment boundary shows (the segment-vs-whole check). Drops and truncation
+follow `Encoder`'s rules and messages (shared functions); a record with a token across a trained/untrained
+boundary goes through `Encoder.encode` itself, so the output is exactly `Encoder`'s. Labels are kept as runs and
+expanded in numpy. A slow sentencepiece tokenizer (InternLM2's) is read through its fast twin (sp_convert.py: the
+same ids, with offsets): a boundary that no token of the twin crosses is one for Encoder's prefix rule too, as no
+merge crosses it, so the text before it tokenizes alone as it does within the whole. Other slow tokenizers take
+`Encoder.encode` throughout.
 
 Processes: with num_proc N, N forked processes each read the whole file (parsing is cheap) and take every
 Nth batch of 256 records end to end (convert, encode, write Arrow); the parent interleaves their Arrow batches
@@ -61,6 +61,7 @@ from llava_ft.data.tokenize import (
     TokenizationMismatch,
     TokenizedSample,
     check_images_fit,
+    nothing_trained,
     nothing_trained_after_truncation,
 )
 
@@ -241,7 +242,7 @@ class BatchEncoder:
     ) -> tuple[list[int], list[int], list[bool], int, int, bool] | None:
         """Compact ids, their labels as runs (token count, trained), the trained count, the image count and
         whether it was truncated, from the whole-text tokenization; None where `Encoder.encode` must decide (a
-        token across a segment boundary, nothing trained). Truncation and its drops follow `Encoder._truncate`."""
+        token across a segment boundary). Drops and truncation follow `Encoder.encode`'s rules and messages."""
         ids_out: list[int] = list(lead)  # untrained ids before the text (Encoder.leading_ids)
         runs: list[int] = [len(lead)] if lead else []
         flags: list[bool] = [False] if lead else []
@@ -270,8 +271,8 @@ class BatchEncoder:
             flags.append(trained[-1])
             ids_out += ids
         n_trained = sum(r for r, f in zip(runs, flags) if f)
-        if n_trained == 0:  # Encoder.encode's drop and message
-            return None
+        if n_trained == 0:
+            raise nothing_trained(where)
         n_img = len(layout) - 1
         extra = n_img * (self.encoder.num_image_tokens - 1)  # each image stands for num_image_tokens ids
         max_length = self.encoder.max_length

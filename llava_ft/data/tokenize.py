@@ -109,7 +109,7 @@ class Encoder:
         if lead := self.leading_ids(conv):  # plain text: BOS as an id, as tokenizer(text) puts it
             ids, labels = lead + ids, [IGNORE_INDEX] * len(lead) + labels
         if all(label == IGNORE_INDEX for label in labels):
-            raise DroppedSample(where, "no supervised tokens", "every assistant turn is opted out or empty")
+            raise nothing_trained(where)
         ids, labels, truncated = self._truncate(ids, labels, where)
         # Truncation never cuts an image, so every marker is still there.
         return TokenizedSample(ids, labels, text.count(IMAGE_TOKEN), truncated, realigned)
@@ -237,6 +237,10 @@ def check_images_fit(images_end: int, max_length: int, where: str) -> None:
             "images do not fit",
             f"the last image span ends at token {images_end} > max_length {max_length}",
         )
+
+
+def nothing_trained(where: str) -> DroppedSample:
+    return DroppedSample(where, "no supervised tokens", "every assistant turn is opted out or empty")
 
 
 def nothing_trained_after_truncation(max_length: int, where: str) -> DroppedSample:
