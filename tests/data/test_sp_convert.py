@@ -19,9 +19,10 @@ from llava_ft.data.sp_convert import fast_twin
 
 from .conftest import EXTRA_SPECIALS, MISTRAL_SP
 
-# Whitespace runs (where transformers' own LlamaTokenizer conversion differs), byte fallback, "▁" itself.
-ALPHABET = [*"abcXYZ019.,?-(\n\t", " ", "  ", "   ", "\n\n", " \n", "é", "e\u0301", "中文", "😀", "\u2581", "\u3000",
-            " Hello", " the", "don't", "\x0b"]  # fmt: skip
+# Whitespace runs (where transformers' own LlamaTokenizer conversion differs), byte fallback, "▁" itself, and
+# what a precompiled normalizer would read differently (control characters, "\r\n", combining marks).
+ALPHABET = [*"abcXYZ019.,?-(\n\t\r", " ", "  ", "   ", "\n\n", " \n", "\r\n ", "é", "e\u0301", "中文", "😀",
+            "\u2581", "\u3000", "ｆｕｌｌ", " Hello", " the", "don't", "\x0b", "\x1b", "\x00"]  # fmt: skip
 
 
 def random_texts(seed: int, n: int, specials: list[str]) -> list[str]:
