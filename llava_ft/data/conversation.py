@@ -38,6 +38,11 @@ class Conversation:
     source: str | None = None
     """Where the record came from, "file:line" or "file[index]", for error messages and reports."""
 
+    @property
+    def where(self) -> str:
+        """`source`, or a placeholder for a conversation built in code: what errors about it name."""
+        return self.source or "<conversation>"
+
     def num_image_markers(self) -> int:
         return sum(m.content.count(IMAGE_TOKEN) for m in self.messages)
 

@@ -189,8 +189,7 @@ class BatchEncoder:
                 if isinstance(item, DataError):
                     raise item
                 lead = self.encoder.leading_ids(conv)
-                where = conv.source or "<conversation>"
-                fast = self._fast(*item, tokenized, lead, where) if self.backend is not None else None
+                fast = self._fast(*item, tokenized, lead, conv.where) if self.backend is not None else None
                 if fast is None:
                     sample = self.encoder.encode(conv)
                     stats.add(sample)

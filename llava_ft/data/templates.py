@@ -61,7 +61,7 @@ class ChatTemplate:
         last_turn_only: bool = False,
     ) -> list[Segment]:
         out = _Builder()
-        where = conv.source or "<conversation>"
+        where = conv.where
         if conv.kind == "text":
             if len(conv.messages) != 1:
                 raise DataError(where, f"a text record has exactly one message, got {len(conv.messages)}")
@@ -216,7 +216,7 @@ class PlainTemplate(ChatTemplate):
         roles = [m.role for m in conv.messages]
         if roles not in (["user"], ["user", "assistant"]):
             raise DataError(
-                conv.source or "<conversation>",
+                conv.where,
                 f"plain template takes one user + one assistant turn, got {roles}",
             )
         out.add(bos + IMAGE_TOKEN * conv.messages[0].content.count(IMAGE_TOKEN), False)
@@ -256,7 +256,7 @@ class TokenizerTemplate(ChatTemplate):
             raise DataError(where, f"tokenizer chat template failed: {e}") from e
 
     def _chat(self, conv, trained, out, *, bos, eos, generation_prompt):
-        where = conv.source or "<conversation>"
+        where = conv.where
         full = self._render(conv.messages, generation_prompt, where)
         pos = 0
         for i, train in enumerate(trained):

@@ -81,7 +81,7 @@ class Encoder:
 
     def render(self, conv: Conversation) -> tuple[list[Segment], str]:
         """The template's segments and their joined text, checked (shared with the batched path in prepare.py)."""
-        where = conv.source or "<conversation>"
+        where = conv.where
         if conv.images and not self.num_image_tokens:
             raise DataError(
                 where, f"record has {len(conv.images)} image(s) but the model has no vision tower"
@@ -97,7 +97,7 @@ class Encoder:
         return segments, text
 
     def encode(self, conv: Conversation) -> TokenizedSample:
-        where = conv.source or "<conversation>"
+        where = conv.where
         segments, text = self.render(conv)
         ids, labels = self._encode_segments(segments)
         realigned = False
