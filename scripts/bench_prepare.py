@@ -93,12 +93,11 @@ def tokenizer_alone(encoder, path: Path, runs: int) -> dict[str, float]:
     llava_ft's chunked tokenization (llava_ft/data/chunked.py) gets the same ids without this call."""
     from llava_ft.data.conversation import IMAGE_TOKEN
     from llava_ft.data.sources import read_conversations
+    from llava_ft.data.sp_convert import fast_twin
 
     convs, _ = read_conversations(path)
     texts = [[c for c in encoder.render(conv)[1].split(IMAGE_TOKEN) if c] for conv in convs]
     batches = [[t for ts in texts[i : i + 256] for t in ts] for i in range(0, len(texts), 256)]
-    from llava_ft.data.sp_convert import fast_twin
-
     tok = encoder.tokenizer
     # Plain sentencepiece: the call of its fast twin, which preparation uses.
     backend = (tok if tok.is_fast else fast_twin(tok)).backend_tokenizer

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from llava_ft.config import DataSection, DataSource
 from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation, DataError
-from llava_ft.data.sources import FORMATS, FormatReader, iter_conversations, iter_records
+from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
-from llava_ft.data.tokenize import DroppedSample, Encoder, TokenizedSample
+from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizedSample
 
 GREEN, CYAN, RESET = "\x1b[32m", "\x1b[36m", "\x1b[0m"
 DEFAULT_IMAGE_TOKENS = 576
@@ -273,7 +273,7 @@ def _check_file(src: DataSource, encoder: Encoder, image_folder: str | None, num
     done = prepare(src.path, encoder, fmt=src.format, skip_bad=True, num_proc=num_proc, use_cache=False,
                    progress=True)  # fmt: skip
     stats, bad, table = done.stats, done.bad, done.dataset
-    read = stats.records + len(bad)
+    read = stats.records + len(bad)  # before missing images move records from the counts to `bad`
     if image_folder is not None:
         # A missing image makes its record bad here, as reading errors do (training skips it under skip_bad).
         before = len(stats.problems)
@@ -284,22 +284,38 @@ def _check_file(src: DataSource, encoder: Encoder, image_folder: str | None, num
         bad.items += moved
         del stats.problems[before:]
         stats.skipped -= len(moved)
-    lengths = sorted(table_column(table, "length").to_pylist())
     with_images = pa.compute.sum(pa.compute.list_value_length(table_column(table, "images")).cast("bool"))
-    print(f"{src.path}: {read} records read, {len(bad)} bad")
+    _print_counts(
+        src.path,
+        read,
+        stats,
+        bad,
+        table_column(table, "length"),
+        f"  (samples with images: {with_images.as_py() or 0})",
+    )
+    return len(bad) + stats.mismatched + stats.failed
+
+
+def _print_counts(
+    path: str, read: int, stats: EncodeStats, bad: BadRecords, lengths, after_lengths: str = ""
+) -> None:
+    """What `check` and `prepare` print per file: records read and bad, the counts, token-length percentiles
+    (`lengths`: an Arrow column of sample lengths)."""
+    import numpy as np
+
+    print(f"{path}: {read} records read, {len(bad)} bad")
     print(bad.summary())
     print(stats.summary())
-    if lengths:
-        pct = "  ".join(f"p{p} {_percentile(lengths, p)}" for p in (50, 90, 99))
-        print(f"token length: {pct}  max {lengths[-1]}  (samples with images: {with_images.as_py() or 0})")
-    return len(bad) + stats.mismatched + stats.failed
+    if len(lengths):
+        ordered = np.sort(lengths.to_numpy()).tolist()
+        pct = "  ".join(f"p{p} {_percentile(ordered, p)}" for p in (50, 90, 99))
+        print(f"token length: {pct}  max {ordered[-1]}{after_lengths}")
 
 
 # ---------------------------------------------------------------- prepare
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from llava_ft.data.prepare import compact_tokens, prepare, throughput_line
 
@@ -311,13 +327,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=args.skip_bad or data.skip_bad,
                        num_proc=args.num_proc or data.num_proc, cache_dir=output,
                        use_cache=not args.no_cache and data.cache, progress=True)  # fmt: skip
-        lengths = np.sort(done.dataset.data.column("length").to_numpy()).tolist()
-        print(f"{src.path}: {done.stats.records + len(done.bad)} records read, {len(done.bad)} bad")
-        print(done.bad.summary())
-        print(done.stats.summary())
-        if lengths:
-            pct = "  ".join(f"p{p} {_percentile(lengths, p)}" for p in (50, 90, 99))
-            print(f"token length: {pct}  max {lengths[-1]}")
+        read = done.stats.records + len(done.bad)
+        _print_counts(src.path, read, done.stats, done.bad, done.dataset.data.column("length"))
         folder = output or "the default folder"
         if done.cache == "hit":
             print(f"cache hit ({folder}, key {done.key}): loaded in {done.seconds:.2f} s")
