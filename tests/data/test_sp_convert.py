@@ -8,14 +8,22 @@ from __future__ import annotations
 import io
 import logging
 import random
+import re
 
+import pytest
 import sentencepiece as spm
 from transformers import LlamaTokenizer
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from llava_ft.data import sp_convert
 from llava_ft.data.chunked import ChunkedTokenizer
-from llava_ft.data.sp_convert import fast_twin
+from llava_ft.data.sp_convert import _entangled, fast_twin, sentencepiece_to_tokenizers
+from llava_ft.model.llm import load_tokenizer
+from llava_ft.testing.tiny_llm import (
+    INTERNLM2_SPECIAL_TOKENS,
+    UPSTREAM_SPECIAL_PIECES,
+    write_internlm2_tokenizer,
+)
 
 from .conftest import EXTRA_SPECIALS, MISTRAL_SP
 
@@ -68,6 +76,76 @@ def test_no_twin_where_it_would_differ(tokenizers, tmp_path, monkeypatch, caplog
     with caplog.at_level(logging.WARNING, logger="llava_ft"):
         assert fast_twin(tokenizers["sp"]) is None
     assert "disagrees on the probe text" in caplog.text
+
+
+def published_internlm2(path):
+    """InternLM2's published layout: no dummy prefix, the chat markers as "[UNUSED_TOKEN_14x]" pieces renamed by
+    tokenizer_config.json, tiktoken-style whitespace pieces ("\\n▁▁▁▁", "\\t▁"), a "\\x00" piece."""
+    folder = write_internlm2_tokenizer(
+        path, add_dummy_prefix=False, piece_names="upstream", tiktoken_style=True
+    )
+    return load_tokenizer(folder)
+
+
+def upstream_slow_ids(sp, text: str, specials: dict[str, int]) -> list[int]:
+    """The official slow tokenizer stated independently: added tokens split out first, sentencepiece on the rest
+    (which matches the placeholder pieces itself)."""
+    ids: list[int] = []
+    for chunk in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        ids += [specials[chunk]] if chunk in specials else sp.encode(chunk) if chunk else []
+    return ids
+
+
+def test_twin_of_the_published_internlm2_layout(tmp_path):
+    slow = published_internlm2(tmp_path / "tok")
+    twin = fast_twin(slow)
+    assert twin is not None
+    sp = slow.sp_model
+    specials = {t: slow.convert_tokens_to_ids(t) for t in ("<s>", "</s>", *INTERNLM2_SPECIAL_TOKENS)}
+    code = [
+        "\n    ",
+        "\n\t",
+        ";\n",
+        ")\n",
+        " }\n",
+        "\t\t",
+        "\n\n  ",
+        "\x00",
+        "[UNUSED_TOKEN_14]",
+        "TOKEN_146]",
+    ]
+    texts = random_texts(2, 2000, [*specials, *UPSTREAM_SPECIAL_PIECES, *code])
+    chunked = ChunkedTokenizer.of(twin)
+    assert chunked is not None  # preparation's fast path
+    for text in texts:
+        want = upstream_slow_ids(sp, text, specials)
+        assert slow(text, add_special_tokens=False)["input_ids"] == want, text
+        assert twin(text, add_special_tokens=False)["input_ids"] == want, text
+        assert chunked.encode(text, [])[0] == want, text
+    for text in texts[:300]:
+        assert twin.decode(twin(text)["input_ids"]) == slow.decode(slow(text)["input_ids"]), text
+    # Both spellings of a marker are its id; it is named (and decoded) by tokenizer_config.json's name.
+    for token, piece in zip(INTERNLM2_SPECIAL_TOKENS, UPSTREAM_SPECIAL_PIECES, strict=True):
+        assert twin(f"a{piece}b{token}", add_special_tokens=False)["input_ids"][1::2] == [specials[token]] * 2
+        assert twin.convert_ids_to_tokens(specials[token]) == token
+
+
+def test_renames_that_could_parse_otherwise_are_refused():
+    """Replacing an old spelling before matching equals sentencepiece's leftmost-longest matching only when no
+    spelling overlaps another token's, and none holds whitespace (matched after spaces become "▁")."""
+    assert not _entangled({"[UNUSED_TOKEN_146]": "<|im_start|>"}, {"[UNUSED_TOKEN_14]", "Ａ", "<s>"})
+    assert _entangled({"[UNUSED_TOKEN_146]": "<|im_start|>"}, {"146]x"})  # a suffix-prefix overlap
+    assert _entangled({"[UNUSED_TOKEN_146]": "<|im_start|>"}, {"x[UNUSED_TOKEN_146]"})  # inside another
+    assert _entangled({"[UNUSED_TOKEN_146]": "<|im_start|>"}, {"start|>"})  # the new name overlaps
+    assert _entangled({"[UNUSED_TOKEN_146]": "<im start>"}, set())
+
+
+def test_published_layout_under_a_dummy_prefix_is_refused(tmp_path):
+    """With a dummy prefix, sentencepiece matches the placeholder pieces with no "▁" after them, unlike added
+    tokens: no exact twin (preparation keeps the slow tokenizer; export says why)."""
+    folder = write_internlm2_tokenizer(tmp_path / "tok", add_dummy_prefix=True, piece_names="upstream")
+    with pytest.raises(ValueError, match="not added tokens, with a dummy prefix"):
+        sentencepiece_to_tokenizers(load_tokenizer(folder))
 
 
 def tiny_sentencepiece(path, **options) -> SentencePieceBackend:

@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 from llava_ft.model.llm import is_internlm2, load_llm, load_tokenizer
 from llava_ft.testing.tiny_llm import (
     INTERNLM2_SPECIAL_TOKENS,
+    UPSTREAM_SPECIAL_PIECES,
     write_internlm2_sp_model,
     write_tiny_internlm2,
     write_tiny_llama,
@@ -63,12 +64,12 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
-def _upstream_slow_ids(sp: spm.SentencePieceProcessor, text: str, specials: list[str]) -> list[int]:
+def _upstream_slow_ids(sp: spm.SentencePieceProcessor, text: str, specials: dict[str, int]) -> list[int]:
     """Upstream's slow tokenizer: split out special tokens, sentencepiece-encode each piece between them."""
     ids: list[int] = []
     for chunk in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
         if chunk in specials:
-            ids.append(sp.piece_to_id(chunk))
+            ids.append(specials[chunk])
         elif chunk:
             ids.extend(sp.encode(chunk))
     return ids
@@ -88,18 +89,28 @@ def test_internlm2_tokenizes_like_sentencepiece(tmp_path: Path, dummy_prefix: bo
 
 
 def test_internlm2_special_tokens_are_single_ids(internlm2_dir: Path) -> None:
+    """As published: tokenizer.model holds the markers as placeholder pieces ("[UNUSED_TOKEN_146]"), which
+    tokenizer_config.json renames ("<|im_start|>"); both spellings give the one id, and it decodes by its name."""
     tok = load_tokenizer(internlm2_dir)
     sp = spm.SentencePieceProcessor(model_file=str(internlm2_dir / "tokenizer.model"))
-    for token in INTERNLM2_SPECIAL_TOKENS:
-        assert tok(token, add_special_tokens=False)["input_ids"] == [sp.piece_to_id(token)]
-        assert sp.id_to_piece(sp.piece_to_id(token)) == token
+    specials = {"<s>": sp.bos_id(), "</s>": sp.eos_id(), "<unk>": sp.unk_id()}
+    for token, piece in zip(INTERNLM2_SPECIAL_TOKENS, UPSTREAM_SPECIAL_PIECES, strict=True):
+        specials[token] = sp.piece_to_id(piece)
+        assert specials[token] != sp.unk_id() and sp.id_to_piece(specials[token]) == piece
+        assert tok(token, add_special_tokens=False)["input_ids"] == [specials[token]]
+        assert tok(piece, add_special_tokens=False)["input_ids"] == [specials[token]] == sp.encode(piece)
+        assert tok.convert_ids_to_tokens(specials[token]) == token
+    assert sp.get_piece_size() - 6 == specials["<|plugin|>"]  # the last six ids, as 92538..92543 of 92544
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (sp.bos_id(), sp.eos_id(), sp.eos_id())
     assert tok.padding_side == "right"
-    specials = ["<s>", "</s>", "<unk>", *INTERNLM2_SPECIAL_TOKENS]
-    conversation = "<|im_start|>user\n Hi  there\n<|im_end|>\n<|im_start|>assistant\nok</s>"
+    conversation = "<|im_start|>user\n Hi  there\n\tx;\n<|im_end|>\n<|im_start|>assistant\nok</s>"
     ids = tok(conversation, add_special_tokens=False)["input_ids"]
     assert ids == _upstream_slow_ids(sp, conversation, specials)
     assert tok.decode(ids) == conversation
+    old_style = conversation.replace("<|im_start|>", "[UNUSED_TOKEN_146]").replace(
+        "<|im_end|>", "[UNUSED_TOKEN_145]"
+    )
+    assert tok(old_style, add_special_tokens=False)["input_ids"] == ids
 
 
 def test_internlm2_chat_template_is_kept(internlm2_dir: Path) -> None:
