@@ -83,6 +83,8 @@ class ChunkedTokenizer:
             self._added_id[old] = self._added_id[new]
         self._added = re.compile(_trie_pattern(raw)) if raw else None
         self._added_normalized = re.compile(_trie_pattern(normalized)) if normalized else None
+        self._spaces_normalized = False
+        """Whether the normalizer turns spaces into `_rep` before normalized added tokens are matched."""
         self._model = backend.model
         self._ids: dict[str, list[int]] = {}
         self._starts: dict[str, list[int]] = {}
@@ -140,12 +142,12 @@ class ChunkedTokenizer:
             made._rep = rep
             made._chunk = re.compile(f"{re.escape(rep)}*[^{re.escape(rep)}]+|{re.escape(rep)}+")
             return made
-        if (
-            spm := _sentencepiece_words(norm, pre, added)
-        ) is not None:  # sp_convert's twin of plain sentencepiece
+        # sp_convert's twin of plain sentencepiece
+        if (spm := _sentencepiece_words(norm, pre, added)) is not None:
             rep, dummy, words, respelled = spm
             made = cls(backend, data, "metaspace", None, "dummy" if dummy else "never", respelled)
             made._rep, made._chunk = rep, re.compile(words)
+            made._spaces_normalized = True
             return made
         if not _identity_on_ascii(norm):
             return None
@@ -224,7 +226,7 @@ class ChunkedTokenizer:
             return first.finditer(text) if first is not None else ()
         # Normalized tokens are matched on what the normalizer gives: for the sp twin, spaces as "▁" (the same
         # length, so positions hold); other pipelines get here only when they leave the tokens' text alone.
-        seen = text.replace(" ", self._rep) if self.kind == "metaspace" else text
+        seen = text.replace(" ", self._rep) if self._spaces_normalized else text
         if first is None:
             return then.finditer(seen)
         return self._two_passes(text, seen, first, then)

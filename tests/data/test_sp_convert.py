@@ -12,6 +12,7 @@ import re
 
 import pytest
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 from transformers import LlamaTokenizer
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
@@ -128,6 +129,26 @@ def test_twin_of_the_published_internlm2_layout(tmp_path):
     for token, piece in zip(INTERNLM2_SPECIAL_TOKENS, UPSTREAM_SPECIAL_PIECES, strict=True):
         assert twin(f"a{piece}b{token}", add_special_tokens=False)["input_ids"][1::2] == [specials[token]] * 2
         assert twin.convert_ids_to_tokens(specials[token]) == token
+
+
+def test_user_defined_piece_with_a_space_beside_renamed_markers(tmp_path):
+    """With renamed markers, user-defined pieces are matched after spaces become "▁", as sentencepiece
+    matches them: a piece "▁zz" is found in "a zz"."""
+    folder = write_internlm2_tokenizer(tmp_path / "tok", add_dummy_prefix=False, piece_names="upstream")
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+    piece = proto.pieces.add()
+    piece.piece, piece.type = "▁zz", sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
+    slow = load_tokenizer(folder)
+    twin = fast_twin(slow)
+    chunked = ChunkedTokenizer.of(twin)
+    assert twin is not None and chunked is not None
+    zz = len(proto.pieces) - 1
+    for text in ["a zz", "a zzb zz", "zz [UNUSED_TOKEN_146] zz<|im_end|> zz", " zz  zz"]:
+        want = slow(text, add_special_tokens=False)["input_ids"]
+        assert zz in want and want == slow.sp_model.encode(text.replace("<|im_end|>", "[UNUSED_TOKEN_145]"))
+        assert twin(text, add_special_tokens=False)["input_ids"] == want == chunked.encode(text, [])[0], text
 
 
 def test_renames_that_could_parse_otherwise_are_refused():
