@@ -1,8 +1,8 @@
 """Tiny random causal-LM checkpoints on disk, for tests and the CPU demo (keep this API stable).
 
 `write_tiny_internlm2` writes the real InternLM2 on-disk layout (config with auto_map, grouped wqkv, upstream key
-names, sentencepiece tokenizer with the chat special tokens inside its vocab), so the loader is exercised exactly
-as on a published checkpoint. `write_tiny_llama` / `write_tiny_qwen2` write standard transformers folders.
+names, a sentencepiece tokenizer whose chat markers are placeholder pieces renamed by tokenizer_config.json),
+so the loader is exercised exactly as on a published checkpoint. `write_tiny_llama` / `write_tiny_qwen2` write standard transformers folders.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def _base_sp_model() -> Path:
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
-# Published InternLM2 tokenizer.model files name the chat-marker ids 92538..92543 by these placeholders;
-# tokenizer_config.json's added_tokens_decoder names them INTERNLM2_SPECIAL_TOKENS (checked on InternEvo's
-# tools/tokenizer_internlm2.model, the same 92544-piece model).
+# Published InternLM2 tokenizer.model files name the chat-marker ids 92538..92543 by these placeholders (as
+# InternEvo's tools/tokenizer_internlm2.model, 92544 pieces, does); tokenizer_config.json's added_tokens_decoder
+# names them INTERNLM2_SPECIAL_TOKENS.
 UPSTREAM_SPECIAL_PIECES = tuple(f"[UNUSED_TOKEN_{n}]" for n in range(141, 147))
 # Pieces of the published model that a vocabulary trained by sentencepiece lacks (it was converted from a
 # tiktoken one): whitespace after other characters, and "\x00", which sentencepiece leaves unused under byte
@@ -73,8 +73,9 @@ def write_internlm2_sp_model(
     piece_names: Literal["chat", "upstream"] = "chat",
     tiktoken_style: bool = False,
 ) -> Path:
-    """A 32006-piece (32018 with `tiktoken_style`) sentencepiece model: a Llama-style 32k BPE model (shipped with mistral-common) plus the
-    InternLM2 special tokens appended as user-defined pieces, so they are single pieces of the sp vocab.
+    """A 32006-piece (32018 with `tiktoken_style`) sentencepiece model: a Llama-style 32k BPE model (shipped with
+    mistral-common) plus the InternLM2 special tokens appended as user-defined pieces, so they are single pieces
+    of the sp vocab.
     `add_dummy_prefix=False` gives the variant whose text does not get a leading "▁" (the published one's).
     `piece_names="upstream"` names those pieces as published files do (UPSTREAM_SPECIAL_PIECES), and
     `tiktoken_style` adds TIKTOKEN_STYLE_PIECES before them."""
