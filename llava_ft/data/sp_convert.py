@@ -203,14 +203,22 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 def _probe_texts(tokenizer) -> list[str]:
     """Whitespace runs, control characters, combining marks, byte fallback, and every added or special token in
-    context."""
+    context, with the user-defined pieces that sentencepiece matches itself (the renamed ones, and a few)."""
     rng = random.Random(0)
-    specials = sorted(
-        {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
-    )
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.sp_model.serialized_model_proto())
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
+    user_defined = [
+        p.piece
+        for p in proto.pieces
+        if p.type == sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED and p.piece not in added
+    ]
+    renamed = [proto.pieces[i].piece for i in tokenizer.added_tokens_decoder if i < len(proto.pieces)]
+    specials = sorted(added | set(renamed))
     alphabet = [*"abcXYZ019.,?-(\n\t\r\x00\x1b", " ", "  ", "\n\n", "\r\n ", "é", "e\u0301", "ü", "中文", "😀",
                 "\u2581", "\u3000", "\u00a0", "ｆｕｌｌ", " Hello", "don't"]  # fmt: skip
-    texts = ["".join(rng.choice(alphabet + specials) for _ in range(rng.randint(1, 40))) for _ in range(200)]
+    alphabet += specials + user_defined[:10] + user_defined[-10:]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(200)]
     return texts + [
         f"{a}{s}{b}" for s in specials for a in ("", " ", "x ", "\n") for b in ("", " ", "y", "\n ")
     ]
