@@ -53,13 +53,22 @@ def test_twin_ids_equal_sentencepiece(tokenizers):
     assert twin("Hi")["input_ids"] == slow("Hi")["input_ids"]  # BOS as the slow one adds it
 
 
+def test_twin_is_kept_until_the_tokenizer_changes(fresh_tokenizer):
+    slow = fresh_tokenizer("sp")
+    twin = fast_twin(slow)
+    assert fast_twin(slow) is twin  # one conversion for every data file prepared with this tokenizer
+    slow.add_tokens(["<new_marker>"])
+    again = fast_twin(slow)
+    assert again is not twin and again("a<new_marker>b")["input_ids"] == slow("a<new_marker>b")["input_ids"]
+
+
 def test_twin_is_chunked(tokenizers):
     """Preparation's fast path: the twin's pipeline is one that ChunkedTokenizer reproduces."""
     chunked = ChunkedTokenizer.of(fast_twin(tokenizers["sp"]))
     assert chunked is not None and chunked._prepend == "dummy"
 
 
-def test_no_twin_where_it_would_differ(tokenizers, tmp_path, monkeypatch, caplog):
+def test_no_twin_where_it_would_differ(tokenizers, fresh_tokenizer, tmp_path, monkeypatch, caplog):
     assert fast_twin(tokenizers["llama"]) is None  # already fast
     # legacy=False: no dummy prefix after special tokens, which the conversion does not reproduce.
     modern = SentencePieceBackend(vocab_file=str(MISTRAL_SP), legacy=False, unk_token="<unk>")
@@ -75,7 +84,7 @@ def test_no_twin_where_it_would_differ(tokenizers, tmp_path, monkeypatch, caplog
     # A conversion that disagrees on the probe texts (transformers' own, on whitespace runs) is not used.
     monkeypatch.setattr(sp_convert, "sentencepiece_to_tokenizers", llama_conversion)
     with caplog.at_level(logging.WARNING, logger="llava_ft"):
-        assert fast_twin(tokenizers["sp"]) is None
+        assert fast_twin(fresh_tokenizer("sp")) is None  # not one whose twin is kept from an earlier test
     assert "disagrees on the probe text" in caplog.text
 
 
