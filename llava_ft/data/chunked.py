@@ -44,7 +44,7 @@ _NOT_PLAIN = re.compile(r"[^\x20-\x7e\t\n\r]")  # byte-level: a span with one of
 _PLAIN = [chr(c) for c in range(0x20, 0x7F)] + ["\t", "\n", "\r"]
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # sp_convert's words for a vocabulary with pieces that hold "▁" after the characters in the class (InternLM2's).
-_SP_WORDS = re.compile(r"▁\*\(\?:\[\^▁(?P<c>[^\]\[]+)\]\|\[(?P=c)\]▁\*\)\+\|▁\+")
+_SP_WORDS = re.compile(r"▁\*\(\?:\[\^▁(?P<c>[^\]\[]+)\]\+\|\[(?P=c)\]▁\*\)\+\|▁\+")
 _PROPERTY = re.compile(r"\\([pP])\{(\w+)\}")
 _ANCHOR_ESCAPES = ("A", "Z", "z", "G", "b", "B")
 _GROUP_OPENINGS = ("(?:", "(?=", "(?!", "(?<=", "(?<!", "(?>", "(?i:")

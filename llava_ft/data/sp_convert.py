@@ -158,7 +158,7 @@ def _word_pattern(pieces: list[str]) -> str:
     if not before:
         return "▁*[^▁]+|▁+"  # whitespace-only pieces: a cut before each run of "▁" after other text
     joined = "".join(sorted(re.escape(c) for c in before))
-    return f"▁*(?:[^▁{joined}]|[{joined}]▁*)+|▁+"
+    return f"▁*(?:[^▁{joined}]+|[{joined}]▁*)+|▁+"  # runs of other characters: fewer regex steps
 
 
 def _entangled(respelled: dict[str, str], others: set[str]) -> bool:
