@@ -54,8 +54,8 @@ def sentencepiece_to_tokenizers(tokenizer) -> PreTrainedTokenizerBase:
             names[i] = f"<unused {i}>"
     # The slow tokenizer splits its added and special tokens out before sentencepiece sees the text; other
     # user-defined pieces are matched by sentencepiece inside it, with no dummy prefix after them.
-    registered = {t.content for t in added_tokens.values()} | set(tokenizer.all_special_tokens)
-    inner = [p.piece for p in proto.pieces if p.type == piece_type.USER_DEFINED and p.piece not in registered]
+    registered = _registered(tokenizer)
+    inner = _unregistered_user_defined(proto, registered)
     # A renamed user-defined piece still matches its old spelling in text: a Replace to the new name, matched
     # after normalization (with every other user-defined piece, as sentencepiece matches them).
     respelled = {
@@ -119,10 +119,11 @@ def sentencepiece_to_tokenizers(tokenizer) -> PreTrainedTokenizerBase:
         )
         for _, t in sorted(added_tokens.items())
     ]
+    already = {t.content for t in added}
     added += [
         AddedToken(name, special=name in special, normalized=name in late)
         for name, p in zip(names, proto.pieces)
-        if p.type == piece_type.USER_DEFINED and name not in {t.content for t in added}
+        if p.type == piece_type.USER_DEFINED and name not in already
     ]
     # Registered with the backend before transformers wraps it, which would add its special tokens unnormalized.
     backend.add_tokens(added)
@@ -144,6 +145,17 @@ def sentencepiece_to_tokenizers(tokenizer) -> PreTrainedTokenizerBase:
     if len(out) != len(tokenizer):
         raise ValueError(f"{where}: converted tokenizer has {len(out)} tokens, the original {len(tokenizer)}")
     return out
+
+
+def _registered(tokenizer) -> set[str]:
+    """What the slow tokenizer splits out before sentencepiece sees the text: its added and special tokens."""
+    return {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
+
+
+def _unregistered_user_defined(proto, registered: set[str]) -> list[str]:
+    """User-defined pieces that sentencepiece itself matches inside the text."""
+    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return [p.piece for p in proto.pieces if p.type == user_defined and p.piece not in registered]
 
 
 def _word_pattern(pieces: list[str]) -> str:
@@ -238,14 +250,11 @@ def _probe_texts(tokenizer) -> list[str]:
     rng = random.Random(0)
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(tokenizer.sp_model.serialized_model_proto())
-    added = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
-    user_defined = [
-        p.piece
-        for p in proto.pieces
-        if p.type == sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED and p.piece not in added
-    ]
-    renamed = [proto.pieces[i].piece for i in tokenizer.added_tokens_decoder if i < len(proto.pieces)]
-    specials = sorted(added | set(renamed))
+    registered = _registered(tokenizer)
+    user_defined = _unregistered_user_defined(proto, registered)
+    # The pieces at the added tokens' ids: their old spellings where tokenizer_config.json renames them.
+    at_added_ids = [proto.pieces[i].piece for i in tokenizer.added_tokens_decoder if i < len(proto.pieces)]
+    specials = sorted(registered | set(at_added_ids))
     alphabet = [*"abcXYZ019.,?-(\n\t\r\x00\x1b", " ", "  ", "\n\n", "\r\n ", "é", "e\u0301", "ü", "中文", "😀",
                 "\u2581", "\u3000", "\u00a0", "ｆｕｌｌ", " Hello", "don't"]  # fmt: skip
     alphabet += specials + user_defined[:10] + user_defined[-10:]
