@@ -316,7 +316,6 @@ def _print_counts(
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-
     from llava_ft.data.prepare import compact_tokens, prepare, throughput_line
 
     setup = _setup(args)

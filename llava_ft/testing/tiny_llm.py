@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -105,6 +106,18 @@ def write_internlm2_tokenizer(out_dir: str | Path, **sp_model_options) -> Path:
         out_dir, write_internlm2_sp_model(out_dir / "tokenizer.model", **sp_model_options)
     )
     return out_dir
+
+
+def upstream_slow_ids(sp, text: str, specials: dict[str, int]) -> list[int]:
+    """Upstream's slow InternLM2 tokenizer stated independently, for tests: the added tokens (`specials`, text ->
+    id) split out first, sentencepiece (`sp`, a SentencePieceProcessor) on each piece between them."""
+    ids: list[int] = []
+    for chunk in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        if chunk in specials:
+            ids.append(specials[chunk])
+        elif chunk:
+            ids.extend(sp.encode(chunk))
+    return ids
 
 
 def _sp_pieces(path: Path) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import logging
 import random
-import re
 
 import pytest
 import sentencepiece as spm
@@ -23,6 +22,7 @@ from llava_ft.model.llm import load_tokenizer
 from llava_ft.testing.tiny_llm import (
     INTERNLM2_SPECIAL_TOKENS,
     UPSTREAM_SPECIAL_PIECES,
+    upstream_slow_ids,
     write_internlm2_tokenizer,
 )
 
@@ -95,15 +95,6 @@ def published_internlm2(path):
         path, add_dummy_prefix=False, piece_names="upstream", tiktoken_style=True
     )
     return load_tokenizer(folder)
-
-
-def upstream_slow_ids(sp, text: str, specials: dict[str, int]) -> list[int]:
-    """The official slow tokenizer stated independently: added tokens split out first, sentencepiece on the rest
-    (which matches the placeholder pieces itself)."""
-    ids: list[int] = []
-    for chunk in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
-        ids += [specials[chunk]] if chunk in specials else sp.encode(chunk) if chunk else []
-    return ids
 
 
 def test_twin_of_the_published_internlm2_layout(tmp_path):

@@ -4,7 +4,6 @@ folder is executed, and the AutoModel path gives what transformers' own classes 
 from __future__ import annotations
 
 import json
-import re
 import runpy
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from llava_ft.model.llm import is_internlm2, load_llm, load_tokenizer
 from llava_ft.testing.tiny_llm import (
     INTERNLM2_SPECIAL_TOKENS,
     UPSTREAM_SPECIAL_PIECES,
+    upstream_slow_ids,
     write_internlm2_sp_model,
     write_tiny_internlm2,
     write_tiny_llama,
@@ -64,17 +64,6 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
-def _upstream_slow_ids(sp: spm.SentencePieceProcessor, text: str, specials: dict[str, int]) -> list[int]:
-    """Upstream's slow tokenizer: split out special tokens, sentencepiece-encode each piece between them."""
-    ids: list[int] = []
-    for chunk in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
-        if chunk in specials:
-            ids.append(specials[chunk])
-        elif chunk:
-            ids.extend(sp.encode(chunk))
-    return ids
-
-
 @pytest.mark.parametrize("dummy_prefix", [True, False])
 def test_internlm2_tokenizes_like_sentencepiece(tmp_path: Path, dummy_prefix: bool) -> None:
     sp_file = write_internlm2_sp_model(tmp_path / "sp.model", add_dummy_prefix=dummy_prefix)
@@ -105,7 +94,7 @@ def test_internlm2_special_tokens_are_single_ids(internlm2_dir: Path) -> None:
     assert tok.padding_side == "right"
     conversation = "<|im_start|>user\n Hi  there\n\tx;\n<|im_end|>\n<|im_start|>assistant\nok</s>"
     ids = tok(conversation, add_special_tokens=False)["input_ids"]
-    assert ids == _upstream_slow_ids(sp, conversation, specials)
+    assert ids == upstream_slow_ids(sp, conversation, specials)
     assert tok.decode(ids) == conversation
     old_style = conversation.replace("<|im_start|>", "[UNUSED_TOKEN_146]").replace(
         "<|im_end|>", "[UNUSED_TOKEN_145]"
