@@ -21,9 +21,10 @@ import jinja2
 import torch
 from transformers import AddedToken, GenerationConfig, PreTrainedTokenizerBase
 
-from llava_ft.data.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, Message
+from llava_ft.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_ft.data.conversation import Conversation, Message
 from llava_ft.files import atomic_dir, check_replaceable_dir
-from llava_ft.train.checkpoint import read_stage_config
+from llava_ft.stage import load_stage, read_stage_config
 
 log = logging.getLogger("llava_ft")
 
@@ -122,19 +123,9 @@ class ExportResult:
 
 def load_merged(checkpoint: str | Path):
     """(cfg, tokenizer, template, LlavaModel with adapters applied but not merged), fp32, unquantized."""
-    from llava_ft.data.templates import get_template
-    from llava_ft.model.build import build_model
-    from llava_ft.train.checkpoint import apply_stage_weights, check_stage_files, stage_model_config
-
-    ckpt = Path(checkpoint)
-    cfg = stage_model_config(ckpt)
-    info = check_stage_files(ckpt)  # a damaged stage output fails before the models load
     # QLoRA adapters merge into the base in full precision: a 4-bit base cannot hold the merged weights.
-    cfg.model.dtype = "float32"
-    tokenizer, model = build_model(cfg, load_in_4bit=False)
-    apply_stage_weights(model, ckpt, adapters="load")
-    template = get_template(info["name"], tokenizer)
-    return cfg, tokenizer, template, model.eval()
+    stage = load_stage(checkpoint, dtype="float32")
+    return stage.config, stage.tokenizer, stage.template, stage.model
 
 
 def merge_adapters(model) -> list[str]:

@@ -19,7 +19,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from llava_ft.data.conversation import IMAGE_TOKEN, Conversation, Message
+from llava_ft.constants import IMAGE_TOKEN
+from llava_ft.data.conversation import Conversation, Message
 
 log = logging.getLogger("llava_ft")
 
@@ -72,17 +73,11 @@ class Assistant:
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, load_4bit: bool = False, device: str | None = None) -> Assistant:
-        from llava_ft.data.templates import get_template
-        from llava_ft.model.build import build_model
-        from llava_ft.train.checkpoint import apply_stage_weights, check_stage_files, stage_model_config
+        from llava_ft.stage import load_stage
 
-        ckpt = Path(checkpoint)
-        cfg = stage_model_config(ckpt)
-        info = check_stage_files(ckpt)  # a damaged stage output fails before the models load
+        stage = load_stage(checkpoint, load_in_4bit=load_4bit)
+        model = stage.model
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        tokenizer, model = build_model(cfg, load_in_4bit=load_4bit)
-        apply_stage_weights(model, ckpt, adapters="load")
-        template = get_template(info["name"], tokenizer)
         if load_4bit:
             # bitsandbytes already placed the quantized LLM; the tower and projector follow it.
             for part in (model.vision_tower, model.projector):
@@ -90,7 +85,7 @@ class Assistant:
                     part.to(device)
         else:
             model.to(device)
-        return cls(model, tokenizer, template, device, stop_words=info.get("stop_words"))
+        return cls(model, stage.tokenizer, stage.template, device, stop_words=stage.stop_words)
 
     @property
     def has_vision(self) -> bool:

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.collate import Collator, PackedCollator
-from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.images import ImageProcessor
 from llava_ft.data.packing import PackedDataset
 from llava_ft.data.sampler import LengthGroupedSampler

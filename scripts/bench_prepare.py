@@ -92,7 +92,7 @@ def tokenizer_alone(encoder, path: Path, runs: int) -> dict[str, float]:
     preparation that hands each text to the tokenizer pays at the least (XTuner does). With offsets
     (`encode_batch`, what a label check over the whole text reads) and without (`encode_batch_fast`, ids only).
     llava_ft's chunked tokenization (llava_ft/data/chunked.py) gets the same ids without this call."""
-    from llava_ft.data.conversation import IMAGE_TOKEN
+    from llava_ft.constants import IMAGE_TOKEN
     from llava_ft.data.sources import read_conversations
     from llava_ft.data.sp_convert import fast_twin
 

@@ -28,7 +28,8 @@ from transformers import (
 )
 
 from llava_ft.cli.main import main
-from llava_ft.data.conversation import IMAGE_TOKEN_INDEX, Conversation, Message
+from llava_ft.constants import IMAGE_TOKEN_INDEX
+from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.templates import TEMPLATES, get_template
 from llava_ft.data.tokenize import Encoder
 from llava_ft.export import (
@@ -41,9 +42,9 @@ from llava_ft.export import (
 from llava_ft.model.build import build_model
 from llava_ft.model.llm import load_tokenizer
 from llava_ft.model.vision import VisionConfig, build_vision_tower
+from llava_ft.stage import apply_stage_weights, read_stage_config, read_template_info
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 from llava_ft.testing.tiny_llm import write_internlm2_tokenizer
-from llava_ft.train.checkpoint import apply_stage_weights, read_stage_config, read_template_info
 
 REFERENCE_TEMPLATES = Path("/work/shared/reference/chat_templates.json")
 MAX_DIFF = 1e-4  # fp32 on CPU; the largest differences seen are ~5e-6
@@ -410,9 +411,9 @@ def test_lora_on_tied_lm_head_is_merged_untied(root, tmp_path):
     the input embeddings too (export check failed: logits off by ~0.6). The export unties them first."""
     from llava_ft.data.templates import get_template
     from llava_ft.model.trainability import apply_trainability
+    from llava_ft.stage import save_stage_output
     from llava_ft.testing.tiny_llava import tiny_config
     from llava_ft.testing.tiny_llm import write_tiny_qwen2
-    from llava_ft.train.checkpoint import save_stage_output
 
     llm_dir = write_tiny_qwen2(root / "llm_qwen2", _qwen2_tokenizer(), hidden_size=32, intermediate_size=64)
     cfg = tiny_config(root, llm_mode="lora", vision_backend="open_clip")

@@ -14,7 +14,8 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from llava_ft.config import DataSection, ModelSection, RunConfig, TrainableSection
-from llava_ft.data.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Message
+from llava_ft.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_ft.data.conversation import Message
 from llava_ft.data.templates import VicunaTemplate, get_template
 from llava_ft.inference import Assistant, Query, _StopOnText, load_assistant, split_stop_words
 from llava_ft.model.build import build_model

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llava_ft.data.conversation import IMAGE_TOKEN, DataError, Message
+from llava_ft.constants import IMAGE_TOKEN
+from llava_ft.data.conversation import DataError, Message
 
 if TYPE_CHECKING:  # importing inference pulls in torch; `llava-ft --help` should not wait for it
     from llava_ft.inference import Assistant
@@ -128,7 +129,7 @@ def run_interactive(session: ChatSession, read: Callable[[str], str] = input, ou
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from llava_ft.inference import load_assistant
-    from llava_ft.train.checkpoint import read_stage_config
+    from llava_ft.stage import read_stage_config
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         print(

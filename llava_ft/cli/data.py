@@ -23,7 +23,8 @@ from itertools import islice
 from pathlib import Path
 
 from llava_ft.config import DataSection, DataSource
-from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation, DataError
+from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_ft.data.conversation import Conversation, DataError
 from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
 from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizedSample

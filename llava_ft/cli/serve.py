@@ -63,7 +63,7 @@ class PageState:
 
 def chat_messages(history: list[Message]) -> list[dict]:
     """The conversation as the page's chatbot shows it: the text typed, without the `<image>` marker."""
-    from llava_ft.data.conversation import IMAGE_TOKEN
+    from llava_ft.constants import IMAGE_TOKEN
 
     return [{"role": m.role, "content": m.content.removeprefix(f"{IMAGE_TOKEN}\n")} for m in history]
 
@@ -279,7 +279,7 @@ def serve(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llava_ft.train.checkpoint import read_stage_config
+    from llava_ft.stage import read_stage_config
 
     if args.temperature < 0 or args.max_new_tokens < 1:
         print(

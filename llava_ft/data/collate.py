@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataError
+from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_ft.data.conversation import DataError
 
 Item = dict[str, Any]
 

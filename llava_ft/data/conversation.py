@@ -9,11 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-IMAGE_TOKEN = "<image>"
-# Placeholder id for one image-feature position inside input_ids (as LLaVA). It never reaches an
-# embedding lookup: the model scatters projected image features into these positions.
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
+from llava_ft.constants import IMAGE_TOKEN
 
 Role = Literal["system", "user", "assistant"]
 

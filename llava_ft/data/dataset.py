@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from llava_ft.config import DataSection
-from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataError
+from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_ft.data.conversation import DataError
 from llava_ft.data.tokenize import EncodeStats
 
 log = logging.getLogger("llava_ft")

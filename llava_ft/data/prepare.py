@@ -50,8 +50,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.data.chunked import ChunkedTokenizer, cut_tokens
-from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, DataError
+from llava_ft.data.conversation import Conversation, DataError
 from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
 from llava_ft.data.sp_convert import fast_twin
 from llava_ft.data.tokenize import (

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from llava_ft.data.conversation import IMAGE_TOKEN, Conversation, DataError, Message
+from llava_ft.constants import IMAGE_TOKEN
+from llava_ft.data.conversation import Conversation, DataError, Message
 
 FORMATS = ("llava", "xtuner", "alpaca", "openai", "text")
 # First key found wins; checked in this order so that e.g. a llava record with a stray "text" key is llava.

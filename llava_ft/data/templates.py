@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava_ft.data.conversation import IMAGE_TOKEN, Conversation, DataError, Message
+from llava_ft.constants import IMAGE_TOKEN
+from llava_ft.data.conversation import Conversation, DataError, Message
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

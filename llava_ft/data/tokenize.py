@@ -14,7 +14,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
-from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Conversation, DataError
+from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_ft.data.conversation import Conversation, DataError
 from llava_ft.data.sources import BadRecords
 from llava_ft.data.templates import ChatTemplate, Segment
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from llava_ft.data.conversation import IMAGE_TOKEN
+from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.files import atomic_path
 
 # Bump when the generated content changes, so cached datasets written by older code are regenerated.

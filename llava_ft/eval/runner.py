@@ -48,7 +48,7 @@ def open_assistant(checkpoint: str, *, load_4bit: bool = False) -> Assistant:
 
 
 def checkpoint_weights(checkpoint: str) -> str:
-    from llava_ft.train.checkpoint import stage_fingerprint
+    from llava_ft.stage import stage_fingerprint
 
     return stage_fingerprint(checkpoint)
 

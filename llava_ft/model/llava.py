@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from llava_ft.data.conversation import IMAGE_TOKEN_INDEX
+from llava_ft.constants import IMAGE_TOKEN_INDEX
 from llava_ft.model.attention import PACKED_SDPA, packed_spans, plan_packed
 from llava_ft.model.loss import LossMode, causal_lm_loss, is_plain_linear
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llava_ft.data.conversation import IGNORE_INDEX
+from llava_ft.constants import IGNORE_INDEX
 
 log = logging.getLogger("llava_ft")
 

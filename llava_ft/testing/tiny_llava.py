@@ -58,7 +58,7 @@ def write_tiny_stage_output(root: Path, out: Path, *, seed: int = 0, **kwargs) -
     from llava_ft.data.templates import get_template
     from llava_ft.model.build import build_model
     from llava_ft.model.trainability import apply_trainability
-    from llava_ft.train.checkpoint import save_stage_output
+    from llava_ft.stage import save_stage_output
 
     cfg = tiny_config(root, **kwargs)
     cfg.train.output_dir = str(out)

@@ -19,7 +19,8 @@ from llava_ft.files import atomic_write_text
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability, log_trainability
 from llava_ft.report import compact_log_history, write_report
-from llava_ft.train.checkpoint import apply_stage_weights, gathered_trainable, save_stage_output, trained_llm
+from llava_ft.stage import apply_stage_weights, save_stage_output, trained_llm
+from llava_ft.train.checkpoint import gathered_trainable
 from llava_ft.train.trainer import (
     LlavaTrainer,
     checkpoint_folders,

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
+from llava_ft.constants import IGNORE_INDEX as X
+from llava_ft.constants import IMAGE_TOKEN_INDEX as IMG
 from llava_ft.data.collate import Collator, PackedCollator
-from llava_ft.data.conversation import IGNORE_INDEX as X
-from llava_ft.data.conversation import IMAGE_TOKEN_INDEX as IMG
 from llava_ft.data.conversation import DataError
 
 PAD = 0

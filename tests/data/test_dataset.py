@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from llava_ft.config import DataSection, DataSource
+from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.collate import PackedCollator
-from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataError
+from llava_ft.data.conversation import DataError
 from llava_ft.data.dataset import build_dataset
 from llava_ft.data.packing import PackedDataset
 from llava_ft.data.sources import read_conversations

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llava_ft.constants import IGNORE_INDEX
 from llava_ft.data.collate import Collator, PackedCollator
-from llava_ft.data.conversation import IGNORE_INDEX, DataError
+from llava_ft.data.conversation import DataError
 from llava_ft.data.packing import PackedDataset, plan_packs
 
 PAD = 0

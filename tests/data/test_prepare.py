@@ -11,8 +11,9 @@ import pyarrow as pa
 import pytest
 
 from llava_ft.cli.data import main
+from llava_ft.constants import IGNORE_INDEX
 from llava_ft.data import prepare as prep
-from llava_ft.data.conversation import IGNORE_INDEX, DataError
+from llava_ft.data.conversation import DataError
 from llava_ft.data.dataset import SFTDataset
 from llava_ft.data.sources import read_conversations
 from llava_ft.data.templates import get_template

@@ -9,7 +9,8 @@ import mistral_common
 import pytest
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation, DataError, Message
+from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_ft.data.conversation import Conversation, DataError, Message
 from llava_ft.data.templates import ChatTemplate, get_template
 from llava_ft.data.tokenize import (
     DroppedSample,

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
+from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.collate import Collator, PackedCollator
-from llava_ft.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.model import attention
 from llava_ft.model.llava import LlavaModel
 from llava_ft.model.projector import build_projector

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llava_ft.data.conversation import IGNORE_INDEX
+from llava_ft.constants import IGNORE_INDEX
 from llava_ft.model.llava import LlavaModel
 from llava_ft.model.loss import causal_lm_loss, is_plain_linear, resolve_loss_mode, shift_labels
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,28 +11,10 @@ from llava_ft.testing.tiny_llava import tiny_config
 
 
 @pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tiny_models")
-
-
-@pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     from llava_ft.demo.shapes import generate_shapes_dataset
 
     return generate_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train_images=48, n_heldout_images=4)
-
-
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "text.jsonl"
-    lines = [
-        f"the {c} {s} is at the {p}."
-        for c in ("red", "blue")
-        for s in ("circle", "square")
-        for p in ("top", "bottom")
-    ]
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines * 4))
-    return path
 
 
 @pytest.fixture

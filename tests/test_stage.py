@@ -13,8 +13,7 @@ import yaml
 from llava_ft.config import DataSource
 from llava_ft.export import load_merged
 from llava_ft.model.build import build_model
-from llava_ft.testing.tiny_llava import tiny_config, write_tiny_stage_output
-from llava_ft.train.checkpoint import (
+from llava_ft.stage import (
     CONFIG_NAME,
     apply_stage_weights,
     read_stage_config,
@@ -22,6 +21,7 @@ from llava_ft.train.checkpoint import (
     stage_fingerprint,
     trained_llm,
 )
+from llava_ft.testing.tiny_llava import tiny_config, write_tiny_stage_output
 from llava_ft.train.run import train
 
 
@@ -110,7 +110,7 @@ def test_init_from_an_adapter_with_other_lora_settings_is_refused(tiny_root, tmp
 
     from llava_ft.model.build import build_model
     from llava_ft.model.trainability import apply_trainability
-    from llava_ft.train.checkpoint import apply_stage_weights
+    from llava_ft.stage import apply_stage_weights
 
     first = write_tiny_stage_output(tiny_root, tmp_path / "first", llm_mode="lora")
     cfg = tiny_config(tiny_root, llm_mode="lora")
@@ -204,9 +204,9 @@ def test_a_stage_config_reads_from_anywhere(tmp_path, monkeypatch):
     """A stage trained with `--train.deepspeed configs/deepspeed/zero3.json` (relative) and a tracker this machine
     lacks is still read by chat, export and later stages from another folder."""
     from llava_ft.config import dump_config, load_config, parse_overrides
-    from llava_ft.train.checkpoint import absolute_paths
+    from llava_ft.stage import absolute_paths
 
-    repo = Path(__file__).parents[2]
+    repo = Path(__file__).parents[1]
     monkeypatch.chdir(repo)
     overrides = ["--train.deepspeed", "configs/deepspeed/zero3.json", "--train.report_to", "no-such-tracker"]
     cfg = load_config(repo / "configs" / "tiny" / "finetune.yaml", parse_overrides(overrides))

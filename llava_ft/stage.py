@@ -1,0 +1,326 @@
+"""The stage-output format: only what trained, plus the resolved config and the chat template.
+
+Layout of a stage output folder:
+    llava_ft.yaml          resolved config (absolute paths); written last, so its presence means "complete"
+    template.json          chat template name and stop words used in training
+    projector.safetensors  when the projector trained
+    llm_adapter/           peft LoRA adapter of the LLM (adapter_config.json + adapter_model.safetensors)
+    vision_adapter/        peft LoRA adapter of the vision tower
+    llm/                   the whole LLM (standard transformers folder + tokenizer) when it trained in full
+
+`save_stage_output` writes one, `load_stage` reads one back into a model; chat, serve, eval and export load
+through it and need nothing from the trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from llava_ft.config import RunConfig, dump_config, load_config
+from llava_ft.data.templates import ChatTemplate, get_template
+from llava_ft.files import atomic_dir, atomic_path, atomic_write_bytes
+from llava_ft.model.build import build_model
+
+log = logging.getLogger("llava_ft")
+
+CONFIG_NAME = "llava_ft.yaml"
+TEMPLATE_NAME = "template.json"
+PROJECTOR_NAME = "projector.safetensors"
+
+
+@dataclass
+class LoadedStage:
+    """A stage output built into a model with its trained weights applied."""
+
+    config: RunConfig
+    """The stage's config, model.llm pointing at the LLM the weights apply to."""
+    tokenizer: object
+    template: ChatTemplate
+    model: torch.nn.Module
+    """LlavaModel with every adapter of the chain applied (not merged), in eval mode."""
+    stop_words: list[str]
+    """The stop words saved with the stage (those training used)."""
+
+
+def load_stage(path: str | Path, *, load_in_4bit: bool = False, dtype: str | None = None) -> LoadedStage:
+    """Build the model a stage output describes and apply its weights (and those of its init_from chain).
+
+    `dtype` overrides the config's model.dtype (export merges in float32). Damaged files are named before any
+    model loads."""
+    ckpt = Path(path)
+    cfg = stage_model_config(ckpt)
+    info = check_stage_files(ckpt)
+    if dtype is not None:
+        cfg.model.dtype = dtype
+    tokenizer, model = build_model(cfg, load_in_4bit=load_in_4bit)
+    apply_stage_weights(model, ckpt, adapters="load")
+    template = get_template(info["name"], tokenizer)
+    return LoadedStage(
+        cfg, tokenizer, template, model.eval(), list(info.get("stop_words", template.stop_words))
+    )
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
+    trains = _trained_parts(cfg, model)
+    for name, trained in trains.items():
+        if not trained and (out / name).exists():
+            _remove_stale(out, name)
+    if trains[PROJECTOR_NAME]:
+        atomic_save_tensors(model.projector.state_dict(), out / PROJECTOR_NAME)
+    if trains["llm_adapter"]:
+        atomic_dir(out / "llm_adapter", lambda d: model.llm.save_pretrained(d, safe_serialization=True))
+    if trains["llm"]:
+
+        def write_llm(d: Path) -> None:
+            model.llm.save_pretrained(d, safe_serialization=True)
+            tokenizer.save_pretrained(d)
+
+        atomic_dir(out / "llm", write_llm)
+    if trains["vision_adapter"]:
+        atomic_dir(
+            out / "vision_adapter", lambda d: model.vision_tower.save_pretrained(d, safe_serialization=True)
+        )
+    info = {"name": template.name, "stop_words": list(template.stop_words)}
+    atomic_write_bytes(out / TEMPLATE_NAME, json.dumps(info, indent=2).encode())
+    with atomic_path(out / CONFIG_NAME) as tmp:
+        dump_config(absolute_paths(cfg), tmp)
+    log.info("stage output written to %s", out)
+    return out
+
+
+def _trained_parts(cfg: RunConfig, model) -> dict[str, bool]:
+    """Which parts of a stage output this config writes (the only place that decides it)."""
+    return {
+        PROJECTOR_NAME: cfg.trainable.projector == "full" and model.projector is not None,
+        "llm_adapter": cfg.trainable.llm in ("lora", "qlora"),
+        "llm": cfg.trainable.llm == "full",
+        "vision_adapter": cfg.trainable.vision == "lora",
+    }
+
+
+def _remove_stale(out: Path, name: str) -> None:
+    """A part an earlier run into the same folder trained but this one does not: loading applies every part
+    present, so a leftover adapter or projector would silently change the model."""
+    log.warning("%s: removing %s left by an earlier run (this stage does not train it)", out, name)
+    part = out / name
+    if part.is_dir():
+        shutil.rmtree(part)
+    else:
+        part.unlink()
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Copy of cfg whose existing file paths are absolute, so a checkpoint works from any working directory."""
+    c = copy.deepcopy(cfg)
+
+    def absolute(p: str | None) -> str | None:
+        prefix = "local-dir:" if p and p.startswith("local-dir:") else ""
+        path = p[len(prefix) :] if p else p
+        if not path or not Path(path).exists():
+            return p
+        return prefix + str(Path(path).resolve())
+
+    c.model.llm = absolute(c.model.llm)
+    if c.model.vision is not None:
+        c.model.vision.model = absolute(c.model.vision.model)
+        c.model.vision.pretrained = absolute(c.model.vision.pretrained)
+    c.train.output_dir = str(Path(c.train.output_dir).resolve())
+    c.train.init_from = absolute(c.train.init_from)
+    c.train.deepspeed = absolute(c.train.deepspeed)
+    for src in c.data.train:
+        src.path = absolute(src.path)
+        src.image_folder = absolute(src.image_folder)
+    return c
+
+
+def read_stage_config(ckpt: str | Path) -> RunConfig:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: not a folder")
+    if not (ckpt / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{ckpt}: not a llava_ft stage output (no {CONFIG_NAME}; an interrupted run leaves none)"
+        )
+    return load_config(ckpt / CONFIG_NAME)
+
+
+def read_template_info(ckpt: str | Path) -> dict:
+    """template.json of a stage output: {"name": ..., "stop_words": [...]}; a damaged one names itself."""
+    path = Path(ckpt) / TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (every stage output has one; the folder is incomplete)")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+        raise ValueError(f'{path}: expected {{"name": ..., "stop_words": [...]}}, got {str(info)[:80]}')
+    stop_words = info.get("stop_words", [])
+    if not isinstance(stop_words, list) or not all(isinstance(w, str) for w in stop_words):
+        raise ValueError(f"{path}: stop_words must be a list of strings, got {stop_words!r}")
+    return info
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """load_file, with a damaged file (truncated, not safetensors) reported by name instead of a raw
+    SafetensorError, which the command line does not catch."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise damaged(path, e) from None
+
+
+def damaged(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path}: cannot read it ({error}); the file is damaged or truncated")
+
+
+def _adapter_weights(adapter: Path) -> Path:
+    """The weights file of a peft adapter folder; without this check peft takes the missing local folder for a
+    hub repo id and fails with "Repo id must be in the form ..."."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: LoRA adapter folder without adapter_config.json (incomplete)")
+    if (adapter / "adapter_model.safetensors").is_file():  # the only form llava_ft writes and reads
+        return adapter / "adapter_model.safetensors"
+    raise FileNotFoundError(f"{adapter}: LoRA adapter folder without adapter_model.safetensors (incomplete)")
+
+
+def check_stage_files(ckpt: str | Path) -> dict:
+    """Cheap checks of everything `apply_stage_weights` will read along the chain, so that a damaged stage
+    output fails before the models are built: template.json parses, safetensors headers read, adapter folders
+    complete. Returns the template info."""
+    info = read_template_info(ckpt)
+    for stage in stage_chain(ckpt):
+        files = [stage / PROJECTOR_NAME] if (stage / PROJECTOR_NAME).is_file() else []
+        files += [
+            _adapter_weights(stage / sub)
+            for sub in ("llm_adapter", "vision_adapter")
+            if (stage / sub).is_dir()
+        ]
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except SafetensorError as e:
+                raise damaged(path, e) from None
+    return info
+
+
+def stage_chain(ckpt: str | Path) -> list[Path]:
+    """The stage and the stages it started from (train.init_from, followed back), oldest first."""
+    chain = [Path(ckpt)]
+    while init_from := read_stage_config(chain[0]).train.init_from:
+        stage = Path(init_from)
+        if any(stage.resolve() == p.resolve() for p in chain):
+            raise ValueError(f"{chain[-1]}: train.init_from chain loops back to {stage}")
+        chain.insert(0, stage)
+    return chain
+
+
+def trained_llm(ckpt: str | Path) -> Path | None:
+    """The newest whole LLM trained along the chain (a stage's llm/): the base every later stage builds on."""
+    return next((stage / "llm" for stage in reversed(stage_chain(ckpt)) if (stage / "llm").is_dir()), None)
+
+
+def stage_model_config(ckpt: str | Path) -> RunConfig:
+    """A stage's config with model.llm pointing at the LLM its weights apply to (`trained_llm`, if any)."""
+    cfg = read_stage_config(ckpt)
+    if (llm := trained_llm(ckpt)) is not None:
+        cfg.model.llm = str(llm)
+    return cfg
+
+
+def stage_fingerprint(ckpt: str | Path) -> str:
+    """Digest of everything `apply_stage_weights` reads: each stage's config (which names the base models),
+    template and trained weights along the chain. A stage retrained in place gets another."""
+    digest = hashlib.sha256()
+    for stage in stage_chain(ckpt):
+        files = [stage / CONFIG_NAME, stage / TEMPLATE_NAME, stage / PROJECTOR_NAME]
+        for sub in ("llm_adapter", "vision_adapter", "llm"):
+            if (stage / sub).is_dir():
+                files += sorted(p for p in (stage / sub).rglob("*") if p.is_file())
+        for path in files:
+            if not path.is_file():
+                continue
+            with open(path, "rb") as f:
+                digest.update(
+                    f"{path.relative_to(stage)}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode()
+                )
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> None:
+    """Load the trained weights of a stage and of the stages it started from into `model`, oldest first.
+
+    The model must already be built on `trained_llm(ckpt)` when the chain trained a whole LLM. A projector is
+    overwritten by each later stage that trained it. A LoRA stage saves its whole adapter, continued from the
+    one it started from, so per module only the newest adapter of the chain is applied. adapters="load": wrap
+    the module in that adapter (inference); "init": copy its weights into the model's own peft wrapper (a
+    stage that continues training LoRA).
+    """
+    chain = stage_chain(ckpt)
+    newest = {sub: max((i for i, st in enumerate(chain) if (st / sub).is_dir()), default=None)
+              for sub in ("llm_adapter", "vision_adapter")}  # fmt: skip
+    for i, stage in enumerate(chain):
+        if (stage / PROJECTOR_NAME).is_file():
+            if model.projector is None:
+                raise ValueError(f"{stage}: has projector weights but this model has no vision tower")
+            state = _load_tensors(stage / PROJECTOR_NAME)
+            try:
+                model.projector.load_state_dict(state)
+            except RuntimeError as e:  # names or shapes of another projector
+                raise ValueError(
+                    f"{stage / PROJECTOR_NAME}: does not fit this model's projector: {e}"
+                ) from None
+            log.info("projector weights from %s", stage)
+        for sub, attr in (("llm_adapter", "llm"), ("vision_adapter", "vision_tower")):
+            if newest[sub] != i:
+                continue
+            adapter = stage / sub
+            weights = _adapter_weights(adapter)
+            module = getattr(model, attr)
+            if adapters == "load":
+                try:
+                    setattr(model, attr, PeftModel.from_pretrained(module, str(adapter)))
+                except SafetensorError as e:
+                    raise damaged(weights, e) from None
+            else:
+                if not hasattr(module, "peft_config"):
+                    raise ValueError(
+                        f"{adapter}: init_from holds a LoRA adapter but this stage does not train LoRA on {attr}; "
+                        "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
+                    )
+                loaded = set_peft_model_state_dict(module, _load_tensors(weights))
+                _check_adapter_fits(module, loaded, adapter)
+            log.info("%s adapter from %s", attr, adapter)
+
+
+def _check_adapter_fits(module, loaded, adapter: Path) -> None:
+    """Continuing an adapter with other LoRA settings (target_modules, rank) would silently start from a model
+    the earlier stage never produced; and only this stage's adapter is applied on load, so the rest is lost."""
+    unexpected = list(loaded.unexpected_keys)
+    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    if unexpected or missing:
+        raise ValueError(
+            f"{adapter}: the adapter does not fit this stage's LoRA ({len(unexpected)} saved tensors without a place, "
+            f"e.g. {unexpected[:3]}; {len(missing)} LoRA tensors not in the adapter, e.g. {missing[:3]}): use the "
+            "same lora settings as the stage it continues, or merge it first (llava-ft export --format merged-llm)"
+        )
