@@ -393,9 +393,7 @@ class _ShardResult:
 
 
 def _record_batches(path: Path) -> Iterator[list[tuple[str, Any]]]:
-    # No checking pass over a .json list first: a file error found later still wins (see _merge), and
-    # the output of a failed run is never kept.
-    records = iter_records(path, check_first=False)
+    records = iter_records(path)
     while batch := list(islice(records, BATCH_SIZE)):
         yield batch
 

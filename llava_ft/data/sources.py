@@ -8,9 +8,7 @@ the first record's keys, or named. Every problem is a `DataError` naming the fil
 
 from __future__ import annotations
 
-import codecs
 import json
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,6 @@ _LLAVA_ROLES = {
     "system": "system",
 }
 _OPENAI_ROLES = {"system", "user", "assistant"}
-_NOT_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 
 
 @dataclass
@@ -132,20 +129,42 @@ def effective_format(path: str | Path, fmt: str = "auto") -> str:
     try:
         with path.open("rb") as handle:
             if path.suffix == ".json":
-                first = next(_json_items(path, handle), None)
+                first = _first_json_item(handle)
             else:
                 raw = next((line for line in handle if line.strip()), None)
-                first = None if raw is None else ("", _parse_line(raw, ""))
-            return detect_format(first[1], "") if first is not None else "auto"
-    except (DataError, OSError):  # reading the file reports it properly
+                first = None if raw is None else _parse_line(raw, "")
+            return detect_format(first, "") if first is not None else "auto"
+    except (DataError, OSError, ValueError):  # reading the file reports it properly
         return "auto"
 
 
-def iter_records(path: str | Path, check_first: bool = True) -> Iterator[tuple[str, Any]]:
+def _first_json_item(handle: BinaryIO) -> Any:
+    """The first record of a JSON list (None for an empty list), decoded from as much of the file as it needs."""
+    text, decoder = "", json.JSONDecoder()
+    while chunk := handle.read(1 << 16):
+        text += chunk.decode(
+            "utf-8", errors="ignore"
+        )  # a character cut by the read is decoded whole next time
+        head = text.lstrip()
+        if not head.startswith("["):
+            return None
+        body = head[1:].lstrip()
+        if body.startswith("]"):
+            return None
+        try:
+            return decoder.raw_decode(body)[0]
+        except json.JSONDecodeError:
+            continue  # the record goes on past this read
+    return None
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(where, record) for every record of the file, in order. A `.jsonl` line that is not JSON comes as
     (where, DataError), so that it is counted in its place; a `.json` file that is not a list of JSON values
-    raises (no record of it can be trusted): before the first record, or with `check_first=False` (one pass
-    fewer, for a caller that discards its work on any error) where the file goes wrong."""
+    raises before the first record (no record of it can be trusted).
+
+    A `.json` list is parsed whole by `json.loads` (its records are held in memory while they are read; LLaVA-size
+    data is better kept as `.jsonl`, which is read line by line)."""
     path = Path(path)
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(str(path), "expected a .json (list of records) or .jsonl (one record per line) file")
@@ -155,9 +174,10 @@ def iter_records(path: str | Path, check_first: bool = True) -> Iterator[tuple[s
         raise DataError(str(path), f"cannot read file: {e}") from e
     with handle:
         if path.suffix == ".json":
-            yield from _json_list(path, handle) if check_first else _json_items(path, handle)
+            records = _json_list(path, handle.read())
+            for index, record in enumerate(records):
+                yield f"{path}[{index}]", record
             return
-        # Line by line: LLaVA-size files need not be held in memory.
         for lineno, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
@@ -177,85 +197,16 @@ def _parse_line(raw: bytes, where: str) -> Any:
         raise DataError(where, f"malformed JSON line: {e.msg} (column {e.colno})") from e
 
 
-_READ_SIZE = 1 << 22
-
-
-def _json_list(path: Path, handle: BinaryIO) -> Iterator[tuple[str, Any]]:
-    """The records of a JSON list. A first pass checks the whole file (malformed JSON is a file error, raised
-    before any record); the second yields the records. Parsing is a small share of preparing a record."""
-    for _ in _json_items(path, handle):
-        pass
-    handle.seek(0)
-    yield from _json_items(path, handle)
-
-
-def _json_items(path: Path, handle: BinaryIO) -> Iterator[tuple[str, Any]]:
-    """The records of a JSON list, parsed one by one from 4 MiB reads: a LLaVA-size file is never held as one
-    tree of Python objects (200,000 records would take gigabytes). Same parser and messages as `json.loads`."""
-    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
-    buf, pos, line_base, byte_base, eof = "", 0, 0, 0, False
-
-    def read_more() -> None:
-        nonlocal buf, pos, line_base, byte_base, eof
-        data = handle.read(_READ_SIZE)
-        eof = not data
-        try:
-            text = utf8.decode(data, final=eof)
-        except UnicodeDecodeError as e:
-            raise DataError(str(path), f"not UTF-8: {e.reason} at byte {byte_base + e.start}") from e
-        byte_base += len(data)
-        line_base += buf.count("\n", 0, pos)  # drop what is parsed
-        buf, pos = buf[pos:] + text, 0
-
-    def skip_space() -> str:
-        """The next non-space character ('' at the end of the file)."""
-        nonlocal pos
-        while True:
-            pos = _NOT_SPACE.match(buf, pos).end()
-            if pos < len(buf) or eof:
-                return buf[pos : pos + 1]
-            read_more()
-
-    def malformed(e: json.JSONDecodeError) -> DataError:
-        return DataError(f"{path}:{line_base + e.lineno}", f"malformed JSON: {e.msg}")
-
-    read_more()
-    if skip_space() != "[":  # not a list (or not JSON): json.loads of the whole file says which
-        handle.seek(0)
-        try:
-            records = json.loads(handle.read().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(str(path), f"not UTF-8: {e.reason} at byte {e.start}") from e
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg}") from e
+def _json_list(path: Path, data: bytes) -> list:
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), f"not UTF-8: {e.reason} at byte {e.start}") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg}") from e
+    if not isinstance(records, list):
         raise DataError(str(path), f"a .json file must hold a list of records, got {type(records).__name__}")
-    pos += 1
-    index, expect_item = 0, False
-    while True:
-        char = skip_space()
-        if char == "]" and not expect_item:
-            pos += 1
-            if skip_space():
-                raise malformed(json.JSONDecodeError("Extra data", buf, pos))
-            return
-        if index and not expect_item:
-            if char != ",":
-                raise malformed(json.JSONDecodeError("Expecting ',' delimiter", buf, pos))
-            pos += 1
-            expect_item = True
-            continue
-        while True:  # a record cut by the end of the buffer is parsed again once more is read
-            try:
-                record, end = decoder.raw_decode(buf, pos)
-                if end < len(buf) or eof:  # a number ending the buffer may go on in the next read
-                    break
-            except json.JSONDecodeError as e:
-                if eof:
-                    raise malformed(e) from e
-            read_more()
-        pos, expect_item = end, False
-        yield f"{path}[{index}]", record
-        index += 1
+    return records
 
 
 # ---------------------------------------------------------------- helpers shared by the adapters

@@ -351,30 +351,31 @@ def test_cli_prepare_warms_the_cache_training_uses(tokenizer_dirs, tmp_path, mon
 # ---------------------------------------------------------------- reading and processes at scale
 
 
-def test_json_list_streams_like_json_loads(tmp_path, monkeypatch):
-    """The .json reader parses record by record from fixed-size reads: the same records as json.loads for
-    every read size (records, strings and numbers cut anywhere), and malformed JSON named by its line."""
+def test_json_list_reads_like_json_loads(tmp_path):
+    """The .json reader gives json.loads's records, each named by its index, and malformed JSON named by its
+    line; the format is detected from the first record alone."""
     from llava_ft.data import sources
 
     rng = random.Random(0)
-    for size in (1, 2, 3, 7, 64):
-        monkeypatch.setattr(sources, "_READ_SIZE", size)
-        for _ in range(10):
-            records = [{"a": rng.random(), "b": "x" * rng.randint(0, 9) + "é🙂\n", "n": rng.randint(-10**6, 10**6),
-                        "l": [1, 2.5e10, None, True]} for _ in range(rng.randint(0, 5))]  # fmt: skip
-            path = tmp_path / "x.json"
-            path.write_text(
-                json.dumps(records, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5)
-            )
-            expected = [(f"{path}[{i}]", r) for i, r in enumerate(json.loads(path.read_text()))]
-            assert list(sources.iter_records(path)) == expected
-        for text, line in [('[\n{"a": 1},\n{oops}\n]', 3), ('[{"a":1} {"b":2}]', 1), ('[{"a":1},]', 1),
-                           ('[{"a":1}', 1), ('[{"a":1}] x', 1), ('[\n\n{"a": 1,\n', 4)]:  # fmt: skip
-            with pytest.raises(json.JSONDecodeError):
-                json.loads(text)
-            (tmp_path / "b.json").write_text(text)
-            with pytest.raises(DataError, match=rf"b\.json:{line}: malformed JSON"):
-                list(sources.iter_records(tmp_path / "b.json"))
+    for _ in range(10):
+        records = [{"a": rng.random(), "b": "x" * rng.randint(0, 9) + "é🙂\n", "n": rng.randint(-10**6, 10**6),
+                    "l": [1, 2.5e10, None, True]} for _ in range(rng.randint(0, 5))]  # fmt: skip
+        path = tmp_path / "x.json"
+        path.write_text(json.dumps(records, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5))
+        expected = [(f"{path}[{i}]", r) for i, r in enumerate(json.loads(path.read_text()))]
+        assert list(sources.iter_records(path)) == expected
+    for text, line in [('[\n{"a": 1},\n{oops}\n]', 3), ('[{"a":1} {"b":2}]', 1), ('[{"a":1},]', 1),
+                       ('[{"a":1}', 1), ('[{"a":1}] x', 1), ('[\n\n{"a": 1,\n', 4)]:  # fmt: skip
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(text)
+        (tmp_path / "b.json").write_text(text)
+        with pytest.raises(DataError, match=rf"b\.json:{line}: malformed JSON"):
+            list(sources.iter_records(tmp_path / "b.json"))
+    big = [{"messages": [{"role": "user", "content": "é" * 70000}]}, {"text": "x"}]  # past one read
+    (tmp_path / "big.json").write_text(json.dumps(big, ensure_ascii=False))
+    assert sources.effective_format(tmp_path / "big.json") == "openai"
+    (tmp_path / "empty.json").write_text(" [ ] ")
+    assert sources.effective_format(tmp_path / "empty.json") == "auto"
 
 
 @pytest.mark.parametrize("num_proc", [2, 3])
