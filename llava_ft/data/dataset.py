@@ -89,11 +89,9 @@ class SFTDataset(Dataset):
 
 
 def table_column(table: datasets.Dataset, name: str) -> pa.ChunkedArray:
-    """A column in the table's row order. A table filtered by `select` keeps its rows as an indices mapping over
-    the full (mapped) table, which `table.data` does not apply; read through a format instead, the mapping would
-    gather every column (seconds at LLaVA scale)."""
-    column = table.data.column(name)
-    return column if table._indices is None else column.take(table._indices.column(0))
+    """A column in the table's row order (a table filtered by `select` included), without gathering the other
+    columns."""
+    return table.select_columns([name]).with_format("arrow")[:][name]
 
 
 def drop_missing_images(
@@ -102,8 +100,7 @@ def drop_missing_images(
     """The rows whose image files all exist (checked, not decoded), so that a missing image stops the run before
     training rather than at the step that first draws it. A missing image makes its record bad: raised naming the
     record and the path, or under `skip_bad` the row is left out (an indices mapping; the table stays mapped)
-    and moved from `stats.kept` to `stats.skipped`, its tokens taken off the totals (`truncated` and `realigned`
-    keep it: they are not stored per sample)."""
+    and counted by `stats.unkeep`."""
     from llava_ft.data.images import missing_image_problem, missing_images
 
     column = table.data.column("images")
@@ -126,15 +123,13 @@ def drop_missing_images(
         raise DataError(sources[0], f"{problem(rows[0])}{others} (data.skip_bad skips them)")
     removed = table.data.table.select(["length", "labels", "images"]).take(pa.array(rows))
     labels = pa.compute.list_flatten(removed.column("labels"))
-    stats.kept -= len(rows)
-    stats.skipped += len(rows)
-    stats.total_tokens -= int(pa.compute.sum(removed.column("length")).as_py())
-    stats.supervised_tokens -= int(pa.compute.sum(pa.compute.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
-    stats.image_tokens -= (
-        int(pa.compute.sum(pa.compute.list_value_length(removed.column("images"))).as_py() or 0)
-        * num_image_tokens
+    stats.unkeep(
+        [(source, problem(row)) for source, row in zip(sources, rows)],
+        total=int(pa.compute.sum(removed.column("length")).as_py()),
+        supervised=int(pa.compute.sum(pa.compute.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
+        image=int(pa.compute.sum(pa.compute.list_value_length(removed.column("images"))).as_py() or 0)
+        * num_image_tokens,
     )
-    stats.problems += [(source, problem(row)) for source, row in zip(sources, rows)]
     return table.select(np.setdiff1d(np.arange(len(table)), rows))
 
 

@@ -55,16 +55,7 @@ from llava_ft.data.chunked import ChunkedTokenizer, cut_tokens
 from llava_ft.data.conversation import Conversation, DataError
 from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
 from llava_ft.data.sp_convert import fast_twin
-from llava_ft.data.tokenize import (
-    DroppedSample,
-    Encoder,
-    EncodeStats,
-    TokenizationMismatch,
-    TokenizedSample,
-    check_images_fit,
-    nothing_trained,
-    nothing_trained_after_truncation,
-)
+from llava_ft.data.tokenize import CompactSample, DroppedSample, Encoder, EncodeStats, TokenizationMismatch
 
 log = logging.getLogger("llava_ft")
 
@@ -189,32 +180,20 @@ class BatchEncoder:
             try:
                 if isinstance(item, DataError):
                     raise item
-                lead = self.encoder.leading_ids(conv)
-                fast = self._fast(*item, tokenized, lead, conv.where) if self.backend is not None else None
-                if fast is None:
-                    sample = self.encoder.encode(conv)
-                    stats.add(sample)
-                    out.add_sample(*self._compact(sample), len(sample.input_ids), conv)
-                else:
-                    ids, runs, flags, n_trained, n_img, truncated = fast
-                    length = len(ids) + n_img * (self.encoder.num_image_tokens - 1)
-                    stats.kept += 1
-                    stats.truncated += truncated
-                    stats.total_tokens += length
-                    stats.supervised_tokens += n_trained
-                    stats.image_tokens += n_img * self.encoder.num_image_tokens
-                    out.add(ids, runs, flags, length, conv)
-            except DroppedSample as err:
-                stats.dropped[err.reason] += 1
-                stats.problems.append((err.where, err.problem))
+                fast = self._whole_text(*item, tokenized) if self.backend is not None else None
+                # Where a token crosses a segment boundary, Encoder decides (and may realign or refuse).
+                sample = (
+                    self.encoder.encode_compact(conv)
+                    if fast is None
+                    else self.encoder.finish(conv, *fast, False)
+                )
             except DataError as err:
-                if not skip_bad:
+                if not skip_bad and not isinstance(err, DroppedSample):
                     return out.finish(stats, (type(err).__name__, err.where, err.problem))
-                if isinstance(err, TokenizationMismatch):
-                    stats.mismatched += 1
-                else:
-                    stats.failed += 1
-                stats.problems.append((err.where, err.problem))
+                stats.add_error(err)
+                continue
+            stats.add(sample)
+            out.add(sample, conv)
         return out.finish(stats)
 
     def _tokenize(
@@ -232,27 +211,17 @@ class BatchEncoder:
             out.append(None if at is None else (enc.ids, at))
         return out
 
-    def _fast(
-        self,
-        layout: list[tuple[str, list[int], list[bool]]],
-        k: int,
-        tokenized: list,
-        lead: list[int],
-        where: str,
-    ) -> tuple[list[int], list[int], list[bool], int, int, bool] | None:
-        """Compact ids, their labels as runs (token count, trained), the trained count, the image count and
-        whether it was truncated, from the whole-text tokenization; None where `Encoder.encode` must decide (a
-        token across a segment boundary). Drops and truncation follow `Encoder.encode`'s rules and messages."""
-        ids_out: list[int] = list(lead)  # untrained ids before the text (Encoder.leading_ids)
-        runs: list[int] = [len(lead)] if lead else []
-        flags: list[bool] = [False] if lead else []
-        images_end = 0  # compact index after the last image
+    def _whole_text(
+        self, layout: list[tuple[str, list[int], list[bool]]], k: int, tokenized: list
+    ) -> tuple[list[int], list[int]] | None:
+        """Compact ids and labels of the rendered text from its whole-text tokenization, a token trained iff its
+        segment is; None where a token spans a segment boundary."""
+        ids_out: list[int] = []
+        labels: list[int] = []
         for j, (chunk, _, trained) in enumerate(layout):
             if j:
                 ids_out.append(IMAGE_TOKEN_INDEX)
-                runs.append(1)
-                flags.append(False)
-                images_end = len(ids_out)
+                labels.append(IGNORE_INDEX)
             if not chunk:
                 continue
             done = tokenized[k]
@@ -261,46 +230,13 @@ class BatchEncoder:
                 return None
             ids, at = done
             cut = 0
-            for i, flag in zip(at, trained):
+            for i, flag in zip([*at, len(ids)], trained):
                 if i is None:
                     return None
-                runs.append(i - cut)
-                flags.append(flag)
+                labels += ids[cut:i] if flag else [IGNORE_INDEX] * (i - cut)
                 cut = i
-            runs.append(len(ids) - cut)
-            flags.append(trained[-1])
             ids_out += ids
-        n_trained = sum(r for r, f in zip(runs, flags) if f)
-        if n_trained == 0:
-            raise nothing_trained(where)
-        n_img = len(layout) - 1
-        extra = n_img * (self.encoder.num_image_tokens - 1)  # each image stands for num_image_tokens ids
-        max_length = self.encoder.max_length
-        if max_length is None or len(ids_out) + extra <= max_length:
-            return ids_out, runs, flags, n_trained, n_img, False
-        check_images_fit(images_end + extra, max_length, where)
-        keep = max_length - extra  # compact ids kept: every image lies before the cut
-        kept_runs: list[int] = []
-        left = keep
-        for run in runs:
-            kept_runs.append(min(run, left))
-            left -= kept_runs[-1]
-            if not left:
-                break
-        n_trained = sum(r for r, f in zip(kept_runs, flags) if f)
-        if n_trained == 0:
-            raise nothing_trained_after_truncation(max_length, where)
-        return ids_out[:keep], kept_runs, flags[: len(kept_runs)], n_trained, n_img, True
-
-    def _compact(self, sample: TokenizedSample) -> tuple[list[int], list[int]]:
-        """One IMAGE_TOKEN_INDEX per image span (spans are never cut, so each holds num_image_tokens)."""
-        ids = np.array(sample.input_ids, dtype=np.int64)
-        labels = np.array(sample.labels, dtype=np.int64)
-        is_image = ids == IMAGE_TOKEN_INDEX
-        if not is_image.any():
-            return sample.input_ids, sample.labels
-        keep = ~is_image | ((np.cumsum(is_image) - 1) % self.encoder.num_image_tokens == 0)
-        return ids[keep].tolist(), labels[keep].tolist()
+        return ids_out, labels
 
 
 def _layout(segments: list, chunks: list[str]) -> list[tuple[str, list[int], list[bool]]]:
@@ -330,38 +266,27 @@ def _layout(segments: list, chunks: list[str]) -> list[tuple[str, list[int], lis
 
 
 class _Columns:
-    """A batch's rows as flat lists; labels kept as runs of (token count, trained) until `finish`."""
+    """A batch's rows as flat lists."""
 
     def __init__(self) -> None:
         self.ids: list[int] = []
-        self.runs: list[int] = []
-        self.flags: list[bool] = []
+        self.labels: list[int] = []
         self.offsets: list[int] = [0]
         self.lengths: list[int] = []
         self.images: list[list[str]] = []
         self.sources: list[str] = []
 
-    def add(
-        self, ids: list[int], runs: list[int], flags: list[bool], length: int, conv: Conversation
-    ) -> None:
-        self.ids += ids
-        self.runs += runs
-        self.flags += flags
+    def add(self, sample: CompactSample, conv: Conversation) -> None:
+        self.ids += sample.input_ids
+        self.labels += sample.labels
         self.offsets.append(len(self.ids))
-        self.lengths.append(length)
+        self.lengths.append(sample.length)
         self.images.append(conv.images)
         self.sources.append(conv.source or "")
 
-    def add_sample(self, ids: list[int], labels: list[int], length: int, conv: Conversation) -> None:
-        flags = [label != IGNORE_INDEX for label in labels]  # label == id where trained
-        self.add(ids, [1] * len(ids), flags, length, conv)
-
     def finish(self, stats: EncodeStats, error: tuple[str, str, str] | None = None) -> _Batch:
-        ids = np.array(self.ids, np.int32)
-        trained = np.repeat(np.array(self.flags, bool), np.array(self.runs, np.int64))
-        labels = np.where(trained, ids, np.int32(IGNORE_INDEX))
-        return _Batch(ids, labels, np.array(self.offsets, np.int32), np.array(self.lengths, np.int32),
-                      self.images, self.sources, stats, [], error)  # fmt: skip
+        return _Batch(np.array(self.ids, np.int32), np.array(self.labels, np.int32), np.array(self.offsets, np.int32),
+                      np.array(self.lengths, np.int32), self.images, self.sources, stats, [], error)  # fmt: skip
 
 
 def _record_batch(batch: _Batch) -> pa.RecordBatch:

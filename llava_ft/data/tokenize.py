@@ -31,6 +31,71 @@ class TokenizedSample:
     """Segment-wise ids differed from the whole-text ids; labels were reassigned by character position."""
 
 
+@dataclass
+class CompactSample:
+    """An encoded sample with one IMAGE_TOKEN_INDEX per image (how prepared data stores it)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+    num_image_tokens: int
+    """Placeholder ids each image stands for in the model's input."""
+    truncated: bool = False
+    realigned: bool = False
+
+    @property
+    def length(self) -> int:
+        """The model's input length: every image expanded."""
+        return len(self.input_ids) + self.num_images * (self.num_image_tokens - 1)
+
+    def expand(self) -> TokenizedSample:
+        ids, labels = expand_images(self.input_ids, self.labels, self.num_image_tokens)
+        return TokenizedSample(ids, labels, self.num_images, self.truncated, self.realigned)
+
+
+def expand_images(ids: list[int], labels: list[int], num_image_tokens: int) -> tuple[list[int], list[int]]:
+    """Each IMAGE_TOKEN_INDEX of compact ids as `num_image_tokens` of them (never trained)."""
+    if IMAGE_TOKEN_INDEX not in ids:
+        return ids, labels
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    start = 0
+    for i, t in enumerate(ids):
+        if t == IMAGE_TOKEN_INDEX:
+            out_ids += ids[start:i] + [IMAGE_TOKEN_INDEX] * num_image_tokens
+            out_labels += labels[start:i] + [IGNORE_INDEX] * num_image_tokens
+            start = i + 1
+    return out_ids + ids[start:], out_labels + labels[start:]
+
+
+def apply_limits(
+    ids: list[int], labels: list[int], *, num_image_tokens: int, max_length: int | None, where: str
+) -> tuple[list[int], list[int], bool]:
+    """The rules every encoded sample goes through, on compact ids (one IMAGE_TOKEN_INDEX per image): dropped
+    when nothing is trained; cut to max_length after its last image (counting each image as
+    `num_image_tokens`), dropped when an image would be cut or nothing trained is left. Returns (ids, labels,
+    truncated)."""
+    if labels.count(IGNORE_INDEX) == len(labels):
+        raise nothing_trained(where)
+    num_images = ids.count(IMAGE_TOKEN_INDEX)
+    extra = num_images * (num_image_tokens - 1)
+    if max_length is None or len(ids) + extra <= max_length:
+        return ids, labels, False
+    if num_images:
+        images_end = len(ids) - ids[::-1].index(IMAGE_TOKEN_INDEX) + extra
+        if images_end > max_length:
+            raise DroppedSample(
+                where,
+                "images do not fit",
+                f"the last image span ends at token {images_end} > max_length {max_length}",
+            )
+    keep = max_length - extra
+    ids, labels = ids[:keep], labels[:keep]
+    if labels.count(IGNORE_INDEX) == len(labels):
+        raise DroppedSample(where, "no supervised tokens after truncation", f"max_length {max_length}")
+    return ids, labels, True
+
+
 class DroppedSample(DataError):
     """A well-formed record that cannot be used (e.g. images past max_length); counted, never silent."""
 
@@ -98,22 +163,31 @@ class Encoder:
         return segments, text
 
     def encode(self, conv: Conversation) -> TokenizedSample:
+        return self.encode_compact(conv).expand()
+
+    def encode_compact(self, conv: Conversation) -> CompactSample:
+        """The sample with one IMAGE_TOKEN_INDEX per image; drops raise `DroppedSample`."""
         where = conv.where
         segments, text = self.render(conv)
         ids, labels = self._encode_segments(segments)
         realigned = False
         if self.check:
-            whole = self._encode_whole(text)
+            whole = self._encode_whole(text, [IMAGE_TOKEN_INDEX])
             if whole != ids:
                 ids, labels = self._realign(segments, text, where)
                 realigned = True
+        return self.finish(conv, ids, labels, realigned)
+
+    def finish(self, conv: Conversation, ids: list[int], labels: list[int], realigned: bool) -> CompactSample:
+        """Compact ids and labels of the rendered text -> the sample: leading ids, then `apply_limits`."""
         if lead := self.leading_ids(conv):  # plain text: BOS as an id, as tokenizer(text) puts it
             ids, labels = lead + ids, [IGNORE_INDEX] * len(lead) + labels
-        if all(label == IGNORE_INDEX for label in labels):
-            raise nothing_trained(where)
-        ids, labels, truncated = self._truncate(ids, labels, where)
+        ids, labels, truncated = apply_limits(
+            ids, labels, num_image_tokens=self.num_image_tokens, max_length=self.max_length, where=conv.where
+        )
         # Truncation never cuts an image, so every marker is still there.
-        return TokenizedSample(ids, labels, text.count(IMAGE_TOKEN), truncated, realigned)
+        num_images = ids.count(IMAGE_TOKEN_INDEX)
+        return CompactSample(ids, labels, num_images, self.num_image_tokens, truncated, realigned)
 
     def leading_ids(self, conv: Conversation) -> list[int]:
         """Untrained ids before the rendered text: BOS for a plain-text record (the template leaves it out)."""
@@ -125,10 +199,7 @@ class Encoder:
         segments = self.template.segments(conv, bos=self.bos, eos=self.eos, add_generation_prompt=True)
         return self._encode_whole("".join(s.text for s in segments))
 
-    # ------------------------------------------------------------ the two tokenizations
-
-    def _image_span(self) -> list[int]:
-        return [IMAGE_TOKEN_INDEX] * self.num_image_tokens
+    # ------------------------------------------------------------ the two tokenizations (images compact)
 
     def _encode_segments(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
         ids: list[int] = []
@@ -136,18 +207,20 @@ class Encoder:
         for seg in segments:
             for k, part in enumerate(seg.text.split(IMAGE_TOKEN)):
                 if k:  # an image sits between two parts: atomic, never trained
-                    ids += self._image_span()
-                    labels += [IGNORE_INDEX] * self.num_image_tokens
+                    ids.append(IMAGE_TOKEN_INDEX)
+                    labels.append(IGNORE_INDEX)
                 part_ids = self._ids(part) if part else []
                 ids += part_ids
                 labels += part_ids if seg.trainable else [IGNORE_INDEX] * len(part_ids)
         return ids, labels
 
-    def _encode_whole(self, text: str) -> list[int]:
+    def _encode_whole(self, text: str, image: list[int] | None = None) -> list[int]:
+        """Ids of the text tokenized between image markers; each image as `image` (default: its full span)."""
+        image = [IMAGE_TOKEN_INDEX] * self.num_image_tokens if image is None else image
         ids: list[int] = []
         for k, part in enumerate(text.split(IMAGE_TOKEN)):
             if k:
-                ids += self._image_span()
+                ids += image
             ids += self._ids(part) if part else []
         return ids
 
@@ -165,8 +238,8 @@ class Encoder:
         chunk_start = 0
         for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
             if k:
-                ids += self._image_span()
-                labels += [IGNORE_INDEX] * self.num_image_tokens
+                ids.append(IMAGE_TOKEN_INDEX)
+                labels.append(IGNORE_INDEX)
             if chunk:
                 if getattr(self.tokenizer, "is_fast", False):
                     chunk_ids, flags = self._flags_from_offsets(chunk, chunk_start, trained_chars)
@@ -218,34 +291,9 @@ class Encoder:
         flags += [flag] * (len(chunk_ids) - len(flags))
         return chunk_ids, flags
 
-    def _truncate(self, ids: list[int], labels: list[int], where: str) -> tuple[list[int], list[int], bool]:
-        """Cut text after the last image span; images never get cut, so a sample whose images don't fit is dropped."""
-        if self.max_length is None or len(ids) <= self.max_length:
-            return ids, labels, False
-        images_end = max((i + 1 for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX), default=0)
-        check_images_fit(images_end, self.max_length, where)
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            raise nothing_trained_after_truncation(self.max_length, where)
-        return ids, labels, True
-
-
-def check_images_fit(images_end: int, max_length: int, where: str) -> None:
-    """Truncation cuts text only: a sample whose last image span ends past max_length is dropped."""
-    if images_end > max_length:
-        raise DroppedSample(
-            where,
-            "images do not fit",
-            f"the last image span ends at token {images_end} > max_length {max_length}",
-        )
-
 
 def nothing_trained(where: str) -> DroppedSample:
     return DroppedSample(where, "no supervised tokens", "every assistant turn is opted out or empty")
-
-
-def nothing_trained_after_truncation(max_length: int, where: str) -> DroppedSample:
-    return DroppedSample(where, "no supervised tokens after truncation", f"max_length {max_length}")
 
 
 @dataclass
@@ -271,13 +319,35 @@ class EncodeStats:
     problems: list[tuple[str, str]] = field(default_factory=list)
     """(where, problem) for every record dropped, mismatched, failed or skipped."""
 
-    def add(self, sample: TokenizedSample) -> None:
+    def add(self, sample: CompactSample) -> None:
+        """A kept sample."""
         self.kept += 1
         self.truncated += sample.truncated
         self.realigned += sample.realigned
-        self.total_tokens += len(sample.input_ids)
-        self.supervised_tokens += sum(1 for label in sample.labels if label != IGNORE_INDEX)
-        self.image_tokens += sum(1 for t in sample.input_ids if t == IMAGE_TOKEN_INDEX)
+        self.total_tokens += sample.length
+        self.supervised_tokens += len(sample.labels) - sample.labels.count(IGNORE_INDEX)
+        self.image_tokens += sample.num_images * sample.num_image_tokens
+
+    def add_error(self, err: DataError) -> None:
+        """A record that was encoded but is not kept: dropped (policy), mismatched or failed (skip_bad)."""
+        if isinstance(err, DroppedSample):
+            self.dropped[err.reason] += 1
+        elif isinstance(err, TokenizationMismatch):
+            self.mismatched += 1
+        else:
+            self.failed += 1
+        self.problems.append((err.where, err.problem))
+
+    def unkeep(self, problems: list[tuple[str, str]], total: int, supervised: int, image: int) -> None:
+        """Kept samples found bad afterwards (an image file missing): moved from `kept` to `skipped`, their
+        tokens (total, supervised, image) taken off. `truncated` and `realigned` keep them: they are not
+        stored per sample."""
+        self.kept -= len(problems)
+        self.skipped += len(problems)
+        self.total_tokens -= total
+        self.supervised_tokens -= supervised
+        self.image_tokens -= image
+        self.problems += problems
 
     def add_bad(self, bad: BadRecords) -> EncodeStats:
         """Fold in records skipped before encoding, so the totals account for every record; returns self."""
@@ -332,20 +402,12 @@ def encode_all(
     for conv in convs:
         stats.records += 1
         try:
-            sample = encoder.encode(conv)
-        except DroppedSample as err:
-            stats.dropped[err.reason] += 1
-            stats.problems.append((err.where, err.problem))
-            continue
+            sample = encoder.encode_compact(conv)
         except DataError as err:
-            if not skip_bad:
+            if not skip_bad and not isinstance(err, DroppedSample):
                 raise
-            if isinstance(err, TokenizationMismatch):
-                stats.mismatched += 1
-            else:
-                stats.failed += 1
-            stats.problems.append((err.where, err.problem))
+            stats.add_error(err)
             continue
-        samples.append((conv, sample) if keep_convs else sample)
         stats.add(sample)
+        samples.append((conv, sample.expand()) if keep_convs else sample.expand())
     return samples, stats
