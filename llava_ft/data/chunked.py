@@ -374,40 +374,11 @@ _LOOKAROUND = re.compile(r"\(\?<?[=!]")  # anchors are refused by _ascii_pattern
 
 
 def _pipeline(backend) -> dict[str, Any]:
-    """The parts of a `tokenizers.Tokenizer` that decide its ids, in its JSON layout (without the vocabulary,
-    which the whole `to_str` would parse at length)."""
-
-    def state(part) -> dict | None:
-        return json.loads(part.__getstate__()) if part is not None else None
-
-    model = backend.model
-    keys = (
-        "dropout",
-        "continuing_subword_prefix",
-        "end_of_word_suffix",
-        "ignore_merges",
-        "fuse_unk",
-        "unk_token",
-    )
-    return {
-        "model": {"type": type(model).__name__, **{k: getattr(model, k, None) for k in keys}},
-        "pre_tokenizer": state(backend.pre_tokenizer),
-        "normalizer": state(backend.normalizer),
-        "post_processor": state(backend.post_processor),
-        "truncation": backend.truncation,
-        "padding": backend.padding,
-        "added_tokens": [
-            {
-                "id": i,
-                "content": t.content,
-                "lstrip": t.lstrip,
-                "rstrip": t.rstrip,
-                "single_word": t.single_word,
-                "normalized": t.normalized,
-            }
-            for i, t in backend.get_added_tokens_decoder().items()
-        ],  # fmt: skip
-    }
+    """The parts of a `tokenizers.Tokenizer` that decide its ids, from its public JSON (`to_str`); the model
+    without its vocabulary and merges, which `_build` does not read."""
+    data = json.loads(backend.to_str())
+    data["model"] = {k: v for k, v in data["model"].items() if k not in ("vocab", "merges")}
+    return data
 
 
 def _isolating(regexes: list[re.Pattern]) -> Callable[[str], list[str]]:
