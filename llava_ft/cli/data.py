@@ -22,9 +22,15 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
 from llava_ft.config import DataSection, DataSource
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Conversation, DataError
+from llava_ft.data.dataset import drop_missing_images, table_column
+from llava_ft.data.prepare import compact_tokens, prepare, throughput_line
 from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
 from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizedSample
@@ -263,12 +269,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _check_file(src: DataSource, encoder: Encoder, image_folder: str | None, num_proc: int | None) -> int:
     """Print one file's counts; return its bad records. Runs `prepare` (what training runs, at its speed) with
     every bad record reported and nothing cached, then checks the image files as training does."""
-    import pyarrow as pa
-    import pyarrow.compute  # noqa: F401  (pa.compute)
-
-    from llava_ft.data.dataset import drop_missing_images, table_column
-    from llava_ft.data.prepare import prepare
-
     if image_folder is not None and not os.path.isdir(image_folder):
         raise DataError(image_folder, "image folder not found")
     done = prepare(src.path, encoder, fmt=src.format, skip_bad=True, num_proc=num_proc, use_cache=False,
@@ -302,8 +302,6 @@ def _print_counts(
 ) -> None:
     """What `check` and `prepare` print per file: records read and bad, the counts, token-length percentiles
     (`lengths`: an Arrow column of sample lengths)."""
-    import numpy as np
-
     print(f"{path}: {read} records read, {len(bad)} bad")
     print(bad.summary())
     print(stats.summary())
@@ -317,8 +315,6 @@ def _print_counts(
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from llava_ft.data.prepare import compact_tokens, prepare, throughput_line
-
     setup = _setup(args)
     # A config's own settings key the cache as training keys it, so training then loads what this prepared.
     data = setup.data
@@ -328,7 +324,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                        num_proc=args.num_proc or data.num_proc, cache_dir=output,
                        use_cache=not args.no_cache and data.cache, progress=True)  # fmt: skip
         read = done.stats.records + len(done.bad)
-        _print_counts(src.path, read, done.stats, done.bad, done.dataset.data.column("length"))
+        _print_counts(src.path, read, done.stats, done.bad, table_column(done.dataset, "length"))
         folder = output or "the default folder"
         if done.cache == "hit":
             print(f"cache hit ({folder}, key {done.key}): loaded in {done.seconds:.2f} s")

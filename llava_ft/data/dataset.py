@@ -16,7 +16,10 @@ from torch.utils.data import Dataset
 from llava_ft.config import DataSection
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import DataError
-from llava_ft.data.tokenize import EncodeStats
+from llava_ft.data.images import load_image, missing_image_problem, missing_images
+from llava_ft.data.prepare import prepare
+from llava_ft.data.sources import effective_format
+from llava_ft.data.tokenize import Encoder, EncodeStats
 
 log = logging.getLogger("llava_ft")
 
@@ -71,8 +74,6 @@ class SFTDataset(Dataset):
         ids, labels = self._expand(row)
         item = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
         if len(row["images"]):
-            from llava_ft.data.images import load_image
-
             source = str(row["source"])  # "file:line": the record to fix, not only the image
             if self.image_processor is None:
                 raise DataError(source, "sample has images but the model has no vision tower")
@@ -101,8 +102,6 @@ def drop_missing_images(
     training rather than at the step that first draws it. A missing image makes its record bad: raised naming the
     record and the path, or under `skip_bad` the row is left out (an indices mapping; the table stays mapped)
     and counted by `stats.unkeep`."""
-    from llava_ft.data.images import missing_image_problem, missing_images
-
     column = table.data.column("images")
     flat = pa.compute.list_flatten(column).to_pylist()  # the path column only: nothing else leaves Arrow
     missing = missing_images(folder, flat) if flat else set()
@@ -137,9 +136,6 @@ def data_encoder(data: DataSection, tokenizer, template, num_image_tokens: int):
     """The Encoder a data section trains with (also `llava-ft data ... --config`, so both key the same cache). Plain
     text sources alone never render the chat template: its markers need not suit the tokenizer then (the default
     internlm2_chat on a Llama tokenizer, say)."""
-    from llava_ft.data.sources import effective_format
-    from llava_ft.data.tokenize import Encoder
-
     return Encoder(
         tokenizer,
         template,
@@ -154,8 +150,6 @@ def build_dataset(
     data: DataSection, tokenizer, template, *, num_image_tokens: int, image_processor=None
 ) -> tuple[SFTDataset, EncodeStats]:
     """Prepare (or load from the cache) every source, report counts. Returns (SFTDataset, EncodeStats)."""
-    from llava_ft.data.prepare import prepare
-
     encoder = data_encoder(data, tokenizer, template, num_image_tokens)
     cache_dir, num_proc = data.cache_dir, data.num_proc
     parts = []

@@ -32,6 +32,7 @@ import gc
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import pickle
 import shutil
@@ -42,13 +43,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
 import datasets
+import datasets.table
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+from tqdm.auto import tqdm
 
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.data.chunked import ChunkedTokenizer, cut_tokens
@@ -464,11 +468,10 @@ def _load_entry(folder: Path, key: str) -> tuple[datasets.Dataset, EncodeStats, 
 
 
 def _open_arrow(path: Path, fingerprint: str, in_memory: bool = False) -> datasets.Dataset:
-    """`Dataset.from_file` with our own fingerprint: `datasets` would hash the table's metadata with dill,
-    which costs more than the rest of a cache hit."""
-    from datasets.arrow_reader import ArrowReader
-
-    return datasets.Dataset(ArrowReader.read_table(str(path), in_memory=in_memory), fingerprint=fingerprint)
+    """The Arrow file as a Dataset with our fingerprint (the cache key): `Dataset.from_file` would hash the
+    table's metadata instead, which costs more than the rest of a cache hit."""
+    table_class = datasets.table.InMemoryTable if in_memory else datasets.table.MemoryMappedTable
+    return datasets.Dataset(table_class.from_file(str(path)), fingerprint=fingerprint)
 
 
 def _stats_from_dict(d: dict) -> EncodeStats:
@@ -562,8 +565,6 @@ def prepare(
 def _build(
     path: Path, encoder: Encoder, out: Path, fmt: str, skip_bad: bool, num_proc: int, progress: bool
 ) -> tuple[EncodeStats, BadRecords]:
-    from tqdm.auto import tqdm
-
     # Built once: forked processes inherit it (and its tokenizer) as it is.
     local = BatchEncoder(encoder)
     # Nothing built here is cyclic; without this, collections of the growing heap cost up to a tenth of the time.
@@ -592,9 +593,6 @@ def _build(
 
 def _run_shards(path: Path, local: BatchEncoder, fmt: str, skip_bad: bool, files: list[Path], bar) -> list:
     """One forked process per shard file (they inherit the loaded tokenizer); progress read from a counter."""
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
-
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
     procs = []
