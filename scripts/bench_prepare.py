@@ -1,6 +1,6 @@
 """Data preparation: llava_ft vs XTuner 0.2.0, side by side on the same files and tokenizer folders.
 
-Uses what ../shared/bench/xtuner_prep/setup.sh builds under ROOT (default /tmp/xtb): records in ROOT/data,
+Uses what scripts/setup_xtuner_bench.sh builds under ROOT (default .cache/xtb): records in ROOT/data,
 tokenizers ROOT/tok_sp and ROOT/tok_bpe, XTuner's venv ROOT/venv (its columns are left out when missing).
 "internlm2" is tok_sp's model loaded as llava_ft loads InternLM2's tokenizer (plain sentencepiece), beside
 XTuner's sp figures.
@@ -12,7 +12,7 @@ tokenization and labels, writing Arrow (cache off); XTuner's excludes JSON readi
 counts them (text tokens, an image as one token), and llava_ft runs with max_length 2048 + 575 because its
 max_length includes the 576 image tokens while XTuner's excludes them, so both keep the same records.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_prepare.py [--root /tmp/xtb] [--n 20000] [--runs 1]
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_prepare.py [--root .cache/xtb] [--n 20000] [--runs 1]
         [--scale 200000] [--packing-json a.json b.json] [--json-out prep.json]
 """
 
@@ -28,10 +28,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 HERE = Path(__file__).resolve().parent
-# The XTuner harness (setup.sh, gen_llava.py, bench_xtuner.py) lives outside the repository.
-XTB_SCRIPTS = Path(os.environ.get("XTUNER_PREP", HERE.parent.parent / "shared" / "bench" / "xtuner_prep"))
+XTB_SCRIPTS = HERE / "xtuner_bench"  # run in XTuner's venv (gen_llava.py: any Python)
+DEFAULT_ROOT = HERE.parent / ".cache" / "xtb"
 FILES = {"llava": "llava_{n}.json", "sft": "sft_openai_{n}.json"}
 XTUNER_STAGES = "llava/loop,llava/hf,sft/loop,sft/hf"
 IMAGE_TOKENS = 576
@@ -64,6 +65,7 @@ def measure_ours(args: argparse.Namespace) -> dict:
                      "records_per_s": done.stats.records / med, "tokens_per_s": compact_tokens(done.dataset) / med}  # fmt: skip
     for kind, name in FILES.items():
         out[kind]["tokenizer_alone_per_s"] = tokenizer_alone(encoder, data / name.format(n=args.n), args.runs)
+        out[kind]["unchunked_per_s"] = unchunked(encoder, data / name.format(n=args.n), args.runs)
     load = os.getloadavg()[0]
     # One process then two, back to back (this machine's speed drifts between minutes), `pair_runs` times.
     one_s, two_s = [], []
@@ -112,6 +114,16 @@ def tokenizer_alone(encoder, path: Path, runs: int) -> dict[str, float]:
             times.append(time.perf_counter() - start)
         out[name] = len(convs) / statistics.median(times)
     return out
+
+
+def unchunked(encoder, path: Path, runs: int) -> float:
+    """Records/s of `prepare` with chunked tokenization off (one Rust call per batch of texts instead): what
+    keeping llava_ft/data/chunked.py is weighed by."""
+    from llava_ft.data import prepare as prep
+
+    with mock.patch.object(prep.ChunkedTokenizer, "of", return_value=None):
+        done = [prep.prepare(path, encoder, use_cache=False) for _ in range(runs)]
+    return done[0].stats.records / statistics.median(d.seconds for d in done)
 
 
 def tokenizer_folder(root: str, tk: str) -> Path:
@@ -167,9 +179,6 @@ def run_scale(args: argparse.Namespace) -> dict:
     path = data / f"llava_{args.scale}.json"
     if not path.exists():
         gen = XTB_SCRIPTS / "gen_llava.py"
-        if not gen.is_file():
-            print(f"scale row left out: no {gen} to generate {args.scale} records (XTUNER_PREP=DIR)")
-            return {}
         subprocess.run([sys.executable, str(gen), "--n", str(args.scale), "--out", str(data)], check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
         for other in ("sft_xtuner", "sft_openai"):
@@ -216,6 +225,9 @@ def table(results: dict, packing: list[dict]) -> str:
                          f"| tokens/s, {kind} | {tk} | - | {ours[kind]['tokens_per_s']:,.0f} | - |")  # fmt: skip
             if xt:
                 base = xt[stages[0]]["records_per_s"]
+                plain = ours[kind]["unchunked_per_s"]
+                lines.append(f"| records/s, {kind}, chunked tokenization off vs XTuner {stages[0]} | {tk} | "
+                             f"{base:,.0f} | {plain:,.0f} | {plain / base:.2f}x |")  # fmt: skip
                 for what, label in (("offsets", "with offsets"), ("no_offsets", "ids only, no offsets")):
                     ceiling = ours[kind]["tokenizer_alone_per_s"][what]
                     lines.append(f"| records/s, {kind}, the Rust tokenizer call alone {label} vs XTuner "
@@ -247,7 +259,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--root", default="/tmp/xtb")
+    parser.add_argument("--root", default=str(DEFAULT_ROOT))
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--tokenizers", default="sp,bpe,internlm2")
@@ -263,13 +275,12 @@ def main() -> None:
         print(json.dumps(measure_ours(args)))
         return
     if not (Path(args.root) / "data").is_dir():
-        sys.exit(f"no records under {args.root}/data: run `bash {XTB_SCRIPTS}/setup.sh {args.root}` first")
+        sys.exit(f"no records under {args.root}/data: run `bash scripts/setup_xtuner_bench.sh {args.root}` first")
     have_xtuner = (
         Path(f"{args.root}/venv/bin/python").exists() and (XTB_SCRIPTS / "bench_xtuner.py").is_file()
     )
     if not have_xtuner:
-        print(f"XTuner columns left out: set its venv up with `bash {XTB_SCRIPTS}/setup.sh {args.root}` "
-              "(XTUNER_PREP=DIR names the harness folder when it is elsewhere)")  # fmt: skip
+        print(f"XTuner columns left out: set its venv up with `bash scripts/setup_xtuner_bench.sh {args.root}`")
     results: dict = {"n": args.n, "runs": args.runs, "tokenizers": {}, "load_start": os.getloadavg()[0]}
     for tk in args.tokenizers.split(","):
         # internlm2 is tok_sp's model file: XTuner's side is its sp run (it loads that folder as a fast tokenizer).

@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
 # One table: data preparation (llava_ft vs XTuner 0.2.0, records/s per tokenizer and format; 2 processes;
 # cold vs warm cache; 200k-record peak RSS) and training tokens/s of packed vs padded vs length-grouped batches.
-# XTuner's columns need its side venv: bash ../shared/bench/xtuner_prep/setup.sh /tmp/xtb (a few minutes).
-# Usage: bash scripts/benchmark.sh [ROOT=/tmp/xtb]   env: N=20000 RUNS=1 SCALE=200000 (SCALE=0 skips it)
-#        XTUNER_PREP=DIR (the harness folder, default ../shared/bench/xtuner_prep)
+# XTuner's columns need its side venv: bash scripts/setup_xtuner_bench.sh (a few minutes, under .cache/xtb).
+# Usage: bash scripts/benchmark.sh [ROOT=.cache/xtb]   env: N=20000 RUNS=1 SCALE=200000 (SCALE=0 skips it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT="${1:-/tmp/xtb}"
+ROOT="${1:-.cache/xtb}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=.venv/bin/python
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
 if [ ! -d "$ROOT/data" ]; then
-  echo "no benchmark records under $ROOT: run  bash ${XTUNER_PREP:-../shared/bench/xtuner_prep}/setup.sh $ROOT  first"
-  echo "(XTUNER_PREP=DIR: the XTuner harness folder, setup.sh + gen_llava.py + bench_xtuner.py)"
+  echo "no benchmark records under $ROOT: run  bash scripts/setup_xtuner_bench.sh $ROOT  first"
   exit 1
 fi
 $PY scripts/bench_packing.py --mix text --max-length 2048 --json-out "$OUT/pack_sft.json" >&2
