@@ -132,7 +132,7 @@ def effective_format(path: str | Path, fmt: str = "auto") -> str:
                 first = _first_json_item(handle)
             else:
                 raw = next((line for line in handle if line.strip()), None)
-                first = None if raw is None else _parse_line(raw, "")
+                first = None if raw is None else parse_record(raw, "")
             return detect_format(first, "") if first is not None else "auto"
     except (DataError, OSError, ValueError):  # reading the file reports it properly
         return "auto"
@@ -165,36 +165,55 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
 
     A `.json` list is parsed whole by `json.loads` (its records are held in memory while they are read; LLaVA-size
     data is better kept as `.jsonl`, which is read line by line)."""
-    path = Path(path)
-    if path.suffix not in (".json", ".jsonl"):
-        raise DataError(str(path), "expected a .json (list of records) or .jsonl (one record per line) file")
-    try:
-        handle = path.open("rb")
-    except OSError as e:
-        raise DataError(str(path), f"cannot read file: {e}") from e
+    path, handle = _open(path)
     with handle:
         if path.suffix == ".json":
-            records = _json_list(path, handle.read())
-            for index, record in enumerate(records):
+            for index, record in enumerate(_json_list(path, handle.read())):
                 yield f"{path}[{index}]", record
             return
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
+        for where, raw in _lines(path, handle):
             try:
-                yield where, _parse_line(raw, where)
+                yield where, parse_record(raw, where)
             except DataError as err:
                 yield where, err
 
 
-def _parse_line(raw: bytes, where: str) -> Any:
+def iter_raw_records(path: str | Path) -> Iterator[tuple[str, bytes]]:
+    """(where, the record's JSON text) for every record, in order, for processes that each parse their share:
+    `.jsonl` lines as they are, a `.json` list's records written back as JSON (the list is checked whole first)."""
+    path, handle = _open(path)
+    with handle:
+        if path.suffix == ".json":
+            for index, record in enumerate(_json_list(path, handle.read())):
+                yield f"{path}[{index}]", json.dumps(record, ensure_ascii=False).encode()
+            return
+        yield from _lines(path, handle)
+
+
+def parse_record(raw: bytes, where: str) -> Any:
+    """One record's JSON text (a `.jsonl` line) -> its value, or `DataError` naming the record."""
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(where, f"not UTF-8: {e.reason} at byte {e.start}") from e
     except json.JSONDecodeError as e:
         raise DataError(where, f"malformed JSON line: {e.msg} (column {e.colno})") from e
+
+
+def _open(path: str | Path) -> tuple[Path, BinaryIO]:
+    path = Path(path)
+    if path.suffix not in (".json", ".jsonl"):
+        raise DataError(str(path), "expected a .json (list of records) or .jsonl (one record per line) file")
+    try:
+        return path, path.open("rb")
+    except OSError as e:
+        raise DataError(str(path), f"cannot read file: {e}") from e
+
+
+def _lines(path: Path, handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    for lineno, raw in enumerate(handle, start=1):
+        if raw.strip():
+            yield f"{path}:{lineno}", raw
 
 
 def _json_list(path: Path, data: bytes) -> list:
