@@ -1,27 +1,14 @@
-"""Exact tokenization of chat text, memoised per chunk, for the common fast-tokenizer pipelines.
+"""Exact tokenization of chat text, memoised per word, for the common fast-tokenizer pipelines.
 
-A `tokenizers` pipeline splits out added tokens, then cuts the rest into pieces that its model tokenizes
-independently. Data preparation sees the same pieces (words, mostly) millions of times, and the Rust call
-costs more than looking them up, so `ChunkedTokenizer` does the split in Python, tokenizes each distinct piece
-once with the tokenizer's own model and remembers it. It returns the ids `backend.encode(text,
-add_special_tokens=False)` returns with truncation and padding off (as preparation sets the backend), and the
-token at each cut that the backend's offsets give. Where that would not be guaranteed, `ChunkedTokenizer.of`
-returns None and preparation keeps the Rust call: added tokens that strip or match single words, BPE dropout or
-word prefixes/suffixes, a post-processor that trims offsets, regex anchors or flags, and the cases below.
-
-- sentencepiece-style BPE (Llama, Mistral: a Metaspace pre-tokenizer that does not split, no normalizer). The
-  model sees each span between added tokens as one word, so chunks are ours: we cut before each run of "▁"
-  that follows another character. No merge can cross such a cut when no vocabulary entry holds a "▁" after
-  another character (checked), and BPE merges that cannot cross a cut happen in the same order either way
-  (with fuse_unk, "▁" must be in the vocabulary, else unknown characters on both sides would fuse).
-- plain sentencepiece BPE (InternLM2) through its fast twin (sp_convert.py: a dummy "▁" prepended to each
-  span or placeholder names respelled, spaces replaced by "▁", then a Split into words that no piece crosses):
-  the chunks are those words, and a respelled name is matched as its added token.
-- byte-level BPE (GPT-2, Llama-3, Qwen2, DeepSeek: Split regexes then ByteLevel, no normalizer or NFC). Its
-  pieces are what the regexes isolate. On spans of printable ASCII plus tab and newline, each `\\p{..}` class
-  is a fixed set of ASCII characters, so the pattern is restated for Python's `re`; other spans go through the
-  Rust call, one span at a time (the split at added tokens isolates them).
-Each is checked against the Rust pipeline on a probe text when built.
+Preparation sees the same words millions of times, and the tokenizer's Rust call costs more than looking them
+up: `ChunkedTokenizer` splits the text as the pipeline does (added tokens, then pieces that the model tokenizes
+independently), tokenizes each distinct piece once with the tokenizer's own model and returns the ids and cut
+positions that `backend.encode(text, add_special_tokens=False)` gives. It reads the pipeline from the tokenizer's
+JSON and handles three layouts: sentencepiece-style BPE with a non-splitting Metaspace (Llama, Mistral), plain
+sentencepiece through sp_convert's twin (InternLM2), and byte-level BPE with Split regexes (GPT-2, Llama-3,
+Qwen2, DeepSeek; the regexes restated for Python's `re` on ASCII spans, other spans take the Rust call).
+Anything else, or a disagreement with the Rust pipeline on a probe text, makes `ChunkedTokenizer.of` return
+None and preparation keeps the Rust call.
 """
 
 from __future__ import annotations
@@ -129,6 +116,9 @@ class ChunkedTokenizer:
         if not _keeps_offsets(data["post_processor"]):
             return None  # offsets trimmed after the model: cut indices would differ
         if pre and pre["type"] == "Metaspace":
+            # The model sees each span between added tokens as one word; we cut before each run of "▁" that
+            # follows another character. No merge crosses such a cut when no vocabulary entry holds a "▁" after
+            # another character (checked), and merges that cannot cross a cut happen in the same order either way.
             if norm is not None or pre.get("split", True) or model.get("ignore_merges"):
                 return None
             rep = pre["replacement"]

@@ -111,7 +111,8 @@ class BatchEncoder:
         self.encoder = encoder
         tok = encoder.tokenizer
         if not getattr(tok, "is_fast", False):
-            # A slow sentencepiece tokenizer (InternLM2's) has a fast twin with its ids; Encoder stays slow.
+            # A slow sentencepiece tokenizer (InternLM2's) has a fast twin with its ids and offsets; Encoder stays
+            # slow. A boundary that no twin token crosses is one for Encoder's prefix rule too (no merge crosses it).
             tok = fast_twin(tok) if encoder.check else None
             if tok is not None:
                 log.info("%s: tokenizing through its fast twin (same ids)", type(encoder.tokenizer).__name__)
@@ -535,7 +536,7 @@ def _build(
     bars = not datasets.are_progress_bars_disabled()
     if not progress:
         datasets.disable_progress_bars()
-    # Nothing built here is cyclic; without this, collections of the growing heap cost up to a tenth of the time.
+    # Nothing built here is cyclic, and collections of the growing heap would cost time for nothing.
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
