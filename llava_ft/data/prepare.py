@@ -1,13 +1,13 @@
 """Prepared data: one file of records -> token ids + labels in an Arrow file, cached by content.
 
-The path shared by `llava-ft data prepare` and training: records -> `Dataset.map` (num_proc processes; per batch:
-Conversation -> template -> ids + labels under `Encoder`'s rules) -> one row per record saying whether it is
-kept -> counts -> the kept rows. On fast tokenizers each text is tokenized once as a whole (by chunked.py where it
+The path shared by `llava-ft data prepare` and training: records -> Conversation -> template -> ids + labels under
+`Encoder`'s rules -> Arrow. On fast tokenizers each text is tokenized once as a whole (by chunked.py where it
 reproduces the tokenizer, else one Rust call per batch); a record with a token across a trained/untrained
-boundary goes to `Encoder` itself, so the output equals `encode_all`'s. Images are stored as one
-IMAGE_TOKEN_INDEX each (`length` is the full length). A cache entry is a folder named by the key (data file,
-format, template, tokenizer, max_length, options, this code), built under a temporary name and renamed when
-complete; its checksum is verified before it is loaded.
+boundary goes to `Encoder` itself, so the output equals `encode_all`'s. With num_proc N, N forked processes take
+every Nth batch of 256 records and the parent interleaves their Arrow batches and counts back in record order, so
+the output does not depend on N. Images are stored as one IMAGE_TOKEN_INDEX each (`length` is the full length).
+A cache entry is a folder named by the key (data file, format, template, tokenizer, max_length, options, this
+code), built under a temporary name and renamed when complete; its checksum is verified before it is loaded.
 """
 
 from __future__ import annotations
@@ -16,33 +16,34 @@ import gc
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
+import pickle
 import shutil
 import tempfile
 import time
+import traceback
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
+from multiprocessing.connection import wait
 from pathlib import Path
+from typing import Any
 
 import datasets
 import datasets.table
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+from tqdm.auto import tqdm
 
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.data.chunked import ChunkedTokenizer, cut_tokens
 from llava_ft.data.conversation import Conversation, DataError
-from llava_ft.data.sources import (
-    BadRecords,
-    FormatReader,
-    detect_format,
-    effective_format,
-    iter_raw_records,
-    parse_record,
-)
+from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
 from llava_ft.data.sp_convert import fast_twin
-from llava_ft.data.tokenize import CompactSample, Encoder, EncodeStats, TokenizationMismatch, outcome
+from llava_ft.data.tokenize import CompactSample, DroppedSample, Encoder, EncodeStats, TokenizationMismatch
 
 log = logging.getLogger("llava_ft")
 
@@ -55,21 +56,7 @@ FEATURES = datasets.Features(
         "source": datasets.Value("string"),
     }
 )
-RECORD_FEATURES = datasets.Features({"where": datasets.Value("string"), "raw": datasets.Value("binary")})
-# What `Dataset.map` gives per record: the sample (empty when not kept) and its outcome, counted afterwards.
-ROW_FEATURES = datasets.Features(
-    {
-        **FEATURES,
-        "outcome": datasets.Value("string"),
-        "problem": datasets.Value("string"),
-        "reason": datasets.Value("string"),
-        "truncated": datasets.Value("bool"),
-        "realigned": datasets.Value("bool"),
-        "supervised": datasets.Value("int32"),
-        "image_tokens": datasets.Value("int32"),
-    }
-)
-ROW_SCHEMA = ROW_FEATURES.arrow_schema
+SCHEMA = FEATURES.arrow_schema  # computed once: the property builds it anew on every call
 _CODE_FILES = (
     "prepare.py",
     "chunked.py",
@@ -104,6 +91,23 @@ class Prepared:
 # ---------------------------------------------------------------- batched encoding
 
 
+@dataclass
+class _Batch:
+    """One batch of record slots, encoded: flat arrays plus counts (cheap to pickle between processes)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    images: list[list[str]]
+    sources: list[str]
+    stats: EncodeStats
+    bad: list[tuple[str, str]]
+    """Records that could not be read or converted (skip_bad), in record order."""
+    error: tuple[str, str, str] | None = None
+    """(kind, where, problem) of the first bad record when not skipping them: the caller raises it."""
+
+
 class BatchEncoder:
     """`Encoder.encode` over many conversations at once, with the same result (see the module docstring)."""
 
@@ -126,17 +130,30 @@ class BatchEncoder:
             self.backend.encode_special_tokens = bool(getattr(tok, "split_special_tokens", False))
         self.chunked = ChunkedTokenizer.of(tok) if self.backend is not None else None
 
-    def encode_batch(self, items: list[Conversation | DataError]) -> _Rows:
-        """One row per item, in order: a conversation's sample or why it is not kept; a `DataError` item is a
-        record that could not be read or converted ("bad")."""
+    def encode_records(self, slots: list[tuple[str, Any]], reader: FormatReader, skip_bad: bool) -> _Batch:
+        """Records (as `iter_records` yields them) -> conversations -> encoded, in record order; the first bad
+        record stops the batch unless `skip_bad`."""
+        convs, bad = [], []
+        for where, record in slots:
+            try:
+                convs.append(reader.conversation(record, where))
+            except DataError as err:
+                if not skip_bad:
+                    # Records before it may hold an earlier error: encode them first.
+                    batch = self.encode_batch(convs, skip_bad)
+                    batch.error = batch.error or (type(err).__name__, err.where, err.problem)
+                    return batch
+                bad.append((err.where, err.problem))
+        batch = self.encode_batch(convs, skip_bad)
+        batch.bad = bad
+        return batch
+
+    def encode_batch(self, convs: list[Conversation], skip_bad: bool) -> _Batch:
         rendered: list = []
         texts: list[tuple[str, list[int]]] = []  # (text between images, segment boundaries inside it)
-        for item in items:
-            if isinstance(item, DataError):
-                rendered.append(None)
-                continue
+        for conv in convs:
             try:
-                segments, text = self.encoder.render(item)
+                segments, text = self.encoder.render(conv)
             except DataError as err:
                 rendered.append(err)
                 continue
@@ -145,26 +162,28 @@ class BatchEncoder:
             texts += [(chunk, cuts) for chunk, cuts, _ in layout if chunk]
         tokenized = self._tokenize(texts) if self.backend is not None else []
 
-        out = _Rows()
-        for item, done in zip(items, rendered):
-            if done is None:
-                out.not_kept("bad", item)
-                continue
+        out = _Columns()
+        stats = EncodeStats()
+        for conv, item in zip(convs, rendered):
+            stats.records += 1
             try:
-                if isinstance(done, DataError):
-                    raise done
-                fast = self._whole_text(*done, tokenized) if self.backend is not None else None
+                if isinstance(item, DataError):
+                    raise item
+                fast = self._whole_text(*item, tokenized) if self.backend is not None else None
                 # Where a token crosses a segment boundary, Encoder decides (and may realign or refuse).
                 sample = (
-                    self.encoder.encode_compact(item)
+                    self.encoder.encode_compact(conv)
                     if fast is None
-                    else self.encoder.finish(item, *fast, False)
+                    else self.encoder.finish(conv, *fast, False)
                 )
             except DataError as err:
-                out.not_kept(outcome(err), err)
+                if not skip_bad and not isinstance(err, DroppedSample):
+                    return out.finish(stats, (type(err).__name__, err.where, err.problem))
+                stats.add_error(err)
                 continue
-            out.kept(sample, item)
-        return out
+            stats.add(sample)
+            out.add(sample, conv)
+        return out.finish(stats)
 
     def _tokenize(
         self, texts: list[tuple[str, list[int]]]
@@ -235,99 +254,121 @@ def _layout(segments: list, chunks: list[str]) -> list[tuple[str, list[int], lis
     return layout
 
 
-class _Rows:
-    """Rows of ROW_FEATURES as flat lists: a kept sample, or an empty one saying why the record is not kept."""
+class _Columns:
+    """A batch's rows as flat lists."""
 
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.labels: list[int] = []
         self.offsets: list[int] = [0]
-        self.columns: dict[str, list] = {
-            name: [] for name in ROW_FEATURES if name not in ("input_ids", "labels")
-        }
+        self.lengths: list[int] = []
+        self.images: list[list[str]] = []
+        self.sources: list[str] = []
 
-    def _add(self, **values) -> None:
-        self.offsets.append(len(self.ids))
-        for name, column in self.columns.items():
-            column.append(values[name])
-
-    def kept(self, sample: CompactSample, conv: Conversation) -> None:
+    def add(self, sample: CompactSample, conv: Conversation) -> None:
         self.ids += sample.input_ids
         self.labels += sample.labels
-        self._add(length=sample.length, images=conv.images, source=conv.source or conv.where, outcome="kept",
-                  problem="", reason="", truncated=sample.truncated, realigned=sample.realigned,
-                  supervised=len(sample.labels) - sample.labels.count(IGNORE_INDEX),
-                  image_tokens=sample.num_images * sample.num_image_tokens)  # fmt: skip
+        self.offsets.append(len(self.ids))
+        self.lengths.append(sample.length)
+        self.images.append(conv.images)
+        self.sources.append(conv.source or "")
 
-    def not_kept(self, outcome: str, err: DataError) -> None:
-        """`outcome`: "bad" (not read or converted) or as `EncodeStats.add_problem` counts it."""
-        self._add(length=0, images=[], source=err.where, outcome=outcome, problem=err.problem,
-                  reason=getattr(err, "reason", ""), truncated=False, realigned=False, supervised=0,
-                  image_tokens=0)  # fmt: skip
-
-    def table(self) -> pa.Table:
-        offsets = pa.array(np.array(self.offsets, np.int32))
-        arrays = {
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(np.array(self.ids, np.int32))),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(np.array(self.labels, np.int32))),
-        }
-        arrays.update(
-            {name: pa.array(column, ROW_SCHEMA.field(name).type) for name, column in self.columns.items()}
-        )
-        return pa.table([arrays[name] for name in ROW_SCHEMA.names], schema=ROW_SCHEMA)
+    def finish(self, stats: EncodeStats, error: tuple[str, str, str] | None = None) -> _Batch:
+        return _Batch(np.array(self.ids, np.int32), np.array(self.labels, np.int32), np.array(self.offsets, np.int32),
+                      np.array(self.lengths, np.int32), self.images, self.sources, stats, [], error)  # fmt: skip
 
 
-class _EncodeRecords:
-    """The `Dataset.map` function: a batch of (where, JSON text) -> one row per record, in order."""
-
-    def __init__(self, batch_encoder: BatchEncoder, fmt: str, detected_at: int):
-        self.batch_encoder = batch_encoder
-        self.reader = FormatReader(fmt)
-        # With "auto", records before the first one that names a format are read as "auto" reads them.
-        self.detected_at = detected_at
-
-    def __call__(self, wheres: list[str], raws: list[bytes], indices: list[int]) -> pa.Table:
-        items: list[Conversation | DataError] = []
-        for where, raw, index in zip(wheres, raws, indices):
-            reader = self.reader if index >= self.detected_at else FormatReader("auto")
-            try:
-                items.append(reader.conversation(parse_record(raw, where), where))
-            except DataError as err:
-                items.append(err)
-        return self.batch_encoder.encode_batch(items).table()
+def _record_batch(batch: _Batch) -> pa.RecordBatch:
+    offsets = pa.array(batch.offsets)
+    return pa.record_batch(
+        [
+            pa.ListArray.from_arrays(offsets, pa.array(batch.ids)),
+            pa.ListArray.from_arrays(offsets, pa.array(batch.labels)),
+            pa.array(batch.lengths),
+            pa.array(batch.images, type=pa.list_(pa.string())),
+            pa.array(batch.sources, type=pa.string()),
+        ],
+        schema=SCHEMA,
+    )
 
 
-def _detect(records: datasets.Dataset, fmt: str) -> tuple[str, int]:
-    """The format and index of the first record that names one (with "auto"); records before it are bad."""
-    if fmt != "auto":
-        return fmt, 0
-    for index, record in enumerate(records):
+# ---------------------------------------------------------------- shards
+
+_Error = tuple[str, str, str]
+
+
+@dataclass
+class _ShardResult:
+    """What one process did: per batch it encoded (in order), its stats, bad records and error."""
+
+    batches: list[tuple[EncodeStats, list[tuple[str, str]], _Error | None]]
+    read_error: _Error | None = None
+    """The file itself could not be read (e.g. malformed JSON): it wins over every record's error."""
+
+
+def _record_batches(path: Path, parsed: list | None) -> Iterator[list[tuple[str, Any]]]:
+    records = iter(parsed) if parsed is not None else iter_records(path)
+    while batch := list(islice(records, BATCH_SIZE)):
+        yield batch
+
+
+def _encode_shard(
+    path: Path,
+    local: BatchEncoder,
+    fmt: str,
+    skip_bad: bool,
+    shard: int,
+    num_shards: int,
+    out: Path,
+    parsed: list | None,
+    progress,
+) -> _ShardResult:
+    """Batches shard, shard + num_shards, ... of the file, each read, encoded and written to `out` (one Arrow
+    record batch per batch, empty ones too, so that shards interleave back in order). A `.jsonl` file is read
+    line by line by every process, which converts only its own batches; a `.json` list comes `parsed` once,
+    before the processes fork."""
+    reader = FormatReader(fmt)
+    result = _ShardResult([])
+    batches = _record_batches(path, parsed)
+    with pa.ipc.new_stream(str(out), SCHEMA) as writer:
         try:
-            return detect_format(parse_record(record["raw"], record["where"]), ""), index
-        except DataError:
-            continue
-    return "auto", len(records)
+            for index, slots in enumerate(batches):
+                if index % num_shards != shard:
+                    for _, record in slots:  # the format is detected from the first record that names one
+                        if reader.fmt != "auto":
+                            break
+                        reader.detect(record)
+                    continue
+                batch = local.encode_records(slots, reader, skip_bad)
+                writer.write_batch(_record_batch(batch))
+                result.batches.append((batch.stats, batch.bad, batch.error))
+                progress(len(slots))
+                if batch.error is not None:
+                    for _ in batches:  # read on: a file error after it is the one to report
+                        pass
+                    break
+        except DataError as err:
+            result.read_error = (type(err).__name__, err.where, err.problem)
+    return result
 
 
-def _count(rows: datasets.Dataset) -> tuple[EncodeStats, BadRecords, DataError | None]:
-    """The counts of the rows (in record order), and the first error that stops preparation without skip_bad."""
-    stats, bad, first_error = EncodeStats(), BadRecords(), None
-    names = ["outcome", "source", "problem", "reason", "length", "supervised", "image_tokens", "truncated",
-             "realigned"]  # fmt: skip
-    columns = rows.select_columns(names).with_format("arrow")[:]
-    for outcome_, where, problem, reason, *kept in zip(*(columns[name].to_pylist() for name in names)):
-        if outcome_ == "kept":
-            stats.records += 1
-            stats.add_kept(*kept)
-            continue
-        if first_error is None and outcome_ != "dropped":
-            first_error = (TokenizationMismatch if outcome_ == "mismatched" else DataError)(where, problem)
-        if outcome_ == "bad":
-            bad.items.append((where, problem))
-        else:
-            stats.records += 1
-            stats.add_problem(outcome_, where, problem, reason)
-    return stats, bad, first_error
+def _shard_process(args: tuple, result_file: Path, counter) -> None:
+    """Child process: one shard; its result (or the crash) pickled to `result_file`."""
+
+    def progress(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    try:
+        outcome: object = _encode_shard(*args, progress)
+    except BaseException:  # noqa: BLE001 - handed to the parent, which raises it
+        outcome = traceback.format_exc()
+    result_file.write_bytes(pickle.dumps(outcome))
+
+
+def _raise(error: _Error) -> None:
+    kind, where, problem = error
+    raise (TokenizationMismatch if kind == TokenizationMismatch.__name__ else DataError)(where, problem)
 
 
 # ---------------------------------------------------------------- cache
@@ -470,7 +511,7 @@ def prepare(
     path = path.resolve()
     # The key hashes the data file and the tokenizer: only worth it when the cache is used.
     parts = cache_key_parts(path, encoder, fmt, skip_bad) if use_cache else {}
-    key = _key(parts) if use_cache else f"uncached-{os.getpid()}-{time.time_ns()}"
+    key = _key(parts) if use_cache else ""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / key
     if use_cache and (hit := _load_entry(final, key)) is not None:
@@ -485,11 +526,12 @@ def prepare(
     # Built under a temporary name next to the entry, so a killed run leaves nothing that looks complete.
     work = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root if use_cache else None))
     try:
-        dataset, stats, bad = _build(path, encoder, work if use_cache else None, key, fmt, skip_bad, num_proc,
-                                     progress)  # fmt: skip
+        stats, bad = _build(path, encoder, work / "data.arrow", fmt, skip_bad, num_proc, progress)
         if not use_cache:
-            return Prepared(dataset, stats, bad, "off", time.perf_counter() - started, "", num_proc)
-        del dataset  # the entry is opened again once it is in place
+            dataset = _open_arrow(
+                work / "data.arrow", f"uncached-{os.getpid()}-{time.time_ns()}", in_memory=True
+            )
+            return Prepared(dataset, stats, bad, "off", time.perf_counter() - started, key, num_proc)
         arrow_file = work / "data.arrow"
         meta = {"key": key, "parts": parts, "source": str(path), "arrow_bytes": arrow_file.stat().st_size,
                 "arrow_digest": _file_digest(arrow_file), "stats": stats.as_dict(max_problems=len(stats.problems)),
@@ -508,76 +550,86 @@ def prepare(
 
 
 def _build(
-    path: Path,
-    encoder: Encoder,
-    work: Path | None,
-    key: str,
-    fmt: str,
-    skip_bad: bool,
-    num_proc: int,
-    progress: bool,
-) -> tuple[datasets.Dataset, EncodeStats, BadRecords]:
-    """Records -> `Dataset.map` (num_proc processes, contiguous shards, so the rows come back in record order)
-    -> counts -> the kept rows, written to `work`/data.arrow (in memory when `work` is None)."""
-    wheres, raws = [], []
-    for where, raw in iter_raw_records(path):
-        wheres.append(where)
-        raws.append(raw)
-    records = datasets.Dataset.from_dict({"where": wheres, "raw": raws}, features=RECORD_FEATURES)
-    del wheres, raws
-    fmt, detected_at = _detect(records, fmt)
-    files = {"keep_in_memory": True} if work is None else {}
-
-    def cache_file(name: str) -> dict:  # the steps before data.arrow write under work/steps, removed after
-        return files or {
-            "cache_file_name": str(work / name if name == "data.arrow" else work / "steps" / name)
-        }
-
-    bars = not datasets.are_progress_bars_disabled()
-    if not progress:
-        datasets.disable_progress_bars()
+    path: Path, encoder: Encoder, out: Path, fmt: str, skip_bad: bool, num_proc: int, progress: bool
+) -> tuple[EncodeStats, BadRecords]:
+    # Built once: forked processes inherit it (and its tokenizer) as it is, and the parsed .json list too.
+    local = BatchEncoder(encoder)
+    parsed = list(iter_records(path)) if path.suffix == ".json" else None
     # Nothing built here is cyclic, and collections of the growing heap would cost time for nothing.
     gc_was_on = gc.isenabled()
     gc.disable()
+    bar = tqdm(desc=f"preparing {path.name}", unit=" rec", disable=not progress, mininterval=1.0)
     try:
-        rows = records.map(
-            _EncodeRecords(BatchEncoder(encoder), fmt, detected_at),
-            batched=True,
-            batch_size=BATCH_SIZE,
-            with_indices=True,
-            input_columns=["where", "raw"],
-            remove_columns=["where", "raw"],
-            features=ROW_FEATURES,
-            num_proc=num_proc if num_proc > 1 else None,
-            new_fingerprint=f"{key}-rows",
-            desc=f"preparing {path.name}",
-            **cache_file("rows.arrow"),
-        )
-        stats, bad, error = _count(rows)
-        if error is not None and not skip_bad:
-            raise error
-        kept = rows.filter(
-            lambda outcomes: [o == "kept" for o in outcomes],
-            batched=True,
-            input_columns=["outcome"],
-            new_fingerprint=f"{key}-kept",
-            **cache_file("kept.arrow"),
-        )
-        # Arrow batches straight through (the default Python format would rebuild every list).
-        dataset = (
-            kept.select_columns(list(FEATURES))
-            .with_format("arrow")
-            .flatten_indices(new_fingerprint=key, **cache_file("data.arrow"))
-            .with_format(None)
-        )
+        with bar:
+            if num_proc <= 1:
+                result = _encode_shard(path, local, fmt, skip_bad, 0, 1, out, parsed, bar.update)
+                return _merge([result], None, None)
+            files = [out.with_name(f".shard-{k}.arrow") for k in range(num_proc)]
+            try:
+                results = _run_shards(path, local, fmt, skip_bad, files, parsed, bar)
+                readers = [pa.ipc.open_stream(pa.memory_map(str(f))) for f in files]
+                with pa.ipc.new_stream(str(out), SCHEMA) as writer:
+                    return _merge(results, readers, writer)
+            finally:
+                for f in files:
+                    f.unlink(missing_ok=True)
+                    f.with_suffix(".result").unlink(missing_ok=True)
     finally:
         if gc_was_on:
             gc.enable()
-        if bars and not progress:
-            datasets.enable_progress_bars()
-    if work is not None:
-        shutil.rmtree(work / "steps")
-    return dataset, stats, bad
+
+
+def _run_shards(
+    path: Path, local: BatchEncoder, fmt: str, skip_bad: bool, files: list[Path], parsed: list | None, bar
+) -> list:
+    """One forked process per shard file (they inherit the loaded tokenizer); progress read from a counter."""
+    ctx = mp.get_context("fork")
+    counter = ctx.Value("q", 0)
+    procs = []
+    for k, file in enumerate(files):
+        args = (path, local, fmt, skip_bad, k, len(files), file, parsed)
+        procs.append(ctx.Process(target=_shard_process, args=(args, file.with_suffix(".result"), counter)))
+        procs[-1].start()
+    try:
+        while alive := [p.sentinel for p in procs if p.is_alive()]:
+            wait(alive, timeout=0.2)  # wakes as soon as one ends
+            bar.update(counter.value - bar.n)
+    finally:
+        for p in procs:
+            p.join()
+    bar.update(counter.value - bar.n)
+    results = []
+    for p, file in zip(procs, files):
+        result_file = file.with_suffix(".result")
+        if not result_file.exists():
+            raise RuntimeError(f"data preparation process {p.name} died (exit code {p.exitcode})")
+        result = pickle.loads(result_file.read_bytes())
+        if isinstance(result, str):
+            raise RuntimeError(f"data preparation process {p.name} failed:\n{result}")
+        results.append(result)
+    return results
+
+
+def _merge(results: list[_ShardResult], readers: list | None, writer) -> tuple[EncodeStats, BadRecords]:
+    """Batch g came from shard g % len(results): counts (and, with readers, rows) in record order. A file
+    error is raised first, as no record of a broken file can be trusted; else the first error in record order."""
+    for result in results:
+        if result.read_error is not None:
+            _raise(result.read_error)
+    stats, bad = EncodeStats(), BadRecords()
+    g, n = 0, len(results)
+    while True:
+        result, local = results[g % n], g // n
+        if local == len(result.batches):
+            return stats, bad
+        batch_stats, batch_bad, error = result.batches[local]
+        stats.merge(batch_stats)
+        bad.items += batch_bad
+        if error is not None:
+            _raise(error)
+        if readers is not None:
+            writer.write_batch(readers[g % n].read_next_batch())
+        g += 1
 
 
 def compact_tokens(dataset: datasets.Dataset) -> int:

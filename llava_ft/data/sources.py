@@ -178,18 +178,6 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
                 yield where, err
 
 
-def iter_raw_records(path: str | Path) -> Iterator[tuple[str, bytes]]:
-    """(where, the record's JSON text) for every record, in order, for processes that each parse their share:
-    `.jsonl` lines as they are, a `.json` list's records written back as JSON (the list is checked whole first)."""
-    path, handle = _open(path)
-    with handle:
-        if path.suffix == ".json":
-            for index, record in enumerate(_json_list(path, handle.read())):
-                yield f"{path}[{index}]", json.dumps(record, ensure_ascii=False).encode()
-            return
-        yield from _lines(path, handle)
-
-
 def parse_record(raw: bytes, where: str) -> Any:
     """One record's JSON text (a `.jsonl` line) -> its value, or `DataError` naming the record."""
     try:

@@ -8,13 +8,7 @@ from pathlib import Path
 import pytest
 
 from llava_ft.data.conversation import Conversation, DataError, Message
-from llava_ft.data.sources import (
-    iter_conversations,
-    iter_raw_records,
-    iter_records,
-    parse_record,
-    read_conversations,
-)
+from llava_ft.data.sources import iter_conversations, read_conversations
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -293,22 +287,3 @@ def test_wrong_values_are_refused_not_ignored(tmp_path, fmt, record, problem):
         read_conversations(path, fmt)
     convs, bad = read_conversations(path, fmt, skip_bad=True)
     assert convs == [] and len(bad) == 1
-
-
-def test_raw_records_parse_to_the_records(tmp_path):
-    """What each preparation process parses (its share of the JSON texts) gives iter_records' records, with the
-    same places and the same error for a line that is not JSON."""
-    records = [GOOD, {"text": "é🙂"}, [1, 2]]
-    jsonl = write_jsonl(tmp_path / "r.jsonl", records)
-    jsonl.write_text(jsonl.read_text() + "\n{broken\n")
-    (tmp_path / "r.json").write_text(json.dumps(records))
-    for path in (jsonl, tmp_path / "r.json"):
-        expected = list(iter_records(path))
-        raw = list(iter_raw_records(path))
-        assert [where for where, _ in raw] == [where for where, _ in expected]
-        for (where, text), (_, record) in zip(raw, expected):
-            if isinstance(record, DataError):
-                with pytest.raises(DataError, match="malformed JSON line"):
-                    parse_record(text, where)
-            else:
-                assert parse_record(text, where) == record
