@@ -165,7 +165,6 @@ class BatchEncoder:
         out = _Columns()
         stats = EncodeStats()
         for conv, item in zip(convs, rendered):
-            stats.records += 1
             try:
                 if isinstance(item, DataError):
                     raise item

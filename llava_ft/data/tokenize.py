@@ -337,6 +337,7 @@ class EncodeStats:
         )
 
     def add_kept(self, length: int, supervised: int, image: int, truncated: bool, realigned: bool) -> None:
+        self.records += 1
         self.kept += 1
         self.truncated += truncated
         self.realigned += realigned
@@ -350,6 +351,7 @@ class EncodeStats:
 
     def add_problem(self, outcome: str, where: str, problem: str, reason: str = "") -> None:
         """`outcome`: "dropped" (for `reason`), "mismatched" or "failed"."""
+        self.records += 1
         if outcome == "dropped":
             self.dropped[reason] += 1
         elif outcome == "mismatched":
@@ -420,7 +422,6 @@ def encode_all(
     samples: list = []
     stats = EncodeStats()
     for conv in convs:
-        stats.records += 1
         try:
             sample = encoder.encode_compact(conv)
         except DataError as err:
