@@ -281,10 +281,7 @@ def _check_file(src: DataSource, encoder: Encoder, image_folder: str | None, num
         table = drop_missing_images(
             table, Path(image_folder), stats, skip_bad=True, num_image_tokens=encoder.num_image_tokens
         )
-        moved = stats.problems[before:]
-        bad.items += moved
-        del stats.problems[before:]
-        stats.skipped -= len(moved)
+        bad.items += stats.take_unkept(len(stats.problems) - before)
     with_images = pa.compute.sum(pa.compute.list_value_length(table_column(table, "images")).cast("bool"))
     _print_counts(
         src.path,

@@ -371,6 +371,14 @@ class EncodeStats:
         self.image_tokens -= image
         self.problems += problems
 
+    def take_unkept(self, count: int) -> list[tuple[str, str]]:
+        """The problems of the last `count` samples `unkeep` moved to `skipped`, taken out of `skipped` and
+        `problems` (for a report that lists them with the bad records instead)."""
+        taken = self.problems[len(self.problems) - count :]
+        del self.problems[len(self.problems) - count :]
+        self.skipped -= count
+        return taken
+
     def add_bad(self, bad: BadRecords) -> EncodeStats:
         """Fold in records skipped before encoding, so the totals account for every record; returns self."""
         self.records += len(bad)
