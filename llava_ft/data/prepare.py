@@ -173,7 +173,7 @@ class BatchEncoder:
                 sample = (
                     self.encoder.encode_compact(conv)
                     if fast is None
-                    else self.encoder.finish(conv, *fast, False)
+                    else self.encoder.finish(conv, *fast, realigned=False)
                 )
             except DataError as err:
                 if not skip_bad and not isinstance(err, DroppedSample):

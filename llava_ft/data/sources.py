@@ -168,7 +168,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     path, handle = _open(path)
     with handle:
         if path.suffix == ".json":
-            for index, record in enumerate(_json_list(path, handle.read())):
+            for index, record in enumerate(_json_list(path, handle)):
                 yield f"{path}[{index}]", record
             return
         for where, raw in _lines(path, handle):
@@ -204,11 +204,13 @@ def _lines(path: Path, handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
             yield f"{path}:{lineno}", raw
 
 
-def _json_list(path: Path, data: bytes) -> list:
+def _json_list(path: Path, handle: BinaryIO) -> list:
     try:
-        records = json.loads(data.decode("utf-8"))
+        text = handle.read().decode("utf-8")  # the bytes are freed before the records are built
     except UnicodeDecodeError as e:
         raise DataError(str(path), f"not UTF-8: {e.reason} at byte {e.start}") from e
+    try:
+        records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg}") from e
     if not isinstance(records, list):
