@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate, chain
 from typing import Any
 
+import tokenizers
+import tokenizers.models
+
 log = logging.getLogger("llava_ft")
 
 MAX_CACHED = 1 << 19
@@ -364,11 +367,42 @@ _LOOKAROUND = re.compile(r"\(\?<?[=!]")  # anchors are refused by _ascii_pattern
 
 
 def _pipeline(backend) -> dict[str, Any]:
-    """The parts of a `tokenizers.Tokenizer` that decide its ids, from its public JSON (`to_str`); the model
-    without its vocabulary and merges, which `_build` does not read."""
-    data = json.loads(backend.to_str())
-    data["model"] = {k: v for k, v in data["model"].items() if k not in ("vocab", "merges")}
-    return data
+    """The parts of a `tokenizers.Tokenizer` that decide its ids, in its JSON layout: the normalizer,
+    pre-tokenizer and post-processor as a vocabulary-less tokenizer holding them serializes them (`to_str` of the
+    whole would serialize and parse the vocabulary too), the rest from the public attributes."""
+    shell = tokenizers.Tokenizer(tokenizers.models.BPE())
+    for part in ("normalizer", "pre_tokenizer", "post_processor"):
+        if (component := getattr(backend, part)) is not None:
+            setattr(shell, part, component)
+    parts = json.loads(shell.to_str())
+    model = backend.model
+    keys = (
+        "dropout",
+        "continuing_subword_prefix",
+        "end_of_word_suffix",
+        "ignore_merges",
+        "fuse_unk",
+        "unk_token",
+    )
+    return {
+        "model": {"type": type(model).__name__, **{k: getattr(model, k, None) for k in keys}},
+        "pre_tokenizer": parts["pre_tokenizer"],
+        "normalizer": parts["normalizer"],
+        "post_processor": parts["post_processor"],
+        "truncation": backend.truncation,
+        "padding": backend.padding,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "normalized": t.normalized,
+            }
+            for i, t in backend.get_added_tokens_decoder().items()
+        ],  # fmt: skip
+    }
 
 
 def _isolating(regexes: list[re.Pattern]) -> Callable[[str], list[str]]:
