@@ -30,6 +30,15 @@ import time
 from pathlib import Path
 from unittest import mock
 
+from llava_ft.constants import IMAGE_TOKEN
+from llava_ft.data import prepare as prep
+from llava_ft.data.prepare import compact_tokens, prepare
+from llava_ft.data.sources import read_conversations
+from llava_ft.data.sp_convert import fast_twin
+from llava_ft.data.templates import get_template
+from llava_ft.data.tokenize import Encoder
+from llava_ft.model.llm import load_tokenizer
+
 HERE = Path(__file__).resolve().parent
 XTB_SCRIPTS = HERE / "xtuner_bench"  # run in XTuner's venv (gen_llava.py: any Python)
 DEFAULT_ROOT = HERE.parent / ".cache" / "xtb"
@@ -41,10 +50,6 @@ MAX_LENGTH = 2048 + IMAGE_TOKENS - 1
 
 def measure_ours(args: argparse.Namespace) -> dict:
     """Runs in a fresh process (--ours TOKENIZER): records/s per format, 2 processes, cold vs warm."""
-    from llava_ft.data.prepare import compact_tokens, prepare
-    from llava_ft.data.templates import get_template
-    from llava_ft.data.tokenize import Encoder
-    from llava_ft.model.llm import load_tokenizer
 
     tok = load_tokenizer(tokenizer_folder(args.root, args.ours))
     encoder = Encoder(
@@ -94,9 +99,6 @@ def tokenizer_alone(encoder, path: Path, runs: int) -> dict[str, float]:
     preparation that hands each text to the tokenizer pays at the least (XTuner does). With offsets
     (`encode_batch`, what a label check over the whole text reads) and without (`encode_batch_fast`, ids only).
     llava_ft's chunked tokenization (llava_ft/data/chunked.py) gets the same ids without this call."""
-    from llava_ft.constants import IMAGE_TOKEN
-    from llava_ft.data.sources import read_conversations
-    from llava_ft.data.sp_convert import fast_twin
 
     convs, _ = read_conversations(path)
     texts = [[c for c in encoder.render(conv)[1].split(IMAGE_TOKEN) if c] for conv in convs]
@@ -119,7 +121,6 @@ def tokenizer_alone(encoder, path: Path, runs: int) -> dict[str, float]:
 def unchunked(encoder, path: Path, runs: int) -> float:
     """Records/s of `prepare` with chunked tokenization off (one Rust call per batch of texts instead): what
     keeping llava_ft/data/chunked.py is weighed by."""
-    from llava_ft.data import prepare as prep
 
     with mock.patch.object(prep.ChunkedTokenizer, "of", return_value=None):
         done = [prep.prepare(path, encoder, use_cache=False) for _ in range(runs)]
@@ -275,12 +276,16 @@ def main() -> None:
         print(json.dumps(measure_ours(args)))
         return
     if not (Path(args.root) / "data").is_dir():
-        sys.exit(f"no records under {args.root}/data: run `bash scripts/setup_xtuner_bench.sh {args.root}` first")
+        sys.exit(
+            f"no records under {args.root}/data: run `bash scripts/setup_xtuner_bench.sh {args.root}` first"
+        )
     have_xtuner = (
         Path(f"{args.root}/venv/bin/python").exists() and (XTB_SCRIPTS / "bench_xtuner.py").is_file()
     )
     if not have_xtuner:
-        print(f"XTuner columns left out: set its venv up with `bash scripts/setup_xtuner_bench.sh {args.root}`")
+        print(
+            f"XTuner columns left out: set its venv up with `bash scripts/setup_xtuner_bench.sh {args.root}`"
+        )
     results: dict = {"n": args.n, "runs": args.runs, "tokenizers": {}, "load_start": os.getloadavg()[0]}
     for tk in args.tokenizers.split(","):
         # internlm2 is tok_sp's model file: XTuner's side is its sp run (it loads that folder as a fast tokenizer).
