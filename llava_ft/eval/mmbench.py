@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from llava_ft.data.conversation import DataError
-from llava_ft.eval import runner
+from llava_ft.eval import arguments, report, runner
 from llava_ft.eval.extract import MMBENCH_EXTRACTORS, MMBENCH_RULES, Extracted
 from llava_ft.eval.stats import Estimate, bootstrap_mean
 
@@ -334,14 +334,14 @@ SCORE_NAMES = {
 
 
 def mmbench_markdown(results: dict) -> str:
-    lines = ["# MMBench", "", *runner.provenance_markdown(results)]
+    lines = ["# MMBench", "", *report.provenance_markdown(results)]
     lines.append(
         f"- items: {results['n_questions']} questions, {results['n_rows']} rows; "
         f"extraction failures: {results['extraction_failures']} rows"
     )
     lines += [
         "",
-        runner.markdown_table(
+        report.markdown_table(
             ["score", "accuracy % [95% CI]", "n (resampled units)"],
             [[SCORE_NAMES[k], Estimate.from_dict(v).fmt(), v["n"]] for k, v in results["scores"].items()],
         ),
@@ -363,7 +363,7 @@ def mmbench_markdown(results: dict) -> str:
             for name in names
         ]
         headers = [field, *(["circular %", "questions"] if circ else []), "single-pass %", "rows"]
-        lines += ["", f"## Per {field}", "", runner.markdown_table(headers, rows)]
+        lines += ["", f"## Per {field}", "", report.markdown_table(headers, rows)]
     return "\n".join(lines)
 
 
@@ -374,7 +374,7 @@ def run_mmbench(
     data: str | Path,
     output: str | Path,
     *,
-    asking: runner.Asking | Callable[[], runner.Asking] | None = None,
+    predictor: runner.Predictor | Callable[[], runner.Predictor] | None = None,
     predictions_file: str | Path | None = None,
     rule: str = "vlmevalkit",
     lang: str = "auto",
@@ -396,11 +396,11 @@ def run_mmbench(
             raise DataError(str(data), f"--circular: {e}") from None
     rows = select(rows, limit)
     items = [runner.Item(r.index, build_prompt(r, lang), lambda r=r: decode_image(r)) for r in rows]
-    chosen, head = runner.predict(
+    found, head = runner.predict(
         items, output, benchmark="mmbench", rule=(rule, MMBENCH_RULES[rule].description), id_field="index",
-        asking=asking, predictions_file=predictions_file, data=data, command=command,
+        predictor=predictor, predictions_file=predictions_file, data=data, command=command,
     )  # fmt: skip
-    predictions = {str(r.index): rec["prediction"] for r, rec in zip(rows, chosen)}
+    predictions = {str(r.index): rec["prediction"] for r, rec in zip(rows, found.records)}
     scored = extract_all(rows, predictions, rule)
     results = {
         **head,
@@ -429,13 +429,13 @@ def run_mmbench(
         }
         for s in scored
     )
-    return runner.finish(output, results, mmbench_markdown(results), chosen, per_item)
+    return runner.finish(output, results, mmbench_markdown(results), found, per_item)
 
 
-@runner.reports_user_errors
+@arguments.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    runner.add_common_args(parser)
+    arguments.add_common_args(parser)
     parser.add_argument("--rule", choices=sorted(MMBENCH_RULES), default="vlmevalkit")
     parser.add_argument(
         "--lang",
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_mmbench(
         args.data,
         args.output,
-        asking=runner.lazy_asking(args),
+        predictor=arguments.lazy_predictor(args),
         predictions_file=args.predictions,
         rule=args.rule,
         lang=args.lang,
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         circular=args.circular,
         seed=args.seed,
         n_resamples=args.n_resamples,
-        command=runner.command_line(argv),
+        command=arguments.command_line(argv),
     )
     head = results["headline"]
     print(

@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image
 
 from llava_ft.data.conversation import DataError
-from llava_ft.eval import runner
+from llava_ft.eval import arguments, report, runner
 from llava_ft.eval.extract import Rule, official_punctuation
+from llava_ft.eval.jsonl import iter_jsonl, require_fields, unique_image
 from llava_ft.eval.stats import Estimate, bootstrap_mean
 
 SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQAv2 prompt
@@ -225,8 +226,8 @@ def load_vqa(path: str | Path, images: str | Path | None) -> list[VqaItem]:
     path, images = Path(path), None if images is None else Path(images)
     items: list[VqaItem] = []
     seen: dict[str, str] = {}
-    for _, where, rec in runner.iter_jsonl(path):
-        rec = runner.require_fields(rec, where, ("question_id", "image", "question", "answers"))
+    for _, where, rec in iter_jsonl(path):
+        rec = require_fields(rec, where, ("question_id", "image", "question", "answers"))
         answers = (
             [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in rec["answers"]]
             if isinstance(rec["answers"], list)
@@ -234,7 +235,7 @@ def load_vqa(path: str | Path, images: str | Path | None) -> list[VqaItem]:
         )
         if not answers or not all(isinstance(a, str) for a in answers):
             raise DataError(where, "field 'answers' must be a non-empty list of strings (or {'answer': ...})")
-        image = runner.unique_image(rec, where, seen, images)
+        image = unique_image(rec, where, seen, images)
         items.append(
             VqaItem(rec["question_id"], image, rec["question"], answers, rec.get("answer_type"), where)
         )
@@ -287,7 +288,7 @@ def score_vqa(
 
 
 def vqa_markdown(results: dict) -> str:
-    lines = ["# VQA", "", *runner.provenance_markdown(results)]
+    lines = ["# VQA", "", *report.provenance_markdown(results)]
     lines.append(
         f"- items: {results['n_items']}; empty predictions: {results['extraction_failures']}; "
         f"human answers per question: {results['answers_per_question']} "
@@ -300,13 +301,13 @@ def vqa_markdown(results: dict) -> str:
     rows += [
         [f"soft accuracy, normalisation '{n}'", f"{v * 100:.2f}"] for n, v in results["soft_accuracy"].items()
     ]
-    lines += ["", runner.markdown_table(["score", "% [95% CI]"], rows)]
+    lines += ["", report.markdown_table(["score", "% [95% CI]"], rows)]
     if set(results["per_answer_type"]) != {"(none)"}:
         lines += [
             "",
             "## Per answer type",
             "",
-            runner.markdown_table(
+            report.markdown_table(
                 ["answer type", "soft accuracy %", "n"],
                 [
                     [k, f"{v['soft_accuracy'] * 100:.2f}", v["n"]]
@@ -322,7 +323,7 @@ def run_vqa(
     images: str | Path | None,
     output: str | Path,
     *,
-    asking: runner.Asking | Callable[[], runner.Asking] | None = None,
+    predictor: runner.Predictor | Callable[[], runner.Predictor] | None = None,
     predictions_file: str | Path | None = None,
     normalization: str = "official",
     suffix: str = SUFFIX,
@@ -335,32 +336,30 @@ def run_vqa(
         raise ValueError(f"unknown normalisation {normalization!r}; choose from {sorted(NORMALIZE_RULES)}")
     data, output = Path(data), Path(output)
     # A re-score asks nothing, so no image is opened: it must not need the files either.
-    items = load_vqa(data, images if asking is not None else None)[:limit]
+    items = load_vqa(data, images if predictor is not None else None)[:limit]
     work = [
         runner.Item(it.question_id, build_prompt(it.question, suffix), lambda it=it: load_image(it))
         for it in items
     ]
-    chosen, head = runner.predict(
+    found, head = runner.predict(
         work, output, benchmark="vqa", rule=(normalization, NORMALIZE_RULES[normalization].description),
-        id_field="question_id", asking=asking, predictions_file=predictions_file, data=data, command=command,
+        id_field="question_id", predictor=predictor, predictions_file=predictions_file, data=data, command=command,
     )  # fmt: skip
-    scores = score_vqa(
-        items, [r["prediction"] for r in chosen], normalization, seed=seed, n_resamples=n_resamples
-    )
+    scores = score_vqa(items, found.answers, normalization, seed=seed, n_resamples=n_resamples)
     per_item = scores.pop("_per_item")
     results = {**head, "images": str(images) if images is not None else None, **scores}
     fields = (
         {"answers": it.answers, "soft_accuracy": per_item["soft"][i], "exact_match": per_item["exact"][i]}
         for i, it in enumerate(items)
     )
-    return runner.finish(output, results, vqa_markdown(results), chosen, fields)
+    return runner.finish(output, results, vqa_markdown(results), found, fields)
 
 
-@runner.reports_user_errors
+@arguments.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    runner.add_common_args(parser)
-    runner.add_images_arg(parser)
+    arguments.add_common_args(parser)
+    arguments.add_images_arg(parser)
     parser.add_argument(
         "--normalize",
         choices=sorted(NORMALIZE_RULES),
@@ -371,19 +370,19 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt-suffix", default=SUFFIX, help="appended to each question unless already there"
     )
     args = parser.parse_args(argv)
-    images = runner.images_from_args(parser, args)
+    images = arguments.images_from_args(parser, args)
     results = run_vqa(
         args.data,
         images,
         args.output,
-        asking=runner.lazy_asking(args),
+        predictor=arguments.lazy_predictor(args),
         predictions_file=args.predictions,
         normalization=args.normalize,
         suffix=args.prompt_suffix,
         limit=args.limit,
         seed=args.seed,
         n_resamples=args.n_resamples,
-        command=runner.command_line(argv),
+        command=arguments.command_line(argv),
     )
     print(
         f"VQA soft accuracy ({args.normalize}): {Estimate.from_dict(results['headline']).fmt()}; results in {args.output}"

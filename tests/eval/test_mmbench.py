@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from llava_ft.data.conversation import DataError
-from llava_ft.eval import mmbench, runner
-from llava_ft.eval.runner import Asking
+from llava_ft.eval import arguments, mmbench
+from llava_ft.eval.runner import Predictor
 
 
 def solid(colour: str) -> Image.Image:
@@ -101,7 +101,7 @@ def test_empty_and_nan_options_are_left_out_as_pandas_reads_them(tmp_path):
 
 def test_circular_scoring_with_one_failing_rotation(tsv, tmp_path, scripted):
     fake = scripted(answer_like_a_model)
-    res = mmbench.run_mmbench(tsv, tmp_path / "out", asking=Asking(fake, "ck", batch_size=4), seed=1)
+    res = mmbench.run_mmbench(tsv, tmp_path / "out", predictor=Predictor(fake, "ck", batch_size=4), seed=1)
     assert len(fake.asked) == 6 and all(q.image is not None for q in fake.asked)
     # Animal question: rotation 2 (A = bird) wrong -> question fails; colour question: both rotations right.
     assert res["headline"] == {**res["scores"]["circular"], "metric": "circular"}
@@ -133,7 +133,7 @@ def test_circular_scoring_with_one_failing_rotation(tsv, tmp_path, scripted):
 
 
 def test_rescore_with_xtuner_rule_without_a_model(tsv, tmp_path, scripted):
-    mmbench.run_mmbench(tsv, tmp_path / "out", asking=Asking(scripted(answer_like_a_model), "ck"))
+    mmbench.run_mmbench(tsv, tmp_path / "out", predictor=Predictor(scripted(answer_like_a_model), "ck"))
     code = mmbench.main(
         [
             "--predictions",
@@ -164,43 +164,47 @@ def test_resume_skips_answered_rows_and_combines(tsv, tmp_path, scripted):
         return answer_like_a_model(query)
 
     with pytest.raises(KeyboardInterrupt):
-        mmbench.run_mmbench(tsv, out, asking=Asking(scripted(crash_on_second_batch), "ck", batch_size=2))
+        mmbench.run_mmbench(
+            tsv, out, predictor=Predictor(scripted(crash_on_second_batch), "ck", batch_size=2)
+        )
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
 
     second = scripted(answer_like_a_model)
-    res = mmbench.run_mmbench(tsv, out, asking=Asking(second, "ck", batch_size=2))
+    res = mmbench.run_mmbench(tsv, out, predictor=Predictor(second, "ck", batch_size=2))
     assert len(second.asked) == 4 and res["reused_predictions"] == 2
     assert res["scores"]["circular"]["value"] == 0.5 and res["n_rows"] == 6
 
     third = scripted(answer_like_a_model)
-    res = mmbench.run_mmbench(tsv, out, asking=Asking(third, "ck"))
+    res = mmbench.run_mmbench(tsv, out, predictor=Predictor(third, "ck"))
     assert third.asked == [] and res["reused_predictions"] == 6
 
     with pytest.raises(DataError, match="predicted with checkpoint 'ck', this run uses 'other'"):
-        mmbench.run_mmbench(tsv, out, asking=Asking(second, "other"))
+        mmbench.run_mmbench(tsv, out, predictor=Predictor(second, "other"))
     with pytest.raises(DataError, match="prompt for id 0 differs"):
-        mmbench.run_mmbench(tsv, out, asking=Asking(second, "ck"), lang="cn")
+        mmbench.run_mmbench(tsv, out, predictor=Predictor(second, "ck"), lang="cn")
 
 
 def test_resume_refuses_predictions_of_other_weights(tsv, tmp_path, scripted):
     """Same checkpoint path, retrained weights: the old predictions must not be mixed into the new score."""
     out = tmp_path / "out"
     res = mmbench.run_mmbench(
-        tsv, out, asking=Asking(scripted(answer_like_a_model), "ck", weights="sha256:aa")
+        tsv, out, predictor=Predictor(scripted(answer_like_a_model), "ck", weights="sha256:aa")
     )
     assert res["weights"] == "sha256:aa"
     assert "- weights: `sha256:aa`" in (out / "results.md").read_text()
     assert all(json.loads(line)["weights"] == "sha256:aa" for line in (out / "predictions.jsonl").open())
     with pytest.raises(DataError, match="predicted with weights 'sha256:aa', this run uses 'sha256:bb'"):
-        mmbench.run_mmbench(tsv, out, asking=Asking(scripted(answer_like_a_model), "ck", weights="sha256:bb"))
+        mmbench.run_mmbench(
+            tsv, out, predictor=Predictor(scripted(answer_like_a_model), "ck", weights="sha256:bb")
+        )
 
 
 def test_cli_with_checkpoint_limit_and_generated_rotations(tmp_path, monkeypatch, scripted):
     plain = tmp_path / "plain.tsv"
     mmbench.write_mmbench_tsv(ROWS, plain)
     fake = scripted(answer_like_a_model)
-    monkeypatch.setattr(runner, "open_assistant", lambda ckpt, load_4bit=False: fake)
-    monkeypatch.setattr(runner, "checkpoint_weights", lambda ckpt: "sha256:" + ckpt)
+    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False: fake)
+    monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:" + ckpt)
     argv = [
         "--checkpoint",
         "ckpt-dir",
@@ -225,7 +229,7 @@ def test_cli_with_checkpoint_limit_and_generated_rotations(tmp_path, monkeypatch
 def test_circular_flag_refuses_a_file_with_rotations(tsv, tmp_path, scripted):
     with pytest.raises(DataError, match="--circular: the data already has circular rotations"):
         mmbench.run_mmbench(
-            tsv, tmp_path / "o", asking=Asking(scripted(answer_like_a_model), "c"), circular=True
+            tsv, tmp_path / "o", predictor=Predictor(scripted(answer_like_a_model), "c"), circular=True
         )
 
 

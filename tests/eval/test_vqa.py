@@ -4,7 +4,7 @@ import pytest
 
 from llava_ft.data.conversation import DataError
 from llava_ft.eval import vqa
-from llava_ft.eval.runner import Asking
+from llava_ft.eval.runner import Predictor
 from llava_ft.eval.vqa import exact_match, normalize, vqa_accuracy
 
 
@@ -100,7 +100,7 @@ def test_run_vqa_end_to_end(tmp_path, image_dir, scripted):
     script = {"What colour?": "red", "How many?": "two", "Is it?": "Yes."}
     fake = scripted(lambda q: script[q.question.removesuffix(vqa.SUFFIX)])
     out = tmp_path / "out"
-    res = vqa.run_vqa(data, image_dir, out, asking=Asking(fake, "ckpt"), seed=3)
+    res = vqa.run_vqa(data, image_dir, out, predictor=Predictor(fake, "ckpt"), seed=3)
     assert all(q.question.endswith(vqa.SUFFIX) and q.image.size == (8, 8) for q in fake.asked)
     assert res["soft_accuracy"]["official"] == pytest.approx((1.0 + 0.9 + 0.0) / 3)
     assert res["soft_accuracy"]["always"] == pytest.approx((1.0 + 0.9 + 1.0) / 3)
