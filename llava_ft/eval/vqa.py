@@ -16,7 +16,7 @@ from PIL import Image
 
 from llava_ft.data.conversation import DataError
 from llava_ft.eval import arguments, report, runner
-from llava_ft.eval.extract import Rule, official_punctuation
+from llava_ft.eval.extract import Rule, lmms_eval_punctuation, official_punctuation, vlmevalkit_punctuation
 from llava_ft.eval.jsonl import iter_jsonl, require_fields, unique_image
 from llava_ft.eval.stats import Estimate, bootstrap_mean
 
@@ -31,11 +31,25 @@ NORMALIZE_RULES = {
     ),
     "always": Rule(
         "always",
-        "as lmms-eval / VLMEvalKit: prediction and human answers always normalised, then the same soft accuracy",
+        "the official normalisation applied to every record, whether or not the human answers agree; the same "
+        "soft accuracy (neither lmms-eval nor VLMEvalKit: see the 'lmms-eval' and 'vlmevalkit' modes)",
+    ),
+    "vlmevalkit": Rule(
+        "vlmevalkit",
+        "VLMEvalKit vqa_score (vlmeval/dataset/utils/vqa_eval.py, e8e78f05): every record normalised, with "
+        "VLMEvalKit's punctuation pass, whose period rule keeps a period after a digit ('3.' is not '3'); "
+        "the same soft accuracy",
+    ),
+    "lmms-eval": Rule(
+        "lmms-eval",
+        "lmms-eval vqav2 (lmms_eval/tasks/vqav2/utils.py, 75571cf): every record normalised, with lmms-eval's "
+        "punctuation pass, which reads a run of commas between digits as a number ('1,,000' is '1000'); the "
+        "same soft accuracy",
     ),
 }
 
-# Official vqaEval.py tables, verbatim (keys with capitals never match after lower-casing; kept as upstream).
+# Official vqaEval.py tables, verbatim, which VLMEvalKit and lmms-eval copy unchanged (keys with capitals never
+# match after lower-casing; kept as upstream).
 MANUAL_MAP = {
     "none": "0",
     "zero": "0",
@@ -190,23 +204,43 @@ def normalize(text: str) -> str:
     return digit_article(official_punctuation(_clean(text)))
 
 
+def normalize_vlmevalkit(text: str) -> str:
+    """VLMEvalKit `process_answer`: the official steps with its own punctuation pass."""
+    return digit_article(vlmevalkit_punctuation(_clean(text)))
+
+
+def normalize_lmms_eval(text: str) -> str:
+    """lmms-eval's VQAv2 normalisation: the official steps with its own punctuation pass."""
+    return digit_article(lmms_eval_punctuation(_clean(text)))
+
+
+NORMALIZERS: dict[str, Callable[[str], str]] = {
+    "official": normalize,
+    "always": normalize,
+    "vlmevalkit": normalize_vlmevalkit,
+    "lmms-eval": normalize_lmms_eval,
+}
+
+
 def vqa_accuracy(prediction: str, answers: list[str], normalization: str = "official") -> float:
     """Soft accuracy: mean over each human answer left out of min(#others equal to the prediction / 3, 1).
 
+    "official" normalises only when the human answers differ; every other mode always, with its own function.
     With one human answer there are no "others" (the score would always be 0), so such a record scores
-    normalised exact match instead, under both variants (named in reports).
+    normalised exact match instead, in every mode (named in reports).
     """
+    norm = NORMALIZERS[normalization]
     if len(answers) == 1:
-        return float(normalize(prediction) == normalize(answers[0]))
+        return float(norm(prediction) == norm(answers[0]))
     pred, gts = _clean(prediction), [_clean(a) for a in answers]
-    if normalization == "always" or len(set(gts)) > 1:
-        pred, gts = normalize(pred), [normalize(a) for a in gts]
+    if normalization != "official" or len(set(gts)) > 1:
+        pred, gts = norm(pred), [norm(a) for a in gts]
     matches = sum(g == pred for g in gts)
     return float(np.mean([min((matches - (g == pred)) / 3, 1.0) for g in gts]))
 
 
 def exact_match(prediction: str, answers: list[str]) -> bool:
-    """The normalised prediction equals the most frequent normalised human answer (first on a tie)."""
+    """The officially normalised prediction equals the most frequent normalised human answer (first on a tie)."""
     return normalize(prediction) == Counter(normalize(a) for a in answers).most_common(1)[0][0]
 
 
@@ -364,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         "--normalize",
         choices=sorted(NORMALIZE_RULES),
         default="official",
-        help="official: as vqaEval.py; always: as lmms-eval / VLMEvalKit",
+        help="official: as vqaEval.py (normalise only when the human answers differ); always: the official "
+        "normalisation on every record; vlmevalkit, lmms-eval: each harness's own normalisation on every record",
     )
     parser.add_argument(
         "--prompt-suffix", default=SUFFIX, help="appended to each question unless already there"

@@ -45,6 +45,38 @@ def test_normalisation_only_when_humans_disagree():
 @pytest.mark.parametrize(
     ("prediction", "answers", "expected"),
     [
+        # VLMEvalKit's period regex is a true lookbehind: "3." keeps its period; the official one drops it.
+        ("3.", ["3"] * 10, {"official": 0.0, "always": 1.0, "vlmevalkit": 0.0, "lmms-eval": 1.0}),
+        ("3.", ["3"] * 9 + ["4"], {"official": 1.0, "always": 1.0, "vlmevalkit": 0.0, "lmms-eval": 1.0}),
+        # lmms-eval reads a run of commas between digits as a number; the others split "1,,000" into "1 000".
+        ("1,,000", ["1000"] * 10, {"official": 0.0, "always": 0.0, "vlmevalkit": 0.0, "lmms-eval": 1.0}),
+        (
+            "1,,000",
+            ["1000"] * 9 + ["10"],
+            {"official": 0.0, "always": 0.0, "vlmevalkit": 0.0, "lmms-eval": 1.0},
+        ),
+        # Shared by every mode that normalises: number words, a trailing comma.
+        (
+            "Two dogs, ",
+            ["2 dogs"] * 10,
+            {"official": 0.0, "always": 1.0, "vlmevalkit": 1.0, "lmms-eval": 1.0},
+        ),
+    ],
+)
+def test_normalisation_modes_follow_their_harness(prediction, answers, expected):
+    assert set(expected) == set(vqa.NORMALIZE_RULES)
+    assert {mode: vqa_accuracy(prediction, answers, mode) for mode in expected} == expected
+
+
+def test_single_answer_uses_the_mode_normalisation():
+    assert vqa_accuracy("3.", ["3"], "official") == 1.0
+    assert vqa_accuracy("3.", ["3"], "vlmevalkit") == 0.0
+    assert vqa_accuracy("1,,000", ["1000"], "lmms-eval") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
         ("Two", ["2"] * 9 + ["3"], 1.0),  # number word -> digit
         ("a dog", ["dog"] * 3 + ["cat"] * 7, 0.9),  # article dropped
         ("The Dog!", ["dog"] * 3 + ["cat"] * 7, 0.9),
