@@ -47,7 +47,7 @@ def check_stored(path: Path, rec: dict, item_id: Any, prompt: str, settings: dic
             f"the prompt for id {item_id!r} differs from the one built now from the data (another data file "
             "or prompt option?); use a fresh --output directory",
         )
-    # A setting the record lacks (an older version, another tool) cannot be checked and is accepted.
+    # A setting the record lacks (written by another tool) cannot be checked and is accepted.
     for field, now in (settings or {}).items():
         if field in rec and rec[field] != now:
             raise DataError(

@@ -292,7 +292,7 @@ def test_data_files_keep_refusing_a_cut_off_last_line(tmp_path, vqa_data, image_
 @pytest.mark.parametrize("flag", ["--limit", "--batch-size", "--max-new-tokens", "--n-resamples"])
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_counts_below_one_are_refused(tmp_path, vqa_data, image_dir, flag, value, capsys):
-    """--limit -1 once scored all but the last item, --limit 0 scored nothing as nan, both with exit 0."""
+    """Unchecked, --limit -1 would score all but the last item and --limit 0 nothing (as nan), both with exit 0."""
     argv = ["--predictions", "p.jsonl", "--data", str(vqa_data), "--images", str(image_dir)]
     with pytest.raises(SystemExit) as exit_info:
         vqa.main([*argv, "--output", str(tmp_path), flag, value])
