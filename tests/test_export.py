@@ -1,6 +1,6 @@
 """Export: transformers' own classes reload the folders with nothing missing, and give llava_ft's logits and
 token ids. References: llava_ft's model built from the stage output (adapters applied, not merged), plain
-sentencepiece for token ids, the official chat templates (shared/reference/chat_templates.json)."""
+sentencepiece for token ids, the official chat templates (tests/reference/chat_templates.json)."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.templates import TEMPLATES, get_template
 from llava_ft.data.tokenize import Encoder
 from llava_ft.export import (
-    _generation_config,
     chat_template_for,
     export_checkpoint,
+    generation_config,
     hf_tokenizer,
     hf_vision_tower,
 )
@@ -46,7 +46,7 @@ from llava_ft.stage import apply_stage_weights, read_stage_config, read_template
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 from llava_ft.testing.tiny_llm import write_internlm2_tokenizer
 
-REFERENCE_TEMPLATES = Path("/work/shared/reference/chat_templates.json")
+REFERENCE_TEMPLATES = Path(__file__).parent / "reference" / "chat_templates.json"
 MAX_DIFF = 1e-4  # fp32 on CPU; the largest differences seen are ~5e-6
 
 
@@ -294,7 +294,7 @@ def test_generation_config_claims_only_token_stops(lora_ckpt, root, tmp_path):
     assert len(sp.encode("\n", add_special_tokens=False)) == 2 and len(internlm2_eos) == 2
     llm = SimpleNamespace(generation_config=GenerationConfig())
     for tok, eos in ((bpe, bpe_eos), (internlm2, internlm2_eos), (sp, [sp.convert_tokens_to_ids("</s>")])):
-        gen = _generation_config(llm, tok, get_template("plain", tok), [])
+        gen = generation_config(llm, tok, get_template("plain", tok), [])
         gen.save_pretrained(tmp_path / "gen")
         saved = json.loads((tmp_path / "gen" / "generation_config.json").read_text())
         assert saved["eos_token_id"] == eos and saved.get("stop_strings") is None
