@@ -84,7 +84,7 @@ def export_checkpoint(
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: already exists (pass --overwrite to replace it)")
 
-    check_replaceable_dir(output)  # a file as --output fails now, not after the merge
+    check_replaceable_dir(output)  # a file as --output fails here, before the merge
     vision = read_stage_config(checkpoint).model.vision
     if fmt == "hf-llava" and vision is None:
         raise ValueError(
