@@ -1,4 +1,4 @@
-"""Answer extraction: expected values worked out by hand from the peers' rules (FACTS.md)."""
+"""Answer extraction: expected values worked out by hand from the peers' rules."""
 
 import pytest
 
