@@ -171,7 +171,7 @@ def untie_adapted_embeddings(llm) -> bool:
 def hf_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """A copy of `tokenizer` that AutoTokenizer reloads without custom code and that tokenizes the same."""
     from llava_ft.data.sp_convert import sentencepiece_to_tokenizers
-    from llava_ft.model.llm import InternLM2Tokenizer
+    from llava_ft.data.tokenizer import InternLM2Tokenizer
 
     if isinstance(tokenizer, InternLM2Tokenizer):
         return sentencepiece_to_tokenizers(tokenizer)

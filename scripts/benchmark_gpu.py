@@ -85,7 +85,7 @@ def prepare(root: Path, shapes: Shapes, n_samples: int) -> tuple[Path, str, Path
     """(LLM folder, vision model name, data file, image tokens per sample), written once under root."""
     from PIL import Image
 
-    from llava_ft.model.llm import load_tokenizer
+    from llava_ft.data.tokenizer import load_tokenizer
     from llava_ft.model.vision import VisionConfig, build_vision_tower
     from llava_ft.testing.tiny_llm import write_tiny_internlm2
     from llava_ft.testing.tiny_vision import write_tiny_open_clip

@@ -32,6 +32,7 @@ from llava_ft.constants import IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.templates import TEMPLATES, get_template
 from llava_ft.data.tokenize import Encoder
+from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.export import (
     _generation_config,
     chat_template_for,
@@ -40,7 +41,6 @@ from llava_ft.export import (
     hf_vision_tower,
 )
 from llava_ft.model.build import build_model
-from llava_ft.model.llm import load_tokenizer
 from llava_ft.model.vision import VisionConfig, build_vision_tower
 from llava_ft.stage import apply_stage_weights, read_stage_config, read_template_info
 from llava_ft.testing.tiny_llava import write_tiny_stage_output

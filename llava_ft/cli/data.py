@@ -28,6 +28,7 @@ from llava_ft.data.conversation import Conversation, DataError
 from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
 from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizedSample
+from llava_ft.data.tokenizer import load_tokenizer
 
 GREEN, CYAN, RESET = "\x1b[32m", "\x1b[36m", "\x1b[0m"
 DEFAULT_IMAGE_TOKENS = 576
@@ -95,12 +96,6 @@ def _add_subcommands(sub) -> None:
     r.set_defaults(func=cmd_prepare)
 
 
-def _load_tokenizer(path: str):
-    from llava_ft.model.llm import load_tokenizer  # InternLM2 sentencepiece folders without remote code
-
-    return load_tokenizer(path)
-
-
 @dataclass
 class _Setup:
     """What a data command reads and how it encodes: from the flags, or a training config under them."""
@@ -122,7 +117,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
         missing = [f"--{name}" for name in ("data", "template", "tokenizer") if getattr(args, name) is None]
         if missing:
             raise ValueError(f"{', '.join(missing)} required (or --config CONFIG.yaml, which names them)")
-    tokenizer = _load_tokenizer(args.tokenizer or cfg.model.llm)
+    tokenizer = load_tokenizer(args.tokenizer or cfg.model.llm)
     template = get_template(args.template or cfg.data.template, tokenizer)
     if args.num_image_tokens is not None:
         num_image_tokens = args.num_image_tokens

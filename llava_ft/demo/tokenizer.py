@@ -21,7 +21,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from llava_ft.model.internlm2 import INTERNLM2_SPECIAL_TOKENS
+from llava_ft.data.tokenizer import INTERNLM2_SPECIAL_TOKENS
 
 # The chat template's role names follow "<|im_start|>": one piece each, whatever the texts hold.
 CHAT_ROLES = ("system", "user", "assistant")

@@ -65,8 +65,9 @@ def build_vision(model_cfg: ModelSection):
 
 def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None):
     """Tokenizer and base model (pretrained parts only; trained weights are applied by the caller)."""
+    from llava_ft.data.tokenizer import load_tokenizer
     from llava_ft.model.kernels import apply_liger_kernels, resolve_liger
-    from llava_ft.model.llm import load_llm, load_tokenizer
+    from llava_ft.model.llm import load_llm
     from llava_ft.model.loss import resolve_loss_mode
     from llava_ft.model.projector import build_projector
 

@@ -26,8 +26,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from llava_ft.model.internlm2 import INTERNLM2_SPECIAL_TOKENS
-from llava_ft.model.llm import load_tokenizer
+from llava_ft.data.tokenizer import INTERNLM2_SPECIAL_TOKENS, load_tokenizer
 
 # Official internlm2-chat template (/work/shared/reference/chat_templates.json, "internlm2_chat").
 INTERNLM2_CHAT_TEMPLATE = (
