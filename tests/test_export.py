@@ -41,7 +41,8 @@ from llava_ft.export import (
     hf_vision_tower,
 )
 from llava_ft.model.build import build_model
-from llava_ft.model.vision import VisionConfig, build_vision_tower
+from llava_ft.config import VisionSection
+from llava_ft.model.vision import build_vision_tower
 from llava_ft.stage import apply_stage_weights, read_stage_config, read_template_info
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 from llava_ft.testing.tiny_llm import write_internlm2_tokenizer
@@ -213,7 +214,7 @@ def test_errors_are_one_line(lora_ckpt, root, tmp_path, capsys):
     assert main(["export", str(lora_ckpt), "--output", str(tmp_path / "exists"), "--no-verify"]) == 2
     assert "already exists" in capsys.readouterr().err
     pooled = build_vision_tower(
-        VisionConfig(backend="open_clip", model=f"local-dir:{root / 'clip_open_clip'}", pool=2)
+        VisionSection(backend="open_clip", model=f"local-dir:{root / 'clip_open_clip'}", pool=2)
     )
     with pytest.raises(ValueError, match="pool=2"):
         hf_vision_tower(pooled)
