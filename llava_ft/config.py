@@ -17,18 +17,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from transformers.integrations import get_available_reporting_integrations
+from transformers.trainer_utils import SchedulerType
+from transformers.training_args import OptimizerNames
 
 
 @dataclass
 class VisionSection:
     backend: Literal["open_clip", "hf"] = "open_clip"
-    """Where the CLIP tower comes from: open_clip, or a transformers CLIPVisionModel folder."""
+    """Which library builds the CLIP tower: open_clip, or transformers (CLIPVisionModel)."""
     model: str = "ViT-L-14-336-quickgelu"
-    """open_clip model name, `local-dir:/path` (open_clip folder), or the HF folder path for backend hf."""
+    """open_clip: a model name, or `local-dir:/path` (a folder with open_clip_config.json and weights); hf: a
+    local folder CLIPVisionModel.from_pretrained reads (a CLIPVisionModel or a whole CLIPModel checkpoint)."""
     pretrained: str | None = None
-    """Local weights file for an open_clip model name (.safetensors/.bin). Never a hub name."""
+    """open_clip with a model name only: local weights file (.safetensors/.bin/.pt) of the whole CLIP model,
+    never a hub tag. None: random weights (tiny tests only)."""
     feature_layer: int = -2
-    """Which block's output feeds the projector (-2: penultimate, as LLaVA-1.5)."""
+    """Block whose output feeds the projector, indexed like transformers' hidden_states (1..L or -L..-1);
+    -2, the penultimate, as LLaVA-1.5. CLS is dropped."""
     pool: int = 1
     """Average-pool the patch grid by this factor (2: 8x8 patches -> 16 tokens). 1 keeps all patches."""
     image_aspect: Literal["pad", "resize", "crop"] = "pad"
@@ -454,40 +460,18 @@ def _need(ok: bool, name: str, value: Any, what: str) -> None:
 
 
 def _validate_names(cfg: RunConfig) -> None:
-    """Names the config hands to code elsewhere, checked now rather than when the run is built (minutes later,
-    after data preparation). Imported here: the owners of the names stay their one place."""
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
-    from llava_ft.data.sources import FORMATS
-    from llava_ft.data.templates import TEMPLATE_NAMES
-    from llava_ft.model.build import attn_implementations
-    from llava_ft.model.projector import projector_depth
-
-    try:
-        projector_depth(cfg.model.projector)
-    except ValueError as e:
-        raise ConfigError(f"model.projector: {e}") from None
-    for i, src in enumerate(cfg.data.train):
-        if src.format not in ("auto", *FORMATS):
-            raise ConfigError(f"data.train[{i}].format: {src.format!r} is not one of {['auto', *FORMATS]}")
+    """transformers' scheduler and optimizer names, checked at load rather than when the run is built (minutes
+    later, after data preparation). llava_ft's own names are checked where they are defined:
+    model.build.check_names."""
     schedulers = [s.value for s in SchedulerType]
     if cfg.train.lr_scheduler not in schedulers:
         raise ConfigError(f"train.lr_scheduler: {cfg.train.lr_scheduler!r} is not one of {schedulers}")
-    if cfg.data.template not in TEMPLATE_NAMES:
-        raise ConfigError(f"data.template: {cfg.data.template!r} is not one of {list(TEMPLATE_NAMES)}")
     optimizers = [o.value for o in OptimizerNames]
     if cfg.train.optim not in optimizers:
         raise ConfigError(f"train.optim: {cfg.train.optim!r} is not one of transformers' {optimizers}")
-    attn = cfg.model.attn_implementation
-    # A name with a slash is a hub kernel, which transformers resolves itself.
-    if attn is not None and attn not in attn_implementations() and "/" not in attn:
-        raise ConfigError(f"model.attn_implementation: {attn!r} is not one of {attn_implementations()}")
 
 
 def _check_training_machine(cfg: RunConfig) -> None:
-    from transformers.integrations import get_available_reporting_integrations
-
     installed = get_available_reporting_integrations()
     if cfg.train.report_to not in ("none", "all", *installed):
         raise ConfigError(
