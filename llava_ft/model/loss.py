@@ -35,6 +35,7 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def liger_installed() -> bool:
+    # liger-kernel is optional (extra [gpu]); importing its loss tells whether it can load here.
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import (  # noqa: F401
             LigerFusedLinearCrossEntropyLoss,
@@ -61,6 +62,7 @@ def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
 
 
 def _fused_loss_sum(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # liger-kernel is optional (extra [gpu]): imported only where it runs.
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
     # The kernel multiplies its operands directly (no autocast inside): give it the head's dtype.

@@ -37,7 +37,8 @@ INTERNLM2_CHAT_TEMPLATE = (
 
 
 def _base_sp_model() -> Path:
-    # mistral-common ships a Llama-style 32k sentencepiece BPE model: a real tokenizer without a download.
+    # mistral-common (a test requirement, so imported here) ships a Llama-style 32k sentencepiece BPE model: a
+    # real tokenizer without a download.
     import mistral_common
 
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
