@@ -1,8 +1,7 @@
 """Typed run configuration: one YAML file per stage, every field documented here.
 
-A stage (text pretraining, LLaVA pretrain, LLaVA finetune) is only a choice of these values; the code path
-is the same. `load_config(path, overrides)` reads YAML, applies `--section.key value` overrides and
-validates, naming the offending key.
+A stage (text pretraining, LLaVA pretrain, LLaVA finetune) is only a choice of these values. `load_config`
+reads YAML, applies `--section.key value` overrides and validates, naming the offending key.
 """
 
 from __future__ import annotations
@@ -50,19 +49,19 @@ class ModelSection:
     projector: str = "mlp2x_gelu"
     """Projector kind: mlp2x_gelu, linear, or mlpNx_gelu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype. auto: bfloat16 on GPU, float32 on CPU (bf16 is ~85x slower on CPU)."""
+    """Compute dtype. auto: bfloat16 on GPU, float32 on CPU (where bfloat16 matmuls are slow)."""
     load_in_4bit: bool | None = None
     """Quantise the LLM to NF4. None: only when trainable.llm is qlora. True also suits a frozen LLM in pretrain.
     The parts left unquantised (embeddings, lm_head, norms) stay in `dtype`: no prepare_model_for_kbit_training
-    upcast to fp32, which costs ~1.4 GiB at a 92k vocabulary on a 1.8B LLM and slows the step."""
+    upcast to fp32, which costs memory (most at a large vocabulary) and slows the step."""
     attn_implementation: str | None = None
     """sdpa, sdpa_packed, eager, flash_attention_2, flex_attention. None: flash_attention_2 when flash-attn is
-    installed and on GPU; else for packed rows flex_attention on GPU (block-diagonal mask without padding,
-    1.4-1.75x sdpa's packed speed on an H100) and sdpa_packed on CPU (attention within each sample of a row); else
-    sdpa. The choice is logged."""
+    installed and on GPU; else for packed rows flex_attention on GPU (a block-diagonal mask whose other samples'
+    blocks are skipped) and sdpa_packed on CPU (attention within each sample of a row); else sdpa. The choice
+    is logged."""
     loss: Literal["auto", "plain", "chunked", "fused"] = "auto"
-    """How the training loss is computed. plain: the HF causal LM's own (fp32 logits over the whole vocabulary,
-    ~0.7 GiB per copy at 92k x 2048 tokens); chunked: from the decoder's hidden states, logits only for trained
+    """How the training loss is computed. plain: the HF causal LM's own (fp32 logits over the whole vocabulary
+    for every position); chunked: from the decoder's hidden states, logits only for trained
     positions, a checkpointed chunk at a time; fused: liger-kernel's fused linear cross-entropy (never builds
     logits). All give the same value. auto: fused with liger-kernel on GPU, chunked on GPU, plain on CPU;
     fused where liger cannot run warns and uses chunked."""
@@ -122,8 +121,7 @@ class DataSection:
     """Train only the final assistant turn of multi-turn conversations."""
     packing: bool = False
     """Pack several samples per row of max_length tokens; positions restart per sample and attention stays within
-    it. Saves the compute and memory spent on padding (FACTS: on an H100 with flex_attention, 13.3k vs 6.2k
-    tokens/s and 4.4 vs 6.7 GiB against padded batches of a LLaVA-like mix)."""
+    it. Saves the compute and memory spent on padding."""
     pack_length: int | None = None
     """Row capacity in tokens when packing (>= max_length); None: max_length. Longer rows leave less padding when
     samples are long (LLaVA's 600-1600-token image samples fill rows of 2048 poorly); with per-sample attention
@@ -171,11 +169,11 @@ class TrainSection:
     """Gradient clipping."""
     optim: str = "adamw_torch"
     """adamw_torch, or paged_adamw_8bit (bitsandbytes, GPU): 8-bit optimizer states (2 bytes per trainable
-    parameter instead of 8) paged to CPU under memory pressure; saved ~0.6 GiB with LoRA r64 on a 1.8B LLM."""
+    parameter instead of 8) paged to CPU under memory pressure."""
     gradient_checkpointing: bool | None = None
     """Recompute each decoder layer's activations in backward instead of keeping them: activation memory drops
-    from all layers to about one (e.g. 15.7 -> 6.9 GiB on a 1.8B QLoRA step) for one extra forward per layer. Acts only in
-    train mode (the Trainer sets it). None: on for qlora, off otherwise."""
+    from all layers to about one, for one extra forward per layer. Acts only in train mode (the Trainer sets it).
+    None: on for qlora, off otherwise."""
     seed: int = 42
     """Seed for weights, data order and dropout."""
     logging_steps: int = 10

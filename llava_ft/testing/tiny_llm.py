@@ -28,7 +28,7 @@ from transformers import (
 
 from llava_ft.data.tokenizer import INTERNLM2_SPECIAL_TOKENS, load_tokenizer
 
-# Official internlm2-chat template (/work/shared/reference/chat_templates.json, "internlm2_chat").
+# Official internlm2-chat template (internlm/internlm2-chat-1_8b, tokenizer_config.json).
 INTERNLM2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
     "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
