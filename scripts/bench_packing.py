@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from llava_ft.config import VisionSection
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.images import ImageProcessor
@@ -40,7 +41,6 @@ from llava_ft.data.sampler import LengthGroupedSampler
 from llava_ft.model.build import resolve_attn_implementation
 from llava_ft.model.llava import LlavaModel
 from llava_ft.model.projector import build_projector
-from llava_ft.config import VisionSection
 from llava_ft.model.vision import HFClipVisionTower
 
 MODES = ("padded", "grouped", "packed")

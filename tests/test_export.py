@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from llava_ft.cli.main import main
+from llava_ft.config import VisionSection
 from llava_ft.constants import IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.templates import TEMPLATES, get_template
@@ -41,7 +42,6 @@ from llava_ft.export import (
     hf_vision_tower,
 )
 from llava_ft.model.build import build_model
-from llava_ft.config import VisionSection
 from llava_ft.model.vision import build_vision_tower
 from llava_ft.stage import apply_stage_weights, read_stage_config, read_template_info
 from llava_ft.testing.tiny_llava import write_tiny_stage_output

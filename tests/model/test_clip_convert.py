@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from llava_ft.model.clip_convert import open_clip_to_hf_clip_vision, save_hf_clip_vision
 from llava_ft.config import VisionSection
+from llava_ft.model.clip_convert import open_clip_to_hf_clip_vision, save_hf_clip_vision
 from llava_ft.model.vision import build_vision_tower
 from llava_ft.testing.tiny_vision import write_tiny_open_clip
 
