@@ -427,7 +427,8 @@ def load_config(
 ) -> RunConfig:
     """The config at `path` (None: defaults) with dotted overrides, validated. for_training: also check what only
     this machine can tell (the DeepSpeed file exists, the report_to integration is installed); a stage output's
-    config is read elsewhere too (chat, export, eval, a later stage) and must load there."""
+    config is read elsewhere too (chat, export, eval, a later stage) and must load there. llava_ft's own names
+    are checked by `model.build.check_names`, where they are defined."""
     data: dict = {}
     src = _SourceText()
     if path is not None:
