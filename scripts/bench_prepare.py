@@ -43,7 +43,7 @@ def measure_ours(args: argparse.Namespace) -> dict:
     from llava_ft.data.prepare import compact_tokens, prepare
     from llava_ft.data.templates import get_template
     from llava_ft.data.tokenize import Encoder
-    from llava_ft.model.llm import load_tokenizer
+    from llava_ft.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_folder(args.root, args.ours))
     encoder = Encoder(

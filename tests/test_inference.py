@@ -17,9 +17,9 @@ from llava_ft.config import DataSection, ModelSection, RunConfig, TrainableSecti
 from llava_ft.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Message
 from llava_ft.data.templates import VicunaTemplate, get_template
+from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.inference import Assistant, Query, _StopOnText, load_assistant, split_stop_words
 from llava_ft.model.build import build_model
-from llava_ft.model.llm import load_tokenizer
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 from llava_ft.testing.tiny_llm import write_internlm2_tokenizer, write_tiny_llama
 

@@ -88,7 +88,7 @@ def build_hf_llava(model, image_token_index: int) -> LlavaForConditionalGenerati
         image_seq_length=tower.num_tokens,
         projector_hidden_act="gelu",  # nn.GELU (erf), as llava_ft's projector
         vision_feature_layer=tower.cfg.feature_layer,
-        vision_feature_select_strategy="default" if tower.cfg.drop_cls else "full",
+        vision_feature_select_strategy="default",  # the tower drops CLS, as LLaVA
         multimodal_projector_bias=True,
         tie_word_embeddings=tied,
     )

@@ -13,8 +13,8 @@ from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.sp_convert import sentencepiece_to_tokenizers
 from llava_ft.data.templates import ChatTemplate
+from llava_ft.data.tokenizer import InternLM2Tokenizer
 from llava_ft.inference import split_stop_words
-from llava_ft.model.llm import InternLM2Tokenizer
 
 log = logging.getLogger("llava_ft")
 

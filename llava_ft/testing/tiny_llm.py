@@ -27,12 +27,12 @@ from transformers import (
 )
 
 from llava_ft.data.templates import TEMPLATES
-from llava_ft.model.internlm2 import INTERNLM2_SPECIAL_TOKENS
-from llava_ft.model.llm import load_tokenizer
+from llava_ft.data.tokenizer import INTERNLM2_SPECIAL_TOKENS, load_tokenizer
 
 
 def _base_sp_model() -> Path:
-    # mistral-common ships a Llama-style 32k sentencepiece BPE model: a real tokenizer without a download.
+    # mistral-common (a test requirement, so imported here) ships a Llama-style 32k sentencepiece BPE model: a
+    # real tokenizer without a download.
     import mistral_common
 
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"

@@ -23,15 +23,16 @@ from transformers import (
 )
 
 from llava_ft.cli.main import main
+from llava_ft.config import VisionSection
 from llava_ft.constants import IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.templates import get_template
 from llava_ft.data.tokenize import Encoder
+from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.export import export_checkpoint, hf_vision_tower
 from llava_ft.model.build import build_model
-from llava_ft.model.llm import load_tokenizer
 from llava_ft.model.trainability import apply_trainability
-from llava_ft.model.vision import VisionConfig, build_vision_tower
+from llava_ft.model.vision import build_vision_tower
 from llava_ft.stage import apply_stage_weights, read_stage_config, read_template_info, save_stage_output
 from llava_ft.testing.tiny_llava import tiny_config, write_tiny_stage_output
 from llava_ft.testing.tiny_llm import write_tiny_qwen2
@@ -192,7 +193,7 @@ def test_errors_are_one_line(lora_ckpt, root, tmp_path, capsys):
     assert main(["export", str(lora_ckpt), "--output", str(tmp_path / "exists"), "--no-verify"]) == 2
     assert "already exists" in capsys.readouterr().err
     pooled = build_vision_tower(
-        VisionConfig(backend="open_clip", model=f"local-dir:{root / 'clip_open_clip'}", pool=2)
+        VisionSection(backend="open_clip", model=f"local-dir:{root / 'clip_open_clip'}", pool=2)
     )
     with pytest.raises(ValueError, match="pool=2"):
         hf_vision_tower(pooled)

@@ -23,8 +23,8 @@ from transformers import (
 )
 
 from llava_ft.data.templates import TEMPLATES, get_template
+from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.export import chat_template_for, generation_config, hf_tokenizer
-from llava_ft.model.llm import load_tokenizer
 from llava_ft.testing.tiny_llm import write_internlm2_tokenizer
 
 
