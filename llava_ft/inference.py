@@ -306,7 +306,10 @@ def split_stop_words(tokenizer, stop_words: list[str]) -> tuple[list[int], list[
 
 class _TextStream(BaseStreamer):
     """Hands out the growing answer of a one-row generation. It holds back what may still change: a partial
-    UTF-8 character, the start of a stop string, trailing whitespace (the final answer is stripped)."""
+    UTF-8 character, the start of a stop string, trailing whitespace (the final answer is stripped).
+
+    It decodes the whole answer at each step: transformers' TextStreamer decodes line by line, and a sentencepiece
+    tokenizer with a dummy prefix (Llama 2's) drops the space that starts a line decoded alone."""
 
     def __init__(self, assistant: Assistant, on_text: Callable[[str], None]):
         self.assistant, self.on_text = assistant, on_text

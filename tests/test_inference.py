@@ -57,24 +57,25 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 CAPTION = "A red circle.\n"
 
 
-@pytest.fixture(scope="module")
-def bpe_plain(tmp_path_factory) -> Assistant:
-    """A text-only `plain` model on the BPE tokenizer whose LLM is rewired into a bigram table that writes
-    CAPTION over and over, as a model trained on such captions would: the newline comes inside ".\\n"."""
-    root = tmp_path_factory.mktemp("bpe_plain")
-    write_tiny_llama(root / "llm", bpe_tokenizer(), hidden_size=32, intermediate_size=32, num_heads=2)
+def looping_assistant(root: Path, tokenizer, template: str, caption: str) -> Assistant:
+    """A text-only model on `tokenizer` whose LLM is rewired into a bigram table that writes `caption` over and
+    over, as a model trained on such captions would."""
+    write_tiny_llama(root / "llm", tokenizer, hidden_size=32, intermediate_size=32, num_heads=2)
     cfg = RunConfig(
         model=ModelSection(llm=str(root / "llm"), dtype="float32"),
         trainable=TrainableSection(llm="frozen", projector="frozen"),
-        data=DataSection(template="plain"),
-        name="bpe_plain",
+        data=DataSection(template=template),
+        name="looping",
     )
     tokenizer, model = build_model(cfg)
-    a = Assistant(model, tokenizer, get_template("plain", tokenizer))
-    caption = tokenizer.encode(CAPTION, add_special_tokens=False)
-    # The loop: prompt's last token -> caption[0] -> ... -> caption[-1] -> caption[0].
-    states = [a.prompt_ids([Message("user", "Describe it.")], 0)[-1], *caption]
-    nexts = [*caption, caption[0]]
+    a = Assistant(model, tokenizer, get_template(template, tokenizer))
+    ids = tokenizer.encode(caption, add_special_tokens=False)
+    # The loop: prompt's last token -> ids[0] -> ... -> ids[-1] -> ids[0] (the prompt may end on ids[-1]).
+    prompt_last = a.prompt_ids([Message("user", "Describe it.")], 0)[-1]
+    table = dict(zip(ids, [*ids[1:], ids[0]]))
+    assert len(table) == len(ids) and table.get(prompt_last, ids[0]) == ids[0], "a token with two successors"
+    table[prompt_last] = ids[0]
+    states, nexts = list(table), list(table.values())
     llm = model.llm
     with torch.no_grad():
         for layer in llm.model.layers:  # no attention or MLP output: each position sees its own token only
@@ -86,6 +87,12 @@ def bpe_plain(tmp_path_factory) -> Assistant:
             llm.get_input_embeddings().weight[state, k] = 1.0
             llm.get_output_embeddings().weight[nxt, k] = 10.0
     return a
+
+
+@pytest.fixture(scope="module")
+def bpe_plain(tmp_path_factory) -> Assistant:
+    """A `plain` model on the BPE tokenizer writing CAPTION: the newline comes inside ".\\n"."""
+    return looping_assistant(tmp_path_factory.mktemp("bpe_plain"), bpe_tokenizer(), "plain", CAPTION)
 
 
 def _images() -> list[Image.Image]:
@@ -228,6 +235,18 @@ def test_streaming_yields_the_same_text(assistant):
         assert len(pieces) > 1
     with pytest.raises(ValueError, match="one conversation at a time"):
         assistant.generate_messages([Assistant._as_messages(q) for q in _queries()], on_text=print)
+
+
+def test_streaming_keeps_the_space_that_starts_a_line(tmp_path):
+    """A sentencepiece tokenizer with a dummy prefix (Llama 2's) drops the leading space when it decodes a text
+    that starts with "▁there" alone: the stream decodes the whole answer, not line by line."""
+    sp = load_tokenizer(write_internlm2_tokenizer(tmp_path / "sp", add_dummy_prefix=True))
+    a = looping_assistant(tmp_path, sp, "internlm2_chat", "there Hi\n")  # its prompt ends with "\n"
+    pieces: list[str] = []
+    answer = a.generate_messages([([Message("user", "Describe it.")], [])], max_new_tokens=9,
+                                 on_text=pieces.append)[0]  # fmt: skip
+    assert answer == "there Hi\n there Hi\n there Hi"
+    assert "".join(pieces) == answer and len(pieces) > 1
 
 
 def test_split_stop_words(assistant):
