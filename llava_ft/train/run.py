@@ -52,7 +52,7 @@ def train(
     earlier = [] if resume else checkpoint_folders(out)
     if earlier and not overwrite:
         raise ConfigError(
-            f"{out} holds {', '.join(f.name for _, f in earlier)} from an earlier run: --resume continues it, "
+            f"{out} holds {', '.join(f.name for f in earlier)} from an earlier run: --resume continues it, "
             "--overwrite starts again and removes them"
         )
 
@@ -79,8 +79,8 @@ def train(
     # process per machine prepares it while the other ranks wait, then load it from the cache.
     args = training_arguments(cfg)
     if earlier and args.should_save:
-        log.warning("--overwrite: removing the earlier run's %s", ", ".join(f.name for _, f in earlier))
-        for _, folder in earlier:
+        log.warning("--overwrite: removing the earlier run's %s", ", ".join(f.name for f in earlier))
+        for folder in earlier:
             shutil.rmtree(folder)
     processor = model.vision_tower.processor if model.vision_tower is not None else None
     first = args.main_process_first(local=True, desc="data preparation") if cfg.data.cache else nullcontext()

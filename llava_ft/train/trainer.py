@@ -7,10 +7,11 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainerState
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, sort_checkpoints
 
 from llava_ft.train.checkpoint import TRAINABLE_NAME, load_trainable, save_trainable
 
@@ -156,22 +157,21 @@ def restore_finished(trainer: LlavaTrainer, checkpoint: str) -> TrainOutput:
     return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
 
 
-def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Every checkpoint-N folder in output_dir (complete or not), oldest first."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = []
-    for folder in out.iterdir():
-        step = folder.name[len("checkpoint-") :]
-        if folder.name.startswith("checkpoint-") and step.isdigit() and folder.is_dir():
-            found.append((int(step), folder))
-    return sorted(found)
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """Every checkpoint-N folder in output_dir (complete or not), oldest first: the Trainer's own listing, held to
+    the names get_last_checkpoint takes (a "checkpoint-3-old" copy is not one)."""
+    return [Path(p) for p in sort_checkpoints(str(output_dir)) if _CHECKPOINT_NAME.fullmatch(Path(p).name)]
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint-N folder (one with trainer_state.json, written after the weights)."""
-    for _, folder in reversed(checkpoint_folders(output_dir)):
-        if (folder / "trainer_state.json").is_file() and (folder / TRAINABLE_NAME).is_file():
-            return str(folder)
-    return None
+_CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-\d+")
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint-N folder. The Trainer writes trainer_state.json after the weights, so a save
+    cut short leaves a folder without it, which is passed over for the one before."""
+    complete = [
+        folder
+        for folder in checkpoint_folders(output_dir)
+        if (folder / "trainer_state.json").is_file() and (folder / TRAINABLE_NAME).is_file()
+    ]
+    return str(complete[-1]) if complete else None
