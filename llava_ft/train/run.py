@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import shutil
 import time
 from contextlib import nullcontext
@@ -14,7 +15,11 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from llava_ft.config import ConfigError, RunConfig
+from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.dataset import build_dataset
+from llava_ft.data.packing import PackedDataset
+from llava_ft.data.sampler import LengthGroupedSampler
+from llava_ft.data.templates import differs_from_tokenizer, get_template
 from llava_ft.files import atomic_write_text
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability, log_trainability
@@ -57,8 +62,6 @@ def train(
         )
 
     # 1. Parts: tokenizer + chat template, vision tower, projector, LLM (4-bit when asked).
-    from llava_ft.data.templates import differs_from_tokenizer, get_template
-
     if cfg.train.init_from and (llm := trained_llm(cfg.train.init_from)) is not None:
         if Path(cfg.model.llm).resolve() != llm.resolve():
             log.warning(
@@ -128,20 +131,14 @@ def train(
 
 def batching(cfg: RunConfig, dataset, tokenizer):
     """(train dataset, collator, sampler or None) for padded, length-grouped or packed batches."""
-    from llava_ft.data.collate import Collator, PackedCollator
-
     pad = pad_id(tokenizer)
     if cfg.data.packing:
-        from llava_ft.data.packing import PackedDataset
-
         row = cfg.data.pack_length or cfg.data.max_length
         packed = PackedDataset(dataset, dataset.lengths, row, seed=cfg.train.seed)
         log.info("packing into rows of %d tokens: %s", row, packed.stats())
         return packed, PackedCollator(pad_token_id=pad, row_length=row), None
     sampler = None
     if cfg.data.group_by_length:
-        from llava_ft.data.sampler import LengthGroupedSampler
-
         sampler = LengthGroupedSampler(
             dataset.lengths, cfg.train.batch_size * cfg.train.grad_accum, seed=cfg.train.seed
         )
@@ -250,6 +247,4 @@ def summary_json(summary: dict) -> str:
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -10,9 +10,11 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, sort_checkpoints
 
+from llava_ft.config import ConfigError
 from llava_ft.train.checkpoint import TRAINABLE_NAME, load_trainable, save_trainable
 
 log = logging.getLogger("llava_ft")
@@ -93,8 +95,6 @@ class LlavaTrainer(Trainer):
 
     def all_token_counts(self) -> dict[str, int]:
         """token_counts summed over all processes (each counts only the batches it ran). Every rank must call it."""
-        import torch
-
         keys = sorted(self.token_counts)
         counts = torch.tensor(
             [self.token_counts[k] for k in keys], dtype=torch.int64, device=self.args.device
@@ -105,8 +105,8 @@ class LlavaTrainer(Trainer):
 
 class DatasetEpoch(TrainerCallback):
     """Tells an epoch-dependent dataset (packed rows, re-planned per epoch) which epoch starts. accelerate
-    forwards set_epoch to the dataset only for some loader shapes: the batch-skipping loader of a resumed epoch
-    is not one, so that epoch was trained on epoch 0's rows. The epoch is computed as the Trainer does."""
+    forwards set_epoch to the dataset only for some loader shapes, and the batch-skipping loader of a resumed
+    epoch is not one: that epoch would train on epoch 0's rows. The epoch is computed as the Trainer does."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -140,8 +140,6 @@ def finished_checkpoint(checkpoint: str, max_steps: int) -> bool:
     more). The checkpoint's own max_steps does not count: a resume may extend the run (more steps or epochs)."""
     step = json.loads(Path(checkpoint, "trainer_state.json").read_text())["global_step"]
     if step > max_steps:
-        from llava_ft.config import ConfigError
-
         raise ConfigError(
             f"--resume: {checkpoint} is at step {step}, past this run's {max_steps} steps; resume from an "
             "earlier checkpoint-N or raise train.max_steps / train.epochs"
