@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from llava_ft.constants import IMAGE_TOKEN
@@ -65,6 +66,11 @@ class Assistant:
                 template.stop_words,
             )
         self.stop_ids, self.stop_strings = split_stop_words(tokenizer, stop_words)
+        # Matched on the tokens' text, so also inside a larger token (byte-level BPE's ".\n" for "\n"). Built
+        # once: generate(stop_strings=...) would rebuild it from the whole vocabulary on every call.
+        self.stop_criteria = StoppingCriteriaList(
+            [StopStringCriteria(tokenizer, self.stop_strings)] if self.stop_strings else []
+        )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     @classmethod
@@ -201,9 +207,7 @@ class Assistant:
                 repetition_penalty=1.0,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
-                # Matched on the tokens' text, so also inside a larger token (byte-level BPE's ".\n" for "\n").
-                stop_strings=self.stop_strings or None,
-                tokenizer=self.tokenizer,
+                stopping_criteria=self.stop_criteria,
                 streamer=_TextStream(self, on_text) if on_text is not None else None,
             )
         # With inputs_embeds only, generate returns just the new tokens.
