@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
 
-if TYPE_CHECKING:  # importing inference pulls in torch; `llava-ft --help` should not wait for it
+# Modules that import torch (inference, stage, data.images) are imported by the functions that use them:
+# `llava-ft --help` builds every command's parser and should not wait for torch.
+if TYPE_CHECKING:
     from llava_ft.inference import Assistant
 
 COMMANDS = "/image PATH (new image, new conversation), /reset (new conversation), /exit"
@@ -72,7 +74,7 @@ class ChatSession:
 
 
 def open_image(path: str, has_vision: bool):
-    from llava_ft.data.images import load_image
+    from llava_ft.data.images import load_image  # imports torch
 
     if not has_vision:
         raise ChatError("this checkpoint is text-only (no vision tower); it takes no image")
@@ -128,7 +130,7 @@ def run_interactive(session: ChatSession, read: Callable[[str], str] = input, ou
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from llava_ft.inference import load_assistant
+    from llava_ft.inference import load_assistant  # imports torch
     from llava_ft.stage import read_stage_config
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
