@@ -25,6 +25,8 @@ from typing import Any
 from llava_ft.cli.chat import ChatError, ChatSession, open_image
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
+from llava_ft.inference import load_assistant
+from llava_ft.stage import read_stage_config
 
 log = logging.getLogger("llava_ft")
 
@@ -247,8 +249,6 @@ def serve(
     )
     import gradio as gr
 
-    from llava_ft.inference import load_assistant  # imports torch (see cli/chat.py)
-
     assistant = load_assistant(checkpoint, load_4bit=load_4bit)
     app = DemoApp(assistant, max_upload_mb=max_upload_mb)
     kind = "image + text" if assistant.has_vision else "text-only"
@@ -273,7 +273,6 @@ def serve(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llava_ft.stage import read_stage_config  # imports torch
 
     if args.temperature < 0 or args.max_new_tokens < 1:
         print(
