@@ -56,7 +56,8 @@ def test_converted_hf_model_matches_open_clip(tmp_path, quick_gelu):
 
 
 def test_wrong_activation_is_visible(tmp_path):
-    """Negative control: the comparison above is sensitive to QuickGELU vs GELU (open_clip towers trained with QuickGELU load as GELU unless told)."""
+    """Negative control: the comparison above is sensitive to QuickGELU vs GELU (a QuickGELU-trained open_clip
+    tower loads as GELU unless its config says otherwise)."""
     tower = open_clip_tower(tmp_path, quick_gelu=True)
     config, state = open_clip_to_hf_clip_vision(tower.model, {**tower.open_clip_cfg, "quick_gelu": False})
     hf = CLIPVisionModel(config)
