@@ -1,8 +1,7 @@
 """Typed run configuration: one YAML file per stage, every field documented here.
 
-A stage (text pretraining, LLaVA pretrain, LLaVA finetune) is only a choice of these values; the code path
-is the same. `load_config(path, overrides)` reads YAML, applies `--section.key value` overrides and
-validates, naming the offending key.
+A stage (text pretraining, LLaVA pretrain, LLaVA finetune) is only a choice of these values. `load_config`
+reads YAML, applies `--section.key value` overrides and validates, naming the offending key.
 """
 
 from __future__ import annotations
@@ -17,18 +16,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from transformers.integrations import get_available_reporting_integrations
+from transformers.trainer_utils import SchedulerType
+from transformers.training_args import OptimizerNames
 
 
 @dataclass
 class VisionSection:
     backend: Literal["open_clip", "hf"] = "open_clip"
-    """Where the CLIP tower comes from: open_clip, or a transformers CLIPVisionModel folder."""
+    """Which library builds the CLIP tower: open_clip, or transformers (CLIPVisionModel)."""
     model: str = "ViT-L-14-336-quickgelu"
-    """open_clip model name, `local-dir:/path` (open_clip folder), or the HF folder path for backend hf."""
+    """open_clip: a model name, or `local-dir:/path` (a folder with open_clip_config.json and weights); hf: a
+    local folder CLIPVisionModel.from_pretrained reads (a CLIPVisionModel or a whole CLIPModel checkpoint)."""
     pretrained: str | None = None
-    """Local weights file for an open_clip model name (.safetensors/.bin). Never a hub name."""
+    """open_clip with a model name only: local weights file (.safetensors/.bin/.pt) of the whole CLIP model,
+    never a hub tag. None: random weights (tiny tests only)."""
     feature_layer: int = -2
-    """Which block's output feeds the projector (-2: penultimate, as LLaVA-1.5)."""
+    """Block whose output feeds the projector, indexed like transformers' hidden_states (1..L or -L..-1);
+    -2, the penultimate, as LLaVA-1.5. CLS is dropped."""
     pool: int = 1
     """Average-pool the patch grid by this factor (2: 8x8 patches -> 16 tokens). 1 keeps all patches."""
     image_aspect: Literal["pad", "resize", "crop"] = "pad"
@@ -44,19 +49,19 @@ class ModelSection:
     projector: str = "mlp2x_gelu"
     """Projector kind: mlp2x_gelu, linear, or mlpNx_gelu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype. auto: bfloat16 on GPU, float32 on CPU (bf16 is ~85x slower on CPU)."""
+    """Compute dtype. auto: bfloat16 on GPU, float32 on CPU (where bfloat16 matmuls are slow)."""
     load_in_4bit: bool | None = None
     """Quantise the LLM to NF4. None: only when trainable.llm is qlora. True also suits a frozen LLM in pretrain.
     The parts left unquantised (embeddings, lm_head, norms) stay in `dtype`: no prepare_model_for_kbit_training
-    upcast to fp32, which costs ~1.4 GiB at a 92k vocabulary on a 1.8B LLM and slows the step."""
+    upcast to fp32, which costs memory (most at a large vocabulary) and slows the step."""
     attn_implementation: str | None = None
     """sdpa, sdpa_packed, eager, flash_attention_2, flex_attention. None: flash_attention_2 when flash-attn is
-    installed and on GPU; else for packed rows flex_attention on GPU (block-diagonal mask without padding,
-    1.4-1.75x sdpa's packed speed on an H100) and sdpa_packed on CPU (attention within each sample of a row); else
-    sdpa. The choice is logged."""
+    installed and on GPU; else for packed rows flex_attention on GPU (a block-diagonal mask whose other samples'
+    blocks are skipped) and sdpa_packed on CPU (attention within each sample of a row); else sdpa. The choice
+    is logged."""
     loss: Literal["auto", "plain", "chunked", "fused"] = "auto"
-    """How the training loss is computed. plain: the HF causal LM's own (fp32 logits over the whole vocabulary,
-    ~0.7 GiB per copy at 92k x 2048 tokens); chunked: from the decoder's hidden states, logits only for trained
+    """How the training loss is computed. plain: the HF causal LM's own (fp32 logits over the whole vocabulary
+    for every position); chunked: from the decoder's hidden states, logits only for trained
     positions, a checkpointed chunk at a time; fused: liger-kernel's fused linear cross-entropy (never builds
     logits). All give the same value. auto: fused with liger-kernel on GPU, chunked on GPU, plain on CPU;
     fused where liger cannot run warns and uses chunked."""
@@ -116,8 +121,7 @@ class DataSection:
     """Train only the final assistant turn of multi-turn conversations."""
     packing: bool = False
     """Pack several samples per row of max_length tokens; positions restart per sample and attention stays within
-    it. Saves the compute and memory spent on padding (FACTS: on an H100 with flex_attention, 13.3k vs 6.2k
-    tokens/s and 4.4 vs 6.7 GiB against padded batches of a LLaVA-like mix)."""
+    it. Saves the compute and memory spent on padding."""
     pack_length: int | None = None
     """Row capacity in tokens when packing (>= max_length); None: max_length. Longer rows leave less padding when
     samples are long (LLaVA's 600-1600-token image samples fill rows of 2048 poorly); with per-sample attention
@@ -165,11 +169,11 @@ class TrainSection:
     """Gradient clipping."""
     optim: str = "adamw_torch"
     """adamw_torch, or paged_adamw_8bit (bitsandbytes, GPU): 8-bit optimizer states (2 bytes per trainable
-    parameter instead of 8) paged to CPU under memory pressure; saved ~0.6 GiB with LoRA r64 on a 1.8B LLM."""
+    parameter instead of 8) paged to CPU under memory pressure."""
     gradient_checkpointing: bool | None = None
     """Recompute each decoder layer's activations in backward instead of keeping them: activation memory drops
-    from all layers to about one (e.g. 15.7 -> 6.9 GiB on a 1.8B QLoRA step) for one extra forward per layer. Acts only in
-    train mode (the Trainer sets it). None: on for qlora, off otherwise."""
+    from all layers to about one, for one extra forward per layer. Acts only in train mode (the Trainer sets it).
+    None: on for qlora, off otherwise."""
     seed: int = 42
     """Seed for weights, data order and dropout."""
     logging_steps: int = 10
@@ -423,7 +427,8 @@ def load_config(
 ) -> RunConfig:
     """The config at `path` (None: defaults) with dotted overrides, validated. for_training: also check what only
     this machine can tell (the DeepSpeed file exists, the report_to integration is installed); a stage output's
-    config is read elsewhere too (chat, export, eval, a later stage) and must load there."""
+    config is read elsewhere too (chat, export, eval, a later stage) and must load there. llava_ft's own names
+    are checked by `model.build.check_names`, where they are defined."""
     data: dict = {}
     src = _SourceText()
     if path is not None:
@@ -454,40 +459,18 @@ def _need(ok: bool, name: str, value: Any, what: str) -> None:
 
 
 def _validate_names(cfg: RunConfig) -> None:
-    """Names the config hands to code elsewhere, checked now rather than when the run is built (minutes later,
-    after data preparation). Imported here: the owners of the names stay their one place."""
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
-    from llava_ft.data.sources import FORMATS
-    from llava_ft.data.templates import TEMPLATE_NAMES
-    from llava_ft.model.build import attn_implementations
-    from llava_ft.model.projector import projector_depth
-
-    try:
-        projector_depth(cfg.model.projector)
-    except ValueError as e:
-        raise ConfigError(f"model.projector: {e}") from None
-    for i, src in enumerate(cfg.data.train):
-        if src.format not in ("auto", *FORMATS):
-            raise ConfigError(f"data.train[{i}].format: {src.format!r} is not one of {['auto', *FORMATS]}")
+    """transformers' scheduler and optimizer names, checked at load rather than when the run is built (minutes
+    later, after data preparation). llava_ft's own names are checked where they are defined:
+    model.build.check_names."""
     schedulers = [s.value for s in SchedulerType]
     if cfg.train.lr_scheduler not in schedulers:
         raise ConfigError(f"train.lr_scheduler: {cfg.train.lr_scheduler!r} is not one of {schedulers}")
-    if cfg.data.template not in TEMPLATE_NAMES:
-        raise ConfigError(f"data.template: {cfg.data.template!r} is not one of {list(TEMPLATE_NAMES)}")
     optimizers = [o.value for o in OptimizerNames]
     if cfg.train.optim not in optimizers:
         raise ConfigError(f"train.optim: {cfg.train.optim!r} is not one of transformers' {optimizers}")
-    attn = cfg.model.attn_implementation
-    # A name with a slash is a hub kernel, which transformers resolves itself.
-    if attn is not None and attn not in attn_implementations() and "/" not in attn:
-        raise ConfigError(f"model.attn_implementation: {attn!r} is not one of {attn_implementations()}")
 
 
 def _check_training_machine(cfg: RunConfig) -> None:
-    from transformers.integrations import get_available_reporting_integrations
-
     installed = get_available_reporting_integrations()
     if cfg.train.report_to not in ("none", "all", *installed):
         raise ConfigError(

@@ -1,11 +1,8 @@
 """One generate path (batched, left padding) shared by chat, evaluation, the web demo and export checks.
 
-Prompts are built by the checkpoint's own chat template and tokenized exactly like training text
-(`Encoder.encode_prompt`). A batch is left-padded with position ids that restart at each row's first real
-token, so a row's logits do not depend on what it is batched with. Generation stops on the template's stop
-words: single-token ones as eos ids (the fast path), and every one that shows in decoded text also by checking
-the decoded text, since a byte-level BPE merges e.g. the `plain` template's "\\n" into ".\\n". The answer is
-cut before the first stop word either way.
+Prompts are built by the checkpoint's chat template and tokenized like training text (`Encoder.encode_prompt`).
+Rows are left-padded with position ids that restart at each row's first real token, so a row's answer does not
+depend on its batch. Generation ends on the template's stop words, and the answer is cut before the first one.
 """
 
 from __future__ import annotations
@@ -16,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import Conversation, Message
+from llava_ft.data.tokenize import Encoder
+from llava_ft.stage import load_stage
 
 log = logging.getLogger("llava_ft")
 
@@ -49,8 +48,6 @@ class Assistant:
         stop_words: list[str] | None = None,
     ):
         """`stop_words`: those saved with the checkpoint (default: the template's)."""
-        from llava_ft.data.tokenize import Encoder
-
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
@@ -69,12 +66,15 @@ class Assistant:
                 template.stop_words,
             )
         self.stop_ids, self.stop_strings = split_stop_words(tokenizer, stop_words)
+        # Matched on the tokens' text, so also inside a larger token (byte-level BPE's ".\n" for "\n"). Built
+        # once: generate(stop_strings=...) would rebuild it from the whole vocabulary on every call.
+        self.stop_criteria = StoppingCriteriaList(
+            [StopStringCriteria(tokenizer, self.stop_strings)] if self.stop_strings else []
+        )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, load_4bit: bool = False, device: str | None = None) -> Assistant:
-        from llava_ft.stage import load_stage
-
         stage = load_stage(checkpoint, load_in_4bit=load_4bit)
         model = stage.model
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -193,9 +193,6 @@ class Assistant:
         rows = [self.prompt_ids(msgs, len(imgs)) for msgs, imgs in batch]
         inputs = self._left_padded(rows, [imgs for _, imgs in batch])
         sampling = temperature > 0
-        stopping = StoppingCriteriaList(
-            [_StopOnText(self.tokenizer, self.stop_strings)] if self.stop_strings else []
-        )
         with torch.no_grad():
             # Every decoding knob is set here, so a checkpoint's generation_config.json (repetition penalty,
             # sampling defaults) cannot change what chat and evaluation do.
@@ -210,7 +207,7 @@ class Assistant:
                 repetition_penalty=1.0,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
-                stopping_criteria=stopping,
+                stopping_criteria=self.stop_criteria,
                 streamer=_TextStream(self, on_text) if on_text is not None else None,
             )
         # With inputs_embeds only, generate returns just the new tokens.
@@ -283,12 +280,12 @@ def _chunks(items: list, size: int | None) -> list[list]:
 
 
 def split_stop_words(tokenizer, stop_words: list[str]) -> tuple[list[int], list[str]]:
-    """(ids that end generation: single-token stop words + eos, stop words matched on decoded text).
+    """(ids that end generation: single-token stop words + eos, stop words matched on text).
 
-    Every stop word that shows in decoded text is matched there, single-token ones too: a byte-level BPE
+    Every stop word that shows in decoded text is matched on text, single-token ones too: a byte-level BPE
     (Qwen2, Llama 3, DeepSeek) has "\\n" as one token but also merges it into others (".\\n"), which the id check
-    misses. Special tokens vanish from decoded text, so a special stop token is matched by id only, and one
-    inside a multi-token stop word could never match (the Encoder checks that the template's markers are
+    misses. Special tokens vanish from the decoded answer, so a special stop token is matched by id only, and
+    one inside a multi-token stop word could never match (the Encoder checks that the template's markers are
     single ids)."""
     ids: set[int] = set()
     strings: list[str] = []
@@ -311,23 +308,12 @@ def split_stop_words(tokenizer, stop_words: list[str]) -> tuple[list[int], list[
     return sorted(ids), strings
 
 
-class _StopOnText(StoppingCriteria):
-    """Finishes a row once its decoded tail contains a stop string, also one that arrived inside a larger token
-    (".\\n" for "\\n"), which the eos-id check cannot see."""
-
-    def __init__(self, tokenizer, words: list[str]):
-        self.tokenizer, self.words = tokenizer, words
-        # A token holds at least one byte of text, and a character at most 4 bytes.
-        self.window = 4 * max(len(w) for w in words) + 2
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        tails = self.tokenizer.batch_decode(input_ids[:, -self.window :], skip_special_tokens=True)
-        return torch.tensor([any(w in t for w in self.words) for t in tails], device=input_ids.device)
-
-
 class _TextStream(BaseStreamer):
     """Hands out the growing answer of a one-row generation. It holds back what may still change: a partial
-    UTF-8 character, the start of a stop string, trailing whitespace (the final answer is stripped)."""
+    UTF-8 character, the start of a stop string, trailing whitespace (the final answer is stripped).
+
+    It decodes the whole answer at each step: transformers' TextStreamer decodes line by line, and a sentencepiece
+    tokenizer with a dummy prefix (Llama 2's) drops the space that starts a line decoded alone."""
 
     def __init__(self, assistant: Assistant, on_text: Callable[[str], None]):
         self.assistant, self.on_text = assistant, on_text

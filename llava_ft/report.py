@@ -1,11 +1,9 @@
 """A stage's training report as one picture: report.png beside summary.json.
 
-Panels: training loss (and eval loss when logged), learning rate, grad norm over optimiser steps, and
-evaluation accuracy: logged `eval_*accuracy*` values over steps, or a finished evaluation stored in the summary
-under "eval" (overall and per question type, next to chance). The header line holds the summary's figures.
+Panels: training (and eval) loss, learning rate and grad norm over optimiser steps, and evaluation accuracy
+(logged `eval_*accuracy*` values, or a finished evaluation stored under "eval" in the summary, next to chance).
 
-    python -m llava_ft.report STAGE_DIR   # redraw from summary.json (its log history; older summaries: the
-                                          # newest checkpoint's trainer_state.json, else the loss history)
+    python -m llava_ft.report STAGE_DIR   # redraw it from summary.json
 """
 
 from __future__ import annotations
@@ -161,8 +159,8 @@ def compact_log_history(log_history: list[dict]) -> list[dict]:
 
 
 def saved_log_history(stage_dir: str | Path) -> list[dict]:
-    """The log history kept in summary.json; for a summary written before it was kept there, the log history
-    of the newest checkpoint-N/trainer_state.json in stage_dir, else the summary's loss history (loss only)."""
+    """The log history kept in summary.json; for a summary without one, the log history of the newest
+    checkpoint-N/trainer_state.json in stage_dir, else the summary's loss history (loss only)."""
     stage_dir = Path(stage_dir)
     summary = json.loads((stage_dir / "summary.json").read_text())
     # Preferred over a checkpoint: it holds the whole run, a kept checkpoint may predate the last steps.

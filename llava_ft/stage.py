@@ -1,15 +1,8 @@
-"""The stage-output format: only what trained, plus the resolved config and the chat template.
+"""The stage-output format: what a training stage writes, and `load_stage`, the one way to load it back.
 
-Layout of a stage output folder:
-    llava_ft.yaml          resolved config (absolute paths); written last, so its presence means "complete"
-    template.json          chat template name and stop words used in training
-    projector.safetensors  when the projector trained
-    llm_adapter/           peft LoRA adapter of the LLM (adapter_config.json + adapter_model.safetensors)
-    vision_adapter/        peft LoRA adapter of the vision tower
-    llm/                   the whole LLM (standard transformers folder + tokenizer) when it trained in full
-
-`save_stage_output` writes one, `load_stage` reads one back into a model; chat, serve, eval and export load
-through it and need nothing from the trainer.
+A stage output folder holds llava_ft.yaml (the resolved config, written last: its presence means complete),
+template.json (chat template name and stop words) and the parts that trained: projector.safetensors,
+llm_adapter/ and vision_adapter/ (peft LoRA adapters), llm/ (a whole LLM with its tokenizer).
 """
 
 from __future__ import annotations
@@ -26,6 +19,7 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
 
 from llava_ft.config import RunConfig, dump_config, load_config
 from llava_ft.data.templates import ChatTemplate, get_template
@@ -45,7 +39,7 @@ class LoadedStage:
 
     config: RunConfig
     """The stage's config, model.llm pointing at the LLM the weights apply to."""
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     template: ChatTemplate
     model: torch.nn.Module
     """LlavaModel with every adapter of the chain applied (not merged), in eval mode."""
@@ -72,11 +66,13 @@ def load_stage(path: str | Path, *, load_in_4bit: bool = False, dtype: str | Non
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file of detached CPU copies, all or nothing."""
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str | Path) -> Path:
+    """Write the parts of `model` that `cfg` trains, the template and the config (last) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
@@ -153,6 +149,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def read_stage_config(ckpt: str | Path) -> RunConfig:
+    """The config a stage output was trained with; a folder that is not a complete stage output says so."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: not a folder")
@@ -186,10 +183,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except SafetensorError as e:
-        raise damaged(path, e) from None
+        raise _damaged(path, e) from None
 
 
-def damaged(path: Path, error: Exception) -> ValueError:
+def _damaged(path: Path, error: Exception) -> ValueError:
+    """The error for a weights file that does not read as safetensors."""
     return ValueError(f"{path}: cannot read it ({error}); the file is damaged or truncated")
 
 
@@ -220,7 +218,7 @@ def check_stage_files(ckpt: str | Path) -> dict:
                 with safe_open(str(path), framework="pt"):
                     pass
             except SafetensorError as e:
-                raise damaged(path, e) from None
+                raise _damaged(path, e) from None
     return info
 
 
@@ -301,7 +299,7 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
                 try:
                     setattr(model, attr, PeftModel.from_pretrained(module, str(adapter)))
                 except SafetensorError as e:
-                    raise damaged(weights, e) from None
+                    raise _damaged(weights, e) from None
             else:
                 if not hasattr(module, "peft_config"):
                     raise ValueError(

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from llava_ft.config import VisionSection
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.images import ImageProcessor
@@ -40,7 +41,7 @@ from llava_ft.data.sampler import LengthGroupedSampler
 from llava_ft.model.build import resolve_attn_implementation
 from llava_ft.model.llava import LlavaModel
 from llava_ft.model.projector import build_projector
-from llava_ft.model.vision import HFClipVisionTower, VisionConfig
+from llava_ft.model.vision import HFClipVisionTower
 
 MODES = ("padded", "grouped", "packed")
 MIXES = {
@@ -119,7 +120,9 @@ def build(mix: str, mode: str, args: argparse.Namespace) -> LlavaModel:
             num_attention_heads=2,
         )
     )
-    tower = HFClipVisionTower(VisionConfig(backend="hf", model="in-memory"), clip, ImageProcessor(IMAGE_SIZE))
+    tower = HFClipVisionTower(
+        VisionSection(backend="hf", model="in-memory"), clip, ImageProcessor(IMAGE_SIZE)
+    )
     projector = build_projector("mlp2x_gelu", tower.hidden_size, args.hidden)
     return LlavaModel(llm, tower.requires_grad_(False), projector).train()
 

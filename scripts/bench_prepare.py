@@ -37,7 +37,7 @@ from llava_ft.data.sources import read_conversations
 from llava_ft.data.sp_convert import fast_twin
 from llava_ft.data.templates import get_template
 from llava_ft.data.tokenize import Encoder
-from llava_ft.model.llm import load_tokenizer
+from llava_ft.data.tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 XTB_SCRIPTS = HERE / "xtuner_bench"  # run in XTuner's venv (gen_llava.py: any Python)

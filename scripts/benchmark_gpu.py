@@ -85,8 +85,8 @@ def prepare(root: Path, shapes: Shapes, n_samples: int) -> tuple[Path, str, Path
     """(LLM folder, vision model name, data file, image tokens per sample), written once under root."""
     from PIL import Image
 
-    from llava_ft.model.llm import load_tokenizer
-    from llava_ft.model.vision import VisionConfig, build_vision_tower
+    from llava_ft.data.tokenizer import load_tokenizer
+    from llava_ft.model.vision import build_vision_tower
     from llava_ft.testing.tiny_llm import write_tiny_internlm2
     from llava_ft.testing.tiny_vision import write_tiny_open_clip
 
@@ -110,7 +110,7 @@ def prepare(root: Path, shapes: Shapes, n_samples: int) -> tuple[Path, str, Path
         if not (clip / "open_clip_config.json").exists():
             write_tiny_open_clip(clip, image_size=32, patch_size=8, width=32, layers=2, heads=2)
         vision = f"local-dir:{clip}"
-    tower = build_vision_tower(VisionConfig(backend="open_clip", model=vision))
+    tower = build_vision_tower(VisionSection(backend="open_clip", model=vision))
     n_image_tokens, image_size = tower.num_tokens, tower.image_size
     del tower
 

@@ -17,9 +17,9 @@ from llava_ft.config import DataSection, ModelSection, RunConfig, TrainableSecti
 from llava_ft.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Message
 from llava_ft.data.templates import VicunaTemplate, get_template
-from llava_ft.inference import Assistant, Query, _StopOnText, load_assistant, split_stop_words
+from llava_ft.data.tokenizer import load_tokenizer
+from llava_ft.inference import Assistant, Query, load_assistant, split_stop_words
 from llava_ft.model.build import build_model
-from llava_ft.model.llm import load_tokenizer
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 from llava_ft.testing.tiny_llm import write_internlm2_tokenizer, write_tiny_llama
 
@@ -57,24 +57,25 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 CAPTION = "A red circle.\n"
 
 
-@pytest.fixture(scope="module")
-def bpe_plain(tmp_path_factory) -> Assistant:
-    """A text-only `plain` model on the BPE tokenizer whose LLM is rewired into a bigram table that writes
-    CAPTION over and over, as a model trained on such captions would: the newline comes inside ".\\n"."""
-    root = tmp_path_factory.mktemp("bpe_plain")
-    write_tiny_llama(root / "llm", bpe_tokenizer(), hidden_size=32, intermediate_size=32, num_heads=2)
+def looping_assistant(root: Path, tokenizer, template: str, caption: str) -> Assistant:
+    """A text-only model on `tokenizer` whose LLM is rewired into a bigram table that writes `caption` over and
+    over, as a model trained on such captions would."""
+    write_tiny_llama(root / "llm", tokenizer, hidden_size=32, intermediate_size=32, num_heads=2)
     cfg = RunConfig(
         model=ModelSection(llm=str(root / "llm"), dtype="float32"),
         trainable=TrainableSection(llm="frozen", projector="frozen"),
-        data=DataSection(template="plain"),
-        name="bpe_plain",
+        data=DataSection(template=template),
+        name="looping",
     )
     tokenizer, model = build_model(cfg)
-    a = Assistant(model, tokenizer, get_template("plain", tokenizer))
-    caption = tokenizer.encode(CAPTION, add_special_tokens=False)
-    # The loop: prompt's last token -> caption[0] -> ... -> caption[-1] -> caption[0].
-    states = [a.prompt_ids([Message("user", "Describe it.")], 0)[-1], *caption]
-    nexts = [*caption, caption[0]]
+    a = Assistant(model, tokenizer, get_template(template, tokenizer))
+    ids = tokenizer.encode(caption, add_special_tokens=False)
+    # The loop: prompt's last token -> ids[0] -> ... -> ids[-1] -> ids[0] (the prompt may end on ids[-1]).
+    prompt_last = a.prompt_ids([Message("user", "Describe it.")], 0)[-1]
+    table = dict(zip(ids, [*ids[1:], ids[0]]))
+    assert len(table) == len(ids) and table.get(prompt_last, ids[0]) == ids[0], "a token with two successors"
+    table[prompt_last] = ids[0]
+    states, nexts = list(table), list(table.values())
     llm = model.llm
     with torch.no_grad():
         for layer in llm.model.layers:  # no attention or MLP output: each position sees its own token only
@@ -86,6 +87,12 @@ def bpe_plain(tmp_path_factory) -> Assistant:
             llm.get_input_embeddings().weight[state, k] = 1.0
             llm.get_output_embeddings().weight[nxt, k] = 10.0
     return a
+
+
+@pytest.fixture(scope="module")
+def bpe_plain(tmp_path_factory) -> Assistant:
+    """A `plain` model on the BPE tokenizer writing CAPTION: the newline comes inside ".\\n"."""
+    return looping_assistant(tmp_path_factory.mktemp("bpe_plain"), bpe_tokenizer(), "plain", CAPTION)
 
 
 def _images() -> list[Image.Image]:
@@ -230,6 +237,18 @@ def test_streaming_yields_the_same_text(assistant):
         assistant.generate_messages([Assistant._as_messages(q) for q in _queries()], on_text=print)
 
 
+def test_streaming_keeps_the_space_that_starts_a_line(tmp_path):
+    """A sentencepiece tokenizer with a dummy prefix (Llama 2's) drops the leading space when it decodes a text
+    that starts with "▁there" alone: the stream decodes the whole answer, not line by line."""
+    sp = load_tokenizer(write_internlm2_tokenizer(tmp_path / "sp", add_dummy_prefix=True))
+    a = looping_assistant(tmp_path, sp, "internlm2_chat", "there Hi\n")  # its prompt ends with "\n"
+    pieces: list[str] = []
+    answer = a.generate_messages([([Message("user", "Describe it.")], [])], max_new_tokens=9,
+                                 on_text=pieces.append)[0]  # fmt: skip
+    assert answer == "there Hi\n there Hi\n there Hi"
+    assert "".join(pieces) == answer and len(pieces) > 1
+
+
 def test_split_stop_words(assistant):
     tok = assistant.tokenizer
     (newline,) = tok.encode("\n", add_special_tokens=False)  # one piece, as in InternLM2's vocabulary
@@ -296,11 +315,15 @@ def test_generation_stops_on_stop_token_and_stop_string(assistant):
     pieces: list[str] = []
     by_text.generate_messages([Assistant._as_messages(q)], max_new_tokens=MAX_NEW, on_text=pieces.append)
     assert "".join(pieces) == text.split(word)[0].strip()
-    # The criterion ends generation at the step the word completes, not later.
-    stop = _StopOnText(assistant.tokenizer, [word])
-    done_at = [bool(stop(torch.tensor([ids[:k]]), None)[0]) for k in range(1, len(ids) + 1)]
-    first = done_at.index(True)
-    assert word in decode(ids[: first + 1]) and word not in decode(ids[:first]) and all(done_at[first:])
+    # Generation ends at the step the word completes, not later.
+    first = next(k for k in range(len(ids)) if word in decode(ids[: k + 1]))
+    steps: list[int] = []
+    hook = assistant.model.llm.get_output_embeddings().register_forward_hook(lambda *_: steps.append(1))
+    try:
+        by_text.generate([q], max_new_tokens=MAX_NEW)
+    finally:
+        hook.remove()
+    assert len(steps) == first + 1 < MAX_NEW
 
 
 def test_stop_words_saved_with_the_checkpoint_are_used(stage, assistant, tmp_path):

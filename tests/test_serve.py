@@ -335,18 +335,18 @@ def test_large_file_refused_by_the_handler_too(files):
 
 
 def test_fractional_upload_limit_reaches_gradio_as_bytes(monkeypatch):
-    """--max-upload-mb 2.5 once failed in gradio ("Invalid file size unit: .5MB") after the model loaded."""
+    """--max-upload-mb 2.5 reaches gradio as a whole number of bytes (it refuses "2.5MB" after the model loaded)."""
     import gradio as gr
     from gradio.utils import _parse_file_size
 
-    import llava_ft.inference
+    from llava_ft.cli import serve as serve_module
     from llava_ft.cli.serve import serve
 
     class TextOnly:
         has_vision = False
 
     launched: dict = {}
-    monkeypatch.setattr(llava_ft.inference, "load_assistant", lambda *a, **k: TextOnly())
+    monkeypatch.setattr(serve_module, "load_assistant", lambda *a, **k: TextOnly())
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
     for mb, limit in ((2.5, int(2.5 * 2**20)), (1e6, 10**6 * 2**20), (0.5, 2**19)):
         serve("ckpt", max_upload_mb=mb, block=False)

@@ -11,13 +11,13 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
-
-if TYPE_CHECKING:  # importing inference pulls in torch; `llava-ft --help` should not wait for it
-    from llava_ft.inference import Assistant
+from llava_ft.data.images import load_image
+from llava_ft.inference import Assistant, load_assistant
+from llava_ft.stage import read_stage_config
 
 COMMANDS = "/image PATH (new image, new conversation), /reset (new conversation), /exit"
 
@@ -72,7 +72,6 @@ class ChatSession:
 
 
 def open_image(path: str, has_vision: bool):
-    from llava_ft.data.images import load_image
 
     if not has_vision:
         raise ChatError("this checkpoint is text-only (no vision tower); it takes no image")
@@ -128,8 +127,6 @@ def run_interactive(session: ChatSession, read: Callable[[str], str] = input, ou
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from llava_ft.inference import load_assistant
-    from llava_ft.stage import read_stage_config
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         print(

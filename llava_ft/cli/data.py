@@ -26,14 +26,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from llava_ft.config import DataSection, DataSource
+from llava_ft.config import DataSection, DataSource, load_config
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Conversation, DataError
-from llava_ft.data.dataset import drop_missing_images, table_column
+from llava_ft.data.dataset import data_encoder, drop_missing_images, table_column
 from llava_ft.data.prepare import compact_tokens, prepare, throughput_line
 from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
 from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizedSample
+from llava_ft.data.tokenizer import load_tokenizer
+from llava_ft.model.build import check_names
+from llava_ft.model.vision import tokens_per_image
 
 GREEN, CYAN, RESET = "\x1b[32m", "\x1b[36m", "\x1b[0m"
 DEFAULT_IMAGE_TOKENS = 576
@@ -101,12 +104,6 @@ def _add_subcommands(sub) -> None:
     r.set_defaults(func=cmd_prepare)
 
 
-def _load_tokenizer(path: str):
-    from llava_ft.model.llm import load_tokenizer  # InternLM2 sentencepiece folders without remote code
-
-    return load_tokenizer(path)
-
-
 @dataclass
 class _Setup:
     """What a data command reads and how it encodes: from the flags, or a training config under them."""
@@ -121,23 +118,19 @@ class _Setup:
 def _setup(args: argparse.Namespace) -> _Setup:
     cfg = None
     if args.config is not None:
-        from llava_ft.config import load_config
-
         cfg = load_config(args.config)
+        check_names(cfg, args.config)
     else:
         missing = [f"--{name}" for name in ("data", "template", "tokenizer") if getattr(args, name) is None]
         if missing:
             raise ValueError(f"{', '.join(missing)} required (or --config CONFIG.yaml, which names them)")
-    tokenizer = _load_tokenizer(args.tokenizer or cfg.model.llm)
+    tokenizer = load_tokenizer(args.tokenizer or cfg.model.llm)
     template = get_template(args.template or cfg.data.template, tokenizer)
     if args.num_image_tokens is not None:
         num_image_tokens = args.num_image_tokens
     elif cfg is not None:
-        from llava_ft.model.build import build_vision
-
         # The count training uses (the tower's grid after pooling); a text-only config has none.
-        tower = build_vision(cfg.model)
-        num_image_tokens = 0 if tower is None else tower.num_tokens
+        num_image_tokens = 0 if cfg.model.vision is None else tokens_per_image(cfg.model.vision)
         print(
             f"{args.config}: {num_image_tokens} image tokens per image, template {template.name}",
             file=sys.stderr,
@@ -155,8 +148,6 @@ def _setup(args: argparse.Namespace) -> _Setup:
         data.train = [dataclasses.replace(src, format=args.format) for src in data.train]
     if not data.train:
         raise ValueError(f"{args.config}: data.train names no files (or pass --data)")
-    from llava_ft.data.dataset import data_encoder  # torch and datasets: only when a command runs
-
     return _Setup(data_encoder(data, tokenizer, template, num_image_tokens), data, cfg is not None)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llava_ft.export import DTYPES, FORMATS
+from llava_ft.export import DTYPES, FORMATS, export_checkpoint
 
 
 def add_commands(subparsers) -> None:
@@ -33,8 +33,6 @@ def add_commands(subparsers) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from llava_ft.export import export_checkpoint
-
     try:
         result = export_checkpoint(
             args.checkpoint,

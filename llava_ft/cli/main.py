@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+
+import torch.distributed as dist
+
+from llava_ft.cli import chat, data, export, serve
+from llava_ft.config import ConfigError, load_config, parse_overrides
+from llava_ft.data.conversation import DataError
+from llava_ft.model.build import check_names
+from llava_ft.train.run import train
 
 
 def _setup_logging() -> None:
@@ -15,10 +24,8 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from llava_ft.config import load_config, parse_overrides
-    from llava_ft.train.run import train
-
     cfg = load_config(args.config, parse_overrides(extra), for_training=True)
+    check_names(cfg, args.config)
     if cfg.train.deepspeed and "RANK" not in os.environ:
         _single_process_group()
     result = train(cfg, resume=args.resume if args.resume != "auto" else True, overwrite=args.overwrite)
@@ -31,8 +38,6 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 def _single_process_group() -> None:
     """DeepSpeed outside a launcher: describe a one-process group, as torchrun would, rather than let DeepSpeed
     look for MPI (which fails with "No module named 'mpi4py'")."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -43,10 +48,8 @@ def _single_process_group() -> None:
 
 def _shut_down_distributed() -> None:
     """Under torchrun: every rank done, then the process group closed before exit. Left to interpreter shutdown,
-    gloo's threads were once torn down mid-flight (a rank aborted with "terminate called without an active
-    exception" after the stage output was written, failing the run)."""
-    import torch.distributed as dist
-
+    gloo's threads can be torn down mid-flight (a rank aborts with "terminate called without an active
+    exception" after the stage output is written, failing the run)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -74,17 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train, takes_extra=True)
 
-    try:
-        from llava_ft.cli.data import add_data_commands
-
-        add_data_commands(sub)
-    except ImportError:
-        pass
-    for module in ("llava_ft.cli.chat", "llava_ft.cli.export", "llava_ft.cli.serve"):
-        try:
-            __import__(module, fromlist=["add_commands"]).add_commands(sub)
-        except ImportError:
-            pass
+    data.add_data_commands(sub)
+    for module in (chat, export, serve):
+        module.add_commands(sub)
     return parser
 
 
@@ -98,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
     except (FileNotFoundError, ValueError) as e:
-        from llava_ft.config import ConfigError
-        from llava_ft.data.conversation import DataError
-
         if isinstance(e, ConfigError | DataError | FileNotFoundError):
             print(f"llava-ft: error: {e}", file=sys.stderr)
             return 2

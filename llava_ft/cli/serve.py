@@ -1,13 +1,10 @@
 """`llava-ft serve CHECKPOINT [--host 127.0.0.1] [--port N]`: chat with a stage output in the browser.
 
-A local gradio page: upload an image, chat over several turns with answers streamed in, change the image,
-start a new conversation, set max new tokens and temperature. A text-only checkpoint serves the same page
-without the image controls. Answers come from the same path as `llava-ft chat` (`ChatSession` over
-`Assistant.generate_messages`: the image goes in the first user turn), so the page and the terminal agree.
-
-Uploads are read with llava_ft's own image loader: a file that is not an image, is corrupt, or decodes to too
-many pixels gets a message in the page; files over --max-upload-mb are refused by the server before they are
-stored. Nothing leaves the machine: gradio's analytics and version check are off, fonts are served locally.
+A local gradio page: upload an image, chat over several turns with answers streamed in, start a new
+conversation, set max new tokens and temperature; a text-only checkpoint gets no image controls. Answers come
+from the same `ChatSession` as `llava-ft chat`. An upload that is not an image, is corrupt, decodes to too many
+pixels or is over --max-upload-mb gets a message in the page. Nothing leaves the machine: gradio's analytics
+and version check are off, fonts are served locally.
 """
 
 from __future__ import annotations
@@ -25,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava_ft.cli.chat import ChatError, ChatSession
+from llava_ft.cli.chat import ChatError, ChatSession, open_image
+from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
+from llava_ft.inference import load_assistant
+from llava_ft.stage import read_stage_config
 
 log = logging.getLogger("llava_ft")
 
@@ -63,8 +63,6 @@ class PageState:
 
 def chat_messages(history: list[Message]) -> list[dict]:
     """The conversation as the page's chatbot shows it: the text typed, without the `<image>` marker."""
-    from llava_ft.constants import IMAGE_TOKEN
-
     return [{"role": m.role, "content": m.content.removeprefix(f"{IMAGE_TOKEN}\n")} for m in history]
 
 
@@ -80,8 +78,6 @@ class DemoApp:
     def load_image(self, path: str | None, state: PageState) -> tuple[PageState, str, bool]:
         """(state, status message, whether the image was taken). A bad file leaves the current image and
         conversation as they were; a good one starts a new conversation."""
-        from llava_ft.cli.chat import open_image
-
         if not path:
             return state, "No file received.", False
         name = Path(path).name
@@ -160,7 +156,7 @@ class DemoApp:
 
 def build_page(app: DemoApp, *, title: str, max_new_tokens: int, temperature: float):
     """The gradio Blocks of the page (not launched)."""
-    import gradio as gr
+    import gradio as gr  # optional: only `llava-ft serve` needs it
 
     vision = app.assistant.has_vision
     with gr.Blocks(title=title, analytics_enabled=False) as page:
@@ -253,8 +249,6 @@ def serve(
     )
     import gradio as gr
 
-    from llava_ft.inference import load_assistant
-
     assistant = load_assistant(checkpoint, load_4bit=load_4bit)
     app = DemoApp(assistant, max_upload_mb=max_upload_mb)
     kind = "image + text" if assistant.has_vision else "text-only"
@@ -279,7 +273,6 @@ def serve(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llava_ft.stage import read_stage_config
 
     if args.temperature < 0 or args.max_new_tokens < 1:
         print(

@@ -3,13 +3,15 @@
 One masking strategy for every template: a segment is trained or not, and the tokenizer turns segments
 into ids + labels. Trained = assistant content and its end-of-turn marker; never trained = BOS, system and
 user turns, role headers and separators (e.g. the "\\n" after `<|im_end|>`, which the next turn's prompt
-supplies at inference). Each named chat template renders byte-identical to its model's official Jinja
-(tests/data/test_templates.py proves it case by case); `tokenizer` uses the tokenizer's own Jinja.
+supplies at inference). Each named chat template carries its model's official Jinja (`jinja`), which exports
+write as the tokenizer's chat template, and renders byte-identical to it; `tokenizer` uses the tokenizer's own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from jinja2 import TemplateError
 
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import Conversation, DataError, Message
@@ -51,6 +53,8 @@ class ChatTemplate:
     stop_words: list[str] = []
     special_tokens: tuple[str, ...] = ()
     """Markers the template writes that the tokenizer must map to single special ids."""
+    jinja: str | None = None
+    """The model's official chat template (its tokenizer_config.json), which this template renders exactly."""
 
     def segments(
         self,
@@ -128,13 +132,11 @@ class ChatMLTemplate(ChatTemplate):
 
     special_tokens = ("<|im_start|>", "<|im_end|>")
 
-    def __init__(self, name: str, *, use_bos: bool, default_system: str | None, stop_words: list[str]):
-        self.name, self.use_bos, self.default_system, self.stop_words = (
-            name,
-            use_bos,
-            default_system,
-            stop_words,
-        )
+    def __init__(
+        self, name: str, *, use_bos: bool, default_system: str | None, stop_words: list[str], jinja: str
+    ):
+        self.name, self.use_bos, self.default_system = name, use_bos, default_system
+        self.stop_words, self.jinja = stop_words, jinja
 
     def _chat(self, conv, trained, out, *, bos, eos, generation_prompt):
         if self.use_bos:
@@ -155,6 +157,19 @@ class Llama2Template(ChatTemplate):
 
     name = "llama2_chat"
     stop_words = ["</s>"]
+    # meta-llama/Llama-2-7b-chat-hf
+    jinja = (
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+        "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if loop.index0 == 0 and system_message != false %}"
+        "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+        "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+        "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+        "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+    )
 
     def _chat(self, conv, trained, out, *, bos, eos, generation_prompt):
         msgs = conv.messages
@@ -176,6 +191,14 @@ class Llama3Template(ChatTemplate):
     name = "llama3_chat"
     stop_words = ["<|eot_id|>"]
     special_tokens = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    # meta-llama/Meta-Llama-3-8B-Instruct
+    jinja = (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
+        "message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+        "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    )
 
     def _chat(self, conv, trained, out, *, bos, eos, generation_prompt):
         for j, (msg, train) in enumerate(zip(conv.messages, trained)):
@@ -191,6 +214,16 @@ class VicunaTemplate(ChatTemplate):
 
     name = "vicuna_v1"
     stop_words = ["</s>"]
+    # LLaVA defines conv_vicuna_v1 in Python only; this is that format stated as Jinja.
+    jinja = (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
+        '{% set loop_messages = messages[1:] %}{% else %}{{ "A chat between a curious user and an artificial '
+        "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's "
+        'questions. " }}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}'
+        "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}{% else %}"
+        "{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
 
     def _chat(self, conv, trained, out, *, bos, eos, generation_prompt):
         msgs = conv.messages
@@ -212,6 +245,12 @@ class PlainTemplate(ChatTemplate):
 
     name = "plain"
     stop_words = ["\n"]
+    # LLaVA's preprocess_plain stated as Jinja (no upstream Jinja).
+    jinja = (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '<image>' * message['content'].count('<image>') }}{% else %}{{ message['content'] + '\\n' }}"
+        "{% endif %}{% endfor %}"
+    )
 
     def _chat(self, conv, trained, out, *, bos, eos, generation_prompt):
         roles = [m.role for m in conv.messages]
@@ -246,8 +285,6 @@ class TokenizerTemplate(ChatTemplate):
         self.stop_words = ([eos] if eos and eos not in markers else []) + markers
 
     def _render(self, messages: list[Message], generation_prompt: bool, where: str) -> str:
-        from jinja2 import TemplateError
-
         dicts = [{"role": m.role, "content": m.content} for m in messages]
         try:
             return self.tokenizer.apply_chat_template(
@@ -288,10 +325,29 @@ class TokenizerTemplate(ChatTemplate):
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "internlm2_chat": ChatMLTemplate(
-        "internlm2_chat", use_bos=True, default_system=None, stop_words=["<|im_end|>"]
+        "internlm2_chat",
+        use_bos=True,
+        default_system=None,
+        stop_words=["<|im_end|>"],
+        # internlm/internlm2-chat-1_8b
+        jinja=(
+            "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+            "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+            "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        ),
     ),
     "qwen2_chat": ChatMLTemplate(
-        "qwen2_chat", use_bos=False, default_system=QWEN2_SYSTEM, stop_words=["<|im_end|>", "<|endoftext|>"]
+        "qwen2_chat",
+        use_bos=False,
+        default_system=QWEN2_SYSTEM,
+        stop_words=["<|im_end|>", "<|endoftext|>"],
+        # Qwen/Qwen2-7B-Instruct
+        jinja=(
+            "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+            "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        ),
     ),
     "llama2_chat": Llama2Template(),
     "llama3_chat": Llama3Template(),

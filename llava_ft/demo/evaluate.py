@@ -13,7 +13,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from llava_ft.data.images import load_image
 from llava_ft.demo.shapes import chance_levels
+from llava_ft.inference import Query, load_assistant
 
 
 def normalise(text: str) -> str:
@@ -23,9 +25,6 @@ def normalise(text: str) -> str:
 def evaluate(
     checkpoint: str | Path, data_root: str | Path, *, batch_size: int = 64, limit: int | None = None
 ) -> dict:
-    from llava_ft.data.images import load_image
-    from llava_ft.inference import Query, load_assistant
-
     root = Path(data_root)
     records = json.loads((root / "heldout.json").read_text())[:limit]
     assistant = load_assistant(str(checkpoint))

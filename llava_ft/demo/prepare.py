@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_ft.demo.shapes import ShapesDataset, corpus_texts, generate_shapes_dataset, heldout_rows
+from llava_ft.demo.tokenizer import build_tiny_tokenizer
+from llava_ft.eval.mmbench import write_mmbench_tsv
 from llava_ft.files import atomic_write_text
+from llava_ft.testing.tiny_llm import write_tiny_internlm2
+from llava_ft.testing.tiny_vision import write_tiny_open_clip
 
 log = logging.getLogger("llava_ft")
 
-# Sizes from the feasibility probe in FACTS.md: big enough to learn the task, small enough for 2 CPU cores.
+# Big enough to learn the task, small enough to train on 2 CPU cores.
 LLM_SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
 CLIP_SHAPE = {"image_size": 64, "patch_size": 8, "width": 128, "layers": 2, "heads": 4}
 N_TRAIN_IMAGES = 4000
@@ -45,10 +49,6 @@ def _mark(folder: Path, params: dict) -> None:
 
 
 def prepare(root: str | Path = "data/demo", *, blank: bool = False) -> TinyAssets:
-    from llava_ft.demo.tokenizer import build_tiny_tokenizer
-    from llava_ft.testing.tiny_llm import write_tiny_internlm2
-    from llava_ft.testing.tiny_vision import write_tiny_open_clip
-
     root = Path(root)
     data = generate_shapes_dataset(
         root / "shapes", n_train_images=N_TRAIN_IMAGES, n_heldout_images=N_HELDOUT_IMAGES, seed=0
@@ -72,8 +72,6 @@ def prepare(root: str | Path = "data/demo", *, blank: bool = False) -> TinyAsset
 
     tsv = data.root / "heldout_mmbench.tsv"
     if not tsv.is_file() or tsv.stat().st_mtime < data.manifest.stat().st_mtime:
-        from llava_ft.eval.mmbench import write_mmbench_tsv
-
         # The held-out split as an MMBench file (4 options, circular rotations), for eval/mmbench.py.
         write_mmbench_tsv(heldout_rows(data), tsv, circular=True)
     vqa = data.root / "heldout_vqa.jsonl"

@@ -1,12 +1,8 @@
 """Synthetic shapes data for the tiny end-to-end demo (image -> projector -> tiny LLM on 2 CPU cores).
 
-Each 64x64 image holds 1-4 identical shapes (5 colours x 4 shapes) in distinct quadrants on a pastel
-background. Questions have a fixed phrasing per type and answers from a closed set, so a tiny model can
-learn them in minutes and its held-out accuracy can be compared with chance; `blank=True` writes the same
-records over background-only images, the control run that must stay near chance.
-
-Question types are asked evenly: position questions exist only for single-shape images, and when they
-were under-sampled a probe model took 3x longer to learn them (see FACTS.md).
+Each 64x64 image holds 1-4 identical shapes (5 colours x 4 shapes) in distinct quadrants. Questions have a
+fixed phrasing per type and answers from a closed set, so held-out accuracy compares with chance;
+`blank=True` writes the same records over background-only images, the control that must stay near chance.
 """
 
 from __future__ import annotations
@@ -359,7 +355,8 @@ def _sample_image(
 
 def _train_images(rng: random.Random, n: int, image_size: int, seen: set[ShapeImage]) -> Iterator[ShapeImage]:
     """Colour-shape combinations in shuffled rounds (every one appears once n >= 20); image i's first
-    question will be of type QTYPES[i % 4], so position images (i % 4 == 2) hold a single shape."""
+    question will be of type QTYPES[i % 4], so position images (i % 4 == 2) hold a single shape. Question
+    types are asked evenly: under-sampled, position questions take a tiny model much longer to learn."""
     combos = [(c, s) for c in COLOURS for s in SHAPES]
     for i in range(n):
         if i % len(combos) == 0:

@@ -1,14 +1,6 @@
-"""A tiny sentencepiece tokenizer in InternLM2's format, for the tiny demo LLM.
-
-Same file format and special tokens as InternLM2's `tokenizer.model` (`<unk>`=0, `<s>`=1, `</s>`=2, the chat
-markers as user-defined pieces), with a vocabulary of a few hundred pieces in which every word of the training
-texts is one piece.
-
-Whitespace is kept verbatim (identity normalisation, no collapsing of runs, "\\n" a piece of its own) so that
-decode(encode(text)) == text for rendered chat strings. There is no dummy "▁" prefix: a word at the start of
-a text, or after "\\n" or a chat marker, is the un-prefixed piece ("red" in "assistant\\nred"), so a text
-encodes the same whether it is encoded whole or cut at those points (turn by turn, or between special tokens
-as transformers' tokenizers do). Each word is therefore trained in both forms, "red" and "▁red".
+"""A tiny sentencepiece tokenizer in InternLM2's format (same special tokens, chat markers as user-defined
+pieces) for the tiny demo LLM: a few hundred pieces, every word of the training texts one piece, whitespace
+kept verbatim so that decode(encode(text)) == text for rendered chat strings.
 """
 
 from __future__ import annotations
@@ -21,7 +13,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from llava_ft.model.internlm2 import INTERNLM2_SPECIAL_TOKENS
+from llava_ft.data.tokenizer import INTERNLM2_SPECIAL_TOKENS
 
 # The chat template's role names follow "<|im_start|>": one piece each, whatever the texts hold.
 CHAT_ROLES = ("system", "user", "assistant")
@@ -56,6 +48,9 @@ def build_tiny_tokenizer(out_dir: str | Path, texts: Iterable[str]) -> Path:
         required_chars=_REQUIRED_CHARS,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
+        # No dummy "▁" prefix: a word at the start of a text, or after "\n" or a chat marker, is the un-prefixed
+        # piece ("red" in "assistant\nred"), so a text encodes the same whole or cut at those points (turn by
+        # turn, or between special tokens as transformers' tokenizers do).
         add_dummy_prefix=False,
         split_by_whitespace=True,
         user_defined_symbols=[*INTERNLM2_SPECIAL_TOKENS, "\n"],

@@ -1,7 +1,7 @@
 """Answer-extraction rules: model text -> the answer a benchmark scores.
 
-Each rule reproduces a peer harness exactly (see shared/reference/FACTS.md, "Evaluation answer extraction"),
-because the same predictions score differently under different rules; every report names the rule it used.
+Each rule reproduces a peer harness exactly, because the same predictions score differently under different
+rules; every report names the rule it used.
 """
 
 from __future__ import annotations
@@ -145,33 +145,41 @@ VQA_PUNCT = (
     "?",
     "!",
 )
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-
-
-def _punctuation(text: str, period_strip: re.Pattern[str]) -> str:
-    # A punctuation mark next to a space (or any text with a 1,000-style number) is deleted, otherwise it
-    # separates words.
-    out = text
-    delete = _COMMA_STRIP.search(text) is not None
-    for p in VQA_PUNCT:
-        if delete or p + " " in text or " " + p in text:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    # Both harnesses pass re.UNICODE (32) where `count` goes: at most 32 periods are removed.
-    return period_strip.sub("", out, re.UNICODE)
-
-
+# A number written with a thousands comma: its presence anywhere turns every separating mark into a deleted one.
+_OFFICIAL_COMMA = re.compile(r"(\d)(,)(\d)")
+# lmms-eval's variant also accepts a run of commas between digits ("1,,000").
+_LMMS_EVAL_COMMA = re.compile(r"(?<=\d)(,)+(?=\d)")
 # Official vqaEval.py's period regex: "(?!<=\d)" is a lookahead (not the intended lookbehind), kept as is.
 _OFFICIAL_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _VLMEVALKIT_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
 
 
+def _punctuation(text: str, comma_strip: re.Pattern[str], period_strip: re.Pattern[str]) -> str:
+    # A punctuation mark next to a space (or any text with a 1,000-style number) is deleted, otherwise it
+    # separates words.
+    out = text
+    delete = comma_strip.search(text) is not None
+    for p in VQA_PUNCT:
+        if delete or p + " " in text or " " + p in text:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    # The harnesses pass re.UNICODE (32) where `count` goes: at most 32 periods are removed.
+    return period_strip.sub("", out, re.UNICODE)
+
+
 def official_punctuation(text: str) -> str:
     """processPunctuation of the official VQA evaluation (GT-Vision-Lab/VQA vqaEval.py, commit a013f00)."""
-    return _punctuation(text, _OFFICIAL_PERIOD)
+    return _punctuation(text, _OFFICIAL_COMMA, _OFFICIAL_PERIOD)
 
 
 def vlmevalkit_punctuation(text: str) -> str:
-    """VLMEvalKit `process_punctuation` (same marks, the period regex with a true lookbehind)."""
-    return _punctuation(text, _VLMEVALKIT_PERIOD)
+    """VLMEvalKit `process_punctuation` (commit e8e78f05): the official pass, except that its period regex is a
+    true lookbehind, so a period after a digit stays ("3." is not "3")."""
+    return _punctuation(text, _OFFICIAL_COMMA, _VLMEVALKIT_PERIOD)
+
+
+def lmms_eval_punctuation(text: str) -> str:
+    """lmms-eval `EvalAIAnswerProcessor.process_punctuation` (commit 75571cf): the official pass, except that
+    a run of commas between digits also counts as a number, so "1,,000" becomes "1000"."""
+    return _punctuation(text, _LMMS_EVAL_COMMA, _OFFICIAL_PERIOD)

@@ -2,7 +2,8 @@
 
 TSV columns: index, question, hint, A, B, C, D (empty / missing options allowed), answer, category,
 l2-category, image (base64, or the index of another row whose image it shares). Circular rotations are rows
-with index >= 1e6; index % 1e6 names the main row, and a question counts only if every rotation is right.
+with index >= 1e6; index % 1e6 names the main row, and a question counts only if every rotation is right. A
+rotation whose main row is missing is ignored, counted and reported, as VLMEvalKit's circular evaluation does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import binascii
 import csv
 import io
+import logging
 import re
 import string
 from collections import Counter, defaultdict
@@ -24,7 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from llava_ft.data.conversation import DataError
-from llava_ft.eval import runner
+from llava_ft.eval import arguments, report, runner
 from llava_ft.eval.extract import MMBENCH_EXTRACTORS, MMBENCH_RULES, Extracted
 from llava_ft.eval.stats import Estimate, bootstrap_mean
 
@@ -40,6 +42,8 @@ NA_STRINGS = frozenset(
 )
 # VLMEvalKit treats an image cell this short as the index of the row that holds the image.
 IMAGE_REF_MAX_LEN = 64
+
+log = logging.getLogger("llava_ft")
 
 
 @dataclass
@@ -65,6 +69,15 @@ class MMBenchRow:
         return self.index < ROTATION
 
 
+@dataclass
+class MMBenchFile:
+    rows: list[MMBenchRow]
+    """Every question and its rotations, in file order."""
+    orphans: list[MMBenchRow]
+    """Rotation rows whose main row is missing. VLMEvalKit groups rows under main rows only, so it never
+    scores them; here they are neither asked nor scored, only counted in the results."""
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 
@@ -72,7 +85,7 @@ def _na(value: str | None) -> bool:
     return value is None or value in NA_STRINGS
 
 
-def load_mmbench_tsv(path: str | Path) -> list[MMBenchRow]:
+def load_mmbench_tsv(path: str | Path) -> MMBenchFile:
     path = Path(path)
     csv.field_size_limit(2**31 - 1)  # base64 images are far longer than csv's 128 KiB default
     with open(path, encoding="utf-8", newline="") as f:
@@ -90,8 +103,14 @@ def load_mmbench_tsv(path: str | Path) -> list[MMBenchRow]:
             _parse_row(dict(zip(header, cells)), letters, f"{path} row {n}", len(header), len(cells))
             for n, cells in enumerate(reader, 1)
         ]
-    _check_rows(rows)
-    return rows
+    orphans = _check_rows(rows)
+    if orphans:
+        log.warning(
+            "%s: %d rotation row(s) without their main row ignored (first: index %d, %s)",
+            path, len(orphans), orphans[0].index, orphans[0].where,
+        )  # fmt: skip
+    ignored = {r.index for r in orphans}
+    return MMBenchFile([r for r in rows if r.index not in ignored], orphans)
 
 
 def _parse_row(
@@ -135,15 +154,19 @@ def _span(options: dict[str, str]) -> str:
     return f"{letters[0]}-{letters[-1]}" if contiguous and len(letters) > 2 else "/".join(letters)
 
 
-def _check_rows(rows: list[MMBenchRow]) -> None:
+def _check_rows(rows: list[MMBenchRow]) -> list[MMBenchRow]:
+    """Refuse repeated indices and broken image references; returns the rotation rows without a main row (their
+    image cell, usually the missing main row's index, is not checked: they are ignored)."""
     by_index: dict[int, MMBenchRow] = {}
     for row in rows:
         if row.index in by_index:
             raise DataError(row.where, f"index {row.index} repeats {by_index[row.index].where}")
         by_index[row.index] = row
+    orphans = []
     for row in rows:
         if not row.is_main and row.group not in by_index:
-            raise DataError(row.where, f"rotation index {row.index} has no main row with index {row.group}")
+            orphans.append(row)
+            continue
         if row.image_b64 is not None and len(row.image_b64) <= IMAGE_REF_MAX_LEN:
             target = by_index.get(int(row.image_b64)) if row.image_b64.isdigit() else None
             if target is None or target.image_b64 is None or len(target.image_b64) <= IMAGE_REF_MAX_LEN:
@@ -152,6 +175,7 @@ def _check_rows(rows: list[MMBenchRow]) -> None:
                     f"column 'image' is {row.image_b64!r}: neither an image nor the index of a row with one",
                 )
             row.image_b64 = target.image_b64
+    return orphans
 
 
 def decode_image(row: MMBenchRow) -> Image.Image | None:
@@ -217,7 +241,8 @@ def write_mmbench_tsv(rows: Sequence[dict[str, Any]], path: str | Path, *, circu
             )
         )
     out = add_rotations(parsed) if circular else parsed
-    _check_rows(list(out))
+    if _check_rows(out):
+        raise DataError("write_mmbench_tsv", "a rotation row (index >= 1e6) has no main row")
     letters = string.ascii_uppercase[: max(len(r.options) for r in out)]
     header = ["index", "question", "hint", *letters, "answer", "category", "l2-category", "image"]
     with open(path, "w", encoding="utf-8", newline="") as f:
@@ -334,14 +359,21 @@ SCORE_NAMES = {
 
 
 def mmbench_markdown(results: dict) -> str:
-    lines = ["# MMBench", "", *runner.provenance_markdown(results)]
+    lines = ["# MMBench", "", *report.provenance_markdown(results)]
     lines.append(
         f"- items: {results['n_questions']} questions, {results['n_rows']} rows; "
         f"extraction failures: {results['extraction_failures']} rows"
     )
+    orphans = results["orphan_rotations"]
+    if orphans["n"]:
+        shown = ", ".join(str(i) for i in orphans["indices"][:10]) + (", ..." if orphans["n"] > 10 else "")
+        lines.append(
+            f"- ignored: {orphans['n']} rotation rows whose main row is missing (indices {shown}), "
+            "as VLMEvalKit's circular evaluation"
+        )
     lines += [
         "",
-        runner.markdown_table(
+        report.markdown_table(
             ["score", "accuracy % [95% CI]", "n (resampled units)"],
             [[SCORE_NAMES[k], Estimate.from_dict(v).fmt(), v["n"]] for k, v in results["scores"].items()],
         ),
@@ -363,7 +395,7 @@ def mmbench_markdown(results: dict) -> str:
             for name in names
         ]
         headers = [field, *(["circular %", "questions"] if circ else []), "single-pass %", "rows"]
-        lines += ["", f"## Per {field}", "", runner.markdown_table(headers, rows)]
+        lines += ["", f"## Per {field}", "", report.markdown_table(headers, rows)]
     return "\n".join(lines)
 
 
@@ -374,7 +406,7 @@ def run_mmbench(
     data: str | Path,
     output: str | Path,
     *,
-    asking: runner.Asking | Callable[[], runner.Asking] | None = None,
+    predictor: runner.Predictor | Callable[[], runner.Predictor] | None = None,
     predictions_file: str | Path | None = None,
     rule: str = "vlmevalkit",
     lang: str = "auto",
@@ -388,24 +420,27 @@ def run_mmbench(
     if rule not in MMBENCH_RULES:
         raise ValueError(f"unknown rule {rule!r}; choose from {sorted(MMBENCH_RULES)}")
     data, output = Path(data), Path(output)
-    rows = load_mmbench_tsv(data)
+    bench = load_mmbench_tsv(data)
+    rows = bench.rows
     if circular:
         try:
-            rows = add_rotations(rows)
+            # Orphans are rotations too: a file holding any already has rotations, which add_rotations refuses.
+            rows = add_rotations(rows + bench.orphans)
         except ValueError as e:
             raise DataError(str(data), f"--circular: {e}") from None
     rows = select(rows, limit)
     items = [runner.Item(r.index, build_prompt(r, lang), lambda r=r: decode_image(r)) for r in rows]
-    chosen, head = runner.predict(
+    found, head = runner.predict(
         items, output, benchmark="mmbench", rule=(rule, MMBENCH_RULES[rule].description), id_field="index",
-        asking=asking, predictions_file=predictions_file, data=data, command=command,
+        predictor=predictor, predictions_file=predictions_file, data=data, command=command,
     )  # fmt: skip
-    predictions = {str(r.index): rec["prediction"] for r, rec in zip(rows, chosen)}
+    predictions = {str(r.index): rec["prediction"] for r, rec in zip(rows, found.records)}
     scored = extract_all(rows, predictions, rule)
     results = {
         **head,
         "lang": lang,
         "rotations_generated": circular,
+        "orphan_rotations": {"n": len(bench.orphans), "indices": [r.index for r in bench.orphans]},
         **score_mmbench(scored, seed=seed, n_resamples=n_resamples),
     }
     metric = results["headline"]["metric"]
@@ -429,13 +464,13 @@ def run_mmbench(
         }
         for s in scored
     )
-    return runner.finish(output, results, mmbench_markdown(results), chosen, per_item)
+    return runner.finish(output, results, mmbench_markdown(results), found, per_item)
 
 
-@runner.reports_user_errors
+@arguments.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    runner.add_common_args(parser)
+    arguments.add_common_args(parser)
     parser.add_argument("--rule", choices=sorted(MMBENCH_RULES), default="vlmevalkit")
     parser.add_argument(
         "--lang",
@@ -448,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_mmbench(
         args.data,
         args.output,
-        asking=runner.lazy_asking(args),
+        predictor=arguments.lazy_predictor(args),
         predictions_file=args.predictions,
         rule=args.rule,
         lang=args.lang,
@@ -456,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         circular=args.circular,
         seed=args.seed,
         n_resamples=args.n_resamples,
-        command=runner.command_line(argv),
+        command=arguments.command_line(argv),
     )
     head = results["headline"]
     print(

@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image
 
 from llava_ft.data.conversation import DataError
-from llava_ft.eval import runner
+from llava_ft.eval import arguments, report, runner
 from llava_ft.eval.extract import POPE_EXTRACTORS, POPE_RULES
+from llava_ft.eval.jsonl import iter_jsonl, require_fields, unique_image
 from llava_ft.eval.stats import Estimate, bootstrap
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -39,12 +40,12 @@ def load_pope(path: str | Path, images: str | Path | None) -> list[PopeItem]:
     path, images = Path(path), None if images is None else Path(images)
     items: list[PopeItem] = []
     seen: dict[str, str] = {}
-    for _, where, rec in runner.iter_jsonl(path):
-        rec = runner.require_fields(rec, where, ("question_id", "image", "text", "label"))
+    for _, where, rec in iter_jsonl(path):
+        rec = require_fields(rec, where, ("question_id", "image", "text", "label"))
         label = str(rec["label"]).strip().lower()
         if label not in ("yes", "no"):
             raise DataError(where, f"field 'label' is {rec['label']!r}, not 'yes' or 'no'")
-        image = runner.unique_image(rec, where, seen, images)
+        image = unique_image(rec, where, seen, images)
         split = rec.get("category", rec.get("split", "(none)"))
         items.append(PopeItem(rec["question_id"], image, rec["text"], label, str(split), where))
     if not items:
@@ -142,7 +143,7 @@ def score_pope(
 
 
 def pope_markdown(results: dict) -> str:
-    lines = ["# POPE", "", *runner.provenance_markdown(results)]
+    lines = ["# POPE", "", *report.provenance_markdown(results)]
     lines.append(
         f"- mode: {results['mode'] or 'predictions file'}; items: {results['n_items']}; "
         f"extraction failures ({results['rule']['name']}): {results['extraction_failures']}"
@@ -161,7 +162,7 @@ def pope_markdown(results: dict) -> str:
             "",
             f"## Rule {rule}: {POPE_RULES[rule].description}",
             "",
-            runner.markdown_table(["split", "acc %", "precision %", "recall %", "F1 %", "yes %", "n"], rows),
+            report.markdown_table(["split", "acc %", "precision %", "recall %", "F1 %", "yes %", "n"], rows),
         ]
     return "\n".join(lines)
 
@@ -171,7 +172,7 @@ def run_pope(
     images: str | Path | None,
     output: str | Path,
     *,
-    asking: runner.Asking | Callable[[], runner.Asking] | None = None,
+    predictor: runner.Predictor | Callable[[], runner.Predictor] | None = None,
     predictions_file: str | Path | None = None,
     rule: str = "llava",
     suffix: str = SUFFIX,
@@ -184,16 +185,16 @@ def run_pope(
         raise ValueError(f"unknown rule {rule!r}; choose from {sorted(POPE_RULES)}")
     data, output = Path(data), Path(output)
     # A re-score asks nothing, so no image is opened: it must not need the files either.
-    items = load_pope(data, images if asking is not None else None)[:limit]
+    items = load_pope(data, images if predictor is not None else None)[:limit]
     work = [
         runner.Item(it.question_id, build_prompt(it.text, suffix), lambda it=it: load_image(it))
         for it in items
     ]
-    chosen, head = runner.predict(
+    found, head = runner.predict(
         work, output, benchmark="pope", rule=(rule, POPE_RULES[rule].description), id_field="question_id",
-        asking=asking, predictions_file=predictions_file, data=data, command=command,
+        predictor=predictor, predictions_file=predictions_file, data=data, command=command,
     )  # fmt: skip
-    scores = score_pope(items, [r["prediction"] for r in chosen], rule, seed=seed, n_resamples=n_resamples)
+    scores = score_pope(items, found.answers, rule, seed=seed, n_resamples=n_resamples)
     extracted = scores.pop("_extracted")
     results = {**head, "images": str(images) if images is not None else None, **scores}
     per_item = (
@@ -205,14 +206,14 @@ def run_pope(
         }
         for i, it in enumerate(items)
     )
-    return runner.finish(output, results, pope_markdown(results), chosen, per_item)
+    return runner.finish(output, results, pope_markdown(results), found, per_item)
 
 
-@runner.reports_user_errors
+@arguments.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    runner.add_common_args(parser)
-    runner.add_images_arg(parser)
+    arguments.add_common_args(parser)
+    arguments.add_images_arg(parser)
     parser.add_argument(
         "--mode",
         choices=["generate", "likelihood"],
@@ -224,20 +225,20 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt-suffix", default=SUFFIX, help="appended to each question unless already there"
     )
     args = parser.parse_args(argv)
-    images = runner.images_from_args(parser, args)
+    images = arguments.images_from_args(parser, args)
     options = LIKELIHOOD_OPTIONS if args.mode == "likelihood" else None
     results = run_pope(
         args.data,
         images,
         args.output,
-        asking=runner.lazy_asking(args, options),
+        predictor=arguments.lazy_predictor(args, options),
         predictions_file=args.predictions,
         rule=args.rule,
         suffix=args.prompt_suffix,
         limit=args.limit,
         seed=args.seed,
         n_resamples=args.n_resamples,
-        command=runner.command_line(argv),
+        command=arguments.command_line(argv),
     )
     print(
         f"POPE accuracy ({args.rule}): {Estimate.from_dict(results['headline']).fmt()}; "

@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image
 
 from llava_ft.data.conversation import DataError
-from llava_ft.eval import runner
-from llava_ft.eval.extract import Rule, official_punctuation
+from llava_ft.eval import arguments, report, runner
+from llava_ft.eval.extract import Rule, lmms_eval_punctuation, official_punctuation, vlmevalkit_punctuation
+from llava_ft.eval.jsonl import iter_jsonl, require_fields, unique_image
 from llava_ft.eval.stats import Estimate, bootstrap_mean
 
 SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQAv2 prompt
@@ -30,11 +31,25 @@ NORMALIZE_RULES = {
     ),
     "always": Rule(
         "always",
-        "as lmms-eval / VLMEvalKit: prediction and human answers always normalised, then the same soft accuracy",
+        "the official normalisation applied to every record, whether or not the human answers agree; the same "
+        "soft accuracy (neither lmms-eval nor VLMEvalKit: see the 'lmms-eval' and 'vlmevalkit' modes)",
+    ),
+    "vlmevalkit": Rule(
+        "vlmevalkit",
+        "VLMEvalKit vqa_score (vlmeval/dataset/utils/vqa_eval.py, e8e78f05): every record normalised, with "
+        "VLMEvalKit's punctuation pass, whose period rule keeps a period after a digit ('3.' is not '3'); "
+        "the same soft accuracy",
+    ),
+    "lmms-eval": Rule(
+        "lmms-eval",
+        "lmms-eval vqav2 (lmms_eval/tasks/vqav2/utils.py, 75571cf): every record normalised, with lmms-eval's "
+        "punctuation pass, which reads a run of commas between digits as a number ('1,,000' is '1000'); the "
+        "same soft accuracy",
     ),
 }
 
-# Official vqaEval.py tables, verbatim (keys with capitals never match after lower-casing; kept as upstream).
+# Official vqaEval.py tables, verbatim, which VLMEvalKit and lmms-eval copy unchanged (keys with capitals never
+# match after lower-casing; kept as upstream).
 MANUAL_MAP = {
     "none": "0",
     "zero": "0",
@@ -189,23 +204,43 @@ def normalize(text: str) -> str:
     return digit_article(official_punctuation(_clean(text)))
 
 
+def normalize_vlmevalkit(text: str) -> str:
+    """VLMEvalKit `process_answer`: the official steps with its own punctuation pass."""
+    return digit_article(vlmevalkit_punctuation(_clean(text)))
+
+
+def normalize_lmms_eval(text: str) -> str:
+    """lmms-eval's VQAv2 normalisation: the official steps with its own punctuation pass."""
+    return digit_article(lmms_eval_punctuation(_clean(text)))
+
+
+NORMALIZERS: dict[str, Callable[[str], str]] = {
+    "official": normalize,
+    "always": normalize,
+    "vlmevalkit": normalize_vlmevalkit,
+    "lmms-eval": normalize_lmms_eval,
+}
+
+
 def vqa_accuracy(prediction: str, answers: list[str], normalization: str = "official") -> float:
     """Soft accuracy: mean over each human answer left out of min(#others equal to the prediction / 3, 1).
 
+    "official" normalises only when the human answers differ; every other mode always, with its own function.
     With one human answer there are no "others" (the score would always be 0), so such a record scores
-    normalised exact match instead, under both variants (named in reports).
+    normalised exact match instead, in every mode (named in reports).
     """
+    norm = NORMALIZERS[normalization]
     if len(answers) == 1:
-        return float(normalize(prediction) == normalize(answers[0]))
+        return float(norm(prediction) == norm(answers[0]))
     pred, gts = _clean(prediction), [_clean(a) for a in answers]
-    if normalization == "always" or len(set(gts)) > 1:
-        pred, gts = normalize(pred), [normalize(a) for a in gts]
+    if normalization != "official" or len(set(gts)) > 1:
+        pred, gts = norm(pred), [norm(a) for a in gts]
     matches = sum(g == pred for g in gts)
     return float(np.mean([min((matches - (g == pred)) / 3, 1.0) for g in gts]))
 
 
 def exact_match(prediction: str, answers: list[str]) -> bool:
-    """The normalised prediction equals the most frequent normalised human answer (first on a tie)."""
+    """The officially normalised prediction equals the most frequent normalised human answer (first on a tie)."""
     return normalize(prediction) == Counter(normalize(a) for a in answers).most_common(1)[0][0]
 
 
@@ -225,8 +260,8 @@ def load_vqa(path: str | Path, images: str | Path | None) -> list[VqaItem]:
     path, images = Path(path), None if images is None else Path(images)
     items: list[VqaItem] = []
     seen: dict[str, str] = {}
-    for _, where, rec in runner.iter_jsonl(path):
-        rec = runner.require_fields(rec, where, ("question_id", "image", "question", "answers"))
+    for _, where, rec in iter_jsonl(path):
+        rec = require_fields(rec, where, ("question_id", "image", "question", "answers"))
         answers = (
             [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in rec["answers"]]
             if isinstance(rec["answers"], list)
@@ -234,7 +269,7 @@ def load_vqa(path: str | Path, images: str | Path | None) -> list[VqaItem]:
         )
         if not answers or not all(isinstance(a, str) for a in answers):
             raise DataError(where, "field 'answers' must be a non-empty list of strings (or {'answer': ...})")
-        image = runner.unique_image(rec, where, seen, images)
+        image = unique_image(rec, where, seen, images)
         items.append(
             VqaItem(rec["question_id"], image, rec["question"], answers, rec.get("answer_type"), where)
         )
@@ -287,7 +322,7 @@ def score_vqa(
 
 
 def vqa_markdown(results: dict) -> str:
-    lines = ["# VQA", "", *runner.provenance_markdown(results)]
+    lines = ["# VQA", "", *report.provenance_markdown(results)]
     lines.append(
         f"- items: {results['n_items']}; empty predictions: {results['extraction_failures']}; "
         f"human answers per question: {results['answers_per_question']} "
@@ -300,13 +335,13 @@ def vqa_markdown(results: dict) -> str:
     rows += [
         [f"soft accuracy, normalisation '{n}'", f"{v * 100:.2f}"] for n, v in results["soft_accuracy"].items()
     ]
-    lines += ["", runner.markdown_table(["score", "% [95% CI]"], rows)]
+    lines += ["", report.markdown_table(["score", "% [95% CI]"], rows)]
     if set(results["per_answer_type"]) != {"(none)"}:
         lines += [
             "",
             "## Per answer type",
             "",
-            runner.markdown_table(
+            report.markdown_table(
                 ["answer type", "soft accuracy %", "n"],
                 [
                     [k, f"{v['soft_accuracy'] * 100:.2f}", v["n"]]
@@ -322,7 +357,7 @@ def run_vqa(
     images: str | Path | None,
     output: str | Path,
     *,
-    asking: runner.Asking | Callable[[], runner.Asking] | None = None,
+    predictor: runner.Predictor | Callable[[], runner.Predictor] | None = None,
     predictions_file: str | Path | None = None,
     normalization: str = "official",
     suffix: str = SUFFIX,
@@ -335,55 +370,54 @@ def run_vqa(
         raise ValueError(f"unknown normalisation {normalization!r}; choose from {sorted(NORMALIZE_RULES)}")
     data, output = Path(data), Path(output)
     # A re-score asks nothing, so no image is opened: it must not need the files either.
-    items = load_vqa(data, images if asking is not None else None)[:limit]
+    items = load_vqa(data, images if predictor is not None else None)[:limit]
     work = [
         runner.Item(it.question_id, build_prompt(it.question, suffix), lambda it=it: load_image(it))
         for it in items
     ]
-    chosen, head = runner.predict(
+    found, head = runner.predict(
         work, output, benchmark="vqa", rule=(normalization, NORMALIZE_RULES[normalization].description),
-        id_field="question_id", asking=asking, predictions_file=predictions_file, data=data, command=command,
+        id_field="question_id", predictor=predictor, predictions_file=predictions_file, data=data, command=command,
     )  # fmt: skip
-    scores = score_vqa(
-        items, [r["prediction"] for r in chosen], normalization, seed=seed, n_resamples=n_resamples
-    )
+    scores = score_vqa(items, found.answers, normalization, seed=seed, n_resamples=n_resamples)
     per_item = scores.pop("_per_item")
     results = {**head, "images": str(images) if images is not None else None, **scores}
     fields = (
         {"answers": it.answers, "soft_accuracy": per_item["soft"][i], "exact_match": per_item["exact"][i]}
         for i, it in enumerate(items)
     )
-    return runner.finish(output, results, vqa_markdown(results), chosen, fields)
+    return runner.finish(output, results, vqa_markdown(results), found, fields)
 
 
-@runner.reports_user_errors
+@arguments.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    runner.add_common_args(parser)
-    runner.add_images_arg(parser)
+    arguments.add_common_args(parser)
+    arguments.add_images_arg(parser)
     parser.add_argument(
         "--normalize",
         choices=sorted(NORMALIZE_RULES),
         default="official",
-        help="official: as vqaEval.py; always: as lmms-eval / VLMEvalKit",
+        help="official: as vqaEval.py (normalise only when the human answers differ); always: the official "
+        "normalisation on every record; vlmevalkit, lmms-eval: each harness's own normalisation on every record",
     )
     parser.add_argument(
         "--prompt-suffix", default=SUFFIX, help="appended to each question unless already there"
     )
     args = parser.parse_args(argv)
-    images = runner.images_from_args(parser, args)
+    images = arguments.images_from_args(parser, args)
     results = run_vqa(
         args.data,
         images,
         args.output,
-        asking=runner.lazy_asking(args),
+        predictor=arguments.lazy_predictor(args),
         predictions_file=args.predictions,
         normalization=args.normalize,
         suffix=args.prompt_suffix,
         limit=args.limit,
         seed=args.seed,
         n_resamples=args.n_resamples,
-        command=runner.command_line(argv),
+        command=arguments.command_line(argv),
     )
     print(
         f"VQA soft accuracy ({args.normalize}): {Estimate.from_dict(results['headline']).fmt()}; results in {args.output}"

@@ -1,18 +1,7 @@
 """`sdpa_packed`: attention within each sample of packed rows, for devices without flash-attn or flex_attention.
 
-With plain sdpa a packed row of L tokens gets a block-diagonal mask, and the kernel still computes all L x L
-scores: packing then saves the padding but pays full-row attention (on the tiny CPU model, packed rows of 2048
-ran at 0.82x padded slot tokens/s). Here samples are attended separately, as flash-attn's varlen kernel does:
-the samples of all rows are sorted by length into a few buckets of similar lengths, each bucket right-padded to
-its longest sample and run as one causal SDPA call. Right padding needs no mask (a causal query never sees the
-positions after it), so only the padded queries' outputs are wasted, and they are dropped: attention costs about
-sum(len_i^2) rather than L^2 per row, in a handful of calls even when rows hold many short samples.
-
-Without a padding mask, no 4-D mask is built (for packed rows transformers would otherwise build an L x L
-block-diagonal one per row, 134 MB at L = 8192, only to have it ignored): the samples' spans come from the
-position_ids, which restart at 0 per sample (`LlavaModel` plans the buckets once per forward and passes
-`packed_plan`; any other caller gets them from the `position_ids` the decoder layers pass down). With a
-padding mask (padded batches, generation) this is transformers' own sdpa with its mask.
+Plain sdpa with a block-diagonal mask still computes all L x L scores of a packed row; here each sample is
+attended on its own, as flash-attn's varlen kernel does, so attention costs about sum(len_i^2) per row.
 """
 
 from __future__ import annotations
@@ -112,7 +101,13 @@ def packed_sdpa_forward(
     packed_plan: PackedPlan | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention-function signature: query [B, H, L, D], key/value [B, KV, L, D] -> [B, L, H, D]."""
+    """transformers attention-function signature: query [B, H, L, D], key/value [B, KV, L, D] -> [B, L, H, D].
+
+    The samples of all rows are sorted by length into a few buckets, each right-padded to its longest sample
+    and run as one causal SDPA call: right padding needs no mask (a causal query never sees the positions
+    after it), and the padded queries' outputs are dropped. The samples' spans come from `packed_plan`
+    (`LlavaModel` plans once per forward) or from the position_ids, which restart at 0 per sample. With a
+    padding mask (padded batches, generation) this is transformers' own sdpa with its mask."""
     if attention_mask is not None or query.shape[2] != key.shape[2]:  # padding, or a KV cache in use
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -156,7 +151,8 @@ def _spans_per_row(position_ids: torch.Tensor, rows: int) -> Spans:
 
 
 def packed_sdpa_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-    """sdpa's 4-D mask where there is padding; None (causal within each sample's span) where there is none."""
+    """sdpa's 4-D mask where there is padding; None (causal within each sample's span) where there is none,
+    rather than the L x L block-diagonal mask per row transformers would build for packed rows and ignore."""
     if attention_mask is None:
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)

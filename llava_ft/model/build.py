@@ -1,21 +1,59 @@
 """Factories at the edge: config -> tokenizer + LlavaModel (text-only when there is no vision tower).
 
 The GPU choices are made here, once, and logged: compute dtype, attention kernel, loss computation and the
-optional liger-kernel ops. On CPU every choice falls back to the plain transformers path.
+optional liger-kernel ops. `check_names` checks the names a config hands to the code before anything loads.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from pathlib import Path
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import is_flash_attn_2_available
 
-from llava_ft.config import ModelSection, RunConfig
+from llava_ft.config import ConfigError, ModelSection, RunConfig
+from llava_ft.data.sources import FORMATS
+from llava_ft.data.templates import TEMPLATE_NAMES
+from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.model.attention import PACKED_SDPA
+from llava_ft.model.kernels import apply_liger_kernels, resolve_liger
 from llava_ft.model.llava import LlavaModel
+from llava_ft.model.llm import load_llm
+from llava_ft.model.loss import resolve_loss_mode
+from llava_ft.model.projector import build_projector, projector_depth
+from llava_ft.model.vision import VisionTower, build_vision_tower
 
 log = logging.getLogger("llava_ft")
+
+
+def check_names(cfg: RunConfig, source: str | Path | None = None) -> None:
+    """ConfigError, naming the field (after `source`, the config file, when given), for a projector kind, data
+    format, chat template or attention implementation the code does not know: found when the config is read
+    for use, not minutes later when the run is built after data preparation."""
+    try:
+        _check_names(cfg)
+    except ConfigError as e:
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _check_names(cfg: RunConfig) -> None:
+    try:
+        projector_depth(cfg.model.projector)
+    except ValueError as e:
+        raise ConfigError(f"model.projector: {e}") from None
+    for i, src in enumerate(cfg.data.train):
+        if src.format not in ("auto", *FORMATS):
+            raise ConfigError(f"data.train[{i}].format: {src.format!r} is not one of {['auto', *FORMATS]}")
+    if cfg.data.template not in TEMPLATE_NAMES:
+        raise ConfigError(f"data.template: {cfg.data.template!r} is not one of {list(TEMPLATE_NAMES)}")
+    attn = cfg.model.attn_implementation
+    # A name with a slash is a hub kernel, which transformers resolves itself.
+    if attn is not None and attn not in attn_implementations() and "/" not in attn:
+        raise ConfigError(f"model.attn_implementation: {attn!r} is not one of {attn_implementations()}")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -25,16 +63,12 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def flash_attn_available() -> bool:
-    from transformers.utils import is_flash_attn_2_available
-
     return is_flash_attn_2_available()
 
 
 def attn_implementations() -> list[str]:
     """The names a config may give: transformers' own, and model/attention.py's packed SDPA (a hub kernel
     "org/name" is resolved by transformers itself)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys(), PACKED_SDPA]
 
 
@@ -55,21 +89,12 @@ def resolve_attn_implementation(
     return "sdpa"
 
 
-def build_vision(model_cfg: ModelSection):
-    if model_cfg.vision is None:
-        return None
-    from llava_ft.model.vision import VisionConfig, build_vision_tower
-
-    return build_vision_tower(VisionConfig(**dataclasses.asdict(model_cfg.vision)))
+def build_vision(model_cfg: ModelSection) -> VisionTower | None:
+    return None if model_cfg.vision is None else build_vision_tower(model_cfg.vision)
 
 
 def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None):
     """Tokenizer and base model (pretrained parts only; trained weights are applied by the caller)."""
-    from llava_ft.model.kernels import apply_liger_kernels, resolve_liger
-    from llava_ft.model.llm import load_llm, load_tokenizer
-    from llava_ft.model.loss import resolve_loss_mode
-    from llava_ft.model.projector import build_projector
-
     m = cfg.model
     on_gpu = torch.cuda.is_available()
     dtype = resolve_dtype(m.dtype)
@@ -77,7 +102,7 @@ def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None):
     attn = resolve_attn_implementation(m.attn_implementation, packing=cfg.data.packing, on_gpu=on_gpu)
     tokenizer = load_tokenizer(m.llm)
     # The unquantised parts of a 4-bit LLM (embeddings, lm_head, norms) load in `dtype` and stay there: no
-    # prepare_model_for_kbit_training, whose fp32 upcast costs memory and speed (FACTS.md, GPU figures).
+    # prepare_model_for_kbit_training, whose fp32 upcast costs memory and speed.
     llm = load_llm(m.llm, dtype=dtype, load_in_4bit=four_bit, attn_implementation=attn)
     liger = resolve_liger(m.liger, on_gpu=on_gpu) and apply_liger_kernels(llm)
     loss = resolve_loss_mode(m.loss, on_gpu=on_gpu, head=llm.get_output_embeddings())

@@ -17,16 +17,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
-# The tokenizer's chat and tool markers, in vocabulary order (ids 92538..92543 in the real 92544-piece vocab).
-INTERNLM2_SPECIAL_TOKENS = (
-    "<|plugin|>",
-    "<|interpreter|>",
-    "<|action_end|>",
-    "<|action_start|>",
-    "<|im_end|>",
-    "<|im_start|>",
-)
-
 # Upstream InternLM2Config.__init__ defaults (configuration_internlm2.py).
 _DEFAULTS: dict[str, Any] = {
     "vocab_size": 103168,

@@ -32,6 +32,7 @@ def resolve_liger(setting: bool | None, *, on_gpu: bool | None = None) -> bool:
 def apply_liger_kernels(llm: nn.Module) -> bool:
     """Patch RMSNorm, SwiGLU and RoPE of `llm` (a transformers causal LM) with liger's kernels.
     Returns False (and logs) for a model type liger does not cover."""
+    # liger-kernel is optional (extra [gpu]): imported only where it runs.
     from liger_kernel.transformers.monkey_patch import (
         MODEL_TYPE_TO_APPLY_LIGER_FN,
         _apply_liger_kernel_to_instance,

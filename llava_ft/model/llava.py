@@ -1,6 +1,6 @@
 """The LLaVA model: vision tower -> projector -> features scattered into the LLM's input embeddings.
 
-`<image>` was expanded into N placeholder ids (IMAGE_TOKEN_INDEX) by the tokenizer step, so merging is a
+`<image>` is expanded into N placeholder ids (IMAGE_TOKEN_INDEX) by the tokenizer step, so merging is a
 masked scatter with a count check, as in transformers' Llava. Labels stay aligned with input_ids; the
 shift happens once: inside the HF causal LM (loss "plain"), or in `model/loss.py` (chunked / fused), which
 takes the decoder's hidden states so the full-vocabulary logits are never built.
@@ -35,7 +35,7 @@ class LlavaModel(nn.Module):
         self.vision_tower = vision_tower
         self.projector = projector
         # Mixed image/text micro-batches: under ZeRO-3 every rank must call the sharded vision modules in the
-        # same order, so a text-only batch runs a dummy image through them (FACTS.md, ZeRO-3 section).
+        # same order, so a text-only batch runs a dummy image through them.
         self.dummy_image_when_text_only = True
         self.loss = loss
         self.loss_chunk_size = loss_chunk_size

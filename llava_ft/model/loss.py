@@ -1,15 +1,7 @@
 """Causal-LM loss from the LLM's final hidden states, without materialising the whole vocabulary's logits.
 
-HF's causal LM computes fp32 logits for every position (~0.7 GiB per copy at a 92k vocabulary x 2048 tokens)
-and then the cross-entropy. Here the loss takes the decoder's hidden states and the output head instead:
-
-- `chunked`: only positions with a target get logits, a chunk of tokens at a time; each chunk is checkpointed,
-  so backward recomputes its logits and at most one chunk's logits are alive at once.
-- `fused`: liger-kernel's fused linear cross-entropy (GPU, `pip install -e .[gpu]`): logits never exist.
-
-Both reproduce HF's `ForCausalLMLoss` exactly: labels arrive unshifted and are shifted here, once (a position
-predicts the next label; the last position has no target); the sum over targets (label != -100) is divided by
-their count, or by `num_items_in_batch` when the Trainer passes it (gradient accumulation), as HF does.
+`chunked` computes logits only for positions with a target, a checkpointed chunk at a time; `fused` is
+liger-kernel's fused linear cross-entropy (GPU), which never builds them. Both equal HF's `ForCausalLMLoss`.
 """
 
 from __future__ import annotations
@@ -35,6 +27,7 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def liger_installed() -> bool:
+    # liger-kernel is optional (extra [gpu]); importing its loss tells whether it can load here.
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import (  # noqa: F401
             LigerFusedLinearCrossEntropyLoss,
@@ -61,6 +54,7 @@ def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
 
 
 def _fused_loss_sum(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # liger-kernel is optional (extra [gpu]): imported only where it runs.
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
     # The kernel multiplies its operands directly (no autocast inside): give it the head's dtype.
@@ -80,6 +74,8 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """HF's causal-LM loss of `head(hidden)` against unshifted `labels` ([B, T, H] and [B, T]).
 
+    Labels are shifted here (a position predicts the next label); the sum over targets is divided by their
+    count, or by `num_items_in_batch` when the Trainer passes it (gradient accumulation), as HF does.
     Positions without a target cost nothing: they are dropped before the head. With no target at all the
     result is what HF gives: NaN for the mean, 0 with `num_items_in_batch` (the graph is kept either way).
     """

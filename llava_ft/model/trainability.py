@@ -8,18 +8,9 @@ import re
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from llava_ft.config import LoraSection, TrainableSection
+from llava_ft.config import ConfigError, LoraSection, TrainableSection
 
 log = logging.getLogger("llava_ft")
-
-
-def linear_module_names(module: nn.Module, exclude: tuple[str, ...] = ("lm_head", "output")) -> list[str]:
-    """Leaf names of every Linear (including bitsandbytes' Linear4bit) except the output head."""
-    names = set()
-    for name, child in module.named_modules():
-        if isinstance(child, nn.Linear) and name.split(".")[-1] not in exclude:
-            names.add(name.split(".")[-1])
-    return sorted(names)
 
 
 def vision_lora_targets(tower: nn.Module) -> list[str]:
@@ -69,16 +60,14 @@ def apply_trainability(model: nn.Module, trainable: TrainableSection, lora: Lora
         for p in model.llm.parameters():
             p.requires_grad_(True)
     elif trainable.llm in ("lora", "qlora"):
-        targets = lora.target_modules
-        if targets == "all-linear":
-            targets = linear_module_names(model.llm)
-        elif isinstance(targets, list):
-            _check_targets(model.llm, targets)
+        # "all-linear" is peft's: every Linear (bitsandbytes' Linear4bit too) except the output head.
+        if isinstance(lora.target_modules, list):
+            _check_targets(model.llm, lora.target_modules)
         cfg = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=targets,
+            target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
         )
         model.llm = get_peft_model(model.llm, cfg)
@@ -104,11 +93,12 @@ def _check_targets(llm: nn.Module, targets: list[str]) -> None:
     names = [name for name, _ in llm.named_modules()]
     unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
     if unmatched:
-        from llava_ft.config import ConfigError
-
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in llm.named_modules() if isinstance(m, nn.Linear)}
+        )
         raise ConfigError(
-            f"lora.target_modules: {unmatched} match no module of this LLM; its linear layers are "
-            f"{linear_module_names(llm)} (or use all-linear)"
+            f"lora.target_modules: {unmatched} match no module of this LLM; its linear layers are {linear} "
+            "(or use all-linear)"
         )
 
 

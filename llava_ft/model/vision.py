@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIPVisionCfg
 from torch import nn
-from transformers import CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from llava_ft.config import VisionSection
 from llava_ft.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Aspect, ImageProcessor
 
 logger = logging.getLogger(__name__)
@@ -27,33 +28,12 @@ logger = logging.getLogger(__name__)
 LOCAL_DIR = "local-dir:"
 
 
-@dataclass
-class VisionConfig:
-    backend: Literal["open_clip", "hf"]
-    """Which library builds the tower."""
-    model: str
-    """open_clip: a model name ("ViT-L-14-336-quickgelu") or "local-dir:/path" (a folder with
-    open_clip_config.json and weights); hf: a local folder loadable by `CLIPVisionModel.from_pretrained`
-    (a CLIPVisionModel or a whole CLIPModel checkpoint)."""
-    pretrained: str | None = None
-    """open_clip with a model name only: local weights file (.safetensors/.bin/.pt) of the whole CLIP
-    model, never a hub tag. None with a model name means random weights (tiny tests only)."""
-    feature_layer: int = -2
-    """Block whose output is used, indexed like transformers' hidden_states (1..L or -L..-1)."""
-    drop_cls: bool = True
-    """Drop the CLS token (LLaVA's "patch" / HF Llava's "default" selection)."""
-    pool: int = 1
-    """Average-pool the patch grid by this factor (2: an 8x8 grid becomes 16 tokens); 1 = LLaVA."""
-    image_aspect: Aspect = "pad"
-    """Preprocessing: "pad" (LLaVA-1.5: pad to square with the mean colour), "crop" or "resize"."""
-
-
 class VisionTower(nn.Module):
     """Wraps a backend model (`self.model`); subclasses return one block's output as (cls, patches)."""
 
     def __init__(
         self,
-        cfg: VisionConfig,
+        cfg: VisionSection,
         model: nn.Module,
         *,
         num_layers: int,
@@ -69,13 +49,7 @@ class VisionTower(nn.Module):
         self._hidden_size = hidden_size
         self._image_size = image_size
         self.block = _block_index(cfg.feature_layer, num_layers)  # 0-based block whose output is returned
-        if image_size % patch_size:
-            raise ValueError(f"image size {image_size} is not a multiple of patch size {patch_size}")
-        self.grid = image_size // patch_size
-        if cfg.pool < 1 or self.grid % cfg.pool:
-            raise ValueError(
-                f"pool {cfg.pool} must be >= 1 and divide the {self.grid}x{self.grid} patch grid"
-            )
+        self.grid = _patch_grid(image_size, patch_size, cfg.pool)
 
     @property
     def hidden_size(self) -> int:
@@ -87,8 +61,8 @@ class VisionTower(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        """Image tokens per image after pooling (plus CLS when kept)."""
-        return (self.grid // self.cfg.pool) ** 2 + (0 if self.cfg.drop_cls else 1)
+        """Image tokens per image: the patch grid after pooling."""
+        return (self.grid // self.cfg.pool) ** 2
 
     @property
     def dtype(self) -> torch.dtype:
@@ -96,12 +70,12 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, num_tokens, hidden_size]."""
-        cls, patches = self._block_output(pixel_values.to(self.dtype))
+        _, patches = self._block_output(pixel_values.to(self.dtype))
         if self.cfg.pool > 1:
             batch, _, dim = patches.shape
             grid = patches.transpose(1, 2).reshape(batch, dim, self.grid, self.grid)
             patches = F.avg_pool2d(grid, self.cfg.pool).flatten(2).transpose(1, 2)
-        return patches if self.cfg.drop_cls else torch.cat([cls, patches], dim=1)
+        return patches
 
     def _block_output(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -110,7 +84,7 @@ class VisionTower(nn.Module):
 class OpenClipVisionTower(VisionTower):
     """`model` is open_clip's `CLIP.visual` (a VisionTransformer); `open_clip_cfg` its model config."""
 
-    def __init__(self, cfg: VisionConfig, visual: nn.Module, open_clip_cfg: dict[str, Any]):
+    def __init__(self, cfg: VisionSection, visual: nn.Module, open_clip_cfg: dict[str, Any]):
         if not hasattr(visual, "transformer"):
             raise ValueError(
                 f"{cfg.model}: only open_clip ViT image towers are supported, not {type(visual).__name__}"
@@ -146,7 +120,7 @@ class OpenClipVisionTower(VisionTower):
 class HFClipVisionTower(VisionTower):
     """`model` is a transformers `CLIPVisionModel`."""
 
-    def __init__(self, cfg: VisionConfig, model: CLIPVisionModel, processor: ImageProcessor):
+    def __init__(self, cfg: VisionSection, model: CLIPVisionModel, processor: ImageProcessor):
         config = model.config
         super().__init__(
             cfg,
@@ -166,7 +140,7 @@ class HFClipVisionTower(VisionTower):
         return hidden[:, :1], hidden[:, 1:]
 
 
-def build_vision_tower(cfg: VisionConfig) -> VisionTower:
+def build_vision_tower(cfg: VisionSection) -> VisionTower:
     if cfg.backend == "open_clip":
         return _build_open_clip(cfg)
     if cfg.backend == "hf":
@@ -174,35 +148,57 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     raise ValueError(f"unknown vision backend {cfg.backend!r}: expected 'open_clip' or 'hf'")
 
 
-def _build_open_clip(cfg: VisionConfig) -> OpenClipVisionTower:
-    name = cfg.model
+def tokens_per_image(cfg: VisionSection) -> int:
+    """Image tokens per image of the tower `cfg` describes, read from its config files (no weights load)."""
+    if cfg.backend == "open_clip":
+        vision_cfg = _open_clip_config(cfg.model).get("vision_cfg", {})
+        defaults = CLIPVisionCfg()  # the values of keys a model config leaves out
+        size = _square(vision_cfg.get("image_size", defaults.image_size), "open_clip image_size")
+        patch = _square(vision_cfg.get("patch_size", defaults.patch_size), "open_clip patch_size")
+    elif cfg.backend == "hf":
+        config = CLIPVisionConfig.from_pretrained(_hf_folder(cfg), local_files_only=True)
+        size, patch = config.image_size, config.patch_size
+    else:
+        raise ValueError(f"unknown vision backend {cfg.backend!r}: expected 'open_clip' or 'hf'")
+    return (_patch_grid(size, patch, cfg.pool) // cfg.pool) ** 2
+
+
+def _open_clip_config(name: str) -> dict[str, Any]:
+    """open_clip's model config (vision_cfg, quick_gelu, ...) of a model name or a local-dir folder."""
     if name.startswith("hf-hub:"):
         raise ValueError(
             f"{name}: hub models are never downloaded; save the folder and use '{LOCAL_DIR}/path'"
         )
     if name.startswith(LOCAL_DIR):
         folder = Path(name.removeprefix(LOCAL_DIR))
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no open_clip_config.json (not an open_clip local-dir folder)")
+    open_clip_cfg = open_clip.get_model_config(name)
+    if open_clip_cfg is None:
+        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models())")
+    return open_clip_cfg
+
+
+def _build_open_clip(cfg: VisionSection) -> OpenClipVisionTower:
+    name = cfg.model
+    open_clip_cfg = _open_clip_config(name)
+    if name.startswith(LOCAL_DIR):
         if cfg.pretrained is not None:
             raise ValueError(
                 f"{name}: the folder holds the weights; `pretrained` ({cfg.pretrained}) would be ignored"
             )
-        if not (folder / "open_clip_config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no open_clip_config.json (not an open_clip local-dir folder)")
     elif cfg.pretrained is None:
         logger.warning("open_clip %s: no `pretrained` weights file, the tower is randomly initialised", name)
     elif not os.path.isfile(cfg.pretrained):
         raise FileNotFoundError(
             f"{cfg.pretrained}: open_clip weights file not found (a local file, not a tag)"
         )
-    open_clip_cfg = open_clip.get_model_config(name)
-    if open_clip_cfg is None:
-        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models())")
     clip = open_clip.create_model(name, pretrained=cfg.pretrained, pretrained_text=False, weights_only=True)
     # Keep only the image tower: the text tower is never used.
     return OpenClipVisionTower(cfg, clip.visual, open_clip_cfg)
 
 
-def _build_hf(cfg: VisionConfig) -> HFClipVisionTower:
+def _hf_folder(cfg: VisionSection) -> Path:
     folder = Path(cfg.model)
     if cfg.pretrained is not None:
         raise ValueError(
@@ -210,6 +206,11 @@ def _build_hf(cfg: VisionConfig) -> HFClipVisionTower:
         )
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a transformers model folder)")
+    return folder
+
+
+def _build_hf(cfg: VisionSection) -> HFClipVisionTower:
+    folder = _hf_folder(cfg)
     model, info = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)
     # transformers only warns about missing weights; a half-random tower must not train silently.
     if info["missing_keys"]:
@@ -231,6 +232,16 @@ def _hf_processor(folder: Path, image_size: int, aspect: Aspect) -> ImageProcess
         tuple(pp.get("image_std", OPENAI_CLIP_STD)),
         aspect,
     )
+
+
+def _patch_grid(image_size: int, patch_size: int, pool: int) -> int:
+    """Patches per side of the image; the patch size and the pooling factor must divide it."""
+    if image_size % patch_size:
+        raise ValueError(f"image size {image_size} is not a multiple of patch size {patch_size}")
+    grid = image_size // patch_size
+    if pool < 1 or grid % pool:
+        raise ValueError(f"pool {pool} must be >= 1 and divide the {grid}x{grid} patch grid")
+    return grid
 
 
 def _block_index(feature_layer: int, num_layers: int) -> int:

@@ -12,6 +12,12 @@ from typing import Literal
 import torch
 
 from llava_ft.config import DataSection, LoraSection, ModelSection, RunConfig, TrainableSection, VisionSection
+from llava_ft.data.templates import get_template
+from llava_ft.model.build import build_model
+from llava_ft.model.trainability import apply_trainability
+from llava_ft.stage import save_stage_output
+from llava_ft.testing.tiny_llm import write_tiny_internlm2, write_tiny_llama
+from llava_ft.testing.tiny_vision import write_tiny_hf_clip, write_tiny_open_clip
 
 
 def tiny_config(
@@ -23,9 +29,6 @@ def tiny_config(
     llm_kind: Literal["internlm2", "llama"] = "internlm2",
 ) -> RunConfig:
     """Writes tiny base models under root (once) and returns a RunConfig that uses them."""
-    from llava_ft.testing.tiny_llm import write_tiny_internlm2, write_tiny_llama
-    from llava_ft.testing.tiny_vision import write_tiny_hf_clip, write_tiny_open_clip
-
     root = Path(root)
     llm_dir = root / f"llm_{llm_kind}"
     if not (llm_dir / "config.json").exists():
@@ -55,11 +58,6 @@ def tiny_config(
 
 def write_tiny_stage_output(root: Path, out: Path, *, seed: int = 0, **kwargs) -> Path:
     """A stage output folder as a finished stage would leave it, with random non-zero trained weights."""
-    from llava_ft.data.templates import get_template
-    from llava_ft.model.build import build_model
-    from llava_ft.model.trainability import apply_trainability
-    from llava_ft.stage import save_stage_output
-
     cfg = tiny_config(root, **kwargs)
     cfg.train.output_dir = str(out)
     tokenizer, model = build_model(cfg)

@@ -26,19 +26,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from llava_ft.model.internlm2 import INTERNLM2_SPECIAL_TOKENS
-from llava_ft.model.llm import load_tokenizer
-
-# Official internlm2-chat template (/work/shared/reference/chat_templates.json, "internlm2_chat").
-INTERNLM2_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+from llava_ft.data.templates import TEMPLATES
+from llava_ft.data.tokenizer import INTERNLM2_SPECIAL_TOKENS, load_tokenizer
 
 
 def _base_sp_model() -> Path:
-    # mistral-common ships a Llama-style 32k sentencepiece BPE model: a real tokenizer without a download.
+    # mistral-common (a test requirement, so imported here) ships a Llama-style 32k sentencepiece BPE model: a
+    # real tokenizer without a download.
     import mistral_common
 
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
@@ -168,7 +162,7 @@ def _write_internlm2_tokenizer(out_dir: Path, tokenizer_model: str | Path | None
             ]
         },
         "bos_token": "<s>",
-        "chat_template": INTERNLM2_CHAT_TEMPLATE,
+        "chat_template": TEMPLATES["internlm2_chat"].jinja,  # the official one
         "clean_up_tokenization_spaces": False,
         "decode_with_prefix_space": False,
         "eos_token": "</s>",

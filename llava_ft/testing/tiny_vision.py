@@ -63,7 +63,7 @@ def write_tiny_open_clip(
 ) -> Path:
     """Write an open_clip `local-dir:` folder (open_clip_config.json + open_clip_model.safetensors).
 
-    Load it with `open_clip.create_model(f"local-dir:{path}")` or `VisionConfig(model=f"local-dir:{path}")`.
+    Load it with `open_clip.create_model(f"local-dir:{path}")` or `VisionSection(model=f"local-dir:{path}")`.
     """
     model_cfg = tiny_open_clip_model_cfg(
         image_size=image_size,

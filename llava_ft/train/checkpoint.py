@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from llava_ft.stage import atomic_save_tensors
 
@@ -29,12 +30,10 @@ def save_trainable(model: torch.nn.Module, folder: Path, state_dict: dict | None
 def gathered_trainable(model: torch.nn.Module):
     """Whole trainable parameters on every rank while saving: ZeRO-3 keeps only a shard of each. Every rank must
     enter (the gather is a collective); elsewhere this does nothing."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
     if not is_deepspeed_zero3_enabled():
         yield
         return
-    import deepspeed
+    import deepspeed  # optional: only a ZeRO-3 run needs it
 
     with deepspeed.zero.GatheredParameters(
         [p for p in model.parameters() if p.requires_grad], modifier_rank=None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import shutil
 import time
 from contextlib import nullcontext
@@ -14,9 +15,13 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from llava_ft.config import ConfigError, RunConfig
+from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.dataset import build_dataset
+from llava_ft.data.packing import PackedDataset
+from llava_ft.data.sampler import LengthGroupedSampler
+from llava_ft.data.templates import differs_from_tokenizer, get_template
 from llava_ft.files import atomic_write_text
-from llava_ft.model.build import build_model
+from llava_ft.model.build import build_model, check_names
 from llava_ft.model.trainability import apply_trainability, log_trainability
 from llava_ft.report import compact_log_history, write_report
 from llava_ft.stage import apply_stage_weights, save_stage_output, trained_llm
@@ -46,19 +51,18 @@ def train(
     """One stage. resume: continue from the newest checkpoint-N in the output folder (True) or from the one
     given. overwrite: a fresh run into a folder holding an earlier run's checkpoints removes them; without it
     such a run is refused (their steps would be mixed with this run's by rotation and --resume)."""
+    check_names(cfg)  # scripts that call train() directly fail here too, before anything loads
     started = time.time()
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     earlier = [] if resume else checkpoint_folders(out)
     if earlier and not overwrite:
         raise ConfigError(
-            f"{out} holds {', '.join(f.name for _, f in earlier)} from an earlier run: --resume continues it, "
+            f"{out} holds {', '.join(f.name for f in earlier)} from an earlier run: --resume continues it, "
             "--overwrite starts again and removes them"
         )
 
     # 1. Parts: tokenizer + chat template, vision tower, projector, LLM (4-bit when asked).
-    from llava_ft.data.templates import differs_from_tokenizer, get_template
-
     if cfg.train.init_from and (llm := trained_llm(cfg.train.init_from)) is not None:
         if Path(cfg.model.llm).resolve() != llm.resolve():
             log.warning(
@@ -79,8 +83,8 @@ def train(
     # process per machine prepares it while the other ranks wait, then load it from the cache.
     args = training_arguments(cfg)
     if earlier and args.should_save:
-        log.warning("--overwrite: removing the earlier run's %s", ", ".join(f.name for _, f in earlier))
-        for _, folder in earlier:
+        log.warning("--overwrite: removing the earlier run's %s", ", ".join(f.name for f in earlier))
+        for folder in earlier:
             shutil.rmtree(folder)
     processor = model.vision_tower.processor if model.vision_tower is not None else None
     first = args.main_process_first(local=True, desc="data preparation") if cfg.data.cache else nullcontext()
@@ -128,20 +132,14 @@ def train(
 
 def batching(cfg: RunConfig, dataset, tokenizer):
     """(train dataset, collator, sampler or None) for padded, length-grouped or packed batches."""
-    from llava_ft.data.collate import Collator, PackedCollator
-
     pad = pad_id(tokenizer)
     if cfg.data.packing:
-        from llava_ft.data.packing import PackedDataset
-
         row = cfg.data.pack_length or cfg.data.max_length
         packed = PackedDataset(dataset, dataset.lengths, row, seed=cfg.train.seed)
         log.info("packing into rows of %d tokens: %s", row, packed.stats())
         return packed, PackedCollator(pad_token_id=pad, row_length=row), None
     sampler = None
     if cfg.data.group_by_length:
-        from llava_ft.data.sampler import LengthGroupedSampler
-
         sampler = LengthGroupedSampler(
             dataset.lengths, cfg.train.batch_size * cfg.train.grad_accum, seed=cfg.train.seed
         )
@@ -250,6 +248,4 @@ def summary_json(summary: dict) -> str:
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

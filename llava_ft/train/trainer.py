@@ -7,11 +7,14 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainerState
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, sort_checkpoints
 
+from llava_ft.config import ConfigError
 from llava_ft.train.checkpoint import TRAINABLE_NAME, load_trainable, save_trainable
 
 log = logging.getLogger("llava_ft")
@@ -92,8 +95,6 @@ class LlavaTrainer(Trainer):
 
     def all_token_counts(self) -> dict[str, int]:
         """token_counts summed over all processes (each counts only the batches it ran). Every rank must call it."""
-        import torch
-
         keys = sorted(self.token_counts)
         counts = torch.tensor(
             [self.token_counts[k] for k in keys], dtype=torch.int64, device=self.args.device
@@ -104,8 +105,8 @@ class LlavaTrainer(Trainer):
 
 class DatasetEpoch(TrainerCallback):
     """Tells an epoch-dependent dataset (packed rows, re-planned per epoch) which epoch starts. accelerate
-    forwards set_epoch to the dataset only for some loader shapes: the batch-skipping loader of a resumed epoch
-    is not one, so that epoch was trained on epoch 0's rows. The epoch is computed as the Trainer does."""
+    forwards set_epoch to the dataset only for some loader shapes, and the batch-skipping loader of a resumed
+    epoch is not one: that epoch would train on epoch 0's rows. The epoch is computed as the Trainer does."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -139,8 +140,6 @@ def finished_checkpoint(checkpoint: str, max_steps: int) -> bool:
     more). The checkpoint's own max_steps does not count: a resume may extend the run (more steps or epochs)."""
     step = json.loads(Path(checkpoint, "trainer_state.json").read_text())["global_step"]
     if step > max_steps:
-        from llava_ft.config import ConfigError
-
         raise ConfigError(
             f"--resume: {checkpoint} is at step {step}, past this run's {max_steps} steps; resume from an "
             "earlier checkpoint-N or raise train.max_steps / train.epochs"
@@ -156,22 +155,21 @@ def restore_finished(trainer: LlavaTrainer, checkpoint: str) -> TrainOutput:
     return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
 
 
-def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Every checkpoint-N folder in output_dir (complete or not), oldest first."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = []
-    for folder in out.iterdir():
-        step = folder.name[len("checkpoint-") :]
-        if folder.name.startswith("checkpoint-") and step.isdigit() and folder.is_dir():
-            found.append((int(step), folder))
-    return sorted(found)
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """Every checkpoint-N folder in output_dir (complete or not), oldest first: the Trainer's own listing, held to
+    the names get_last_checkpoint takes (a "checkpoint-3-old" copy is not one)."""
+    return [Path(p) for p in sort_checkpoints(str(output_dir)) if _CHECKPOINT_NAME.fullmatch(Path(p).name)]
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint-N folder (one with trainer_state.json, written after the weights)."""
-    for _, folder in reversed(checkpoint_folders(output_dir)):
-        if (folder / "trainer_state.json").is_file() and (folder / TRAINABLE_NAME).is_file():
-            return str(folder)
-    return None
+_CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-\d+")
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint-N folder. The Trainer writes trainer_state.json after the weights, so a save
+    cut short leaves a folder without it, which is passed over for the one before."""
+    complete = [
+        folder
+        for folder in checkpoint_folders(output_dir)
+        if (folder / "trainer_state.json").is_file() and (folder / TRAINABLE_NAME).is_file()
+    ]
+    return str(complete[-1]) if complete else None

@@ -239,8 +239,8 @@ def test_prepare_with_config_warms_the_cache_training_reads(tiny_run, capsys, mo
     from llava_ft.data import prepare as prep
     from llava_ft.data.dataset import build_dataset
     from llava_ft.data.templates import get_template
+    from llava_ft.data.tokenizer import load_tokenizer
     from llava_ft.model.build import build_vision
-    from llava_ft.model.llm import load_tokenizer
 
     root, cfg = tiny_run
     code, out, _ = run(capsys, "prepare", "--config", root / "run.yaml", "--data", root / "a.jsonl")

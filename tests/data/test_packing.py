@@ -221,7 +221,7 @@ def test_packed_loss_and_logits_equal_unpacked(tiny_llama: LlamaForCausalLM) -> 
 
 
 def test_packed_samples_leak_when_the_cache_is_on(tiny_llama: LlamaForCausalLM) -> None:
-    """The trap (FACTS.md): with use_cache left at its default, transformers skips packed-sequence detection."""
+    """The trap: with use_cache left at its default, transformers skips packed-sequence detection."""
     model = tiny_llama
     assert model.config.use_cache is True
     _, batch, _ = packed_batch()

@@ -18,7 +18,7 @@ from llava_ft.data.dataset import SFTDataset
 from llava_ft.data.sources import read_conversations
 from llava_ft.data.templates import get_template
 from llava_ft.data.tokenize import Encoder, encode_all
-from llava_ft.model.llm import load_tokenizer
+from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.testing.tiny_llm import write_internlm2_tokenizer
 
 N_IMG = 7
@@ -315,7 +315,7 @@ def test_cli_prepare_warms_the_cache_training_uses(tokenizer_dirs, tmp_path, mon
     absolute path (as a resumed run's config does): one entry, a hit."""
     from llava_ft.config import DataSection, DataSource
     from llava_ft.data.dataset import build_dataset
-    from llava_ft.model.llm import load_tokenizer
+    from llava_ft.data.tokenizer import load_tokenizer
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()

@@ -18,7 +18,7 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 from llava_ft.data import sp_convert
 from llava_ft.data.chunked import ChunkedTokenizer
 from llava_ft.data.sp_convert import _entangled, fast_twin, sentencepiece_to_tokenizers
-from llava_ft.model.llm import load_tokenizer
+from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.testing.tiny_llm import (
     INTERNLM2_SPECIAL_TOKENS,
     UPSTREAM_SPECIAL_PIECES,

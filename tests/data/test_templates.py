@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from llava_ft.data.conversation import Conversation, DataError, Message
-from llava_ft.data.templates import TEMPLATES, Segment, get_template
+from llava_ft.data.templates import TEMPLATES, Segment, differs_from_tokenizer, get_template
 
-REFERENCE_JSON = Path("/work/shared/reference/chat_templates.json")
 CHAT_TEMPLATES = ("internlm2_chat", "qwen2_chat", "llama2_chat", "llama3_chat", "vicuna_v1")
 
 SYSTEM = {"role": "system", "content": " Be brief.\n"}
@@ -95,6 +91,18 @@ def test_plain_is_llava_pretrain_format():
         get_template("plain").segments(conv_of(TURNS), bos="<s>", eos="</s>")
 
 
+@pytest.mark.parametrize("fam", ["sp", "bpe"])
+def test_plain_jinja_renders_like_the_plain_template(fam, tokenizers):
+    """`plain` has no upstream Jinja: its own statement of LLaVA's format must render as the template does."""
+    tok, plain = tokenizers[fam], get_template("plain")
+    messages = [
+        {"role": "user", "content": "<image>\nDescribe it."},
+        {"role": "assistant", "content": "A cat."},
+    ]
+    rendered = tok.apply_chat_template(messages, chat_template=plain.jinja, tokenize=False)
+    assert rendered == plain.render(conv_of(messages), bos=tok.bos_token, eos=tok.eos_token)
+
+
 @pytest.mark.parametrize("gen", [False, True])
 @pytest.mark.parametrize("name", CHAT_TEMPLATES)
 def test_tokenizer_template_matches_named(name, gen, tokenizers, official_jinja, monkeypatch):
@@ -144,18 +152,16 @@ def test_unknown_template():
         get_template("chatml")
 
 
-@pytest.mark.skipif(not REFERENCE_JSON.exists(), reason="shared reference file not present")
-def test_embedded_jinja_and_stop_words_match_reference(official_jinja):
-    ref = json.loads(REFERENCE_JSON.read_text())
+def test_each_template_carries_the_official_jinja_and_stop_words(official_reference):
+    assert set(CHAT_TEMPLATES) == set(official_reference) - {"_about"}
     for name in CHAT_TEMPLATES:
-        assert official_jinja[name] == ref[name]["jinja"]
-        assert TEMPLATES[name].stop_words == ref[name]["stop_words"]
+        assert TEMPLATES[name].jinja == official_reference[name]["jinja"], name
+        assert TEMPLATES[name].stop_words == official_reference[name]["stop_words"], name
+        assert official_reference[name]["source"], name  # where the reference comes from
 
 
 @pytest.mark.parametrize("fam", ["sp", "bpe"])
 def test_a_template_other_than_the_tokenizers_own_is_named(fam, tokenizers, official_jinja, monkeypatch):
-    from llava_ft.data.templates import differs_from_tokenizer
-
     tok = tokenizers[fam]
     for name in CHAT_TEMPLATES:
         monkeypatch.setattr(tok, "chat_template", official_jinja[name])

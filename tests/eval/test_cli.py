@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_ft.eval import mmbench, pope, runner, vqa
+from llava_ft.eval import arguments, mmbench, pope, vqa
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 
 COLOURS = ["red", "blue", "green"]
@@ -39,8 +39,8 @@ def _error_line(capsys) -> str:
 @pytest.fixture
 def fake_model(monkeypatch, scripted):
     fake = scripted(lambda q: "yes")
-    monkeypatch.setattr(runner, "open_assistant", lambda ckpt, load_4bit=False: fake)
-    monkeypatch.setattr(runner, "checkpoint_weights", lambda ckpt: "sha256:w")
+    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False: fake)
+    monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:w")
     return fake
 
 
@@ -105,16 +105,16 @@ def test_wrong_checkpoint_folder_is_one_error_line(tmp_path, image_dir, capsys):
 
 def test_bugs_keep_their_traceback(tmp_path, image_dir, monkeypatch, scripted):
     """Only bad input is reported as an error line: anything else is a bug and must show where it happened."""
-    monkeypatch.setattr(runner, "checkpoint_weights", lambda ckpt: "sha256:w")
+    monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:w")
     broken = scripted(lambda q: 1 / 0)
-    monkeypatch.setattr(runner, "open_assistant", lambda ckpt, load_4bit=False: broken)
+    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False: broken)
     data = _write(tmp_path / "vqa.jsonl", _vqa_rows())
     argv = ["--checkpoint", "ck", "--data", str(data), "--images", str(image_dir), "--output", str(tmp_path)]
     with pytest.raises(ZeroDivisionError):
         vqa.main(argv)
     # A plain ValueError (a damaged weights file, say) is not a user error either: llava-ft re-raises it too.
     monkeypatch.setattr(
-        runner, "open_assistant", lambda ckpt, load_4bit=False: (_ for _ in ()).throw(ValueError("x"))
+        arguments, "load_assistant", lambda ckpt, load_4bit=False: (_ for _ in ()).throw(ValueError("x"))
     )
     with pytest.raises(ValueError, match="^x$"):
         vqa.main(argv)
@@ -145,11 +145,11 @@ def test_refused_resume_in_mmbench_is_one_error_line(tmp_path, monkeypatch, scri
           "l2-category": "l", "image": __import__("PIL.Image").Image.new("RGB", (8, 8))}],
         tsv,
     )  # fmt: skip
-    monkeypatch.setattr(runner, "open_assistant", lambda ckpt, load_4bit=False: scripted(lambda q: "A"))
+    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False: scripted(lambda q: "A"))
     argv = ["--checkpoint", "ck", "--data", str(tsv), "--output", str(tmp_path / "o")]
-    monkeypatch.setattr(runner, "checkpoint_weights", lambda ckpt: "sha256:aa")
+    monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:aa")
     assert mmbench.main(argv) == 0
-    monkeypatch.setattr(runner, "checkpoint_weights", lambda ckpt: "sha256:bb")
+    monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:bb")
     capsys.readouterr()
     assert mmbench.main(argv) == 2
     assert _error_line(capsys).endswith(
@@ -203,7 +203,7 @@ def test_resume_says_how_many_predictions_it_reused(tmp_path, image_dir, fake_mo
 @pytest.mark.parametrize("bench", ["vqa", "pope"])
 def test_bad_data_is_reported_before_the_model_loads(bench, tmp_path, image_dir, monkeypatch, capsys):
     """Loading a real model takes minutes: a missing image must not wait for it."""
-    monkeypatch.setattr(runner, "open_assistant", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(arguments, "load_assistant", lambda *a, **k: pytest.fail("the model loaded first"))
     rows = _vqa_rows() if bench == "vqa" else _pope_rows()
     rows[1]["image"] = "nope.png"
     data = _write(tmp_path / f"{bench}.jsonl", rows)

@@ -1,8 +1,9 @@
-"""Answer extraction: expected values worked out by hand from the peers' rules (FACTS.md)."""
+"""Answer extraction: expected values worked out by hand from the peers' rules."""
 
 import pytest
 
 from llava_ft.eval.extract import (
+    lmms_eval_punctuation,
     mmbench_vlmevalkit,
     mmbench_xtuner,
     official_punctuation,
@@ -114,3 +115,18 @@ def test_pope_rules(prediction, llava, strict):
 def test_punctuation_passes(text, official, vlmevalkit):
     assert official_punctuation(text) == official
     assert vlmevalkit_punctuation(text) == vlmevalkit
+
+
+@pytest.mark.parametrize(
+    ("text", "official", "lmms_eval"),
+    [
+        # lmms-eval's number regex "(?<=\d)(\,)+(?=\d)" accepts a run of commas: every mark is deleted.
+        ("1,,000", "1  000", "1000"),
+        ("1,000", "1000", "1000"),
+        ("3.", "3", "3"),  # the official period regex, lookahead and all
+        ("red, white", "red white", "red white"),
+    ],
+)
+def test_lmms_eval_punctuation(text, official, lmms_eval):
+    assert official_punctuation(text) == official
+    assert lmms_eval_punctuation(text) == lmms_eval

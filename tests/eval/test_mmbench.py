@@ -1,14 +1,15 @@
 import csv
 import hashlib
 import json
+import logging
 import re
 
 import pytest
 from PIL import Image
 
 from llava_ft.data.conversation import DataError
-from llava_ft.eval import mmbench, runner
-from llava_ft.eval.runner import Asking
+from llava_ft.eval import arguments, mmbench
+from llava_ft.eval.runner import Predictor
 
 
 def solid(colour: str) -> Image.Image:
@@ -61,7 +62,7 @@ def tsv(tmp_path):
 
 
 def test_written_rotations_keep_the_right_content(tsv):
-    rows = mmbench.load_mmbench_tsv(tsv)
+    rows = mmbench.load_mmbench_tsv(tsv).rows
     assert [r.index for r in rows] == [0, 1_000_000, 2_000_000, 3_000_000, 1, 1_000_001]
     right = {"What animal?": "dog", "What colour?": "red"}
     for r in rows:
@@ -90,7 +91,7 @@ def test_empty_and_nan_options_are_left_out_as_pandas_reads_them(tmp_path):
         w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer"])
         w.writerow([0, "q", "nan", "x", "None", "", "y", "D"])
         w.writerow([1, "q", "a hint", "x", "z", "NA", "", "B"])
-    rows = mmbench.load_mmbench_tsv(path)
+    rows = mmbench.load_mmbench_tsv(path).rows
     assert rows[0].options == {"A": "x", "D": "y"} and rows[0].hint is None
     assert rows[1].options == {"A": "x", "B": "z"}
     pd = pytest.importorskip("pandas")
@@ -101,7 +102,7 @@ def test_empty_and_nan_options_are_left_out_as_pandas_reads_them(tmp_path):
 
 def test_circular_scoring_with_one_failing_rotation(tsv, tmp_path, scripted):
     fake = scripted(answer_like_a_model)
-    res = mmbench.run_mmbench(tsv, tmp_path / "out", asking=Asking(fake, "ck", batch_size=4), seed=1)
+    res = mmbench.run_mmbench(tsv, tmp_path / "out", predictor=Predictor(fake, "ck", batch_size=4), seed=1)
     assert len(fake.asked) == 6 and all(q.image is not None for q in fake.asked)
     # Animal question: rotation 2 (A = bird) wrong -> question fails; colour question: both rotations right.
     assert res["headline"] == {**res["scores"]["circular"], "metric": "circular"}
@@ -133,7 +134,7 @@ def test_circular_scoring_with_one_failing_rotation(tsv, tmp_path, scripted):
 
 
 def test_rescore_with_xtuner_rule_without_a_model(tsv, tmp_path, scripted):
-    mmbench.run_mmbench(tsv, tmp_path / "out", asking=Asking(scripted(answer_like_a_model), "ck"))
+    mmbench.run_mmbench(tsv, tmp_path / "out", predictor=Predictor(scripted(answer_like_a_model), "ck"))
     code = mmbench.main(
         [
             "--predictions",
@@ -164,43 +165,47 @@ def test_resume_skips_answered_rows_and_combines(tsv, tmp_path, scripted):
         return answer_like_a_model(query)
 
     with pytest.raises(KeyboardInterrupt):
-        mmbench.run_mmbench(tsv, out, asking=Asking(scripted(crash_on_second_batch), "ck", batch_size=2))
+        mmbench.run_mmbench(
+            tsv, out, predictor=Predictor(scripted(crash_on_second_batch), "ck", batch_size=2)
+        )
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
 
     second = scripted(answer_like_a_model)
-    res = mmbench.run_mmbench(tsv, out, asking=Asking(second, "ck", batch_size=2))
+    res = mmbench.run_mmbench(tsv, out, predictor=Predictor(second, "ck", batch_size=2))
     assert len(second.asked) == 4 and res["reused_predictions"] == 2
     assert res["scores"]["circular"]["value"] == 0.5 and res["n_rows"] == 6
 
     third = scripted(answer_like_a_model)
-    res = mmbench.run_mmbench(tsv, out, asking=Asking(third, "ck"))
+    res = mmbench.run_mmbench(tsv, out, predictor=Predictor(third, "ck"))
     assert third.asked == [] and res["reused_predictions"] == 6
 
     with pytest.raises(DataError, match="predicted with checkpoint 'ck', this run uses 'other'"):
-        mmbench.run_mmbench(tsv, out, asking=Asking(second, "other"))
+        mmbench.run_mmbench(tsv, out, predictor=Predictor(second, "other"))
     with pytest.raises(DataError, match="prompt for id 0 differs"):
-        mmbench.run_mmbench(tsv, out, asking=Asking(second, "ck"), lang="cn")
+        mmbench.run_mmbench(tsv, out, predictor=Predictor(second, "ck"), lang="cn")
 
 
 def test_resume_refuses_predictions_of_other_weights(tsv, tmp_path, scripted):
     """Same checkpoint path, retrained weights: the old predictions must not be mixed into the new score."""
     out = tmp_path / "out"
     res = mmbench.run_mmbench(
-        tsv, out, asking=Asking(scripted(answer_like_a_model), "ck", weights="sha256:aa")
+        tsv, out, predictor=Predictor(scripted(answer_like_a_model), "ck", weights="sha256:aa")
     )
     assert res["weights"] == "sha256:aa"
     assert "- weights: `sha256:aa`" in (out / "results.md").read_text()
     assert all(json.loads(line)["weights"] == "sha256:aa" for line in (out / "predictions.jsonl").open())
     with pytest.raises(DataError, match="predicted with weights 'sha256:aa', this run uses 'sha256:bb'"):
-        mmbench.run_mmbench(tsv, out, asking=Asking(scripted(answer_like_a_model), "ck", weights="sha256:bb"))
+        mmbench.run_mmbench(
+            tsv, out, predictor=Predictor(scripted(answer_like_a_model), "ck", weights="sha256:bb")
+        )
 
 
 def test_cli_with_checkpoint_limit_and_generated_rotations(tmp_path, monkeypatch, scripted):
     plain = tmp_path / "plain.tsv"
     mmbench.write_mmbench_tsv(ROWS, plain)
     fake = scripted(answer_like_a_model)
-    monkeypatch.setattr(runner, "open_assistant", lambda ckpt, load_4bit=False: fake)
-    monkeypatch.setattr(runner, "checkpoint_weights", lambda ckpt: "sha256:" + ckpt)
+    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False: fake)
+    monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:" + ckpt)
     argv = [
         "--checkpoint",
         "ckpt-dir",
@@ -225,7 +230,7 @@ def test_cli_with_checkpoint_limit_and_generated_rotations(tmp_path, monkeypatch
 def test_circular_flag_refuses_a_file_with_rotations(tsv, tmp_path, scripted):
     with pytest.raises(DataError, match="--circular: the data already has circular rotations"):
         mmbench.run_mmbench(
-            tsv, tmp_path / "o", asking=Asking(scripted(answer_like_a_model), "c"), circular=True
+            tsv, tmp_path / "o", predictor=Predictor(scripted(answer_like_a_model), "c"), circular=True
         )
 
 
@@ -251,10 +256,6 @@ HEADER = ["index", "question", "A", "B", "C", "D", "answer", "image"]
             r"row 1: column 'answer' is 'D', not one of the non-empty options A-C",
         ),
         (
-            [[0, "q", "a", "b", "", "", "A", ""], [1000005, "q", "b", "a", "", "", "B", ""]],
-            r"row 2: rotation index 1000005 has no main row with index 5",
-        ),
-        (
             [[0, "q", "a", "b", "", "", "A", ""], [0, "q", "a", "b", "", "", "A", ""]],
             r"row 2: index 0 repeats .*row 1",
         ),
@@ -277,7 +278,7 @@ def test_bad_tsv_errors_name_row_and_field(tmp_path, rows, message):
 def test_bad_base64_image_names_the_row(tmp_path):
     path = tmp_path / "bench.tsv"
     _write_tsv(path, HEADER, [[0, "q", "a", "b", "", "", "A", "!" * 100]])
-    row = mmbench.load_mmbench_tsv(path)[0]
+    row = mmbench.load_mmbench_tsv(path).rows[0]
     with pytest.raises(DataError, match=r"bench.tsv row 1: column 'image' is not a base64-encoded image"):
         mmbench.decode_image(row)
 
@@ -290,5 +291,42 @@ def test_missing_column_is_reported(tmp_path):
 
 
 def test_decoded_image_round_trips(tsv):
-    img = mmbench.decode_image(mmbench.load_mmbench_tsv(tsv)[4])
+    img = mmbench.decode_image(mmbench.load_mmbench_tsv(tsv).rows[4])
     assert isinstance(img, Image.Image) and img.getpixel((3, 3)) == (0, 0, 255)
+
+
+def test_rotation_without_its_main_row_is_ignored_counted_and_reported(tmp_path, scripted, caplog):
+    """As VLMEvalKit's circular evaluation, which groups rows under main rows only: the orphan is not scored."""
+    path = tmp_path / "bench.tsv"
+    rows = [
+        [0, "q0", "a", "b", "", "", "A", ""],
+        [1_000_000, "q0", "b", "a", "", "", "B", ""],
+        [1_000_005, "q5", "x", "y", "", "", "A", "5"],  # main row 5 missing; its image cell names it
+        [1, "q1", "c", "d", "", "", "B", ""],
+        [1_000_001, "q1", "d", "c", "", "", "A", ""],
+    ]
+    _write_tsv(path, HEADER, rows)
+    with caplog.at_level(logging.WARNING, logger="llava_ft"):
+        bench = mmbench.load_mmbench_tsv(path)
+    assert [r.index for r in bench.rows] == [0, 1_000_000, 1, 1_000_001]
+    assert [(r.index, r.where) for r in bench.orphans] == [(1_000_005, f"{path} row 3")]
+    assert "1 rotation row(s) without their main row ignored (first: index 1000005" in caplog.text
+
+    right = {"a", "d"}
+    fake = scripted(lambda q: next(k for k, v in options_in(q.question).items() if v in right))
+    out = tmp_path / "out"
+    res = mmbench.run_mmbench(path, out, predictor=Predictor(fake, "ck"))
+    assert len(fake.asked) == 4 and not any(q.question.startswith("q5") for q in fake.asked)
+    assert res["orphan_rotations"] == {"n": 1, "indices": [1_000_005]}
+    assert res["n_questions"] == 2 and res["n_rows"] == 4 and res["headline"]["value"] == 1.0
+    stored = [json.loads(line)["index"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert stored == [0, 1_000_000, 1, 1_000_001]
+    md = (out / "results.md").read_text()
+    assert "- ignored: 1 rotation rows whose main row is missing (indices 1000005), as VLMEvalKit's" in md
+    assert json.loads((out / "results.json").read_text())["orphan_rotations"]["n"] == 1
+
+
+def test_no_orphans_reported_as_zero(tsv, tmp_path, scripted):
+    res = mmbench.run_mmbench(tsv, tmp_path / "out", predictor=Predictor(scripted(answer_like_a_model), "ck"))
+    assert res["orphan_rotations"] == {"n": 0, "indices": []}
+    assert "ignored" not in (tmp_path / "out" / "results.md").read_text()

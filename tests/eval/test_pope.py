@@ -4,7 +4,7 @@ import pytest
 
 from llava_ft.data.conversation import DataError
 from llava_ft.eval import pope
-from llava_ft.eval.runner import Asking
+from llava_ft.eval.runner import Predictor
 
 # (label, prediction, split); hand-extracted under LLaVA's rule / the strict rule in the comments.
 CASES = [
@@ -65,7 +65,7 @@ def test_run_pope_generate_per_split_and_rules(tmp_path, image_dir, scripted):
     data = _data(tmp_path)
     answers = {f"Is there a thing {i}?{pope.SUFFIX}": c[1] for i, c in enumerate(CASES)}
     fake = scripted(lambda q: answers[q.question])
-    res = pope.run_pope(data, image_dir, tmp_path / "out", asking=Asking(fake, "ck", batch_size=3))
+    res = pope.run_pope(data, image_dir, tmp_path / "out", predictor=Predictor(fake, "ck", batch_size=3))
     assert len(fake.asked) == len(CASES)
     assert res["headline"]["value"] == 0.5 and res["headline"]["metric"] == "accuracy"
     assert res["headline"]["low"] <= 0.5 <= res["headline"]["high"]
@@ -92,7 +92,7 @@ def test_run_pope_likelihood_mode(tmp_path, image_dir, scripted):
         data,
         image_dir,
         tmp_path / "out",
-        asking=Asking(fake, "ck", options=pope.LIKELIHOOD_OPTIONS),
+        predictor=Predictor(fake, "ck", options=pope.LIKELIHOOD_OPTIONS),
         rule="strict",
     )
     assert res["mode"] == "likelihood" and res["headline"]["value"] == 1.0

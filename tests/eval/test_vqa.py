@@ -4,7 +4,7 @@ import pytest
 
 from llava_ft.data.conversation import DataError
 from llava_ft.eval import vqa
-from llava_ft.eval.runner import Asking
+from llava_ft.eval.runner import Predictor
 from llava_ft.eval.vqa import exact_match, normalize, vqa_accuracy
 
 
@@ -40,6 +40,38 @@ def test_normalisation_only_when_humans_disagree():
     assert vqa_accuracy("yes", ten_yes, "official") == 1.0
     mixed = ["yes"] * 9 + ["no"]
     assert vqa_accuracy("Yes.", mixed, "official") == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
+        # VLMEvalKit's period regex is a true lookbehind: "3." keeps its period; the official one drops it.
+        ("3.", ["3"] * 10, {"official": 0.0, "always": 1.0, "vlmevalkit": 0.0, "lmms-eval": 1.0}),
+        ("3.", ["3"] * 9 + ["4"], {"official": 1.0, "always": 1.0, "vlmevalkit": 0.0, "lmms-eval": 1.0}),
+        # lmms-eval reads a run of commas between digits as a number; the others split "1,,000" into "1 000".
+        ("1,,000", ["1000"] * 10, {"official": 0.0, "always": 0.0, "vlmevalkit": 0.0, "lmms-eval": 1.0}),
+        (
+            "1,,000",
+            ["1000"] * 9 + ["10"],
+            {"official": 0.0, "always": 0.0, "vlmevalkit": 0.0, "lmms-eval": 1.0},
+        ),
+        # Shared by every mode that normalises: number words, a trailing comma.
+        (
+            "Two dogs, ",
+            ["2 dogs"] * 10,
+            {"official": 0.0, "always": 1.0, "vlmevalkit": 1.0, "lmms-eval": 1.0},
+        ),
+    ],
+)
+def test_normalisation_modes_follow_their_harness(prediction, answers, expected):
+    assert set(expected) == set(vqa.NORMALIZE_RULES)
+    assert {mode: vqa_accuracy(prediction, answers, mode) for mode in expected} == expected
+
+
+def test_single_answer_uses_the_mode_normalisation():
+    assert vqa_accuracy("3.", ["3"], "official") == 1.0
+    assert vqa_accuracy("3.", ["3"], "vlmevalkit") == 0.0
+    assert vqa_accuracy("1,,000", ["1000"], "lmms-eval") == 1.0
 
 
 @pytest.mark.parametrize(
@@ -100,7 +132,7 @@ def test_run_vqa_end_to_end(tmp_path, image_dir, scripted):
     script = {"What colour?": "red", "How many?": "two", "Is it?": "Yes."}
     fake = scripted(lambda q: script[q.question.removesuffix(vqa.SUFFIX)])
     out = tmp_path / "out"
-    res = vqa.run_vqa(data, image_dir, out, asking=Asking(fake, "ckpt"), seed=3)
+    res = vqa.run_vqa(data, image_dir, out, predictor=Predictor(fake, "ckpt"), seed=3)
     assert all(q.question.endswith(vqa.SUFFIX) and q.image.size == (8, 8) for q in fake.asked)
     assert res["soft_accuracy"]["official"] == pytest.approx((1.0 + 0.9 + 0.0) / 3)
     assert res["soft_accuracy"]["always"] == pytest.approx((1.0 + 0.9 + 1.0) / 3)

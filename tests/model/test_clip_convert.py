@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
+from llava_ft.config import VisionSection
 from llava_ft.model.clip_convert import open_clip_to_hf_clip_vision, save_hf_clip_vision
-from llava_ft.model.vision import VisionConfig, build_vision_tower
+from llava_ft.model.vision import build_vision_tower
 from llava_ft.testing.tiny_vision import write_tiny_open_clip
 
 LAYERS = 3
@@ -18,7 +19,7 @@ def open_clip_tower(tmp_path, quick_gelu: bool, feature_layer: int = -2):
     folder = write_tiny_open_clip(
         tmp_path / "oc", image_size=32, width=64, layers=LAYERS, quick_gelu=quick_gelu
     )
-    return build_vision_tower(VisionConfig("open_clip", f"local-dir:{folder}", feature_layer=feature_layer))
+    return build_vision_tower(VisionSection("open_clip", f"local-dir:{folder}", feature_layer=feature_layer))
 
 
 def open_clip_final_cls(visual, pixels: torch.Tensor) -> torch.Tensor:
@@ -48,14 +49,15 @@ def test_converted_hf_model_matches_open_clip(tmp_path, quick_gelu):
     assert diff < 1e-5 and pooled_diff < 1e-5
 
     # The folder also serves as the hf backend, with the same processor and the same features.
-    hf_tower = build_vision_tower(VisionConfig("hf", str(out)))
+    hf_tower = build_vision_tower(VisionSection("hf", str(out)))
     assert hf_tower.processor == tower.processor
     with torch.no_grad():
         torch.testing.assert_close(hf_tower(pixels), ours, atol=1e-5, rtol=0)
 
 
 def test_wrong_activation_is_visible(tmp_path):
-    """Negative control: the comparison above is sensitive to QuickGELU vs GELU (the FACTS trap)."""
+    """Negative control: the comparison above is sensitive to QuickGELU vs GELU (a QuickGELU-trained open_clip
+    tower loads as GELU unless its config says otherwise)."""
     tower = open_clip_tower(tmp_path, quick_gelu=True)
     config, state = open_clip_to_hf_clip_vision(tower.model, {**tower.open_clip_cfg, "quick_gelu": False})
     hf = CLIPVisionModel(config)

@@ -12,7 +12,8 @@ import sentencepiece as spm
 import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
-from llava_ft.model.llm import is_internlm2, load_llm, load_tokenizer
+from llava_ft.data.tokenizer import is_internlm2, load_tokenizer
+from llava_ft.model.llm import load_llm
 from llava_ft.testing.tiny_llm import (
     INTERNLM2_SPECIAL_TOKENS,
     UPSTREAM_SPECIAL_PIECES,
@@ -120,7 +121,7 @@ def test_no_remote_code_is_run(internlm2_dir: Path, tmp_path: Path) -> None:
     tok = load_tokenizer(internlm2_dir)
     model = load_llm(internlm2_dir)
     assert not marker.exists()
-    assert type(model) is LlamaForCausalLM and tok.__class__.__module__ == "llava_ft.model.llm"
+    assert type(model) is LlamaForCausalLM and tok.__class__.__module__ == "llava_ft.data.tokenizer"
     # the trap does fire when its code is run
     (tmp_path / "trap.py").write_text(TRAP)
     with pytest.raises(RuntimeError):

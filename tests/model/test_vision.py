@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
+from llava_ft.config import VisionSection
 from llava_ft.data.images import ImageProcessor
-from llava_ft.model.vision import VisionConfig, build_vision_tower
+from llava_ft.model.vision import build_vision_tower, tokens_per_image
 from llava_ft.testing.tiny_vision import register_tiny_open_clip, write_tiny_hf_clip, write_tiny_open_clip
 
 LAYERS, WIDTH, IMAGE, PATCH = 3, 64, 32, 8  # 4x4 patch grid
@@ -36,7 +37,7 @@ def hf_dir(tmp_path_factory):
 
 def tower(backend: str, folder, **kwargs):
     model = f"local-dir:{folder}" if backend == "open_clip" else str(folder)
-    return build_vision_tower(VisionConfig(backend, model, **kwargs))
+    return build_vision_tower(VisionSection(backend, model, **kwargs))
 
 
 def open_clip_block_outputs(visual, pixels: torch.Tensor) -> list[torch.Tensor]:
@@ -88,10 +89,9 @@ def test_feature_layer_selects_that_blocks_patch_tokens(open_clip_dir, hf_dir, b
 
 @pytest.mark.parametrize("backend", ["open_clip", "hf"])
 @pytest.mark.parametrize("pool", [1, 2, 4])
-@pytest.mark.parametrize("drop_cls", [True, False])
-def test_shapes_pool_and_cls(open_clip_dir, hf_dir, backend, pool, drop_cls):
-    t = tower(backend, open_clip_dir if backend == "open_clip" else hf_dir, pool=pool, drop_cls=drop_cls)
-    assert t.num_tokens == (GRID // pool) ** 2 + (0 if drop_cls else 1)
+def test_shapes_and_pool(open_clip_dir, hf_dir, backend, pool):
+    t = tower(backend, open_clip_dir if backend == "open_clip" else hf_dir, pool=pool)
+    assert t.num_tokens == (GRID // pool) ** 2
     assert (t.hidden_size, t.image_size, t.dtype) == (WIDTH, IMAGE, torch.float32)
     pixels = torch.randn(3, 3, IMAGE, IMAGE)
     with torch.no_grad():
@@ -100,9 +100,25 @@ def test_shapes_pool_and_cls(open_clip_dir, hf_dir, backend, pool, drop_cls):
             t.model, pixels
         )[-2]
     assert out.shape == (3, t.num_tokens, WIDTH)
-    patches = naive_pool(penultimate[:, 1:], pool)
-    expected = patches if drop_cls else torch.cat([penultimate[:, :1], patches], dim=1)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, naive_pool(penultimate[:, 1:], pool), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["open_clip", "hf"])
+@pytest.mark.parametrize("pool", [1, 2, 4])
+def test_tokens_per_image_from_the_config_files_equals_the_built_towers(open_clip_dir, hf_dir, backend, pool):
+    folder = open_clip_dir if backend == "open_clip" else hf_dir
+    cfg = VisionSection(backend, f"local-dir:{folder}" if backend == "open_clip" else str(folder), pool=pool)
+    assert tokens_per_image(cfg) == build_vision_tower(cfg).num_tokens == (GRID // pool) ** 2
+
+
+def test_tokens_per_image_of_a_named_open_clip_model_reads_no_weights(tmp_path):
+    """A model name's config ships with open_clip: the count needs no weights file."""
+    cfg = VisionSection(
+        "open_clip", "ViT-L-14-336-quickgelu", pretrained=str(tmp_path / "absent.safetensors")
+    )
+    assert tokens_per_image(cfg) == (336 // 14) ** 2 == 576
+    with pytest.raises(ValueError, match="pool 5 must be >= 1 and divide the 24x24 patch grid"):
+        tokens_per_image(VisionSection("open_clip", "ViT-L-14-336-quickgelu", pool=5))
 
 
 def test_processor_matches_the_tower(open_clip_dir, hf_dir):
@@ -113,7 +129,7 @@ def test_processor_matches_the_tower(open_clip_dir, hf_dir):
 
 def test_pretrained_weights_file_with_a_named_config(open_clip_dir):
     name, weights = register_tiny_open_clip(open_clip_dir, "llava-ft-test-tiny")
-    named = build_vision_tower(VisionConfig("open_clip", name, pretrained=str(weights)))
+    named = build_vision_tower(VisionSection("open_clip", name, pretrained=str(weights)))
     local = tower("open_clip", open_clip_dir)
     pixels = torch.randn(1, 3, IMAGE, IMAGE)
     with torch.no_grad():
@@ -146,6 +162,7 @@ def test_hf_tower_loads_a_whole_clip_model_folder(tmp_path):
     with torch.no_grad():
         expected = hf_block_outputs(clip.vision_model, pixels)[-2][:, 1:]
         torch.testing.assert_close(t(pixels), expected, atol=1e-5, rtol=0)
+    assert tokens_per_image(VisionSection("hf", str(tmp_path))) == t.num_tokens == GRID**2
 
 
 def test_bf16_tower_accepts_fp32_pixels(open_clip_dir):
@@ -173,20 +190,20 @@ def test_bad_settings_are_rejected(open_clip_dir, hf_dir, kwargs, message):
 def test_bad_sources_are_rejected(open_clip_dir, hf_dir, tmp_path):
     with pytest.raises(ValueError, match="would be ignored"):
         build_vision_tower(
-            VisionConfig("open_clip", f"local-dir:{open_clip_dir}", pretrained="x.safetensors")
+            VisionSection("open_clip", f"local-dir:{open_clip_dir}", pretrained="x.safetensors")
         )
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
-        build_vision_tower(VisionConfig("open_clip", f"local-dir:{tmp_path}"))
+        build_vision_tower(VisionSection("open_clip", f"local-dir:{tmp_path}"))
     with pytest.raises(ValueError, match="never downloaded"):
-        build_vision_tower(VisionConfig("open_clip", "hf-hub:org/model"))
+        build_vision_tower(VisionSection("open_clip", "hf-hub:org/model"))
     with pytest.raises(FileNotFoundError, match="missing.pt: open_clip weights file not found"):
-        build_vision_tower(VisionConfig("open_clip", "ViT-B-32", pretrained=str(tmp_path / "missing.pt")))
+        build_vision_tower(VisionSection("open_clip", "ViT-B-32", pretrained=str(tmp_path / "missing.pt")))
     with pytest.raises(ValueError, match="unknown open_clip model"):
-        build_vision_tower(VisionConfig("open_clip", "no-such-model"))
+        build_vision_tower(VisionSection("open_clip", "no-such-model"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        build_vision_tower(VisionConfig("hf", str(tmp_path)))
+        build_vision_tower(VisionSection("hf", str(tmp_path)))
     with pytest.raises(ValueError, match="unknown vision backend"):
-        build_vision_tower(VisionConfig("timm", str(hf_dir)))  # type: ignore[arg-type]
+        build_vision_tower(VisionSection("timm", str(hf_dir)))  # type: ignore[arg-type]
 
 
 def test_hf_folder_with_missing_weights_is_refused(tmp_path):

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from llava_ft.cli import main as cli_main
 from llava_ft.config import ConfigError, LoraSection, TrainSection, load_config, parse_overrides
+from llava_ft.model.build import check_names
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
 
@@ -151,18 +153,43 @@ def test_number_edges_accepted():
     "override, problem",
     [
         (["--train.lr_scheduler", "cosin"], "train.lr_scheduler: 'cosin' is not one of"),
-        (["--model.projector", "mlp"], "model.projector: unknown projector kind 'mlp'"),
-        (["--data.train", "[{path: x.json, format: llva}]"], r"data.train\[0\].format: 'llva' is not one of"),
-        (["--data.template", "internlm2"], "data.template: 'internlm2' is not one of"),
         (["--train.optim", "adam"], "train.optim: 'adam' is not one of"),
-        (["--model.attn_implementation", "flsh"], "model.attn_implementation: 'flsh' is not one of"),
     ],
 )
-def test_unknown_names_are_refused_when_the_config_loads(override, problem):
-    """Names handed to other code (scheduler, projector, data format) fail at load, naming the field, not
-    minutes later when the run is built."""
+def test_unknown_transformers_names_are_refused_when_the_config_loads(override, problem):
+    """Names handed to transformers (scheduler, optimizer) fail at load, naming the field, not minutes later
+    when the run is built."""
     with pytest.raises(ConfigError, match=rf"{CONFIGS[0].name}: {problem}"):
         load_config(CONFIGS[0], parse_overrides(override))
+
+
+LLAVA_FT_NAMES = [
+    (["--model.projector", "mlp"], "model.projector: unknown projector kind 'mlp'"),
+    (["--data.train", "[{path: x.json, format: llva}]"], r"data.train\[0\].format: 'llva' is not one of"),
+    (["--data.template", "internlm2"], "data.template: 'internlm2' is not one of"),
+    (["--model.attn_implementation", "flsh"], "model.attn_implementation: 'flsh' is not one of"),
+]
+
+
+@pytest.mark.parametrize("override, problem", LLAVA_FT_NAMES)
+def test_unknown_llava_ft_names_are_refused_before_anything_loads(override, problem):
+    """llava_ft's own names (projector, data format, template, attention) are checked by check_names where
+    they are defined, naming the field (after the config file, when given)."""
+    cfg = load_config(CONFIGS[0], parse_overrides(override))
+    with pytest.raises(ConfigError, match=rf"{CONFIGS[0].name}: {problem}"):
+        check_names(cfg, CONFIGS[0])
+    with pytest.raises(ConfigError, match=rf"^{problem}"):
+        check_names(cfg)
+
+
+@pytest.mark.parametrize("override, problem", LLAVA_FT_NAMES)
+def test_train_command_refuses_unknown_names_before_the_run_starts(override, problem, capsys, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(cli_main, "train", no_run)
+    assert cli_main.main(["train", str(CONFIGS[0]), *override]) == 2
+    assert re.search(rf"llava-ft: error: {re.escape(str(CONFIGS[0]))}: {problem}", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
 from transformers import TrainerCallback
 
+from llava_ft.config import ConfigError, ModelSection, RunConfig, TrainableSection
+from llava_ft.model.build import build_model
+from llava_ft.model.trainability import apply_trainability
+from llava_ft.testing.tiny_llava import tiny_config
+from llava_ft.testing.tiny_llm import write_tiny_qwen2
 from llava_ft.train.run import train
 
 
@@ -62,13 +70,6 @@ def test_finetune_changes_projector_and_lora_only(llava_cfg, tmp_path):
 
 def test_lora_targets_that_match_nothing_are_refused(tiny_root):
     """A list written for another architecture: peft adapts the names that match and is silent about the rest."""
-    import pytest
-
-    from llava_ft.config import ConfigError
-    from llava_ft.model.build import build_model
-    from llava_ft.model.trainability import apply_trainability
-    from llava_ft.testing.tiny_llava import tiny_config
-
     cfg = tiny_config(tiny_root, llm_mode="lora")
     cfg.lora.target_modules = ["q_proj", "wqkv"]  # wqkv: InternLM2's remote-code name, not this loader's
     _, model = build_model(cfg)
@@ -80,3 +81,24 @@ def test_lora_targets_that_match_nothing_are_refused(tiny_root):
     _, model = build_model(cfg)
     apply_trainability(model, cfg.trainable, cfg.lora)
     assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("llm_kind", ["internlm2", "llama", "qwen2"])
+def test_all_linear_adapts_every_linear_but_the_output_head(tiny_root, llm_kind):
+    if llm_kind == "qwen2":
+        llm_dir = tiny_root / "llm_qwen2"
+        if not (llm_dir / "config.json").exists():
+            write_tiny_qwen2(llm_dir, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+        cfg = RunConfig(model=ModelSection(llm=str(llm_dir), dtype="float32"),
+                        trainable=TrainableSection(llm="lora", projector="frozen"))  # fmt: skip
+    else:
+        cfg = tiny_config(tiny_root, llm_mode="lora", vision_backend=None, llm_kind=llm_kind)
+    assert cfg.lora.target_modules == "all-linear"
+    _, model = build_model(cfg)
+    head = model.llm.get_output_embeddings()
+    linear = {n for n, m in model.llm.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    apply_trainability(model, cfg.trainable, cfg.lora)
+    adapted = {
+        n.removeprefix("base_model.model.") for n, m in model.llm.named_modules() if isinstance(m, LoraLayer)
+    }
+    assert adapted == linear and len(linear) == 14  # 7 per decoder layer

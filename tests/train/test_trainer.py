@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from llava_ft.data.collate import PackedCollator
-from llava_ft.train.trainer import packed_counts
+from llava_ft.train.checkpoint import TRAINABLE_NAME
+from llava_ft.train.trainer import checkpoint_folders, last_checkpoint, packed_counts
 
 EOS = PAD = 2  # no pad token: padding with EOS, which every sample also ends with
 
@@ -24,3 +25,27 @@ def test_packed_counts_keep_eos_tokens_that_equal_the_pad_id():
     samples = [s for row in [*rows, full] for s in row]
     real, n = packed_counts(batch["input_ids"], batch["labels"], batch["position_ids"], PAD)
     assert (real, n) == (sum(len(s["input_ids"]) for s in samples), len(samples))
+
+
+def test_last_checkpoint_is_the_newest_complete_one(tmp_path):
+    def folder(name: str, *files: str) -> None:
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text("{}")
+
+    complete = ("trainer_state.json", TRAINABLE_NAME)
+    assert last_checkpoint(tmp_path / "missing") is None and checkpoint_folders(tmp_path / "missing") == []
+    folder("checkpoint-2", *complete)
+    folder("checkpoint-10", *complete)  # after checkpoint-2 by step, before it by name
+    folder("checkpoint-12", "trainer_state.json")  # no weights
+    folder("checkpoint-14", TRAINABLE_NAME)  # save cut short: no trainer_state.json
+    folder("checkpoint-30-old", *complete)  # a copy, not a Trainer checkpoint
+    folder("runs", *complete)
+    (tmp_path / "checkpoint-40").write_text("")  # a file
+    assert [f.name for f in checkpoint_folders(tmp_path)] == [
+        "checkpoint-2", "checkpoint-10", "checkpoint-12", "checkpoint-14"
+    ]  # fmt: skip
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    (tmp_path / "checkpoint-14" / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-14")
