@@ -76,7 +76,7 @@ def apply_limits(
     `num_image_tokens`), dropped when an image would be cut or nothing trained is left. Returns (ids, labels,
     truncated)."""
     if labels.count(IGNORE_INDEX) == len(labels):
-        raise nothing_trained(where)
+        raise DroppedSample(where, "no supervised tokens", "every assistant turn is opted out or empty")
     num_images = ids.count(IMAGE_TOKEN_INDEX)
     extra = num_images * (num_image_tokens - 1)
     if max_length is None or len(ids) + extra <= max_length:
@@ -292,17 +292,6 @@ class Encoder:
         return chunk_ids, flags
 
 
-def nothing_trained(where: str) -> DroppedSample:
-    return DroppedSample(where, "no supervised tokens", "every assistant turn is opted out or empty")
-
-
-def outcome(err: DataError) -> str:
-    """How `EncodeStats` counts a record that raised `err` while it was encoded."""
-    if isinstance(err, DroppedSample):
-        return "dropped"
-    return "mismatched" if isinstance(err, TokenizationMismatch) else "failed"
-
-
 @dataclass
 class EncodeStats:
     records: int = 0
@@ -328,37 +317,24 @@ class EncodeStats:
 
     def add(self, sample: CompactSample) -> None:
         """A kept sample."""
-        self.add_kept(
-            sample.length,
-            len(sample.labels) - sample.labels.count(IGNORE_INDEX),
-            sample.num_images * sample.num_image_tokens,
-            sample.truncated,
-            sample.realigned,
-        )
-
-    def add_kept(self, length: int, supervised: int, image: int, truncated: bool, realigned: bool) -> None:
         self.records += 1
         self.kept += 1
-        self.truncated += truncated
-        self.realigned += realigned
-        self.total_tokens += length
-        self.supervised_tokens += supervised
-        self.image_tokens += image
+        self.truncated += sample.truncated
+        self.realigned += sample.realigned
+        self.total_tokens += sample.length
+        self.supervised_tokens += len(sample.labels) - sample.labels.count(IGNORE_INDEX)
+        self.image_tokens += sample.num_images * sample.num_image_tokens
 
     def add_error(self, err: DataError) -> None:
         """A record that was encoded but is not kept: dropped (policy), mismatched or failed (skip_bad)."""
-        self.add_problem(outcome(err), err.where, err.problem, getattr(err, "reason", ""))
-
-    def add_problem(self, outcome: str, where: str, problem: str, reason: str = "") -> None:
-        """`outcome`: "dropped" (for `reason`), "mismatched" or "failed"."""
         self.records += 1
-        if outcome == "dropped":
-            self.dropped[reason] += 1
-        elif outcome == "mismatched":
+        if isinstance(err, DroppedSample):
+            self.dropped[err.reason] += 1
+        elif isinstance(err, TokenizationMismatch):
             self.mismatched += 1
         else:
             self.failed += 1
-        self.problems.append((where, problem))
+        self.problems.append((err.where, err.problem))
 
     def unkeep(self, problems: list[tuple[str, str]], total: int, supervised: int, image: int) -> None:
         """Kept samples found bad afterwards (an image file missing): moved from `kept` to `skipped`, their
