@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E741  (each closure is timed at once, inside its loop)
 """Per-core benchmark of XTuner's own data-preparation (text) pipeline.
 
 Runs inside the .cache/xtb venv (scripts/setup_xtuner_bench.sh); imports xtuner from there at run time (no XTuner code is
