@@ -140,12 +140,11 @@ def effective_format(path: str | Path, fmt: str = "auto") -> str:
 
 def _first_json_item(handle: BinaryIO) -> Any:
     """The first record of a JSON list (None for an empty list), decoded from as much of the file as it needs."""
-    text, decoder = "", json.JSONDecoder()
+    data, decoder = b"", json.JSONDecoder()
     while chunk := handle.read(1 << 16):
-        text += chunk.decode(
-            "utf-8", errors="ignore"
-        )  # a character cut by the read is decoded whole next time
-        head = text.lstrip()
+        data += chunk
+        # Decoded anew each time: a character cut by the read is whole in the next round.
+        head = data.decode("utf-8", errors="ignore").lstrip()
         if not head.startswith("["):
             return None
         body = head[1:].lstrip()
