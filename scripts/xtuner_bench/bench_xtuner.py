@@ -31,6 +31,7 @@ Usage:
   python bench_xtuner.py --data .cache/xtb/data --tok-root .cache/xtb --n 20000 --runs 3 \
       --tokenizers sp,bpe --json-out results.json
 """
+
 import argparse
 import gc
 import json
@@ -47,8 +48,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import xtb_common  # noqa: E402
 
-ALL_STAGES = ["llava/loop", "llava/hf", "llava/hf_pool1", "sft/loop", "sft/hf", "sft/hf_pool1",
-              "sft_xtfmt/hf", "pack/default", "pack/noshuffle", "pack/varlen", "pack/packer_only"]
+ALL_STAGES = [
+    "llava/loop",
+    "llava/hf",
+    "llava/hf_pool1",
+    "sft/loop",
+    "sft/hf",
+    "sft/hf_pool1",
+    "sft_xtfmt/hf",
+    "pack/default",
+    "pack/noshuffle",
+    "pack/varlen",
+    "pack/packer_only",
+]
 DEFAULT_STAGES = [s for s in ALL_STAGES if not s.endswith("_pool1")]
 
 
@@ -73,8 +85,9 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--tokenizers", default="sp,bpe")
-    ap.add_argument("--stages", default=",".join(DEFAULT_STAGES),
-                    help="comma list from: " + ",".join(ALL_STAGES))
+    ap.add_argument(
+        "--stages", default=",".join(DEFAULT_STAGES), help="comma list from: " + ",".join(ALL_STAGES)
+    )
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--show", type=int, default=0, help="index of the LLaVA record to print")
     a = ap.parse_args()
@@ -93,12 +106,17 @@ def main():
     transformers.logging.set_verbosity_error()
 
     env = {
-        "python": sys.version.split()[0], "xtuner": X["xtuner"].__version__,
-        "transformers": transformers.__version__, "tokenizers": __import__("tokenizers").__version__,
-        "datasets": datasets.__version__, "pyarrow": __import__("pyarrow").__version__,
-        "torch": torch.__version__, "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "xtuner": X["xtuner"].__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": __import__("tokenizers").__version__,
+        "datasets": datasets.__version__,
+        "pyarrow": __import__("pyarrow").__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
         "mmengine": __import__("mmengine").__version__,
-        "affinity": sorted(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
         "torchvision_shim": X["shim"],
     }
     print("env:", json.dumps(env))
@@ -111,8 +129,11 @@ def main():
     # raw JSON text is read once (not timed); each run re-parses it (not timed) because
     # llava_map_fn / template_map_fn mutate the records in place.
     raw = {}
-    for key, fname in [("llava", f"llava_{a.n}.json"), ("sft", f"sft_openai_{a.n}.json"),
-                       ("sft_xtfmt", f"sft_xtuner_{a.n}.json")]:
+    for key, fname in [
+        ("llava", f"llava_{a.n}.json"),
+        ("sft", f"sft_openai_{a.n}.json"),
+        ("sft_xtfmt", f"sft_xtuner_{a.n}.json"),
+    ]:
         with open(os.path.join(a.data, fname), encoding="utf-8") as f:
             raw[key] = f.read()
     N = {k: len(json.loads(v)) for k, v in raw.items()}
@@ -126,8 +147,15 @@ def main():
             ex.update(tmpl(ex))
             if len(ex["conversation"]) == 0:
                 continue
-            ex.update(encode_fn(ex, tokenizer=tok, max_length=ML,
-                                input_ids_with_output=True, with_image_token=with_image_token))
+            ex.update(
+                encode_fn(
+                    ex,
+                    tokenizer=tok,
+                    max_length=ML,
+                    input_ids_with_output=True,
+                    with_image_token=with_image_token,
+                )
+            )
             if not any(lab >= 0 for lab in ex["labels"]):
                 continue
             ex["length"] = len(ex["input_ids"])
@@ -138,28 +166,45 @@ def main():
         recs = json.loads(raw[key])
         return timed(lambda: DatasetDict({"train": HFDataset.from_list(recs)}))
 
-    results = {"env": env, "n": a.n, "max_length": ML, "template": "internlm2_chat",
-               "runs": a.runs, "stages": {}}
+    results = {
+        "env": env,
+        "n": a.n,
+        "max_length": ML,
+        "template": "internlm2_chat",
+        "runs": a.runs,
+        "stages": {},
+    }
 
     def record(tk, stage, times, cpus, n_in, n_out, tokens, extra=None):
         med = statistics.median(times)
-        r = {"times_s": [round(t, 4) for t in times], "cpu_s": [round(c, 4) for c in cpus],
-             "median_s": round(med, 4), "records_in": n_in, "records_out": n_out,
-             "tokens": tokens, "records_per_s": round(n_in / med, 1),
-             "tokens_per_s": round(tokens / med, 1)}
+        r = {
+            "times_s": [round(t, 4) for t in times],
+            "cpu_s": [round(c, 4) for c in cpus],
+            "median_s": round(med, 4),
+            "records_in": n_in,
+            "records_out": n_out,
+            "tokens": tokens,
+            "records_per_s": round(n_in / med, 1),
+            "tokens_per_s": round(tokens / med, 1),
+        }
         if extra:
             r.update(extra)
         results["stages"][f"{tk}:{stage}"] = r
-        print(f"  {tk:8s} {stage:18s} median {med:8.3f}s  runs {[round(t, 3) for t in times]}"
-              f"  cpu {[round(c, 3) for c in cpus]}  {r['records_per_s']:>10.1f} rec/s"
-              f"  {r['tokens_per_s']:>12.1f} tok/s  (in {n_in}, out {n_out}, tokens {tokens})",
-              flush=True)
+        print(
+            f"  {tk:8s} {stage:18s} median {med:8.3f}s  runs {[round(t, 3) for t in times]}"
+            f"  cpu {[round(c, 3) for c in cpus]}  {r['records_per_s']:>10.1f} rec/s"
+            f"  {r['tokens_per_s']:>12.1f} tok/s  (in {n_in}, out {n_out}, tokens {tokens})",
+            flush=True,
+        )
 
     for tk in a.tokenizers.split(","):
         tok = xtb_common.load_tokenizer(tk, a.tok_root)
-        print(f"\n== tokenizer {tk}: {type(tok).__name__}, {len(tok)} tokens, "
-              f"bos={tok.bos_token_id} eos={tok.eos_token_id} "
-              f"<|im_end|>={tok.convert_tokens_to_ids('<|im_end|>')}", flush=True)
+        print(
+            f"\n== tokenizer {tk}: {type(tok).__name__}, {len(tok)} tokens, "
+            f"bos={tok.bos_token_id} eos={tok.eos_token_id} "
+            f"<|im_end|>={tok.convert_tokens_to_ids('<|im_end|>')}",
+            flush=True,
+        )
         ref = {}
 
         # ---------------- LLaVA text pipeline ----------------
@@ -183,15 +228,33 @@ def main():
                 ds, t_arrow, _c = arrow("llava")
                 at.append(t_arrow)
                 np.random.seed(0)
-                out, t, c = timed(lambda: process_hf_dataset(
-                    dataset=ds, tokenizer=tok, max_length=ML, dataset_map_fn=llava_map_fn,
-                    template_map_fn=tmpl, split="train", max_dataset_length=None,
-                    remove_unused_columns=False, pack_to_max_length=False, with_image_token=True,
-                    map_num_proc=nproc))
+                out, t, c = timed(
+                    lambda: process_hf_dataset(
+                        dataset=ds,
+                        tokenizer=tok,
+                        max_length=ML,
+                        dataset_map_fn=llava_map_fn,
+                        template_map_fn=tmpl,
+                        split="train",
+                        max_dataset_length=None,
+                        remove_unused_columns=False,
+                        pack_to_max_length=False,
+                        with_image_token=True,
+                        map_num_proc=nproc,
+                    )
+                )
                 ts.append(t), cs.append(c)
             ref[stage] = out
-            record(tk, stage, ts, cs, N["llava"], len(out), int(sum(out.length)),
-                   {"arrow_build_s_median": round(statistics.median(at), 4), "map_num_proc": nproc})
+            record(
+                tk,
+                stage,
+                ts,
+                cs,
+                N["llava"],
+                len(out),
+                int(sum(out.length)),
+                {"arrow_build_s_median": round(statistics.median(at), 4), "map_num_proc": nproc},
+            )
 
         # ---------------- text SFT (+ packing) ----------------
         if "sft/loop" in stages:
@@ -209,17 +272,26 @@ def main():
         if any(s.startswith(("sft", "pack")) for s in stages):
             ds, _t, _c = arrow("sft")
             tok_ds = process_hf_dataset(
-                dataset=ds, tokenizer=tok, max_length=ML, dataset_map_fn=openai_map_fn,
-                template_map_fn=tmpl, remove_unused_columns=True, shuffle_before_pack=False,
-                pack_to_max_length=False, map_num_proc=None).remove_columns(["length"])
+                dataset=ds,
+                tokenizer=tok,
+                max_length=ML,
+                dataset_map_fn=openai_map_fn,
+                template_map_fn=tmpl,
+                remove_unused_columns=True,
+                shuffle_before_pack=False,
+                pack_to_max_length=False,
+                map_num_proc=None,
+            ).remove_columns(["length"])
             tok_ds = tok_ds.flatten_indices()
             n_tok = len(tok_ds)
             tokens_in = sum(len(x) for x in tok_ds["input_ids"])
             ref["pack/input"] = tok_ds
 
-        for stage, key, map_fn, nproc in [("sft/hf", "sft", openai_map_fn, None),
-                                          ("sft/hf_pool1", "sft", openai_map_fn, 1),
-                                          ("sft_xtfmt/hf", "sft_xtfmt", None, None)]:
+        for stage, key, map_fn, nproc in [
+            ("sft/hf", "sft", openai_map_fn, None),
+            ("sft/hf_pool1", "sft", openai_map_fn, 1),
+            ("sft_xtfmt/hf", "sft_xtfmt", None, None),
+        ]:
             if stage not in stages:
                 continue
             ts, cs, at = [], [], []
@@ -227,21 +299,45 @@ def main():
                 ds, t_arrow, _c = arrow(key)
                 at.append(t_arrow)
                 np.random.seed(0)  # shuffle_before_pack uses numpy's global RNG
-                out, t, c = timed(lambda: process_hf_dataset(
-                    dataset=ds, tokenizer=tok, max_length=ML, dataset_map_fn=map_fn,
-                    template_map_fn=tmpl, remove_unused_columns=True, shuffle_before_pack=True,
-                    pack_to_max_length=True, use_varlen_attn=False, map_num_proc=nproc))
+                out, t, c = timed(
+                    lambda: process_hf_dataset(
+                        dataset=ds,
+                        tokenizer=tok,
+                        max_length=ML,
+                        dataset_map_fn=map_fn,
+                        template_map_fn=tmpl,
+                        remove_unused_columns=True,
+                        shuffle_before_pack=True,
+                        pack_to_max_length=True,
+                        use_varlen_attn=False,
+                        map_num_proc=nproc,
+                    )
+                )
                 ts.append(t), cs.append(c)
             ref[stage] = out
             lens = list(out.length)
-            record(tk, stage, ts, cs, N[key], len(out), tokens_in,
-                   {"arrow_build_s_median": round(statistics.median(at), 4), "map_num_proc": nproc,
-                    "packed_sequences": len(out), "packed_tokens": int(sum(lens)),
-                    "packed_full_max_length": sum(1 for x in lens if x == ML)})
+            record(
+                tk,
+                stage,
+                ts,
+                cs,
+                N[key],
+                len(out),
+                tokens_in,
+                {
+                    "arrow_build_s_median": round(statistics.median(at), 4),
+                    "map_num_proc": nproc,
+                    "packed_sequences": len(out),
+                    "packed_tokens": int(sum(lens)),
+                    "packed_full_max_length": sum(1 for x in lens if x == ML),
+                },
+            )
 
-        variants = {"pack/default": dict(use_varlen_attn=False, shuffle_before_pack=True),
-                    "pack/noshuffle": dict(use_varlen_attn=False, shuffle_before_pack=False),
-                    "pack/varlen": dict(use_varlen_attn=True, shuffle_before_pack=True)}
+        variants = {
+            "pack/default": dict(use_varlen_attn=False, shuffle_before_pack=True),
+            "pack/noshuffle": dict(use_varlen_attn=False, shuffle_before_pack=False),
+            "pack/varlen": dict(use_varlen_attn=True, shuffle_before_pack=True),
+        }
         for stage, kw in variants.items():
             if stage not in stages:
                 continue
@@ -251,16 +347,23 @@ def main():
                 out, t, c = timed(lambda: pack_dataset(tok_ds, ML, map_num_proc=None, **kw))
                 ts.append(t), cs.append(c)
             ref[stage] = out
-            record(tk, stage, ts, cs, n_tok, len(out), tokens_in,
-                   {"packed_sequences": len(out),
-                    "packed_tokens": sum(len(r) for r in out["input_ids"])})
+            record(
+                tk,
+                stage,
+                ts,
+                cs,
+                n_tok,
+                len(out),
+                tokens_in,
+                {"packed_sequences": len(out), "packed_tokens": sum(len(r) for r in out["input_ids"])},
+            )
         if "pack/packer_only" in stages:
             cols = {"input_ids": tok_ds["input_ids"], "labels": tok_ds["labels"]}
 
             def packer_only():
                 p, res = Packer(ML, use_varlen_attn=False), {"input_ids": [], "labels": []}
                 for i in range(0, n_tok, 1000):
-                    r = p({k: v[i:i + 1000] for k, v in cols.items()})
+                    r = p({k: v[i : i + 1000] for k, v in cols.items()})
                     res["input_ids"] += r["input_ids"]
                     res["labels"] += r["labels"]
                 return res
@@ -270,9 +373,19 @@ def main():
                 out, t, c = timed(packer_only)
                 ts.append(t), cs.append(c)
             ref["pack/packer_only"] = out
-            record(tk, "pack/packer_only", ts, cs, n_tok, len(out["input_ids"]), tokens_in,
-                   {"packed_sequences": len(out["input_ids"]),
-                    "packed_tokens": sum(len(r) for r in out["input_ids"])})
+            record(
+                tk,
+                "pack/packer_only",
+                ts,
+                cs,
+                n_tok,
+                len(out["input_ids"]),
+                tokens_in,
+                {
+                    "packed_sequences": len(out["input_ids"]),
+                    "packed_tokens": sum(len(r) for r in out["input_ids"]),
+                },
+            )
 
         # ---------------- checks that the work was real ----------------
         checks = verify(tk, tok, ref, X, ML)
@@ -280,11 +393,16 @@ def main():
         src = ref.get("llava/hf") or ref.get("llava/hf_pool1") or ref.get("llava/loop")
         if src is not None:
             ex = src[a.show]
-            print(f"\n-- {tk}: LLaVA record {a.show} (id {ex['id']}, image {ex['image']}), "
-                  f"{len(ex['input_ids'])} tokens, "
-                  f"{sum(1 for l in ex['labels'] if l != X['IGNORE_INDEX'])} with loss --")
-            print(xtb_common.render(tok, ex["input_ids"], ex["labels"],
-                                    X["IMAGE_TOKEN_INDEX"], X["IGNORE_INDEX"]))
+            print(
+                f"\n-- {tk}: LLaVA record {a.show} (id {ex['id']}, image {ex['image']}), "
+                f"{len(ex['input_ids'])} tokens, "
+                f"{sum(1 for l in ex['labels'] if l != X['IGNORE_INDEX'])} with loss --"
+            )
+            print(
+                xtb_common.render(
+                    tok, ex["input_ids"], ex["labels"], X["IMAGE_TOKEN_INDEX"], X["IGNORE_INDEX"]
+                )
+            )
             print(f"-- first 40 input_ids: {ex['input_ids'][:40]}")
             print(f"-- first 40 labels   : {ex['labels'][:40]}")
         del ref
@@ -335,7 +453,8 @@ def verify(tk, tok, ref, X, ML):
             c["llava_tokens_per_record_mean"] = round(sum(map(len, ids)) / len(ids), 1)
             c["llava_truncated_to_max_length"] = sum(1 for r in ids if len(r) == ML)
             c["llava_trained_token_fraction"] = round(
-                sum(sum(1 for x in b if x != IGN) for b in labs) / sum(len(b) for b in labs), 4)
+                sum(sum(1 for x in b if x != IGN) for b in labs) / sum(len(b) for b in labs), 4
+            )
             break
 
     if "pack/input" in ref:
@@ -344,8 +463,15 @@ def verify(tk, tok, ref, X, ML):
         flat_lab = [t for r in tin["labels"] for t in r]
         cnt = Counter(flat_ids)
         c["sft_tokens_per_record_mean"] = round(len(flat_ids) / len(tin), 1)
-        for k in ("pack/noshuffle", "pack/packer_only", "pack/default", "pack/varlen",
-                  "sft/hf", "sft_xtfmt/hf", "sft/hf_pool1"):
+        for k in (
+            "pack/noshuffle",
+            "pack/packer_only",
+            "pack/default",
+            "pack/varlen",
+            "sft/hf",
+            "sft_xtfmt/hf",
+            "sft/hf_pool1",
+        ):
             if k not in ref:
                 continue
             pi, pl = cols(ref[k])

@@ -10,6 +10,7 @@ markers), so they encode to one id each.
 
 Usage:  python build_tokenizers.py [OUT_ROOT]      (default OUT_ROOT=.cache/xtb)
 """
+
 import os
 import pathlib
 import shutil
@@ -52,10 +53,12 @@ def describe(out):
     #        trust_remote_code=True, padding_side='right')
     tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True, padding_side="right")
     ids = tok.encode("<|im_start|>user\nHello world<|im_end|>\n", add_special_tokens=False)
-    print(f"{out}: {type(tok).__name__} len={len(tok)} bos={tok.bos_token!r}/{tok.bos_token_id} "
-          f"eos={tok.eos_token!r}/{tok.eos_token_id} "
-          f"im_start={tok.convert_tokens_to_ids('<|im_start|>')} "
-          f"im_end={tok.convert_tokens_to_ids('<|im_end|>')}")
+    print(
+        f"{out}: {type(tok).__name__} len={len(tok)} bos={tok.bos_token!r}/{tok.bos_token_id} "
+        f"eos={tok.eos_token!r}/{tok.eos_token_id} "
+        f"im_start={tok.convert_tokens_to_ids('<|im_start|>')} "
+        f"im_end={tok.convert_tokens_to_ids('<|im_end|>')}"
+    )
     print(f"   sample ids={ids} -> {tok.convert_ids_to_tokens(ids)}")
     print(f"   files={sorted(os.listdir(out))}")
 

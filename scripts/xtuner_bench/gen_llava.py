@@ -18,6 +18,7 @@ CPython 3.x; the script prints each file's sha256 so runs can be checked against
 
 Usage:  python gen_llava.py --n 20000 --seed 0 --out .cache/xtb/data
 """
+
 import argparse
 import hashlib
 import json
@@ -46,12 +47,26 @@ describe explain what why how where which who question answer detail details rea
 important different similar common typical unusual possible specific general overall main
 """.split()
 
-QUESTION_STARTS = ["What", "Why", "How", "Where", "Which", "Who", "Can", "Is", "Are", "Describe",
-                   "Explain", "Could"]
-SYSTEMS = ["You are a helpful assistant.",
-           "You are a careful assistant that answers questions about everyday scenes.",
-           "Answer briefly and precisely.",
-           "You are an expert visual analyst. Give detailed, accurate descriptions."]
+QUESTION_STARTS = [
+    "What",
+    "Why",
+    "How",
+    "Where",
+    "Which",
+    "Who",
+    "Can",
+    "Is",
+    "Are",
+    "Describe",
+    "Explain",
+    "Could",
+]
+SYSTEMS = [
+    "You are a helpful assistant.",
+    "You are a careful assistant that answers questions about everyday scenes.",
+    "Answer briefly and precisely.",
+    "You are an expert visual analyst. Give detailed, accurate descriptions.",
+]
 
 
 def sentence_words(rng, n):
@@ -107,8 +122,11 @@ def sft_conversation(rng):
 
 
 def to_xtuner(system, turns):
-    return {"conversation": [{"system": system if k == 0 else "", "input": q, "output": a}
-                             for k, (q, a) in enumerate(turns)]}
+    return {
+        "conversation": [
+            {"system": system if k == 0 else "", "input": q, "output": a} for k, (q, a) in enumerate(turns)
+        ]
+    }
 
 
 def to_openai(system, turns):

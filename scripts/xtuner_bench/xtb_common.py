@@ -3,6 +3,7 @@
 Nothing here re-implements XTuner: the pipeline functions are imported from the installed
 xtuner package at run time (see import_xtuner()).
 """
+
 import importlib.util
 import os
 import pathlib
@@ -55,30 +56,40 @@ def import_xtuner():
     from xtuner.utils import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, PROMPT_TEMPLATE
 
     return dict(
-        xtuner=xtuner, shim=shim, process_hf_dataset=process_hf_dataset, pack_dataset=pack_dataset,
-        llava_map_fn=llava_map_fn, openai_map_fn=openai_map_fn,
-        template_map_fn_factory=template_map_fn_factory, encode_fn=encode_fn, Packer=Packer,
-        PROMPT_TEMPLATE=PROMPT_TEMPLATE, DEFAULT_IMAGE_TOKEN=DEFAULT_IMAGE_TOKEN,
-        IGNORE_INDEX=IGNORE_INDEX, IMAGE_TOKEN_INDEX=IMAGE_TOKEN_INDEX,
+        xtuner=xtuner,
+        shim=shim,
+        process_hf_dataset=process_hf_dataset,
+        pack_dataset=pack_dataset,
+        llava_map_fn=llava_map_fn,
+        openai_map_fn=openai_map_fn,
+        template_map_fn_factory=template_map_fn_factory,
+        encode_fn=encode_fn,
+        Packer=Packer,
+        PROMPT_TEMPLATE=PROMPT_TEMPLATE,
+        DEFAULT_IMAGE_TOKEN=DEFAULT_IMAGE_TOKEN,
+        IGNORE_INDEX=IGNORE_INDEX,
+        IMAGE_TOKEN_INDEX=IMAGE_TOKEN_INDEX,
     )
 
 
 def load_tokenizer(kind, tok_root):
     """sp / bpe: loaded the way XTuner configs do it
-         tokenizer = dict(type=AutoTokenizer.from_pretrained, pretrained_model_name_or_path=...,
-                          trust_remote_code=True, padding_side='right')
-       -> LlamaTokenizerFast (converted from tokenizer.model at load) / PreTrainedTokenizerFast.
-       sp_slow: the slow SentencePiece LlamaTokenizer from the same folder (what a
-       use_fast=False config, or a folder without a fast tokenizer, would give)."""
+      tokenizer = dict(type=AutoTokenizer.from_pretrained, pretrained_model_name_or_path=...,
+                       trust_remote_code=True, padding_side='right')
+    -> LlamaTokenizerFast (converted from tokenizer.model at load) / PreTrainedTokenizerFast.
+    sp_slow: the slow SentencePiece LlamaTokenizer from the same folder (what a
+    use_fast=False config, or a folder without a fast tokenizer, would give)."""
     from transformers import AutoTokenizer, LlamaTokenizer
 
     tok_root = pathlib.Path(tok_root)
     if kind == "sp":
-        return AutoTokenizer.from_pretrained(str(tok_root / "tok_sp"), trust_remote_code=True,
-                                             padding_side="right")
+        return AutoTokenizer.from_pretrained(
+            str(tok_root / "tok_sp"), trust_remote_code=True, padding_side="right"
+        )
     if kind == "bpe":
-        return AutoTokenizer.from_pretrained(str(tok_root / "tok_bpe"), trust_remote_code=True,
-                                             padding_side="right")
+        return AutoTokenizer.from_pretrained(
+            str(tok_root / "tok_bpe"), trust_remote_code=True, padding_side="right"
+        )
     if kind == "sp_slow":
         return LlamaTokenizer.from_pretrained(str(tok_root / "tok_sp"), padding_side="right")
     raise ValueError(kind)
