@@ -188,7 +188,7 @@ class ChunkedTokenizer:
         token at or after it, or None where a token spans it; None for a text that the Encoder must judge."""
         try:
             return self._encode(text, cuts)
-        except _Unsure:
+        except _EncoderMustJudge:
             return None
 
     def _encode(self, text: str, cuts: list[int]) -> tuple[list[int], list[int | None]]:
@@ -276,7 +276,7 @@ class ChunkedTokenizer:
         end = bisect.bisect_left(cuts, b, k)
         inside = cut_tokens(enc, len(s), [c - a for c in cuts[k:end]])
         if inside is None:
-            raise _Unsure
+            raise _EncoderMustJudge
         at += [None if j is None else len(out) + j for j in inside]
         out += enc.ids
         return end
@@ -306,8 +306,8 @@ class ChunkedTokenizer:
         return starts
 
 
-class _Unsure(Exception):
-    pass
+class _EncoderMustJudge(Exception):
+    """A text whose token boundaries this path cannot place for sure: the Encoder decides it."""
 
 
 def cut_tokens(enc, length: int, cuts: list[int]) -> list[int | None] | None:
