@@ -26,9 +26,39 @@ MAX_PIXELS = 64_000_000
 
 Aspect = Literal["pad", "resize", "crop"]
 
+# Transparent pixels are shown on white, as transformers' convert_to_rgb (what an exported model's image
+# processor runs) and image viewers show them: the model sees in training what it sees after export.
+TRANSPARENT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+# Integer and float modes whose values PIL's convert("RGB") clips to 0-255 instead of scaling.
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = TRANSPARENT_BACKGROUND) -> Image.Image:
+    """The RGB a viewer shows: high-depth greys scaled to 8 bits (16-bit to its top byte, rounded; float as
+    0-1 when no value exceeds 1, else clipped to 0-255), transparency composited on `background`, every other
+    mode (palette, CMYK, YCbCr, 1-bit, grey) through PIL's conversion."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _WIDE_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
+        else:  # 16-bit data, also when PIL opens it as 32-bit "I"
+            scale = 1 / 257 if values.size and values.max() > 255 else 1.0
+        grey = np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBa", "La"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
 
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image as RGB; any failure is a `DataError` naming the path.
+    """Open and fully decode an image as RGB (`to_rgb`); any failure is a `DataError` naming the path.
 
     EXIF orientation is not applied, as in LLaVA's loader, so features match the reference pipeline.
     """
@@ -48,7 +78,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
             raise DataError(where, f"image is {width}x{height}, over the {max_pixels:,}-pixel limit")
         try:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
         except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt pixel data
             raise DataError(where, f"image data is corrupt ({type(e).__name__}: {e})") from e
 
@@ -124,8 +154,7 @@ class ImageProcessor:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> normalised float32 tensor [3, image_size, image_size]."""
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb(img)
         size = self.image_size
         if self.aspect == "resize":
             img = img.resize((size, size), Image.Resampling.BICUBIC)
