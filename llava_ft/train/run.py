@@ -92,7 +92,8 @@ def train(
         dataset, stats = build_dataset(
             cfg.data, tokenizer, template, num_image_tokens=model.num_image_tokens, image_processor=processor
         )
-    log.info("data: %s", stats.summary())
+    if len(cfg.data.train) > 1:  # one file's counts were just logged by build_dataset
+        log.info("data, all %d files: %s", len(cfg.data.train), stats.summary())
     train_dataset, collator, sampler = batching(cfg, dataset, tokenizer)
 
     # 4. Fit.

@@ -76,3 +76,22 @@ def test_pack_length_shorter_than_max_length_is_refused(tiny_root):
     cfg.data.max_length, cfg.data.pack_length = 64, 32
     with pytest.raises(ConfigError, match="pack_length 32 is shorter than data.max_length 64"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("n_files", [1, 2])
+def test_data_counts_are_logged_once_per_file_and_once_for_several(
+    n_files, tiny_root, text_file, tmp_path, caplog
+):
+    """One data file: its counts line alone (a total equal to it would repeat it); several: one line per file,
+    then their total."""
+    cfg = tiny_config(tiny_root, llm_mode="full", vision_backend=None)
+    cfg.data.train = [DataSource(path=str(text_file), format="text")] * n_files
+    cfg.data.max_length = 64
+    t = cfg.train
+    t.output_dir, t.max_steps, t.batch_size, t.report_to = str(tmp_path), 1, 4, "none"
+    with caplog.at_level(logging.INFO, logger="llava_ft"):
+        train(cfg)
+    counts = [r.getMessage() for r in caplog.records if "records 32: kept 32" in r.getMessage()]
+    assert len(counts) == n_files, counts
+    totals = [m for m in caplog.messages if m.startswith("data, all 2 files: records 64: kept 64")]
+    assert len(totals) == (n_files == 2), caplog.messages
