@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, sort_checkpoints
 
@@ -165,11 +166,31 @@ _CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-\d+")
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest complete checkpoint-N folder. The Trainer writes trainer_state.json after the weights, so a save
-    cut short leaves a folder without it, which is passed over for the one before."""
-    complete = [
-        folder
-        for folder in checkpoint_folders(output_dir)
-        if (folder / "trainer_state.json").is_file() and (folder / TRAINABLE_NAME).is_file()
-    ]
-    return str(complete[-1]) if complete else None
+    """The newest complete checkpoint-N folder that loads. The Trainer writes trainer_state.json after the
+    weights, so a save cut short leaves a folder without it, which is passed over for the one before; a folder
+    whose trainer state does not parse or whose weights do not read (a kill mid-write, a full disk) is passed
+    over too, with a warning naming it."""
+    for folder in reversed(checkpoint_folders(output_dir)):
+        state, weights = folder / "trainer_state.json", folder / TRAINABLE_NAME
+        if not (state.is_file() and weights.is_file()):
+            continue
+        problem = _damage(state, weights)
+        if problem is None:
+            return str(folder)
+        log.warning("%s: %s; resuming from the checkpoint before it", folder, problem)
+    return None
+
+
+def _damage(state: Path, weights: Path) -> str | None:
+    """What keeps a checkpoint from loading, read cheaply: the trainer state's JSON and the weights' header."""
+    try:
+        if not isinstance(json.loads(state.read_text()), dict):
+            return f"{state.name} is not a JSON object"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{state.name} does not parse ({e})"
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except SafetensorError as e:
+        return f"{weights.name} does not read ({e})"
+    return None

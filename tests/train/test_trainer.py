@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
 
 from llava_ft.data.collate import PackedCollator
 from llava_ft.train.checkpoint import TRAINABLE_NAME
@@ -31,7 +37,7 @@ def test_last_checkpoint_is_the_newest_complete_one(tmp_path):
     def folder(name: str, *files: str) -> None:
         (tmp_path / name).mkdir()
         for f in files:
-            (tmp_path / name / f).write_text("{}")
+            _write_whole(tmp_path / name / f)
 
     complete = ("trainer_state.json", TRAINABLE_NAME)
     assert last_checkpoint(tmp_path / "missing") is None and checkpoint_folders(tmp_path / "missing") == []
@@ -49,3 +55,34 @@ def test_last_checkpoint_is_the_newest_complete_one(tmp_path):
     assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
     (tmp_path / "checkpoint-14" / "trainer_state.json").write_text("{}")
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-14")
+
+
+def _write_whole(path: Path) -> None:
+    """A file of a checkpoint as the Trainer leaves it: JSON state, safetensors weights."""
+    if path.name == TRAINABLE_NAME:
+        save_file({"w": torch.zeros(2)}, str(path))
+    else:
+        path.write_text("{}")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("trainer_state.json", b""),  # killed between open and write, or a full disk
+        ("trainer_state.json", b'{"global_step": 4'),  # cut mid-write
+        ("trainer_state.json", b"[]"),
+        (TRAINABLE_NAME, b"\x08\x00"),  # weights cut short
+    ],
+)
+def test_a_damaged_checkpoint_is_passed_over_with_a_warning(tmp_path, caplog, damage):
+    for step in (3, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in ("trainer_state.json", TRAINABLE_NAME):
+            _write_whole(tmp_path / f"checkpoint-{step}" / name)
+    name, data = damage
+    (tmp_path / "checkpoint-6" / name).write_bytes(data)
+    with caplog.at_level(logging.WARNING, logger="llava_ft"):
+        assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert f"checkpoint-6: {name} does not" in caplog.text or f"{name} is not a JSON object" in caplog.text
+    (tmp_path / "checkpoint-3" / name).write_bytes(data)  # nothing loads: none to resume from, no crash
+    assert last_checkpoint(tmp_path) is None
