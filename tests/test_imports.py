@@ -40,6 +40,16 @@ class Rule:
     target: Callable[[str], bool]
 
 
+ABOVE_MODEL = (
+    "llava_ft.train",
+    "llava_ft.stage",
+    "llava_ft.inference",
+    "llava_ft.eval",
+    "llava_ft.export",
+    "llava_ft.cli",
+)
+"""What builds on the model: neither data/ nor model/ may import it."""
+
 RULES = [
     Rule(
         "config.py and constants.py import nothing from llava_ft",
@@ -49,29 +59,12 @@ RULES = [
     Rule(
         "data/ never imports model/, train/, stage, inference, eval, export or cli/",
         lambda m: _within(m, "llava_ft.data"),
-        lambda t: _within(
-            t,
-            "llava_ft.model",
-            "llava_ft.train",
-            "llava_ft.stage",
-            "llava_ft.inference",
-            "llava_ft.eval",
-            "llava_ft.export",
-            "llava_ft.cli",
-        ),
+        lambda t: _within(t, "llava_ft.model", *ABOVE_MODEL),
     ),
     Rule(
         "model/ never imports train/, stage, inference, eval, export or cli/",
         lambda m: _within(m, "llava_ft.model"),
-        lambda t: _within(
-            t,
-            "llava_ft.train",
-            "llava_ft.stage",
-            "llava_ft.inference",
-            "llava_ft.eval",
-            "llava_ft.export",
-            "llava_ft.cli",
-        ),
+        lambda t: _within(t, *ABOVE_MODEL),
     ),
     Rule(
         "nothing outside train/ imports train/ (inference, eval and export included), but cli/main.py's train command",
