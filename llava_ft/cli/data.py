@@ -178,9 +178,10 @@ def _preview(picked, encoder: Encoder, as_json: bool) -> None:
             continue
         if as_json:
             print(json.dumps({"source": conv.source, "num_images": sample.num_images, "truncated": sample.truncated,
+                              "trimmed": conv.trimmed,
                               "input_ids": sample.input_ids, "labels": sample.labels}))  # fmt: skip
         else:
-            print(_header(conv.source, sample))
+            print(_header(conv.source, sample, trimmed=conv.trimmed))
             print(render_sample(encoder.tokenizer, sample, encoder.num_image_tokens) + "\n")
 
 
@@ -198,9 +199,13 @@ def _record_at(path: str, fmt: str, index: int) -> Conversation:
     raise DataError(path, f"no record at index {index} (the file has {count} records)")
 
 
-def _header(source: str | None, s: TokenizedSample) -> str:
+def _header(source: str | None, s: TokenizedSample, *, trimmed: bool = False) -> str:
     trained = sum(label != IGNORE_INDEX for label in s.labels)
-    flags = ", truncated" * s.truncated + ", realigned" * s.realigned
+    flags = (
+        ", truncated" * s.truncated
+        + ", realigned" * s.realigned
+        + ", opening assistant turn trimmed" * trimmed
+    )
     return f"-- {source}: {len(s.input_ids)} tokens (images {s.num_images}, trained {trained}{flags})"
 
 

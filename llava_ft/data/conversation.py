@@ -33,6 +33,8 @@ class Conversation:
     """"text": incremental pretraining, a single user-less text whose every token is trained."""
     source: str | None = None
     """Where the record came from, "file:line" or "file[index]", for error messages and reports."""
+    trimmed: bool = False
+    """The record opened with an assistant turn, left out as LLaVA-1.5 does (counted as "trimmed")."""
 
     @property
     def where(self) -> str:

@@ -422,6 +422,7 @@ def _validate(conv: Conversation, where: str) -> None:
         if not conv.messages[0].content.strip():
             raise DataError(where, "empty text")
     else:
+        _trim_leading_assistant(conv)
         _check_roles(conv.messages, where)
     markers = conv.num_image_markers()
     if conv.images and markers == 0:
@@ -431,6 +432,16 @@ def _validate(conv: Conversation, where: str) -> None:
         first_user.content = IMAGE_TOKEN * len(conv.images) + "\n" + first_user.content
     elif markers != len(conv.images):
         raise DataError(where, f"{markers} {IMAGE_TOKEN} marker(s) but {len(conv.images)} image(s)")
+
+
+def _trim_leading_assistant(conv: Conversation) -> None:
+    """Leave out an assistant turn that opens the conversation (after an optional system message), as LLaVA-1.5's
+    preprocessing does: some ShareGPT-style records start with the model's greeting, and the rest trains well. An
+    image marker in that turn goes with it; `_validate` then puts the image before the first user turn."""
+    start = 1 if conv.messages[0].role == "system" else 0
+    if len(conv.messages) > start + 1 and conv.messages[start].role == "assistant":
+        del conv.messages[start]
+        conv.trimmed = True
 
 
 def _check_roles(messages: list[Message], where: str) -> None:

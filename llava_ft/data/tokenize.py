@@ -42,6 +42,8 @@ class CompactSample:
     """Placeholder ids each image stands for in the model's input."""
     truncated: bool = False
     realigned: bool = False
+    trimmed: bool = False
+    """Its record opened with an assistant turn that was left out (see sources)."""
 
     @property
     def length(self) -> int:
@@ -187,7 +189,9 @@ class Encoder:
         )
         # Truncation never cuts an image, so every marker is still there.
         num_images = ids.count(IMAGE_TOKEN_INDEX)
-        return CompactSample(ids, labels, num_images, self.num_image_tokens, truncated, realigned)
+        return CompactSample(
+            ids, labels, num_images, self.num_image_tokens, truncated, realigned, trimmed=conv.trimmed
+        )
 
     def leading_ids(self, conv: Conversation) -> list[int]:
         """Untrained ids before the rendered text: BOS for a plain-text record (the template leaves it out)."""
@@ -297,6 +301,8 @@ class EncodeStats:
     records: int = 0
     kept: int = 0
     truncated: int = 0
+    trimmed: int = 0
+    """Kept samples whose record opened with an assistant turn, left out as LLaVA-1.5 does."""
     realigned: int = 0
     """Samples whose labels `Encoder.encode` reassigned by character position. Only that path counts them:
     `prepare` tokenizes segments apart only for the records it hands to it, so the summary leaves this out."""
@@ -320,6 +326,7 @@ class EncodeStats:
         self.records += 1
         self.kept += 1
         self.truncated += sample.truncated
+        self.trimmed += sample.trimmed
         self.realigned += sample.realigned
         self.total_tokens += sample.length
         self.supervised_tokens += len(sample.labels) - sample.labels.count(IGNORE_INDEX)
@@ -338,7 +345,7 @@ class EncodeStats:
 
     def unkeep(self, problems: list[tuple[str, str]], total: int, supervised: int, image: int) -> None:
         """Kept samples found bad afterwards (an image file missing): moved from `kept` to `skipped`, their
-        tokens (total, supervised, image) taken off. `truncated` and `realigned` keep them: they are not
+        tokens (total, supervised, image) taken off. `truncated`, `trimmed` and `realigned` keep them: they are not
         stored per sample."""
         self.kept -= len(problems)
         self.skipped += len(problems)
@@ -386,7 +393,8 @@ class EncodeStats:
         lines = [
             f"records {self.records}: kept {self.kept}, truncated {self.truncated}, dropped {self.num_dropped}, "
             f"mismatched {self.mismatched}, failed {self.failed}"
-            + (f", skipped {self.skipped}" if self.skipped else ""),
+            + (f", skipped {self.skipped}" if self.skipped else "")
+            + (f", trimmed {self.trimmed} (opening assistant turn left out)" if self.trimmed else ""),
             f"tokens {self.total_tokens} (image {self.image_tokens}, supervised {self.supervised_tokens} = "
             f"{share:.1%} of text tokens)",
         ]

@@ -258,3 +258,14 @@ def test_prepare_with_config_warms_the_cache_training_reads(tiny_run, capsys, mo
 def test_without_config_the_file_template_and_tokenizer_are_required(capsys):
     code, _, err = run(capsys, "check", "--data", "x.jsonl")
     assert code == 2 and "--template, --tokenizer required (or --config CONFIG.yaml" in err
+
+
+def test_check_counts_trimmed_opening_assistant_turns(tmp_path, capsys, tok_dir):
+    greeting = {"from": "gpt", "value": "Hi! How can I help?"}
+    opens_with_assistant = {"conversations": [greeting, *RECORDS[1]["conversations"]]}
+    data = write(tmp_path / "d.jsonl", [opens_with_assistant, RECORDS[1], opens_with_assistant])
+    common = ["--data", data, "--template", "internlm2_chat", "--tokenizer", tok_dir]
+    code, out, _ = run(capsys, "check", *common)
+    assert code == 0 and "kept 3" in out and "trimmed 2 (opening assistant turn left out)" in out
+    code, out, _ = run(capsys, "preview", *common, "--index", 0)
+    assert "opening assistant turn trimmed" in out and "How can I help" not in out

@@ -287,3 +287,31 @@ def test_wrong_values_are_refused_not_ignored(tmp_path, fmt, record, problem):
         read_conversations(path, fmt)
     convs, bad = read_conversations(path, fmt, skip_bad=True)
     assert convs == [] and len(bad) == 1
+
+
+@pytest.mark.parametrize("fmt", ["llava", "openai"])
+def test_opening_assistant_turn_is_trimmed_as_llava_does(tmp_path, fmt):
+    """LLaVA-1.5 leaves out an assistant turn that opens a record (after an optional system message) and
+    trains the rest; the conversation says so, for the "trimmed" count. One marker in that turn moves to the
+    first user turn, as for a record without markers."""
+    greeting = [
+        ("assistant", "<image>\nHello! Ask me about the picture."),
+        ("user", "What is it?"),
+        ("assistant", "A cat."),
+    ]
+
+    def record(turns):
+        if fmt == "llava":
+            names = {"system": "system", "user": "human", "assistant": "gpt"}
+            return {"image": "x.png", "conversations": [{"from": names[r], "value": v} for r, v in turns]}
+        return {"images": ["x.png"], "messages": [{"role": r, "content": v} for r, v in turns]}
+
+    rows = [record(greeting), record(greeting[1:]), record([("system", "Be brief."), *greeting])]
+    convs, _ = read_conversations(write_jsonl(tmp_path / "d.jsonl", rows), fmt)
+    want = [Message("user", "<image>\nWhat is it?"), Message("assistant", "A cat.")]
+    assert [c.messages for c in convs] == [want, want, [Message("system", "Be brief."), *want]]
+    assert [c.trimmed for c in convs] == [True, False, True]
+    # Only one opening turn goes, as in LLaVA: two in a row still break the alternation.
+    twice = record([greeting[0], *greeting])
+    with pytest.raises(DataError, match="message 0: expected role 'user', got 'assistant'"):
+        read_conversations(write_jsonl(tmp_path / "e.jsonl", [twice]), fmt)
