@@ -49,6 +49,8 @@ class PreflightReport:
     """The real run's optimizer steps, as the Trainer computes them (data, epochs or max_steps, batch, world)."""
     timed_lengths: list[int]
     """Full lengths (image tokens included) of the samples or packed rows of the two steps, in step order."""
+    trained_tokens: int
+    """Real (not padding) tokens the two steps trained on, as the trainer counted them."""
     mean_length: float
     """Mean full length of all samples (or packed rows) of the real run."""
     packed: bool
@@ -101,7 +103,7 @@ def preflight(cfg: RunConfig, *, temp_root: str | Path | None = None) -> Preflig
         trial = trial_config(cfg, Path(temp) / "out")
         result = train(trial, callbacks=[timer], order=order)
         steps = real_planned_steps(result.trainer, cfg)
-        peak = result.summary.get("peak_memory_mb", 0.0)
+        peak, tokens = result.summary["peak_memory_mb"], result.summary["tokens"]
         del result  # the trained model and optimizer, before the reload
         assistant = Assistant.load(trial.train.output_dir)
         image = first_image(order.dataset)
@@ -117,6 +119,7 @@ def preflight(cfg: RunConfig, *, temp_root: str | Path | None = None) -> Preflig
         on_gpu=torch.cuda.is_available(),
         planned_steps=steps,
         timed_lengths=[lengths[i] for i in order.indices[: STEPS * per_step]],
+        trained_tokens=tokens,
         mean_length=sum(lengths) / len(lengths),
         packed=isinstance(order.dataset, PackedDataset),
         question=question,
