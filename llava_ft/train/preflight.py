@@ -9,6 +9,7 @@ one, so the real run reuses it; the real output folder is neither created nor ch
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import tempfile
 import time
@@ -104,11 +105,13 @@ def preflight(cfg: RunConfig, *, temp_root: str | Path | None = None) -> Preflig
         result = train(trial, callbacks=[timer], order=order)
         steps = real_planned_steps(result.trainer, cfg)
         peak, tokens = result.summary["peak_memory_mb"], result.summary["tokens"]
-        del result  # the trained model and optimizer, before the reload
+        del result  # the trained model and optimizer go before the reload: two copies may not fit
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         assistant = Assistant.load(trial.train.output_dir)
-        image = first_image(order.dataset)
-        question = IMAGE_QUESTION if image is not None and assistant.has_vision else TEXT_QUESTION
-        query = Query(question, load_image(image) if question == IMAGE_QUESTION else None)
+        image = first_image(order.dataset) if assistant.has_vision else None
+        query = Query(IMAGE_QUESTION, load_image(image)) if image else Query(TEXT_QUESTION)
         answer = assistant.generate([query], max_new_tokens=MAX_NEW_TOKENS)[0]
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     lengths = order.lengths
@@ -122,8 +125,8 @@ def preflight(cfg: RunConfig, *, temp_root: str | Path | None = None) -> Preflig
         trained_tokens=tokens,
         mean_length=sum(lengths) / len(lengths),
         packed=isinstance(order.dataset, PackedDataset),
-        question=question,
-        image=str(image) if query.image is not None else None,
+        question=query.question,
+        image=str(image) if image else None,
         answer=answer,
     )
 
