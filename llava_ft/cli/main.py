@@ -14,6 +14,7 @@ from llava_ft.cli import chat, data, export, serve
 from llava_ft.config import ConfigError, load_config, parse_overrides
 from llava_ft.data.conversation import DataError
 from llava_ft.model.build import check_names
+from llava_ft.train.preflight import preflight
 from llava_ft.train.run import train
 
 
@@ -28,9 +29,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     check_names(cfg, args.config)
     if cfg.train.deepspeed and "RANK" not in os.environ:
         _single_process_group()
-    result = train(cfg, resume=args.resume if args.resume != "auto" else True, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
-        print(f"stage output: {result.output_dir}")
+    if args.preflight:
+        print("\n".join(preflight(cfg).lines()))
+    else:
+        result = train(cfg, resume=args.resume if args.resume != "auto" else True, overwrite=args.overwrite)
+        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
+            print(f"stage output: {result.output_dir}")
     _shut_down_distributed()
     return 0
 
@@ -63,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="run one training stage from a YAML config (+ --section.key value overrides)"
     )
     p.add_argument("config", help="YAML config file")
-    p.add_argument(
+    once = p.add_mutually_exclusive_group()
+    once.add_argument(
+        "--preflight",
+        action="store_true",
+        help="check the run before starting it: two steps on the longest samples into a temporary folder, a "
+        "reload and one answer; prints step time, peak memory and an estimate of the whole run",
+    )
+    once.add_argument(
         "--resume",
         nargs="?",
         const="auto",

@@ -7,11 +7,13 @@ import logging
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset, Sampler
 from transformers import TrainingArguments, set_seed
 
 from llava_ft.config import ConfigError, RunConfig
@@ -43,14 +45,22 @@ class StageResult:
     output_dir: Path
     model: torch.nn.Module
     summary: dict
+    trainer: LlavaTrainer | None = None
 
 
 def train(
-    cfg: RunConfig, *, resume: bool | str = False, overwrite: bool = False, callbacks: list | None = None
+    cfg: RunConfig,
+    *,
+    resume: bool | str = False,
+    overwrite: bool = False,
+    callbacks: list | None = None,
+    order: Callable[[Dataset], Sampler] | None = None,
 ) -> StageResult:
     """One stage. resume: continue from the newest checkpoint-N in the output folder (True) or from the one
     given. overwrite: a fresh run into a folder holding an earlier run's checkpoints removes them; without it
-    such a run is refused (their steps would be mixed with this run's by rotation and --resume)."""
+    such a run is refused (their steps would be mixed with this run's by rotation and --resume). order: the
+    sampler of the train dataset (samples, or packed rows) instead of the configured one (preflight's
+    longest-first)."""
     check_names(cfg)  # scripts that call train() directly fail here too, before anything loads
     started = time.time()
     set_seed(cfg.train.seed)
@@ -94,7 +104,7 @@ def train(
         )
     if len(cfg.data.train) > 1:  # one file's counts were just logged by build_dataset
         log.info("data, all %d files: %s", len(cfg.data.train), stats.summary())
-    train_dataset, collator, sampler = batching(cfg, dataset, tokenizer)
+    train_dataset, collator, sampler = batching(cfg, dataset, tokenizer, order)
 
     # 4. Fit.
     trainer = LlavaTrainer(
@@ -128,17 +138,20 @@ def train(
             save_stage_output(model, cfg, tokenizer, template, out)
             summary = write_summary(out, cfg, trainer, result, stats, model, counts, time.time() - started)
             write_report(out, trainer.state.log_history, summary)
-    return StageResult(out, model, summary)
+    return StageResult(out, model, summary, trainer)
 
 
-def batching(cfg: RunConfig, dataset, tokenizer):
-    """(train dataset, collator, sampler or None) for padded, length-grouped or packed batches."""
+def batching(cfg: RunConfig, dataset, tokenizer, order: Callable[[Dataset], Sampler] | None = None):
+    """(train dataset, collator, sampler or None) for padded, length-grouped or packed batches; `order` gives
+    the sampler of the train dataset when set."""
     pad = pad_id(tokenizer)
     if cfg.data.packing:
         row = cfg.data.pack_length or cfg.data.max_length
         packed = PackedDataset(dataset, dataset.lengths, row, seed=cfg.train.seed)
         log.info("packing into rows of %d tokens: %s", row, packed.stats())
-        return packed, PackedCollator(pad_token_id=pad, row_length=row), None
+        return packed, PackedCollator(pad_token_id=pad, row_length=row), order(packed) if order else None
+    if order is not None:
+        return dataset, Collator(pad_token_id=pad), order(dataset)
     sampler = None
     if cfg.data.group_by_length:
         sampler = LengthGroupedSampler(
