@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Rehearse the real recipe at real shapes on random weights: write stand-ins of InternLM2-Chat-1.8B, CLIP
-# ViT-L/14-336 and LLaVA-558K/665K records in their published layouts (llava_ft/testing/standins.py), then run
-# the README's commands on configs/llava_internlm2_1_8b/ with only paths and step counts overridden: pretrain,
-# finetune (QLoRA r512), train --preflight, chat, export --format hf-llava, and a reload of the export in plain
-# transformers that generates over the 576 image tokens. Prints each step's wall time and peak RSS, and a total.
+# ViT-L/14-336 and LLaVA-558K/665K records in their published layouts (llava_ft/testing/standins.py), then
+# run the README's commands on configs/llava_internlm2_1_8b/ with only paths and step counts overridden:
+# pretrain, finetune (QLoRA r512), train --preflight, chat, export --format hf-llava, and a reload of the
+# export in plain transformers that generates over the 576 image tokens. Prints each step's wall time and
+# peak RSS, and a total.
 #
 #   bash scripts/rehearse_real.sh [--small] [--work-dir DIR]
 #
-# --small (or SCALE=small): the same layouts, tokenizer and commands at narrow, shallow widths (minutes; CI runs
-# it). Full size needs about 16 GB of memory and half an hour on a CPU. DIR (default work_dirs/rehearse, or
-# REHEARSE_DIR) is replaced on each run; a folder this script did not make is refused.
+# --small (or SCALE=small): the same layouts, tokenizer and commands at narrow, shallow widths (minutes; CI
+# runs it); full size needs about 16 GB of memory. DIR (default work_dirs/rehearse, or REHEARSE_DIR) is
+# replaced on each run; a folder this script did not make is refused.
 # REHEARSE_SKIP_PREFLIGHT=1 leaves out the --preflight step.
 set -euo pipefail
 small=false
@@ -22,7 +23,8 @@ while [ $# -gt 0 ]; do
     *) echo "rehearse_real.sh: unknown argument $1 (usage: [--small] [--work-dir DIR])" >&2; exit 2 ;;
   esac
 done
-[ -n "$work" ] && work=$(realpath -m "$work")  # relative to where it was called from, before the cd
+# A folder given is relative to where the script was called from.
+[ -n "$work" ] && work=$(realpath -m "$work")
 cd "$(dirname "$0")/.."
 work=${work:-$PWD/work_dirs/rehearse}
 bash scripts/setup.sh
@@ -73,7 +75,8 @@ processor = AutoProcessor.from_pretrained(folder)
 model = LlavaForConditionalGeneration.from_pretrained(folder)
 features = []
 model.model.multi_modal_projector.register_forward_hook(lambda module, args, out: features.append(out.shape))
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+question = {"type": "text", "text": "What is in the image?"}
+messages = [{"role": "user", "content": [{"type": "image"}, question]}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt")
 placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -97,7 +100,8 @@ data=$work/data/llava
 image=$data/coco/train2017/000000000001.jpg
 models=(--model.llm "$llm" --model.vision.model "$clip" --data.cache_dir "$work/cache")
 pretrain=(configs/llava_internlm2_1_8b/pretrain.yaml "${models[@]}"
-  --data.train.0.path "$data/blip_laion_cc_sbu_558k.json" --data.train.0.image_folder "$data/LLaVA-Pretrain/images"
+  --data.train.0.path "$data/blip_laion_cc_sbu_558k.json"
+  --data.train.0.image_folder "$data/LLaVA-Pretrain/images"
   --train.output_dir "$work/pretrain" --train.max_steps 2)
 finetune=(configs/llava_internlm2_1_8b/finetune.yaml "${models[@]}"
   --data.train.0.path "$data/llava_v1_5_mix665k.json" --data.train.0.image_folder "$data"

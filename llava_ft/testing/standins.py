@@ -1,7 +1,7 @@
-"""Random-weight stand-ins for the real recipe's inputs, in their published layouts, for scripts/rehearse_real.sh.
+"""Random-weight stand-ins for the real recipe's inputs in their published layouts, for scripts/rehearse_real.sh.
 
-InternLM2-Chat-1.8B (bf16 safetensors in two shards with their index, the 92,544-piece sentencepiece tokenizer),
-a transformers CLIP ViT-L/14-336 folder (CLIPModel, image processor) and LLaVA-558K / LLaVA-665K-style records
+InternLM2-Chat-1.8B (bf16 safetensors in two shards with their index, the 92,544-piece sentencepiece
+tokenizer), a transformers CLIP ViT-L/14-336 folder (CLIPModel, image processor) and LLaVA-558K / 665K records
 over 640x480 JPEGs. `small` keeps every layout, the tokenizer and the 576 image tokens, with narrow, shallow
 networks. `python -m llava_ft.testing.standins DIR [--small]` writes them under DIR (see `write_standins`).
 """
@@ -153,8 +153,8 @@ CHAT_IMAGE = f"{DATA_FOLDER}/{FINETUNE_RECORDS[0]['image']}"
 
 
 def write_internlm2_chat_1_8b(out_dir: Path, shapes: Shapes = PUBLISHED) -> Path:
-    """An InternLM2-Chat-1.8B folder as published (config, generation config, bf16 safetensors in two shards with
-    their index, tokenizer.model of 92,544 pieces whose chat markers tokenizer_config.json renames)."""
+    """An InternLM2-Chat-1.8B folder as published (config, generation config, bf16 safetensors in two shards
+    with their index, tokenizer.model of 92,544 pieces whose chat markers tokenizer_config.json renames)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sp_model = write_internlm2_sp_model(
         out_dir / "tokenizer.model",
@@ -176,7 +176,7 @@ def write_internlm2_chat_1_8b(out_dir: Path, shapes: Shapes = PUBLISHED) -> Path
 
 
 def write_clip_vit_l14_336(out_dir: Path, shapes: Shapes = PUBLISHED) -> Path:
-    """A transformers CLIP ViT-L/14-336 folder as published: CLIPModel (both towers) and its image processor."""
+    """A transformers CLIP ViT-L/14-336 folder as published: CLIPModel (both towers), its image processor."""
     write_tiny_hf_clip(
         out_dir,
         **shapes.vision,

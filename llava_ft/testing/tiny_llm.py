@@ -74,8 +74,8 @@ def write_internlm2_sp_model(
     of the sp vocab.
     `add_dummy_prefix=False` gives the variant whose text does not get a leading "▁" (the published one's).
     `piece_names="upstream"` names those pieces as published files do (UPSTREAM_SPECIAL_PIECES), and
-    `tiktoken_style` adds TIKTOKEN_STYLE_PIECES before them. `vocab_size` (92544: the published size) pads with
-    unused filler pieces before the special tokens, so those end at the last ids as published."""
+    `tiktoken_style` adds TIKTOKEN_STYLE_PIECES before them. `vocab_size` (92544: the published size) pads
+    with unused filler pieces before the special tokens, so those take the last ids as published."""
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(_base_sp_model().read_bytes())
     proto.normalizer_spec.add_dummy_prefix = add_dummy_prefix
@@ -88,8 +88,8 @@ def write_internlm2_sp_model(
         needed = len(proto.pieces) + len(INTERNLM2_SPECIAL_TOKENS)
         raise ValueError(f"vocab_size {vocab_size} is smaller than the {needed} pieces it needs")
     for k in range(filler):
-        # Unused pieces are never produced by encoding (sentencepiece resegments them, the fast twin has no merge
-        # to them), so text tokenizes as without them.
+        # Unused pieces are never produced by encoding (sentencepiece resegments them, the fast twin has no
+        # merge to them), so text tokenizes as without them.
         piece = proto.pieces.add()
         piece.piece, piece.score, piece.type = f"<filler_{k}>", 0.0, kinds.UNUSED
     for token in UPSTREAM_SPECIAL_PIECES if piece_names == "upstream" else INTERNLM2_SPECIAL_TOKENS:

@@ -118,8 +118,8 @@ def write_tiny_hf_clip(
     projection_dim: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write a transformers `CLIPVisionModel` folder with a CLIP `preprocessor_config.json`; with `text_config`
-    (CLIPTextConfig fields) a whole `CLIPModel` folder, the layout of published CLIP checkpoints.
+    """Write a transformers `CLIPVisionModel` folder with a CLIP `preprocessor_config.json`; with
+    `text_config` (CLIPTextConfig fields) a whole `CLIPModel` folder, the layout of published CLIP checkpoints.
     `projection_dim` defaults to `width`."""
     vision = CLIPVisionConfig(
         hidden_size=width,
