@@ -67,13 +67,15 @@ def write_internlm2_sp_model(
     add_dummy_prefix: bool = True,
     piece_names: Literal["chat", "upstream"] = "chat",
     tiktoken_style: bool = False,
+    vocab_size: int | None = None,
 ) -> Path:
     """A 32006-piece (32018 with `tiktoken_style`) sentencepiece model: a Llama-style 32k BPE model (shipped with
     mistral-common) plus the InternLM2 special tokens appended as user-defined pieces, so they are single pieces
     of the sp vocab.
     `add_dummy_prefix=False` gives the variant whose text does not get a leading "▁" (the published one's).
     `piece_names="upstream"` names those pieces as published files do (UPSTREAM_SPECIAL_PIECES), and
-    `tiktoken_style` adds TIKTOKEN_STYLE_PIECES before them."""
+    `tiktoken_style` adds TIKTOKEN_STYLE_PIECES before them. `vocab_size` (92544: the published size) pads
+    with unused filler pieces before the special tokens, so those take the last ids as published."""
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(_base_sp_model().read_bytes())
     proto.normalizer_spec.add_dummy_prefix = add_dummy_prefix
@@ -81,6 +83,15 @@ def write_internlm2_sp_model(
     for k, text in enumerate(TIKTOKEN_STYLE_PIECES if tiktoken_style else ()):
         piece = proto.pieces.add()
         piece.piece, piece.score, piece.type = text, -0.5 - k / 100, kinds.NORMAL
+    filler = 0 if vocab_size is None else vocab_size - len(proto.pieces) - len(INTERNLM2_SPECIAL_TOKENS)
+    if filler < 0:
+        needed = len(proto.pieces) + len(INTERNLM2_SPECIAL_TOKENS)
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the {needed} pieces it needs")
+    for k in range(filler):
+        # Unused pieces are never produced by encoding (sentencepiece resegments them, the fast twin has no
+        # merge to them), so text tokenizes as without them.
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = f"<filler_{k}>", 0.0, kinds.UNUSED
     for token in UPSTREAM_SPECIAL_PIECES if piece_names == "upstream" else INTERNLM2_SPECIAL_TOKENS:
         piece = proto.pieces.add()
         piece.piece, piece.score = token, 0.0
@@ -177,27 +188,40 @@ def _write_internlm2_tokenizer(out_dir: Path, tokenizer_model: str | Path | None
 
 
 def _random_internlm2_state_dict(
-    *, vocab: int, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, bias: bool, seed: int
+    *,
+    vocab: int,
+    hidden: int,
+    inter: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    bias: bool,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     # Weights scaled 1/sqrt(fan_in) and norms away from 1, so attention is peaked and every tensor (norms
     # included) visibly changes the logits: a wrong mapping cannot hide behind near-uniform attention.
+    # Each tensor takes `dtype` as it is drawn, so a full-size model never exists in float32 at once.
     g = torch.Generator().manual_seed(seed)
 
     def lin(out_f: int, in_f: int) -> torch.Tensor:
-        return torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
+        return (torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)).to(dtype)
 
     def norm() -> torch.Tensor:
-        return 1.0 + 0.2 * torch.randn(hidden, generator=g)
+        return (1.0 + 0.2 * torch.randn(hidden, generator=g)).to(dtype)
+
+    def vector(n: int) -> torch.Tensor:
+        return (0.1 * torch.randn(n, generator=g)).to(dtype)
 
     head_dim = hidden // heads
-    sd = {"model.tok_embeddings.weight": torch.randn(vocab, hidden, generator=g)}
+    sd = {"model.tok_embeddings.weight": torch.randn(vocab, hidden, generator=g).to(dtype)}
     for i in range(layers):
         p = f"model.layers.{i}."
         sd[p + "attention.wqkv.weight"] = lin((heads + 2 * kv_heads) * head_dim, hidden)
         sd[p + "attention.wo.weight"] = lin(hidden, heads * head_dim)
         if bias:
-            sd[p + "attention.wqkv.bias"] = 0.1 * torch.randn((heads + 2 * kv_heads) * head_dim, generator=g)
-            sd[p + "attention.wo.bias"] = 0.1 * torch.randn(hidden, generator=g)
+            sd[p + "attention.wqkv.bias"] = vector((heads + 2 * kv_heads) * head_dim)
+            sd[p + "attention.wo.bias"] = vector(hidden)
         sd[p + "feed_forward.w1.weight"] = lin(inter, hidden)
         sd[p + "feed_forward.w3.weight"] = lin(inter, hidden)
         sd[p + "feed_forward.w2.weight"] = lin(hidden, inter)
@@ -258,10 +282,12 @@ def write_tiny_internlm2(
     tokenizer_model: str | Path | None = None,
     shards: int = 1,
     fmt: Literal["safetensors", "bin"] = "safetensors",
+    dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> Path:
     """Random InternLM2 checkpoint + tokenizer in the upstream on-disk layout. vocab_size defaults to the
-    tokenizer's piece count (32018 with the default sentencepiece model). Returns out_dir."""
+    tokenizer's piece count (32018 with the default sentencepiece model). `dtype` is the saved weights' and
+    config's torch_dtype (published checkpoints: bfloat16). Returns out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sp_size = _write_internlm2_tokenizer(out_dir, tokenizer_model)
@@ -297,7 +323,7 @@ def write_tiny_internlm2(
         "rope_scaling": rope_scaling,
         "rope_theta": rope_theta,
         "tie_word_embeddings": False,
-        "torch_dtype": "float32",
+        "torch_dtype": str(dtype).removeprefix("torch."),
         "transformers_version": "4.41.0",
         "use_cache": True,
         "vocab_size": vocab_size,
@@ -314,6 +340,7 @@ def write_tiny_internlm2(
         kv_heads=num_kv_heads,
         bias=bias,
         seed=seed,
+        dtype=dtype,
     )
     _save_shards(sd, out_dir, shards, fmt)
     return out_dir

@@ -15,7 +15,7 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from llava_ft.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
 from llava_ft.model.clip_convert import write_clip_preprocessor_config
@@ -114,10 +114,14 @@ def write_tiny_hf_clip(
     layers: int = 2,
     heads: int = 2,
     hidden_act: str = "quick_gelu",
+    text_config: dict[str, Any] | None = None,
+    projection_dim: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write a transformers `CLIPVisionModel` folder with a CLIP `preprocessor_config.json`."""
-    config = CLIPVisionConfig(
+    """Write a transformers `CLIPVisionModel` folder with a CLIP `preprocessor_config.json`; with
+    `text_config` (CLIPTextConfig fields) a whole `CLIPModel` folder, the layout of published CLIP checkpoints.
+    `projection_dim` defaults to `width`."""
+    vision = CLIPVisionConfig(
         hidden_size=width,
         intermediate_size=4 * width,
         num_hidden_layers=layers,
@@ -125,11 +129,19 @@ def write_tiny_hf_clip(
         image_size=image_size,
         patch_size=patch_size,
         hidden_act=hidden_act,
-        projection_dim=width,
+        projection_dim=projection_dim or width,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIPVisionModel(config)
+        if text_config is None:
+            model = CLIPVisionModel(vision)
+        else:
+            config = CLIPConfig(
+                text_config={"hidden_act": hidden_act, **text_config},
+                vision_config=vision.to_dict(),
+                projection_dim=projection_dim or width,
+            )
+            model = CLIPModel(config)
         _perturb_vectors(model)
     out = Path(out_dir)
     model.save_pretrained(out)
