@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -209,13 +210,34 @@ def _hf_folder(cfg: VisionSection) -> Path:
     return folder
 
 
+# What a whole CLIPModel checkpoint holds beyond the vision tower.
+_CLIP_TEXT_SIDE = re.compile(r"(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
+
+
 def _build_hf(cfg: VisionSection) -> HFClipVisionTower:
     folder = _hf_folder(cfg)
-    model, info = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)
+    # A published CLIP folder holds the whole CLIPModel: transformers' load report would list every text-tower
+    # key as unexpected (hundreds of lines per load). It is silenced and the keys are judged here instead.
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        model, info = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)
+    finally:
+        report.setLevel(level)
     # transformers only warns about missing weights; a half-random tower must not train silently.
     if info["missing_keys"]:
         raise ValueError(
             f"{folder}: vision weights missing from the checkpoint: {sorted(info['missing_keys'])}"
+        )
+    if other := sorted(k for k in info["unexpected_keys"] if not _CLIP_TEXT_SIDE.match(k)):
+        more = f" (and {len(other) - 5} more)" if len(other) > 5 else ""
+        logger.warning(
+            "%s: %d checkpoint key(s) not used by the vision tower: %s%s",
+            folder,
+            len(other),
+            ", ".join(other[:5]),
+            more,
         )
     return HFClipVisionTower(cfg, model, _hf_processor(folder, model.config.image_size, cfg.image_aspect))
 

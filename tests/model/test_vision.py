@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -136,8 +138,9 @@ def test_pretrained_weights_file_with_a_named_config(open_clip_dir):
         torch.testing.assert_close(named(pixels), local(pixels), atol=0, rtol=0)
 
 
-def test_hf_tower_loads_a_whole_clip_model_folder(tmp_path):
-    """LLaVA's towers are published as whole CLIPModel checkpoints (vision_model.* keys)."""
+def test_hf_tower_loads_a_whole_clip_model_folder(tmp_path, capfd, caplog):
+    """LLaVA's towers are published as whole CLIPModel checkpoints (vision_model.* keys). The text tower's keys
+    are expected there: no load report lists them; a key of neither tower is named in one line."""
     config = CLIPConfig(
         text_config={
             "hidden_size": 16,
@@ -163,6 +166,15 @@ def test_hf_tower_loads_a_whole_clip_model_folder(tmp_path):
         expected = hf_block_outputs(clip.vision_model, pixels)[-2][:, 1:]
         torch.testing.assert_close(t(pixels), expected, atol=1e-5, rtol=0)
     assert tokens_per_image(VisionSection("hf", str(tmp_path))) == t.num_tokens == GRID**2
+    printed = capfd.readouterr()
+    assert "text_model" not in printed.out + printed.err + caplog.text
+    weights = tmp_path / "model.safetensors"
+    save_file({**load_file(weights), "stray.weight": torch.zeros(1)}, weights, metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tower("hf", tmp_path)
+    assert "1 checkpoint key(s) not used by the vision tower: stray.weight" in caplog.text
+    assert "text_model" not in caplog.text
 
 
 def test_bf16_tower_accepts_fp32_pixels(open_clip_dir):
