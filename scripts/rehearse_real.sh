@@ -11,7 +11,6 @@
 # --small (or SCALE=small): the same layouts, tokenizer and commands at narrow, shallow widths (minutes; CI
 # runs it); full size needs about 16 GB of memory. DIR (default work_dirs/rehearse, or REHEARSE_DIR) is
 # replaced on each run; a folder this script did not make is refused.
-# REHEARSE_SKIP_PREFLIGHT=1 leaves out the --preflight step.
 set -euo pipefail
 small=false
 [ "${SCALE:-}" = small ] && small=true
@@ -108,11 +107,7 @@ finetune=(configs/llava_internlm2_1_8b/finetune.yaml "${models[@]}"
   --train.init_from "$work/pretrain" --train.output_dir "$work/finetune" --train.max_steps 2)
 
 step "pretrain (NF4 LLM, 2 steps)" bash scripts/pretrain.sh "${pretrain[@]}"
-if [ "${REHEARSE_SKIP_PREFLIGHT:-0}" = 1 ]; then
-  printf '\n=== rehearse: preflight\nrehearse: preflight: skipped (REHEARSE_SKIP_PREFLIGHT=1)\n'
-else
-  step "preflight (finetune)" "$LF" train "${finetune[@]}" --preflight
-fi
+step "preflight (finetune)" "$LF" train "${finetune[@]}" --preflight
 step "finetune (QLoRA r512, 2 steps)" bash scripts/finetune.sh "${finetune[@]}"
 step "chat" "$LF" chat "$work/finetune" --image "$image" --question "What colours are the shapes?" \
   --max-new-tokens 8 </dev/null
