@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mistral_common
 import pytest
+from PIL import Image
 from transformers import LlamaTokenizer
 
 from llava_ft.cli.data import add_data_commands, main
@@ -162,7 +163,8 @@ def test_preview_index_converts_only_the_chosen_record(tmp_path, capsys, tok_dir
     assert code == 2 and f"{data}: no record at index 4 (the file has 4 records)" in err
 
 
-def test_check_with_image_folder_reports_missing_images(tmp_path, capsys, tok_dir):
+def test_check_with_image_folder_reports_missing_images(tmp_path, capsys, tok_dir, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default cache keeps the image verdicts
     data = write(tmp_path / "d.jsonl", [*RECORDS, {**RECORDS[0], "image": "sub/y.png"}])
     images = tmp_path / "images"
     images.mkdir()
@@ -174,9 +176,13 @@ def test_check_with_image_folder_reports_missing_images(tmp_path, capsys, tok_di
     assert "3 records read, 2 bad" in out and "kept 1," in out
     assert f"{data}:1: image x.png: file not found in {images}" in out
     assert f"{data}:3: image sub/y.png: file not found in {images}" in out
-    (images / "x.png").touch()  # existence only: nothing is decoded
+    (images / "x.png").touch()  # there, but empty: opened and refused
     (images / "sub").mkdir()
-    (images / "sub" / "y.png").touch()
+    Image.new("RGB", (4, 3)).save(images / "sub" / "y.png")
+    code, out, _ = run(capsys, *common, "--image-folder", images)
+    assert code == 1 and "3 records read, 1 bad" in out
+    assert f"{data}:1: image x.png: not a readable image (empty file)" in out
+    Image.new("RGB", (4, 3)).save(images / "x.png")
     code, out, _ = run(capsys, *common, "--image-folder", images)
     assert code == 0 and "3 records read, 0 bad" in out
     code, _, err = run(capsys, *common, "--image-folder", tmp_path / "nowhere")
@@ -204,7 +210,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cfg_run")
     cfg = tiny_config(root / "models")
     (root / "img").mkdir()
-    (root / "img" / "x.png").touch()
+    Image.new("RGB", (4, 3)).save(root / "img" / "x.png")
     first = write(root / "a.jsonl", RECORDS)
     second = write(root / "b.jsonl", [{**RECORDS[0], "image": "gone.png"}, RECORDS[1]])
     cfg.data.train = [DataSource(str(first), image_folder=str(root / "img")),
@@ -243,7 +249,8 @@ def test_prepare_with_config_warms_the_cache_training_reads(tiny_run, capsys, mo
     from llava_ft.model.build import build_vision
 
     root, cfg = tiny_run
-    code, out, _ = run(capsys, "prepare", "--config", root / "run.yaml", "--data", root / "a.jsonl")
+    code, out, _ = run(capsys, "prepare", "--config", root / "run.yaml", "--data", root / "a.jsonl",
+                       "--image-folder", root / "img")  # fmt: skip
     assert code == 0 and f"cached ({root / 'cache'}" in out
     monkeypatch.setattr(prep, "_build", lambda *a: pytest.fail("a cache miss: the data was tokenized again"))
     cfg.data.train = cfg.data.train[:1]
