@@ -249,11 +249,12 @@ def _render_text(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 def _image_folder(args: argparse.Namespace, setup: _Setup, src: DataSource) -> str | None:
     """The folder whose images `src` names: the flag's, else with a config where training reads them, else none
     (the images are not looked at)."""
-    if args.image_folder is None and setup.from_config:
-        return src.image_folder or os.path.dirname(src.path) or "."
-    if args.image_folder is not None and not os.path.isdir(args.image_folder):
-        raise DataError(args.image_folder, "image folder not found")
-    return args.image_folder
+    folder = args.image_folder
+    if folder is None and setup.from_config:
+        folder = src.image_folder or os.path.dirname(src.path) or "."
+    if folder is not None and not os.path.isdir(folder):
+        raise DataError(folder, "image folder not found")
+    return folder
 
 
 def _drop_bad_images(table, folder: str, stats: EncodeStats, bad: BadRecords, setup: _Setup, skip_bad: bool,

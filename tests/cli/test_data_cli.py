@@ -189,6 +189,39 @@ def test_check_with_image_folder_reports_missing_images(tmp_path, capsys, tok_di
     assert code == 2 and f"{tmp_path / 'nowhere'}: image folder not found" in err
 
 
+def test_check_and_prepare_name_each_bad_image_with_its_record(tmp_path, capsys, tok_dir, monkeypatch):
+    from llava_ft.testing.quirks import quirks_records, write_quirks
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    quirks = write_quirks(tmp_path / "images")
+    data = write(tmp_path / "q.jsonl", quirks_records(quirks))
+    common = ["--data", data, "--template", "internlm2_chat", "--tokenizer", tok_dir, "--num-image-tokens", N_IMG,
+              "--image-folder", quirks.folder]  # fmt: skip
+    code, out, err = run(capsys, "check", *common)
+    assert code == 1 and "5 bad record(s)" in err
+    assert f"{len(quirks.names)} records read, 5 bad" in out and f"kept {len(quirks.good)}," in out
+    for line, name in enumerate(quirks.names, start=1):
+        named = [row for row in out.splitlines() if row.strip().startswith(f"{data}:{line}: ")]
+        if name in quirks.bad:
+            assert len(named) == 1 and f"image {name}: " in named[0] and quirks.bad[name] in named[0]
+        else:
+            assert not named
+    assert f"{quirks.folder}: images {len(quirks.names)}: 5 bad (1 missing), 12 decoded" in out
+
+    cache = tmp_path / "cache"
+    code, _, err = run(capsys, "prepare", *common, "--output", cache)  # as training: stops without skip_bad
+    [error] = [line for line in err.splitlines() if "error:" in line]  # stderr holds the progress bars too
+    assert code == 2 and f"error: {data}:9: image truncated.jpg: image data is corrupt" in error
+    assert error.endswith("; 4 more record(s) with bad images (data.skip_bad skips them)")
+    code, out, _ = run(capsys, "prepare", *common, "--output", cache, "--skip-bad")
+    assert (
+        code == 0
+        and f"{len(quirks.names)} records read, 5 bad" in out
+        and f"{data}:13: image missing.jpg" in out
+    )
+    assert "0 decoded" in out  # the verdicts of the run before, cached with the prepared data
+
+
 def test_registers_under_a_parent_parser():
     parser = argparse.ArgumentParser(prog="llava-ft")
     add_data_commands(parser.add_subparsers(dest="command"))

@@ -72,13 +72,15 @@ def test_warm_check_decodes_nothing_and_a_changed_file_is_decoded_again(quirks, 
     stamp = fixed.stat()
     Image.new("RGB", (5, 5)).save(fixed, format="JPEG")
     os.utime(fixed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    touched = quirks.folder / "rgba.png"  # same bytes, a new modification time
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
     decoded = []
     real = image_check.image_problem
     monkeypatch.setattr(
         image_check, "image_problem", lambda path: decoded.append(Path(path).name) or real(path)
     )
     again = check_images(quirks.folder, quirks.names, cache_dir=cache)
-    assert sorted(decoded) == ["grey.png", "truncated.jpg"] and again.decoded == 2
+    assert sorted(decoded) == ["grey.png", "rgba.png", "truncated.jpg"] and again.decoded == 3
     assert "grey.png" in again.problems and "truncated.jpg" not in again.problems
 
 
