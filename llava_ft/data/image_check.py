@@ -92,6 +92,33 @@ def check_images(
     many to decode, else 1."""
     started = time.perf_counter()
     names = sorted(set(paths))
+    problems, current = _stat_all(folder, names)
+    missing = len(problems)
+    file = verdicts_file(folder, cache_dir) if use_cache else None
+    checker = checker_version()
+    cached = _read_verdicts(file, checker) if file is not None else None
+    verdicts, known = _reuse(current, cached)
+    todo = np.flatnonzero(~known).tolist()
+    present = current["path"].to_pylist()
+    processes = _processes(len(todo), num_proc, alone=use_cache)
+    for row, problem in zip(todo, _decode_all(folder, [present[i] for i in todo], processes, progress)):
+        verdicts[row] = problem
+    problems.update((name, p) for name, p in zip(present, verdicts) if p is not None)
+    if file is not None and todo:
+        fresh = current.append_column("problem", pa.array(verdicts, pa.string()))
+        _write_verdicts(file, checker, fresh, cached)
+    return ImageCheck(
+        dict(sorted(problems.items())),
+        len(names),
+        missing,
+        len(todo),
+        processes,
+        time.perf_counter() - started,
+    )
+
+
+def _stat_all(folder: str | os.PathLike, names: list[str]) -> tuple[dict[str, str], pa.Table]:
+    """(name -> problem for those that are no readable file, a table path/size/mtime_ns of the others)."""
     problems: dict[str, str] = {}
     present, sizes, mtimes = [], [], []
     for name in names:
@@ -109,39 +136,29 @@ def check_images(
         present.append(name)
         sizes.append(st.st_size)
         mtimes.append(st.st_mtime_ns)
-    missing = len(problems)
     current = pa.table(
         [pa.array(present, pa.string()), pa.array(sizes, pa.int64()), pa.array(mtimes, pa.int64())],
         names=["path", "size", "mtime_ns"],
     )
+    return problems, current
 
-    file = verdicts_file(folder, cache_dir) if use_cache else None
-    checker = checker_version()
-    cached = _read_verdicts(file, checker) if file is not None else None
-    verdicts: list[str | None] = [None] * len(present)
-    known = np.zeros(len(present), dtype=bool)
-    if cached is not None and len(present):
-        at = pa.compute.index_in(current["path"], value_set=cached["path"]).fill_null(-1).to_numpy()
-        rows = np.flatnonzero(at >= 0)
-        same = (cached["size"].to_numpy()[at[rows]] == current["size"].to_numpy()[rows]) & (
-            cached["mtime_ns"].to_numpy()[at[rows]] == current["mtime_ns"].to_numpy()[rows]
-        )
-        rows = rows[same]
-        known[rows] = True
-        for row, problem in zip(rows.tolist(), cached["problem"].take(at[rows]).to_pylist()):
-            verdicts[row] = problem
 
-    todo = np.flatnonzero(~known).tolist()
-    processes = _processes(len(todo), num_proc, alone=use_cache)
-    for row, problem in zip(todo, _decode_all(folder, [present[i] for i in todo], processes, progress)):
+def _reuse(current: pa.Table, cached: pa.Table | None) -> tuple[list[str | None], np.ndarray]:
+    """Per row of `current`: the cached verdict, and whether there is one for its path, size and mtime_ns."""
+    verdicts: list[str | None] = [None] * len(current)
+    known = np.zeros(len(current), dtype=bool)
+    if cached is None or not len(current):
+        return verdicts, known
+    at = pa.compute.index_in(current["path"], value_set=cached["path"]).fill_null(-1).to_numpy()
+    rows = np.flatnonzero(at >= 0)
+    same = (cached["size"].to_numpy()[at[rows]] == current["size"].to_numpy()[rows]) & (
+        cached["mtime_ns"].to_numpy()[at[rows]] == current["mtime_ns"].to_numpy()[rows]
+    )
+    rows = rows[same]
+    known[rows] = True
+    for row, problem in zip(rows.tolist(), cached["problem"].take(at[rows]).to_pylist()):
         verdicts[row] = problem
-    problems.update((name, p) for name, p in zip(present, verdicts) if p is not None)
-    problems = dict(sorted(problems.items()))
-    if file is not None and todo:
-        _write_verdicts(
-            file, checker, current.append_column("problem", pa.array(verdicts, pa.string())), cached
-        )
-    return ImageCheck(problems, len(names), missing, len(todo), processes, time.perf_counter() - started)
+    return verdicts, known
 
 
 def _processes(count: int, num_proc: int | None, *, alone: bool) -> int:
