@@ -96,9 +96,9 @@ def main() -> None:
         started = time.perf_counter()
         path = write_data(root, args.n)
         tok_dir = args.tokenizer or write_internlm2_tokenizer(root / "tok")
-        print(
-            f"wrote {args.n} records and 640x480 JPEGs in {time.perf_counter() - started:.1f} s under {root}"
-        )
+        mean_kb = np.mean([f.stat().st_size for f in (root / "images").glob("*/*.jpg")][:DISTINCT]) / 1024
+        print(f"wrote {args.n} records and 640x480 JPEGs (mean {mean_kb:.0f} KB) in "
+              f"{time.perf_counter() - started:.1f} s under {root}")  # fmt: skip
         tok = load_tokenizer(tok_dir)
         data = DataSection(train=[DataSource(str(path), image_folder=str(root / "images"))], max_length=2048,
                            num_proc=args.num_proc, cache_dir=str(root / "cache"))  # fmt: skip

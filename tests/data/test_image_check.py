@@ -13,7 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
+import psutil  # installed with accelerate, which requires it
 import pytest
 from PIL import Image, ImageFile
 
