@@ -156,7 +156,9 @@ def _reuse(current: pa.Table, cached: pa.Table | None) -> tuple[list[str | None]
     )
     rows = rows[same]
     known[rows] = True
-    for row, problem in zip(rows.tolist(), cached["problem"].take(at[rows]).to_pylist()):
+    found = cached["problem"].take(at[rows])
+    bad = np.flatnonzero(found.is_valid().to_numpy(zero_copy_only=False))  # the readable ones stay None
+    for row, problem in zip(rows[bad].tolist(), found.take(bad).to_pylist()):
         verdicts[row] = problem
     return verdicts, known
 
