@@ -2,9 +2,11 @@
 
     llava-ft data preview --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--index 3] [--json]
     llava-ft data check   --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--skip-bad]
-                          [--image-folder DIR]   (prepare's path, every bad record listed; also: image files exist)
+                          [--image-folder DIR]   (prepare's path, every bad record listed; also: every image
+                          opened and decoded, each missing or unreadable one named with its record)
     llava-ft data prepare --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--num-proc N]
-                          [--no-cache] [--output CACHE_DIR]   (what training runs; cached for it)
+                          [--no-cache] [--output CACHE_DIR] [--image-folder DIR]   (what training runs; cached
+                          for it, the images' verdicts too)
     llava-ft data check --config CONFIG.yaml   (every data.train file, as that config trains on it)
 
 Also runs standalone: `python -m llava_ft.cli.data preview ...`.
@@ -29,7 +31,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from llava_ft.config import DataSection, DataSource, load_config
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Conversation, DataError
-from llava_ft.data.dataset import data_encoder, drop_missing_images, table_column
+from llava_ft.data.dataset import data_encoder, drop_bad_images, table_column
 from llava_ft.data.prepare import compact_tokens, prepare, throughput_line
 from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
@@ -40,6 +42,11 @@ from llava_ft.model.vision import tokens_per_image
 
 GREEN, CYAN, RESET = "\x1b[32m", "\x1b[36m", "\x1b[0m"
 DEFAULT_IMAGE_TOKENS = 576
+IMAGE_FOLDER_HELP = (
+    "folder the records' image paths are relative to (data.train[].image_folder; with --config, the config's): "
+    "open and decode every image, naming each missing or unreadable one with its record (verdicts are cached "
+    "by file size and modification time, as training keeps them)"
+)
 
 
 def add_data_commands(subparsers) -> None:
@@ -81,12 +88,7 @@ def _add_subcommands(sub) -> None:
         "check", parents=[common], help="counts, token lengths, truncation, drops, bad records"
     )
     c.add_argument("--skip-bad", action="store_true", help="exit 0 even if some records are bad")
-    c.add_argument(
-        "--image-folder",
-        default=None,
-        help="folder the records' image paths are relative to (data.train[].image_folder): check that each "
-        "image file exists",
-    )
+    c.add_argument("--image-folder", default=None, help=IMAGE_FOLDER_HELP)
     c.set_defaults(func=cmd_check)
 
     r = sub.add_parser(
@@ -101,6 +103,7 @@ def _add_subcommands(sub) -> None:
     )
     r.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     r.add_argument("--output", default=None, help="cache folder (default ~/.cache/llava_ft/prepared)")
+    r.add_argument("--image-folder", default=None, help=IMAGE_FOLDER_HELP)
     r.set_defaults(func=cmd_prepare)
 
 
@@ -248,36 +251,53 @@ def _render_text(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 # ---------------------------------------------------------------- check
 
 
+def _image_folder(args: argparse.Namespace, setup: _Setup, src: DataSource) -> str | None:
+    """The folder whose images `src` names: the flag's, else with a config where training reads them, else none
+    (the images are not looked at)."""
+    folder = args.image_folder
+    if folder is None and setup.from_config:
+        folder = src.image_folder or os.path.dirname(src.path) or "."
+    if folder is not None and not os.path.isdir(folder):
+        raise DataError(folder, "image folder not found")
+    return folder
+
+
+def _drop_bad_images(table, folder: str, stats: EncodeStats, bad: BadRecords, setup: _Setup, skip_bad: bool,
+                     cache_dir: str | None, use_cache: bool):  # fmt: skip
+    """Training's image check (`drop_bad_images`); a record with a bad image moves from the counts to `bad`, as
+    reading errors are listed. Prints the check's counts; returns the rows left."""
+    before = len(stats.problems)
+    table, check = drop_bad_images(table, Path(folder), stats, skip_bad=skip_bad,
+                                   num_image_tokens=setup.encoder.num_image_tokens, num_proc=setup.data.num_proc,
+                                   cache_dir=cache_dir, use_cache=use_cache, progress=True)  # fmt: skip
+    bad.items += stats.take_unkept(len(stats.problems) - before)
+    print(f"{folder}: {check.summary()}")
+    return table
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     setup = _setup(args)
     failed = 0
     for src in setup.data.train:
-        folder = args.image_folder
-        if folder is None and setup.from_config:  # as training checks them
-            folder = src.image_folder or os.path.dirname(src.path) or "."
-        failed += _check_file(src, setup.encoder, folder, setup.data.num_proc)
+        failed += _check_file(src, setup, _image_folder(args, setup, src))
     if failed and not (args.skip_bad or setup.data.skip_bad):
         print(f"{failed} bad record(s); fix them or pass --skip-bad", file=sys.stderr)
         return 1
     return 0
 
 
-def _check_file(src: DataSource, encoder: Encoder, image_folder: str | None, num_proc: int | None) -> int:
+def _check_file(src: DataSource, setup: _Setup, image_folder: str | None) -> int:
     """Print one file's counts; return its bad records. Runs `prepare` (what training runs, at its speed) with
-    every bad record reported and nothing cached, then checks the image files as training does."""
-    if image_folder is not None and not os.path.isdir(image_folder):
-        raise DataError(image_folder, "image folder not found")
-    done = prepare(src.path, encoder, fmt=src.format, skip_bad=True, num_proc=num_proc, use_cache=False,
-                   progress=True)  # fmt: skip
+    every bad record reported and nothing cached, then checks the images as training does (their verdicts
+    cached as training caches them)."""
+    data = setup.data
+    done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=True, num_proc=data.num_proc,
+                   use_cache=False, progress=True)  # fmt: skip
     stats, bad, table = done.stats, done.bad, done.dataset
-    read = stats.records + len(bad)  # before missing images move records from the counts to `bad`
+    read = stats.records + len(bad)  # before bad images move records from the counts to `bad`
     if image_folder is not None:
-        # A missing image makes its record bad here, as reading errors do (training skips it under skip_bad).
-        before = len(stats.problems)
-        table = drop_missing_images(
-            table, Path(image_folder), stats, skip_bad=True, num_image_tokens=encoder.num_image_tokens
-        )
-        bad.items += stats.take_unkept(len(stats.problems) - before)
+        # A bad image makes its record bad here, as reading errors do (training skips it under skip_bad).
+        table = _drop_bad_images(table, image_folder, stats, bad, setup, True, data.cache_dir, data.cache)
     with_images = pa.compute.sum(pa.compute.list_value_length(table_column(table, "images")).cast("bool"))
     _print_counts(
         src.path,
@@ -312,12 +332,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     # A config's own settings key the cache as training keys it, so training then loads what this prepared.
     data = setup.data
     output = args.output or data.cache_dir
+    skip_bad, use_cache = args.skip_bad or data.skip_bad, not args.no_cache and data.cache
+    data.num_proc = args.num_proc or data.num_proc
     for src in data.train:
-        done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=args.skip_bad or data.skip_bad,
-                       num_proc=args.num_proc or data.num_proc, cache_dir=output,
-                       use_cache=not args.no_cache and data.cache, progress=True)  # fmt: skip
+        folder = _image_folder(args, setup, src)
+        done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=skip_bad, num_proc=data.num_proc,
+                       cache_dir=output, use_cache=use_cache, progress=True)  # fmt: skip
         read = done.stats.records + len(done.bad)
-        _print_counts(src.path, read, done.stats, done.bad, table_column(done.dataset, "length"))
+        table = done.dataset
+        if folder is not None:  # as training checks them: a bad image stops here unless skip_bad
+            table = _drop_bad_images(table, folder, done.stats, done.bad, setup, skip_bad, output, use_cache)
+        _print_counts(src.path, read, done.stats, done.bad, table_column(table, "length"))
         folder = output or "the default folder"
         if done.cache == "hit":
             print(f"cache hit ({folder}, key {done.key}): loaded in {done.seconds:.2f} s")

@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 from llava_ft.config import DataSection
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import DataError
-from llava_ft.data.images import load_image, missing_image_problem, missing_images
+from llava_ft.data.image_check import ImageCheck, check_images
+from llava_ft.data.images import bad_image_problem, load_image
 from llava_ft.data.prepare import prepare
 from llava_ft.data.sources import effective_format
 from llava_ft.data.tokenize import Encoder, EncodeStats
@@ -95,41 +96,50 @@ def table_column(table: datasets.Dataset, name: str) -> pa.ChunkedArray:
     return table.select_columns([name]).with_format("arrow")[:][name]
 
 
-def drop_missing_images(
-    table: datasets.Dataset, folder: Path, stats: EncodeStats, *, skip_bad: bool, num_image_tokens: int
-) -> datasets.Dataset:
-    """The rows whose image files all exist (checked, not decoded), so that a missing image stops the run before
-    training rather than at the step that first draws it. A missing image makes its record bad: raised naming the
-    record and the path, or under `skip_bad` the row is left out (an indices mapping; the table stays mapped)
-    and counted by `stats.unkeep`."""
+def drop_bad_images(
+    table: datasets.Dataset,
+    folder: Path,
+    stats: EncodeStats,
+    *,
+    skip_bad: bool,
+    num_image_tokens: int,
+    num_proc: int | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> tuple[datasets.Dataset, ImageCheck]:
+    """The rows whose images are all readable (`check_images`: every file opened and decoded once, verdicts
+    cached), so that a bad image stops the run before the model is built rather than at the step that first
+    draws it. A missing or unreadable image makes its record bad: raised naming the record and the image, or
+    under `skip_bad` the row is left out (an indices mapping; the table stays mapped) and counted by
+    `stats.unkeep`. Returns the rows and the check's counts."""
     column = table.data.column("images")
     flat = pa.compute.list_flatten(column).to_pylist()  # the path column only: nothing else leaves Arrow
-    missing = missing_images(folder, flat) if flat else set()
-    if not missing:
-        return table
+    check = check_images(
+        folder, flat, num_proc=num_proc, cache_dir=cache_dir, use_cache=use_cache, progress=progress
+    )
+    if not check.problems:
+        return table, check
     owner = pa.compute.list_parent_indices(column).to_numpy()
-    absent: dict[int, list[str]] = {}  # row -> its missing images, in order
-    for j in np.flatnonzero(np.fromiter((p in missing for p in flat), bool, len(flat))):
-        absent.setdefault(int(owner[j]), []).append(flat[j])
-    rows = sorted(absent)
+    bad: dict[int, list[tuple[str, str]]] = {}  # row -> its bad images with their problems, in order
+    for j in np.flatnonzero(np.fromiter((p in check.problems for p in flat), bool, len(flat))):
+        bad.setdefault(int(owner[j]), []).append((flat[j], check.problems[flat[j]]))
+    rows = sorted(bad)
     sources = table.data.column("source").take(pa.array(rows)).to_pylist()
 
-    def problem(row: int) -> str:
-        return missing_image_problem(absent[row], folder)
-
     if not skip_bad:
-        others = f"; {len(rows) - 1} more record(s) with missing images" if len(rows) > 1 else ""
-        raise DataError(sources[0], f"{problem(rows[0])}{others} (data.skip_bad skips them)")
+        others = f"; {len(rows) - 1} more record(s) with bad images" if len(rows) > 1 else ""
+        raise DataError(sources[0], f"{bad_image_problem(bad[rows[0]])}{others} (data.skip_bad skips them)")
     removed = table.data.table.select(["length", "labels", "images"]).take(pa.array(rows))
     labels = pa.compute.list_flatten(removed.column("labels"))
     stats.unkeep(
-        [(source, problem(row)) for source, row in zip(sources, rows)],
+        [(source, bad_image_problem(bad[row])) for source, row in zip(sources, rows)],
         total=int(pa.compute.sum(removed.column("length")).as_py()),
         supervised=int(pa.compute.sum(pa.compute.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
         image=int(pa.compute.sum(pa.compute.list_value_length(removed.column("images"))).as_py() or 0)
         * num_image_tokens,
     )
-    return table.select(np.setdiff1d(np.arange(len(table)), rows))
+    return table.select(np.setdiff1d(np.arange(len(table)), rows)), check
 
 
 def data_encoder(data: DataSection, tokenizer, template, num_image_tokens: int):
@@ -169,13 +179,24 @@ def build_dataset(
         # Records skipped at reading are counted in the run's totals (summary.json), not only in that warning.
         stats = EncodeStats().merge(prepared.stats).add_bad(prepared.bad)
         folder = Path(src.image_folder) if src.image_folder else Path(src.path).parent
-        # After the cache too: images can go missing after the data was prepared.
-        table = drop_missing_images(
-            prepared.dataset, folder, stats, skip_bad=data.skip_bad, num_image_tokens=num_image_tokens
+        # After the cache too: images can go missing or change after the data was prepared.
+        table, check = drop_bad_images(
+            prepared.dataset,
+            folder,
+            stats,
+            skip_bad=data.skip_bad,
+            num_image_tokens=num_image_tokens,
+            num_proc=num_proc,
+            cache_dir=cache_dir,
+            use_cache=data.cache,
         )
+        if check.images:
+            log.info("%s: %s", src.path, check.summary())
         if stats.skipped > len(prepared.bad):
             log.warning(
-                "%s: %d record(s) skipped: image file missing", src.path, stats.skipped - len(prepared.bad)
+                "%s: %d record(s) skipped: image missing or unreadable",
+                src.path,
+                stats.skipped - len(prepared.bad),
             )
         log.info("%s (%s, %.1f s): %s", src.path, prepared.cache, prepared.seconds, stats.summary())
         parts.append((table, folder))

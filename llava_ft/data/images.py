@@ -8,7 +8,6 @@ normalize) with PIL, plus LLaVA-1.5's pad-to-square with the mean colour. It equ
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,18 +57,25 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = TRANSPARENT_BACK
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image as RGB (`to_rgb`); any failure is a `DataError` naming the path.
+    """Open and fully decode an image as RGB (`to_rgb`); any failure is a `DataError` naming the path. The one
+    definition of a readable image: `image_problem` (the check before training) asks this.
 
     EXIF orientation is not applied, as in LLaVA's loader, so features match the reference pipeline.
     """
     where = os.fspath(path)
     if not os.path.isfile(where):
         raise DataError(where, "image file not found")
+    if os.path.getsize(where) == 0:
+        raise DataError(where, "not a readable image (empty file)")
     try:
         img = Image.open(where)
     except Image.DecompressionBombError as e:
         raise DataError(where, f"image too large to decode safely ({e})") from e
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError as e:
+        raise DataError(
+            where, f"not a readable image (no image format; it starts {_first_bytes(where)})"
+        ) from e
+    except OSError as e:
         raise DataError(where, f"not a readable image ({type(e).__name__}: {e})") from e
     with img:
         # The header gives the size before any pixel is decoded: refuse bombs before they cost memory.
@@ -77,44 +83,35 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         if width * height > max_pixels:
             raise DataError(where, f"image is {width}x{height}, over the {max_pixels:,}-pixel limit")
         try:
+            # Every pixel decoded: a truncated file fails here (PIL's LOAD_TRUNCATED_IMAGES is left False).
             img.load()
             return to_rgb(img)
         except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt pixel data
             raise DataError(where, f"image data is corrupt ({type(e).__name__}: {e})") from e
 
 
-# A folder that holds at least this many of the images asked about is listed once rather than stat'ed per image:
-# LLaVA-665K's ~665K images sit in a handful of folders, where one listing beats 100K stats (more so on NFS).
-LIST_FOLDER_MIN = 256
+def image_problem(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> str | None:
+    """What makes `path` unusable for training (missing, empty, not an image, truncated, corrupt, over
+    `max_pixels`), or None when `load_image` reads it."""
+    try:
+        load_image(path, max_pixels)
+    except DataError as err:
+        return err.problem
+    return None
 
 
-def missing_images(folder: str | os.PathLike, paths: Iterable[str]) -> set[str]:
-    """The paths (as written in records, relative to `folder`) that name no file. Existence only, nothing is
-    opened or decoded: a stat per image, or one listing of a folder that many of them share."""
-    by_dir: dict[str, list[tuple[str, str]]] = {}
-    for p in set(paths):
-        full = os.path.join(folder, p)
-        by_dir.setdefault(os.path.dirname(full), []).append((p, full))
-    missing = set()
-    for directory, items in by_dir.items():
-        names: set[str] = set()
-        if len(items) >= LIST_FOLDER_MIN:
-            try:
-                with os.scandir(directory or ".") as entries:
-                    names = {e.name for e in entries if e.is_file()}
-            except OSError:  # missing or unreadable folder: every image in it is checked (and reported) alone
-                pass
-        # A name not in the listing is stat'ed too (a case-insensitive file system finds "A.png" as "a.png").
-        missing.update(
-            p for p, full in items if os.path.basename(full) not in names and not os.path.isfile(full)
-        )
-    return missing
+def _first_bytes(path: str, n: int = 16) -> str:
+    # What the file holds instead (an HTML page, a text error) says more than PIL's "cannot identify".
+    with open(path, "rb") as f:
+        return repr(f.read(n))
 
 
-def missing_image_problem(absent: list[str], folder: str | os.PathLike) -> str:
-    """The problem reported for a record whose images `absent` (its missing ones, in order) are not in `folder`."""
-    more = f" (and {len(absent) - 1} more of its images)" if len(absent) > 1 else ""
-    return f"image {absent[0]}: file not found in {folder}{more}"
+def bad_image_problem(bad: list[tuple[str, str]]) -> str:
+    """The problem reported for a record whose images `bad` ((path as in the record, its problem), in order) are
+    unusable: the first named, the others counted."""
+    name, problem = bad[0]
+    more = f" (and {len(bad) - 1} more of its images)" if len(bad) > 1 else ""
+    return f"image {name}: {problem}{more}"
 
 
 def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:

@@ -16,18 +16,14 @@ import gc
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
-import pickle
 import shutil
 import tempfile
 import time
-import traceback
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +37,7 @@ from tqdm.auto import tqdm
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.data.chunked import ChunkedTokenizer, cut_tokens
 from llava_ft.data.conversation import Conversation, DataError
+from llava_ft.data.forked import run_forked
 from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
 from llava_ft.data.sp_convert import fast_twin
 from llava_ft.data.tokenize import CompactSample, DroppedSample, Encoder, EncodeStats, TokenizationMismatch
@@ -351,20 +348,6 @@ def _encode_shard(
     return result
 
 
-def _shard_process(args: tuple, result_file: Path, counter) -> None:
-    """Child process: one shard; its result (or the crash) pickled to `result_file`."""
-
-    def progress(n: int) -> None:
-        with counter.get_lock():
-            counter.value += n
-
-    try:
-        outcome: object = _encode_shard(*args, progress)
-    except BaseException:  # noqa: BLE001 - handed to the parent, which raises it
-        outcome = traceback.format_exc()
-    result_file.write_bytes(pickle.dumps(outcome))
-
-
 def _raise(error: _Error) -> None:
     kind, where, problem = error
     raise (TokenizationMismatch if kind == TokenizationMismatch.__name__ else DataError)(where, problem)
@@ -480,6 +463,12 @@ def auto_num_proc(path: Path, *, alone: bool = False) -> int:
     training lets one process per machine prepare while the others wait for its cache entry."""
     if path.stat().st_size < AUTO_NUM_PROC_MIN_BYTES:
         return 1
+    return cpu_budget(alone=alone)
+
+
+def cpu_budget(*, alone: bool) -> int:
+    """Processes one preparation may fork: this process's CPUs, capped at AUTO_NUM_PROC_MAX, shared among the
+    local training processes unless it prepares `alone` (see `auto_num_proc`)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     sharing = 1 if alone else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(AUTO_NUM_PROC_MAX, cpus // sharing))
@@ -572,7 +561,6 @@ def _build(
             finally:
                 for f in files:
                     f.unlink(missing_ok=True)
-                    f.with_suffix(".result").unlink(missing_ok=True)
     finally:
         if gc_was_on:
             gc.enable()
@@ -580,33 +568,19 @@ def _build(
 
 def _run_shards(
     path: Path, local: BatchEncoder, fmt: str, skip_bad: bool, files: list[Path], parsed: list | None, bar
-) -> list:
+) -> list[_ShardResult]:
     """One forked process per shard file (they inherit the loaded tokenizer); progress read from a counter."""
-    ctx = mp.get_context("fork")
-    counter = ctx.Value("q", 0)
-    procs = []
-    for k, file in enumerate(files):
-        args = (path, local, fmt, skip_bad, k, len(files), file, parsed)
-        procs.append(ctx.Process(target=_shard_process, args=(args, file.with_suffix(".result"), counter)))
-        procs[-1].start()
-    try:
-        while alive := [p.sentinel for p in procs if p.is_alive()]:
-            wait(alive, timeout=0.2)  # wakes as soon as one ends
-            bar.update(counter.value - bar.n)
-    finally:
-        for p in procs:
-            p.join()
-    bar.update(counter.value - bar.n)
-    results = []
-    for p, file in zip(procs, files):
-        result_file = file.with_suffix(".result")
-        if not result_file.exists():
-            raise RuntimeError(f"data preparation process {p.name} died (exit code {p.exitcode})")
-        result = pickle.loads(result_file.read_bytes())
-        if isinstance(result, str):
-            raise RuntimeError(f"data preparation process {p.name} failed:\n{result}")
-        results.append(result)
-    return results
+
+    def shard(k: int):
+        return lambda progress: _encode_shard(
+            path, local, fmt, skip_bad, k, len(files), files[k], parsed, progress
+        )
+
+    return run_forked(
+        [shard(k) for k in range(len(files))],
+        what="data preparation",
+        progress=lambda done: bar.update(done - bar.n),
+    )
 
 
 def _merge(results: list[_ShardResult], readers: list | None, writer) -> tuple[EncodeStats, BadRecords]:

@@ -93,14 +93,15 @@ def build_vision(model_cfg: ModelSection) -> VisionTower | None:
     return None if model_cfg.vision is None else build_vision_tower(model_cfg.vision)
 
 
-def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None):
-    """Tokenizer and base model (pretrained parts only; trained weights are applied by the caller)."""
+def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None, tokenizer=None):
+    """Tokenizer (`tokenizer` when given, else loaded from the LLM's folder) and base model (pretrained parts
+    only; trained weights are applied by the caller)."""
     m = cfg.model
     on_gpu = torch.cuda.is_available()
     dtype = resolve_dtype(m.dtype)
     four_bit = cfg.resolved_llm_4bit() if load_in_4bit is None else load_in_4bit
     attn = resolve_attn_implementation(m.attn_implementation, packing=cfg.data.packing, on_gpu=on_gpu)
-    tokenizer = load_tokenizer(m.llm)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(m.llm)
     # The unquantised parts of a 4-bit LLM (embeddings, lm_head, norms) load in `dtype` and stay there: no
     # prepare_model_for_kbit_training, whose fp32 upcast costs memory and speed.
     llm = load_llm(m.llm, dtype=dtype, load_in_4bit=four_bit, attn_implementation=attn)

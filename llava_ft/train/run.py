@@ -1,4 +1,4 @@
-"""One training stage, read top to bottom: build parts, set trainability, load data, fit, save."""
+"""One training stage, read top to bottom: tokenizer, data (every record and image checked), parts, trainability, fit, save."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import logging
 import resource
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Sampler
 from transformers import TrainingArguments, set_seed
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 from llava_ft.config import ConfigError, RunConfig
 from llava_ft.data.collate import Collator, PackedCollator
@@ -22,9 +23,11 @@ from llava_ft.data.dataset import build_dataset
 from llava_ft.data.packing import PackedDataset
 from llava_ft.data.sampler import LengthGroupedSampler
 from llava_ft.data.templates import differs_from_tokenizer, get_template
+from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.files import atomic_write_text
 from llava_ft.model.build import build_model, check_names
 from llava_ft.model.trainability import apply_trainability, log_trainability
+from llava_ft.model.vision import tokens_per_image
 from llava_ft.report import compact_log_history, write_report
 from llava_ft.stage import apply_stage_weights, save_stage_output, trained_llm
 from llava_ft.train.checkpoint import gathered_trainable
@@ -72,38 +75,46 @@ def train(
             "--overwrite starts again and removes them"
         )
 
-    # 1. Parts: tokenizer + chat template, vision tower, projector, LLM (4-bit when asked).
+    # 1. Tokenizer + chat template, then the data: records -> conversations -> token ids + labels, every image
+    # checked. A bad record or image stops the run here, before the model loads. With the cache on, one
+    # process per machine prepares it while the other ranks wait, then load it from the cache.
     if cfg.train.init_from and (llm := trained_llm(cfg.train.init_from)) is not None:
         if Path(cfg.model.llm).resolve() != llm.resolve():
             log.warning(
                 "model.llm %s replaced by %s: init_from trained the whole LLM there", cfg.model.llm, llm
             )
             cfg.model.llm = str(llm)
-    tokenizer, model = build_model(cfg)
+    tokenizer = load_tokenizer(cfg.model.llm)
     template = get_template(cfg.data.template, tokenizer)
     if problem := differs_from_tokenizer(template, tokenizer):
         log.warning("%s", problem)
-
-    # 2. Trainability per component, then the previous stage's trained weights (init_from).
-    apply_trainability(model, cfg.trainable, cfg.lora)
-    if cfg.train.init_from:
-        apply_stage_weights(model, cfg.train.init_from, adapters="init")
-
-    # 3. Data: records -> conversations -> token ids + labels; images read lazily. With the cache on, one
-    # process per machine prepares it while the other ranks wait, then load it from the cache.
+    num_image_tokens = 0 if cfg.model.vision is None else tokens_per_image(cfg.model.vision)
     args = training_arguments(cfg)
     if earlier and args.should_save:
         log.warning("--overwrite: removing the earlier run's %s", ", ".join(f.name for f in earlier))
         for folder in earlier:
             shutil.rmtree(folder)
-    processor = model.vision_tower.processor if model.vision_tower is not None else None
     first = args.main_process_first(local=True, desc="data preparation") if cfg.data.cache else nullcontext()
     with first:
-        dataset, stats = build_dataset(
-            cfg.data, tokenizer, template, num_image_tokens=model.num_image_tokens, image_processor=processor
-        )
+        dataset, stats = build_dataset(cfg.data, tokenizer, template, num_image_tokens=num_image_tokens)
     if len(cfg.data.train) > 1:  # one file's counts were just logged by build_dataset
         log.info("data, all %d files: %s", len(cfg.data.train), stats.summary())
+
+    # 2. Parts: vision tower, projector, LLM (4-bit when asked), loaded whole under ZeRO-3 too (the Trainer
+    # partitions the model). Seeded here: the initial weights do not depend on what preparation drew.
+    set_seed(cfg.train.seed)
+    with unpartitioned_load(args):
+        _, model = build_model(cfg, tokenizer=tokenizer)
+        # 3. Trainability per component, then the previous stage's trained weights (init_from).
+        apply_trainability(model, cfg.trainable, cfg.lora)
+        if cfg.train.init_from:
+            apply_stage_weights(model, cfg.train.init_from, adapters="init")
+    if model.num_image_tokens != num_image_tokens:
+        raise RuntimeError(
+            f"the vision tower gives {model.num_image_tokens} tokens per image, its config "
+            f"{num_image_tokens}: the data was prepared for the latter"
+        )
+    dataset.image_processor = model.vision_tower.processor if model.vision_tower is not None else None
     train_dataset, collator, sampler = batching(cfg, dataset, tokenizer, order)
 
     # 4. Fit.
@@ -139,6 +150,22 @@ def train(
             summary = write_summary(out, cfg, trainer, result, stats, model, counts, time.time() - started)
             write_report(out, trainer.state.log_history, summary)
     return StageResult(out, model, summary, trainer)
+
+
+@contextmanager
+def unpartitioned_load(args: TrainingArguments) -> Iterator[None]:
+    """Parameters created whole although `args` enabled ZeRO-3 (which makes transformers load partitioned):
+    trainability, adapters and init_from weights are set on whole parameters, as when the arguments come after
+    the model."""
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    if ds_config is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(ds_config)
 
 
 def batching(cfg: RunConfig, dataset, tokenizer, order: Callable[[Dataset], Sampler] | None = None):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mistral_common
 import pytest
+from PIL import Image
 from transformers import LlamaTokenizer
 
 from llava_ft.cli.data import add_data_commands, main
@@ -162,7 +163,8 @@ def test_preview_index_converts_only_the_chosen_record(tmp_path, capsys, tok_dir
     assert code == 2 and f"{data}: no record at index 4 (the file has 4 records)" in err
 
 
-def test_check_with_image_folder_reports_missing_images(tmp_path, capsys, tok_dir):
+def test_check_with_image_folder_reports_missing_images(tmp_path, capsys, tok_dir, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default cache keeps the image verdicts
     data = write(tmp_path / "d.jsonl", [*RECORDS, {**RECORDS[0], "image": "sub/y.png"}])
     images = tmp_path / "images"
     images.mkdir()
@@ -174,13 +176,50 @@ def test_check_with_image_folder_reports_missing_images(tmp_path, capsys, tok_di
     assert "3 records read, 2 bad" in out and "kept 1," in out
     assert f"{data}:1: image x.png: file not found in {images}" in out
     assert f"{data}:3: image sub/y.png: file not found in {images}" in out
-    (images / "x.png").touch()  # existence only: nothing is decoded
+    (images / "x.png").touch()  # there, but empty: opened and refused
     (images / "sub").mkdir()
-    (images / "sub" / "y.png").touch()
+    Image.new("RGB", (4, 3)).save(images / "sub" / "y.png")
+    code, out, _ = run(capsys, *common, "--image-folder", images)
+    assert code == 1 and "3 records read, 1 bad" in out
+    assert f"{data}:1: image x.png: not a readable image (empty file)" in out
+    Image.new("RGB", (4, 3)).save(images / "x.png")
     code, out, _ = run(capsys, *common, "--image-folder", images)
     assert code == 0 and "3 records read, 0 bad" in out
     code, _, err = run(capsys, *common, "--image-folder", tmp_path / "nowhere")
     assert code == 2 and f"{tmp_path / 'nowhere'}: image folder not found" in err
+
+
+def test_check_and_prepare_name_each_bad_image_with_its_record(tmp_path, capsys, tok_dir, monkeypatch):
+    from llava_ft.testing.quirks import quirks_records, write_quirks
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    quirks = write_quirks(tmp_path / "images")
+    data = write(tmp_path / "q.jsonl", quirks_records(quirks))
+    common = ["--data", data, "--template", "internlm2_chat", "--tokenizer", tok_dir, "--num-image-tokens", N_IMG,
+              "--image-folder", quirks.folder]  # fmt: skip
+    code, out, err = run(capsys, "check", *common)
+    assert code == 1 and "5 bad record(s)" in err
+    assert f"{len(quirks.names)} records read, 5 bad" in out and f"kept {len(quirks.good)}," in out
+    for line, name in enumerate(quirks.names, start=1):
+        named = [row for row in out.splitlines() if row.strip().startswith(f"{data}:{line}: ")]
+        if name in quirks.bad:
+            assert len(named) == 1 and f"image {name}: " in named[0] and quirks.bad[name] in named[0]
+        else:
+            assert not named
+    assert f"{quirks.folder}: images {len(quirks.names)}: 5 bad (1 missing), 12 decoded" in out
+
+    cache = tmp_path / "cache"
+    code, _, err = run(capsys, "prepare", *common, "--output", cache)  # as training: stops without skip_bad
+    [error] = [line for line in err.splitlines() if "error:" in line]  # stderr holds the progress bars too
+    assert code == 2 and f"error: {data}:9: image truncated.jpg: image data is corrupt" in error
+    assert error.endswith("; 4 more record(s) with bad images (data.skip_bad skips them)")
+    code, out, _ = run(capsys, "prepare", *common, "--output", cache, "--skip-bad")
+    assert (
+        code == 0
+        and f"{len(quirks.names)} records read, 5 bad" in out
+        and f"{data}:13: image missing.jpg" in out
+    )
+    assert "0 decoded" in out  # the verdicts of the run before, cached with the prepared data
 
 
 def test_registers_under_a_parent_parser():
@@ -204,7 +243,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cfg_run")
     cfg = tiny_config(root / "models")
     (root / "img").mkdir()
-    (root / "img" / "x.png").touch()
+    Image.new("RGB", (4, 3)).save(root / "img" / "x.png")
     first = write(root / "a.jsonl", RECORDS)
     second = write(root / "b.jsonl", [{**RECORDS[0], "image": "gone.png"}, RECORDS[1]])
     cfg.data.train = [DataSource(str(first), image_folder=str(root / "img")),
@@ -243,7 +282,8 @@ def test_prepare_with_config_warms_the_cache_training_reads(tiny_run, capsys, mo
     from llava_ft.model.build import build_vision
 
     root, cfg = tiny_run
-    code, out, _ = run(capsys, "prepare", "--config", root / "run.yaml", "--data", root / "a.jsonl")
+    code, out, _ = run(capsys, "prepare", "--config", root / "run.yaml", "--data", root / "a.jsonl",
+                       "--image-folder", root / "img")  # fmt: skip
     assert code == 0 and f"cached ({root / 'cache'}" in out
     monkeypatch.setattr(prep, "_build", lambda *a: pytest.fail("a cache miss: the data was tokenized again"))
     cfg.data.train = cfg.data.train[:1]

@@ -131,13 +131,7 @@ def test_missing_image_stops_the_build_even_from_the_cache(sources, tokenizers, 
     assert "prepared-data cache" not in caplog.text  # the entry was loaded, not rebuilt
 
 
-@pytest.mark.parametrize("list_folder_min", [256, 1])  # a stat per image, one listing of the folder
-def test_skip_bad_leaves_out_records_with_missing_images(
-    list_folder_min, sources, tokenizers, tmp_path, monkeypatch
-):
-    from llava_ft.data import images
-
-    monkeypatch.setattr(images, "LIST_FOLDER_MIN", list_folder_min)
+def test_skip_bad_leaves_out_records_with_missing_images(sources, tokenizers, tmp_path):
     tok = tokenizers["llama"]
     template = get_template("internlm2_chat", tok)
     full, full_stats = build_dataset(section(sources, tmp_path, skip_bad=True), tok, template,

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from llava_ft.cli.data import main
 from llava_ft.constants import IGNORE_INDEX
 from llava_ft.data import prepare as prep
 from llava_ft.data.conversation import DataError
 from llava_ft.data.dataset import SFTDataset
+from llava_ft.data.image_check import VERDICTS_DIR
 from llava_ft.data.sources import read_conversations
 from llava_ft.data.templates import get_template
 from llava_ft.data.tokenize import Encoder, encode_all
@@ -323,9 +325,9 @@ def test_cli_prepare_warms_the_cache_training_uses(tokenizer_dirs, tmp_path, mon
     records[5]["conversations"] = [{"from": "gpt", "value": "answer first"}]  # bad: its source is cached too
     write(tmp_path / "data" / "ft.json", records)
     (tmp_path / "data" / "img").mkdir()
-    for record in records:  # training checks that the images exist
+    for record in records:  # training checks the images
         for image in [record["image"]] if isinstance(record.get("image"), str) else record.get("image", []):
-            (tmp_path / "data" / image).touch()
+            Image.new("RGB", (2, 2)).save(tmp_path / "data" / image)
     cache = tmp_path / "cache"
     resolved = tmp_path.resolve() / "data" / "ft.json"
     assert main(["prepare", "--data", "data/ft.json", "--template", "internlm2_chat", "--tokenizer",
@@ -342,7 +344,8 @@ def test_cli_prepare_warms_the_cache_training_uses(tokenizer_dirs, tmp_path, mon
         assert stats.skipped == 1 and f"{resolved}[5]" in [where for where, _ in stats.problems]
         sources = [str(x) for x in ds.tables[0]["source"]]
         assert len(sources) == stats.kept > 6 and all(x.startswith(f"{resolved}[") for x in sources)
-    assert len([e for e in cache.iterdir() if not e.name.startswith(".")]) == 1
+    entries = [e for e in cache.iterdir() if not e.name.startswith(".") and e.name != VERDICTS_DIR]
+    assert len(entries) == 1
     # What the format is detected as, not how it was asked for, is the key: another format is another entry.
     assert prep.cache_key_parts("data/ft.json", encoder(tok), "auto", True)["format"] == "llava"
     assert prep.cache_key_parts("data/ft.json", encoder(tok), "xtuner", True)["format"] == "xtuner"
