@@ -18,6 +18,7 @@ from llava_ft.config import ConfigError, RunConfig
 from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.dataset import build_dataset
 from llava_ft.data.packing import PackedDataset
+from llava_ft.data.prepare import default_cache_dir
 from llava_ft.data.sampler import LengthGroupedSampler
 from llava_ft.data.templates import differs_from_tokenizer, get_template
 from llava_ft.files import atomic_write_text
@@ -34,6 +35,7 @@ from llava_ft.train.trainer import (
     planned_steps,
     restore_finished,
 )
+from llava_ft.train.writable import check_writable
 
 log = logging.getLogger("llava_ft")
 
@@ -55,11 +57,22 @@ def train(
     started = time.time()
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
-    earlier = [] if resume else checkpoint_folders(out)
+    # Before the model loads: an unwritable folder would otherwise be found at the first save, or the last.
+    check_writable(out, "train.output_dir")
+    if cfg.data.cache:
+        check_writable(cfg.data.cache_dir or default_cache_dir(), "data.cache_dir")
+    folders = checkpoint_folders(out)
+    newest = last_checkpoint(out) if folders else None  # warns of each damaged one it passes over
+    found = ", ".join(f.name for f in folders)
+    if resume is True and newest is None:
+        why = f": {found}, none complete (a save cut short); --overwrite without --resume starts again"
+        raise FileNotFoundError(f"--resume: no complete checkpoint-N folder in {out}{why if found else ''}")
+    resume_from = resume if isinstance(resume, str) else newest if resume else None
+    earlier = [] if resume else folders
     if earlier and not overwrite:
+        advice = "--resume continues it" if newest else "none complete (a save cut short), nothing to resume"
         raise ConfigError(
-            f"{out} holds {', '.join(f.name for f in earlier)} from an earlier run: --resume continues it, "
-            "--overwrite starts again and removes them"
+            f"{out} holds {found} from an earlier run: {advice}; --overwrite starts again and removes them"
         )
 
     # 1. Parts: tokenizer + chat template, vision tower, projector, LLM (4-bit when asked).
@@ -107,11 +120,7 @@ def train(
         pad_token_id=pad_id(tokenizer),
         callbacks=callbacks,
     )
-    resume_from = None
-    if resume:
-        resume_from = resume if isinstance(resume, str) else last_checkpoint(str(out))
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint-N folder in {out}")
+    if resume_from is not None:
         log.info("resuming from %s", resume_from)
     if resume_from is not None and finished_checkpoint(resume_from, planned_steps(trainer)):
         # Killed after its last checkpoint: the Trainer would take one step past max_steps before checking it.
