@@ -29,6 +29,7 @@ from llava_ft.stage import apply_stage_weights, save_stage_output, trained_llm
 from llava_ft.train.checkpoint import gathered_trainable
 from llava_ft.train.trainer import (
     LlavaTrainer,
+    RunTotals,
     checkpoint_folders,
     finished_checkpoint,
     last_checkpoint,
@@ -131,11 +132,11 @@ def train(
 
     # 5. Save only what trained, with the resolved config and the template.
     summary = {}
-    counts = trainer.all_token_counts()
+    totals = trainer.run_totals(result.metrics.get("train_runtime", 0.0))
     with gathered_trainable(model):
         if trainer.args.should_save:
             save_stage_output(model, cfg, tokenizer, template, out)
-            summary = write_summary(out, cfg, trainer, result, stats, model, counts, time.time() - started)
+            summary = write_summary(out, cfg, trainer, result, stats, model, totals, time.time() - started)
             write_report(out, trainer.state.log_history, summary)
     return StageResult(out, model, summary)
 
@@ -197,11 +198,11 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
 
 
 def write_summary(
-    out: Path, cfg: RunConfig, trainer, result, stats, model, counts: dict[str, int], wall_s: float
+    out: Path, cfg: RunConfig, trainer, result, stats, model, totals: RunTotals, wall_s: float
 ) -> dict:
-    """summary.json; counts: the token counts of all processes together."""
+    """summary.json; totals: the whole run's, all processes together and sessions before a --resume included."""
     history = [h for h in trainer.state.log_history if "loss" in h]
-    runtime = result.metrics.get("train_runtime", 0.0)
+    counts, runtime = totals.counts, totals.runtime_s
     summary = {
         "name": cfg.name,
         "steps": trainer.state.global_step,
@@ -216,6 +217,8 @@ def write_summary(
         "samples_per_s": counts["samples"] / runtime if runtime else None,
         "train_runtime_s": round(runtime, 1),
         "wall_s": round(wall_s, 1),
+        # Samples trained in place of one whose image failed to load mid-run (data.skip_bad), the first named.
+        "image_faults": {"count": totals.image_faults, "replaced": totals.named_faults},
         "peak_memory_mb": peak_memory_mb(),
         "params": log_trainability(model, cfg.trainable),
         "data": stats.as_dict() if hasattr(stats, "as_dict") else str(stats.summary()),
