@@ -183,9 +183,8 @@ class LlavaTrainer(Trainer):
         """The run's totals, this session's `runtime_s` added to the checkpoint's. Every rank must call it."""
         summed = self._summed({**self.token_counts, "image_faults": self.image_fault_count})
         faults = summed.pop("image_faults")
-        named = self.earlier.named_faults + gather_object(
-            self.image_faults
-        )  # itself when there is one process
+        # gather_object: every process's list, concatenated (the list itself when there is one process).
+        named = self.earlier.named_faults + gather_object(self.image_faults)
         return RunTotals(
             counts={k: v + self.earlier.counts.get(k, 0) for k, v in summed.items()},
             runtime_s=self.earlier.runtime_s + runtime_s,

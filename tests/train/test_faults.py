@@ -79,7 +79,7 @@ def cfg(llava_cfg, images_data, tmp_path):
     path, folder, _ = images_data
 
     def make(out: Path, **train_kw):
-        c = llava_cfg(out, stage="finetune", llm_mode="lora", max_steps=6, batch_size=2, **train_kw)
+        c = llava_cfg(out, stage="finetune", llm_mode="lora", **{"max_steps": 6, "batch_size": 2, **train_kw})
         c.data.train = [DataSource(path=str(path), format="llava", image_folder=str(folder))]
         c.data.cache_dir = str(tmp_path / "cache")
         return c
@@ -126,6 +126,15 @@ def test_skip_bad_replaces_a_sample_whose_image_fails_and_resume_ends_the_same(
     assert sorted(f["image"] for f in resumed.summary["image_faults"]["replaced"]) == sorted(
         f["image"] for f in replaced
     )
+
+
+def test_skip_bad_replacements_keep_packed_rows_as_planned(cfg, images_data, tmp_path):
+    """Packed rows are planned from the samples' lengths: a replacement of the same length keeps them."""
+    _, folder, names = images_data
+    c = cfg(tmp_path / "packed", max_steps=-1, epochs=1)
+    c.data.skip_bad = c.data.packing = True
+    result = train(c, callbacks=[Damage([folder / n for n in names[::4]])])
+    assert result.summary["image_faults"]["count"] == 3 and result.summary["samples"] == 12
 
 
 def test_without_skip_bad_a_failed_image_stops_the_run_and_resume_continues_once_fixed(
