@@ -3,7 +3,8 @@
 Items are encoder outputs: {"input_ids", "labels" (unshifted, IGNORE_INDEX where not trained),
 "pixel_values": Tensor[n_img, 3, H, W] | None}. Image positions in input_ids hold IMAGE_TOKEN_INDEX.
 Both collators return `pixel_values` (every image of the batch, in row order, then sample order; absent
-when the batch has none) and `image_counts` (LongTensor, images per batch row).
+when the batch has none) and `image_counts` (LongTensor, images per batch row). Samples replaced because an image
+failed to load (data.skip_bad) are named under `IMAGE_FAULTS` in the item and in the batch (absent when none was).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import DataError
+from llava_ft.data.faults import IMAGE_FAULTS
 
 Item = dict[str, Any]
 
@@ -54,6 +56,12 @@ def _stack_images(images: list[torch.Tensor], where: str) -> dict[str, torch.Ten
     return {"pixel_values": torch.cat(images)}
 
 
+def _faults(items: Sequence[Item]) -> dict[str, list]:
+    """The replacements named by the items, carried to the trainer (which pops them before the model runs)."""
+    faults = [fault for item in items for fault in item.get(IMAGE_FAULTS, ())]
+    return {IMAGE_FAULTS: faults} if faults else {}
+
+
 @dataclass
 class Collator:
     """Right-pads a list of samples into one batch with an attention mask."""
@@ -89,6 +97,7 @@ class Collator:
             "attention_mask": attention_mask,
             **_stack_images(images, "batch"),
             "image_counts": torch.tensor(counts, dtype=torch.long),
+            **_faults(items),
         }
 
 
@@ -155,4 +164,5 @@ class PackedCollator:
             "position_ids": position_ids,
             **_stack_images(images, "batch"),
             "image_counts": torch.tensor(counts, dtype=torch.long),
+            **_faults([item for row in rows for item in row]),
         }

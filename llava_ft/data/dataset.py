@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset
 from llava_ft.config import DataSection
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import DataError
+from llava_ft.data.faults import IMAGE_FAULTS, Fault, ImageFault
 from llava_ft.data.image_check import ImageCheck, check_images
 from llava_ft.data.images import bad_image_problem, load_image
 from llava_ft.data.prepare import prepare
@@ -35,8 +37,10 @@ class SFTDataset(Dataset):
         *,
         num_image_tokens: int,
         image_processor=None,
+        skip_bad: bool = False,
     ):
-        """`parts`: (prepared table, folder its image paths are relative to) per source file."""
+        """`parts`: (prepared table, folder its image paths are relative to) per source file. `skip_bad`: a
+        sample whose image fails to load is replaced (see `__getitem__`) rather than raised as `ImageFault`."""
         self.tables = [
             table.with_format("numpy", columns=["input_ids", "labels", "images", "source"])
             for table, _ in parts
@@ -45,6 +49,7 @@ class SFTDataset(Dataset):
         self.starts = np.cumsum([0] + [len(t) for t in self.tables]).tolist()
         self.num_image_tokens = num_image_tokens
         self.image_processor = image_processor
+        self.skip_bad = skip_bad
         self._lengths = [n for table, _ in parts for n in table_column(table, "length").to_numpy().tolist()]
 
     def __len__(self) -> int:
@@ -71,6 +76,40 @@ class SFTDataset(Dataset):
         return np.repeat(ids, repeats), np.repeat(labels, repeats)
 
     def __getitem__(self, i: int) -> dict:
+        """Sample i with its images. An image that fails to load (changed or removed since the data was checked)
+        raises `ImageFault`, or under skip_bad the sample is replaced: by the next one (wrapping) whose images
+        load, one of the same length first (packed rows and length-grouped batches stay as planned). That is a
+        function of i alone, so a resumed run trains what an uninterrupted one did. The item names the
+        replacement under `IMAGE_FAULTS`. A few tries only: a vanished image folder stops the run instead of
+        training on text alone."""
+        try:
+            return self._item(i)
+        except ImageFault as fault:
+            if not self.skip_bad:
+                raise
+            n, length = len(self), self._lengths[i]
+            ring = [(i + k) % n for k in range(1, n)]
+            same = (j for j in ring if self._lengths[j] == length)
+            other = (j for j in ring if self._lengths[j] != length)
+            for j in itertools.islice(itertools.chain(same, other), REPLACEMENT_TRIES):
+                try:
+                    item = self._item(j)
+                except ImageFault:
+                    continue
+                replaced_by = str(self._row(j)[1]["source"])
+                fault_named = Fault(
+                    record=fault.where, image=fault.image, problem=fault.reason, replaced_by=replaced_by
+                )
+                item[IMAGE_FAULTS] = [fault_named]
+                return item
+            tried = min(REPLACEMENT_TRIES, n - 1)
+            raise ImageFault(
+                fault.where,
+                fault.image,
+                f"{fault.reason}; no replacement: the {tried} samples tried fail too",
+            ) from fault
+
+    def _item(self, i: int) -> dict:
         part, row = self._row(i)
         ids, labels = self._expand(row)
         item = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
@@ -84,10 +123,14 @@ class SFTDataset(Dataset):
                 try:
                     image = load_image(path)
                 except DataError as err:
-                    raise DataError(source, f"image {path}: {err.problem}") from err
+                    raise ImageFault(source, str(path), err.problem) from err
                 pixels.append(self.image_processor(image))
             item["pixel_values"] = torch.stack(pixels)
         return item
+
+
+# Samples tried in a failed one's place under skip_bad (see SFTDataset.__getitem__).
+REPLACEMENT_TRIES = 64
 
 
 def table_column(table: datasets.Dataset, name: str) -> pa.ChunkedArray:
@@ -201,7 +244,9 @@ def build_dataset(
         log.info("%s (%s, %.1f s): %s", src.path, prepared.cache, prepared.seconds, stats.summary())
         parts.append((table, folder))
         total.merge(stats)
-    dataset = SFTDataset(parts, num_image_tokens=num_image_tokens, image_processor=image_processor)
+    dataset = SFTDataset(
+        parts, num_image_tokens=num_image_tokens, image_processor=image_processor, skip_bad=data.skip_bad
+    )
     if not len(dataset):
         raise DataError(", ".join(s.path for s in data.train) or "data.train", "no training samples")
     return dataset, total

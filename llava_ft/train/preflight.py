@@ -29,6 +29,7 @@ from llava_ft.data.images import load_image
 from llava_ft.data.packing import PackedDataset
 from llava_ft.inference import Assistant, Query
 from llava_ft.train.run import train
+from llava_ft.train.writable import check_writable
 
 STEPS = 2
 """The first step pays warm-up (allocator, kernels, lazy initialisation); the second is the one timed."""
@@ -96,6 +97,8 @@ def preflight(cfg: RunConfig, *, temp_root: str | Path | None = None) -> Preflig
     system's temporary folder by default, see TMPDIR), a reload and one answer; the estimate for the real run."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--preflight runs in one process: start it without torchrun")
+    # train() below writes only to the temporary folder: the real run's output folder is checked here.
+    check_writable(cfg.train.output_dir, "train.output_dir")
     order = LongestFirst()
     timer = StepTimer()
     with tempfile.TemporaryDirectory(

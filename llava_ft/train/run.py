@@ -21,6 +21,7 @@ from llava_ft.config import ConfigError, RunConfig
 from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.dataset import build_dataset
 from llava_ft.data.packing import PackedDataset
+from llava_ft.data.prepare import default_cache_dir
 from llava_ft.data.sampler import LengthGroupedSampler
 from llava_ft.data.templates import differs_from_tokenizer, get_template
 from llava_ft.data.tokenizer import load_tokenizer
@@ -33,12 +34,14 @@ from llava_ft.stage import apply_stage_weights, save_stage_output, trained_llm
 from llava_ft.train.checkpoint import gathered_trainable
 from llava_ft.train.trainer import (
     LlavaTrainer,
+    RunTotals,
     checkpoint_folders,
     finished_checkpoint,
     last_checkpoint,
     planned_steps,
     restore_finished,
 )
+from llava_ft.train.writable import check_writable
 
 log = logging.getLogger("llava_ft")
 
@@ -68,11 +71,22 @@ def train(
     started = time.time()
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
-    earlier = [] if resume else checkpoint_folders(out)
+    # Before the model loads: an unwritable folder would otherwise be found at the first save, or the last.
+    check_writable(out, "train.output_dir")
+    if cfg.data.cache:
+        check_writable(cfg.data.cache_dir or default_cache_dir(), "data.cache_dir")
+    folders = checkpoint_folders(out)
+    newest = last_checkpoint(out) if folders else None  # warns of each damaged one it passes over
+    found = ", ".join(f.name for f in folders)
+    if resume is True and newest is None:
+        why = f": {found}, none complete (a save cut short); --overwrite without --resume starts again"
+        raise FileNotFoundError(f"--resume: no complete checkpoint-N folder in {out}{why if found else ''}")
+    resume_from = resume if isinstance(resume, str) else newest if resume else None
+    earlier = [] if resume else folders
     if earlier and not overwrite:
+        advice = "--resume continues it" if newest else "none complete (a save cut short), nothing to resume"
         raise ConfigError(
-            f"{out} holds {', '.join(f.name for f in earlier)} from an earlier run: --resume continues it, "
-            "--overwrite starts again and removes them"
+            f"{out} holds {found} from an earlier run: {advice}; --overwrite starts again and removes them"
         )
 
     # 1. Tokenizer + chat template, then the data: records -> conversations -> token ids + labels, every image
@@ -128,11 +142,7 @@ def train(
         pad_token_id=pad_id(tokenizer),
         callbacks=callbacks,
     )
-    resume_from = None
-    if resume:
-        resume_from = resume if isinstance(resume, str) else last_checkpoint(str(out))
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint-N folder in {out}")
+    if resume_from is not None:
         log.info("resuming from %s", resume_from)
     if resume_from is not None and finished_checkpoint(resume_from, planned_steps(trainer)):
         # Killed after its last checkpoint: the Trainer would take one step past max_steps before checking it.
@@ -143,11 +153,11 @@ def train(
 
     # 5. Save only what trained, with the resolved config and the template.
     summary = {}
-    counts = trainer.all_token_counts()
+    totals = trainer.run_totals(result.metrics.get("train_runtime", 0.0))
     with gathered_trainable(model):
         if trainer.args.should_save:
             save_stage_output(model, cfg, tokenizer, template, out)
-            summary = write_summary(out, cfg, trainer, result, stats, model, counts, time.time() - started)
+            summary = write_summary(out, cfg, trainer, result, stats, model, totals, time.time() - started)
             write_report(out, trainer.state.log_history, summary)
     return StageResult(out, model, summary, trainer)
 
@@ -228,11 +238,11 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
 
 
 def write_summary(
-    out: Path, cfg: RunConfig, trainer, result, stats, model, counts: dict[str, int], wall_s: float
+    out: Path, cfg: RunConfig, trainer, result, stats, model, totals: RunTotals, wall_s: float
 ) -> dict:
-    """summary.json; counts: the token counts of all processes together."""
+    """summary.json; totals: the whole run's, all processes together and sessions before a --resume included."""
     history = [h for h in trainer.state.log_history if "loss" in h]
-    runtime = result.metrics.get("train_runtime", 0.0)
+    counts, runtime = totals.counts, totals.runtime_s
     summary = {
         "name": cfg.name,
         "steps": trainer.state.global_step,
@@ -247,6 +257,8 @@ def write_summary(
         "samples_per_s": counts["samples"] / runtime if runtime else None,
         "train_runtime_s": round(runtime, 1),
         "wall_s": round(wall_s, 1),
+        # Samples trained in place of one whose image failed to load mid-run (data.skip_bad), the first named.
+        "image_faults": {"count": totals.image_faults, "replaced": totals.named_faults},
         "peak_memory_mb": peak_memory_mb(),
         "params": log_trainability(model, cfg.trainable),
         "data": stats.as_dict() if hasattr(stats, "as_dict") else str(stats.summary()),

@@ -1,5 +1,6 @@
 """transformers' Trainer owns the loop, accumulation, resume and DeepSpeed; this subclass only adds what a
-LLaVA model needs: a projector learning rate, trainable-only checkpoints, and our samplers."""
+LLaVA model needs: a projector learning rate, trainable-only checkpoints, our samplers, and the run's totals
+(tokens, runtime, samples replaced for a failed image) kept across --resume."""
 
 from __future__ import annotations
 
@@ -8,17 +9,45 @@ import logging
 import math
 import os
 import re
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from safetensors import SafetensorError, safe_open
-from transformers import Trainer, TrainerCallback, TrainerState
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, sort_checkpoints
 
 from llava_ft.config import ConfigError
+from llava_ft.data.faults import IMAGE_FAULTS, Fault, ImageFault
 from llava_ft.train.checkpoint import TRAINABLE_NAME, load_trainable, save_trainable
 
 log = logging.getLogger("llava_ft")
+
+RUN_TOTALS = "LlavaRunTotals"
+"""Entry of trainer_state.json's stateful_callbacks holding `RunTotals`: written with the Trainer's own state, so a
+checkpoint that loads has them."""
+MAX_NAMED_FAULTS = 1000
+"""Replaced samples named in checkpoints and summary.json (all are counted, and logged as they happen)."""
+
+
+@dataclass
+class RunTotals:
+    """A run's totals over all processes and every session of it (--resume adds to a checkpoint's)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    """Token counts: slots (padding included), real, trained, samples."""
+    runtime_s: float = 0.0
+    image_faults: int = 0
+    """Samples replaced because an image failed to load (data.skip_bad)."""
+    named_faults: list[Fault] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, state: TrainerState) -> RunTotals:
+        """The totals a checkpoint's trainer state holds; zero for one written without them."""
+        stored = state.stateful_callbacks.get(RUN_TOTALS)
+        return cls(**stored) if isinstance(stored, dict) else cls()
 
 
 class LlavaTrainer(Trainer):
@@ -30,8 +59,37 @@ class LlavaTrainer(Trainer):
         self._train_sampler = train_sampler
         self.pad_token_id = pad_token_id
         self.token_counts = {"slots": 0, "real": 0, "trained": 0, "samples": 0}
+        self.image_faults: list[Fault] = []  # this process's, this session's (MAX_NAMED_FAULTS at most)
+        self.image_fault_count = 0
+        self.earlier = RunTotals()  # the checkpoint's, when resuming
+        self._session_started = time.time()
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(DatasetEpoch(self.train_dataset))
+
+    def train(self, resume_from_checkpoint: str | None = None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, str):
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+            self.earlier = RunTotals.of(state)
+        self._session_started = time.time()
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except ImageFault as fault:  # without data.skip_bad: say how to go on
+            self._close_progress_bar()
+            raise ImageFault(fault.where, fault.image, f"{fault.reason} ({self._after_fault()})") from fault
+
+    def _close_progress_bar(self) -> None:
+        """Ends the progress bar's line, which the Trainer leaves open on an exception: the error that follows
+        then starts a line of its own."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                callback.training_bar.close()
+                callback.training_bar = None
+
+    def _after_fault(self) -> str:
+        instead = "data.skip_bad trains another sample in place of such a one"
+        if (checkpoint := last_checkpoint(self.args.output_dir)) is None:
+            return f"no checkpoint-N saved yet: fix the file and run again; {instead}"
+        return f"fix the file, then --resume continues from {Path(checkpoint).name}; {instead}"
 
     def _get_train_sampler(self, train_dataset=None):
         if self._train_sampler is not None:
@@ -67,6 +125,12 @@ class LlavaTrainer(Trainer):
         # Under DeepSpeed the Trainer hands over the consolidated state dict (ZeRO-3 shards the parameters).
         save_trainable(self.model, Path(output_dir), state_dict=state_dict)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # On every rank (the totals are summed over processes), before the Trainer writes its state with them.
+        totals = self.run_totals(time.time() - self._session_started)
+        self.state.stateful_callbacks[RUN_TOTALS] = asdict(totals)
+        super()._save_checkpoint(model, trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = os.path.join(resume_from_checkpoint, TRAINABLE_NAME)
         if not os.path.isfile(path):
@@ -75,6 +139,7 @@ class LlavaTrainer(Trainer):
         log.info("resumed trainable weights from %s", resume_from_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._note_faults(inputs.pop(IMAGE_FAULTS, []))  # the collators' report, not a model input
         self._count_tokens(inputs)
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -94,14 +159,38 @@ class LlavaTrainer(Trainer):
             counts["samples"] += samples
         counts["trained"] += int((inputs["labels"] != -100).sum())
 
-    def all_token_counts(self) -> dict[str, int]:
-        """token_counts summed over all processes (each counts only the batches it ran). Every rank must call it."""
-        keys = sorted(self.token_counts)
-        counts = torch.tensor(
-            [self.token_counts[k] for k in keys], dtype=torch.int64, device=self.args.device
-        )
+    def _note_faults(self, faults: list[Fault]) -> None:
+        for fault in faults:
+            log.warning(
+                "%s: image %s: %s; trained %s in its place (data.skip_bad)",
+                fault["record"],
+                fault["image"],
+                fault["problem"],
+                fault["replaced_by"],
+            )
+            self.image_fault_count += 1
+            if len(self.image_faults) < MAX_NAMED_FAULTS:
+                self.image_faults.append(fault)
+
+    def _summed(self, values: dict[str, int]) -> dict[str, int]:
+        """values summed over all processes (each counts only the batches it ran). Every rank must call it."""
+        keys = sorted(values)
+        counts = torch.tensor([values[k] for k in keys], dtype=torch.int64, device=self.args.device)
         total = self.accelerator.reduce(counts, reduction="sum")  # itself when there is one process
         return dict(zip(keys, total.tolist(), strict=True))
+
+    def run_totals(self, runtime_s: float) -> RunTotals:
+        """The run's totals, this session's `runtime_s` added to the checkpoint's. Every rank must call it."""
+        summed = self._summed({**self.token_counts, "image_faults": self.image_fault_count})
+        faults = summed.pop("image_faults")
+        # gather_object: every process's list, concatenated (the list itself when there is one process).
+        named = self.earlier.named_faults + gather_object(self.image_faults)
+        return RunTotals(
+            counts={k: v + self.earlier.counts.get(k, 0) for k, v in summed.items()},
+            runtime_s=self.earlier.runtime_s + runtime_s,
+            image_faults=self.earlier.image_faults + faults,
+            named_faults=named[:MAX_NAMED_FAULTS],
+        )
 
 
 class DatasetEpoch(TrainerCallback):
@@ -151,6 +240,7 @@ def finished_checkpoint(checkpoint: str, max_steps: int) -> bool:
 def restore_finished(trainer: LlavaTrainer, checkpoint: str) -> TrainOutput:
     """The trainer as it stood at a finished checkpoint (weights, state and log history), for the stage output."""
     trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    trainer.earlier = RunTotals.of(trainer.state)
     trainer._load_from_checkpoint(checkpoint)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})

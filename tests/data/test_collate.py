@@ -10,6 +10,7 @@ from llava_ft.constants import IGNORE_INDEX as X
 from llava_ft.constants import IMAGE_TOKEN_INDEX as IMG
 from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.conversation import DataError
+from llava_ft.data.faults import IMAGE_FAULTS
 
 PAD = 0
 
@@ -123,3 +124,26 @@ def test_packed_row_longer_than_row_length_is_an_error() -> None:
         PackedCollator(pad_token_id=PAD, row_length=4)([row])
     with pytest.raises(DataError, match="batch row 0 sample 1: has image tokens"):
         PackedCollator(pad_token_id=PAD, row_length=8)([[row[0], {"input_ids": [IMG], "labels": [X]}]])
+
+
+def fault(record: str) -> dict:
+    return {
+        "record": record,
+        "image": f"/data/{record}.png",
+        "problem": "not a readable image",
+        "replaced_by": "z",
+    }
+
+
+def test_both_collators_carry_the_replacements_named_by_their_items() -> None:
+    """Dataloader workers are other processes: the batch is how the trainer learns what was replaced."""
+    items = [
+        {"input_ids": [1, 2], "labels": [1, 2], IMAGE_FAULTS: [fault("a")]},
+        {"input_ids": [3], "labels": [3]},
+        {"input_ids": [4], "labels": [4], IMAGE_FAULTS: [fault("b")]},
+    ]
+    assert Collator(pad_token_id=PAD)(items)[IMAGE_FAULTS] == [fault("a"), fault("b")]
+    packed = PackedCollator(pad_token_id=PAD, row_length=4)([items[:2], items[2:]])
+    assert packed[IMAGE_FAULTS] == [fault("a"), fault("b")]
+    assert IMAGE_FAULTS not in Collator(pad_token_id=PAD)(items[1:2])  # absent when nothing was replaced
+    assert IMAGE_FAULTS not in PackedCollator(pad_token_id=PAD, row_length=4)([items[1:2]])

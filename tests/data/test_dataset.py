@@ -12,9 +12,11 @@ from PIL import Image
 
 from llava_ft.config import DataSection, DataSource
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_ft.data import dataset as dataset_module
 from llava_ft.data.collate import PackedCollator
 from llava_ft.data.conversation import DataError
 from llava_ft.data.dataset import build_dataset
+from llava_ft.data.faults import IMAGE_FAULTS, ImageFault
 from llava_ft.data.packing import PackedDataset
 from llava_ft.data.sources import read_conversations
 from llava_ft.data.templates import get_template
@@ -229,3 +231,73 @@ def test_plain_text_data_needs_no_chat_template_markers(tmp_path):
         ValueError, match="'<\\|im_start\\|>' as .* tokens .* 'internlm2_chat' template needs it"
     ):
         data_encoder(data, tok, get_template(data.template, tok), 0)
+
+
+@pytest.fixture
+def twins(tmp_path) -> DataSource:
+    """Two image records of one length with a text record between them (a nearer sample of another length)."""
+    images = tmp_path / "twins"
+    images.mkdir()
+    for k, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (4, 4), colour).save(images / f"{k}.png")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
+    records = [
+        {"id": "a", "image": "0.png", "conversations": turns},
+        {
+            "id": "t",
+            "conversations": [{"from": "human", "value": "No image."}, {"from": "gpt", "value": "Fine."}],
+        },
+        {"id": "b", "image": "1.png", "conversations": turns},
+    ]
+    (tmp_path / "twins.json").write_text(json.dumps(records))
+    return DataSource(str(tmp_path / "twins.json"), image_folder=str(images))
+
+
+def test_skip_bad_replaces_a_sample_whose_image_fails_by_the_next_that_loads(twins, tokenizers, tmp_path):
+    """A function of the index alone: the next sample whose images load, one of the same length first."""
+    tok = tokenizers["llama"]
+    data = section([twins], tmp_path, skip_bad=True)
+    ds, _ = build_dataset(data, tok, get_template("internlm2_chat", tok), num_image_tokens=N_IMG,
+                          image_processor=processor)  # fmt: skip
+    assert ds.lengths[0] == ds.lengths[2] != ds.lengths[1]
+    folder = Path(twins.image_folder)
+    (folder / "0.png").write_bytes(b"")  # emptied after the data was checked
+    item = ds[0]
+    assert item["pixel_values"][:, :, 0, 0].tolist() == [[0, 0, 255]]  # record b, not the nearer text one
+    [fault] = item[IMAGE_FAULTS]
+    assert fault["record"].endswith("twins.json[0]") and fault["replaced_by"].endswith("twins.json[2]")
+    assert fault["image"] == str(folder / "0.png") and fault["problem"].startswith("not a readable image")
+    again = ds[0]
+    assert torch.equal(again["input_ids"], item["input_ids"]) and again[IMAGE_FAULTS] == item[IMAGE_FAULTS]
+    assert IMAGE_FAULTS not in ds[1] and IMAGE_FAULTS not in ds[2]
+
+    (folder / "1.png").unlink()  # no sample of that length loads: the next of any length
+    item = ds[0]
+    assert "pixel_values" not in item and item[IMAGE_FAULTS][0]["replaced_by"].endswith("twins.json[1]")
+    assert item["input_ids"].tolist() == ds[1]["input_ids"].tolist()
+
+
+def test_skip_bad_stops_when_the_samples_tried_in_a_failed_ones_place_fail_too(
+    twins, tokenizers, tmp_path, monkeypatch
+):
+    tok = tokenizers["llama"]
+    ds, _ = build_dataset(section([twins], tmp_path, skip_bad=True), tok, get_template("internlm2_chat", tok),
+                          num_image_tokens=N_IMG, image_processor=processor)  # fmt: skip
+    monkeypatch.setattr(dataset_module, "REPLACEMENT_TRIES", 1)
+    for name in ("0.png", "1.png"):
+        (Path(twins.image_folder) / name).write_bytes(b"<html>")
+    with pytest.raises(
+        ImageFault,
+        match=r"twins\.json\[0\]: image \S+0\.png: not a readable image .*; no replacement: the 1 ",
+    ):
+        ds[0]
+
+
+def test_without_skip_bad_a_failed_image_raises_an_image_fault(twins, tokenizers, tmp_path):
+    tok = tokenizers["llama"]
+    ds, _ = build_dataset(section([twins], tmp_path), tok, get_template("internlm2_chat", tok),
+                          num_image_tokens=N_IMG, image_processor=processor)  # fmt: skip
+    (Path(twins.image_folder) / "0.png").write_bytes(b"")
+    with pytest.raises(ImageFault) as err:
+        ds[0]
+    assert err.value.where.endswith("twins.json[0]") and err.value.image.endswith("0.png")

@@ -74,3 +74,35 @@ def test_two_process_finetune(deepspeed, llava_cfg, shapes, tmp_path):
     for name in ("projector.safetensors", "llm_adapter/adapter_model.safetensors"):
         tensors = load_file(str(tmp_path / "out" / name))
         assert tensors and all(t.numel() > 0 for t in tensors.values()), name
+
+
+def test_two_process_resume_counts_the_whole_run(llava_cfg, shapes, tmp_path):
+    """Checkpoints hold the run's totals summed over both processes; a resumed run's summary adds them back."""
+    cfg = llava_cfg(
+        tmp_path / "out", stage="finetune", llm_mode="lora", max_steps=4, batch_size=2, save_steps=2
+    )
+    cfg.data.train = [
+        DataSource(path=str(mixed_records(shapes, tmp_path)), image_folder=str(shapes.images_dir))
+    ]
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    dump_config(cfg, tmp_path / "ddp.yaml")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llava_ft.cli.main", "train"]
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "ddp.yaml")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    full = json.loads((tmp_path / "out" / "summary.json").read_text())
+    per_step = cfg.train.grad_accum * 2 * 2
+    assert full["samples"] == 4 * per_step
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["LlavaRunTotals"]["counts"]["samples"] == 2 * per_step
+
+    resume = ["--resume", str(tmp_path / "out" / "checkpoint-2")]
+    proc = subprocess.run([*cmd, str(tmp_path / "ddp.yaml"), *resume], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for key in ("samples", "tokens", "tokens_trained"):
+        assert resumed[key] == full[key], key

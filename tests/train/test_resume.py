@@ -25,7 +25,8 @@ def trainable(model) -> dict[str, torch.Tensor]:
 
 def test_resume_matches_uninterrupted_run(llava_cfg, tmp_path):
     kwargs = dict(stage="finetune", llm_mode="lora", max_steps=6, save_steps=3, save_total_limit=5)
-    full = trainable(train(llava_cfg(tmp_path / "full", **kwargs)).model)
+    full_run = train(llava_cfg(tmp_path / "full", **kwargs))
+    full = trainable(full_run.model)
 
     interrupted = llava_cfg(tmp_path / "cut", **kwargs)
     partial = trainable(train(interrupted, callbacks=[StopAt(3)]).model)
@@ -34,10 +35,16 @@ def test_resume_matches_uninterrupted_run(llava_cfg, tmp_path):
         "stopping early must leave other weights"
     )
 
-    resumed = trainable(train(llava_cfg(tmp_path / "cut", **kwargs), resume=True).model)
+    resumed_run = train(llava_cfg(tmp_path / "cut", **kwargs), resume=True)
+    resumed = trainable(resumed_run.model)
     assert resumed.keys() == full.keys()
     worst = max(float((resumed[n] - full[n]).abs().max()) for n in full)
     assert worst < 1e-5, worst
+    # summary.json counts the whole run, the part before the checkpoint included.
+    for key in ("samples", "tokens", "tokens_trained", "pad_share"):
+        assert resumed_run.summary[key] == full_run.summary[key], key
+    assert resumed_run.summary["samples"] == 6 * 4
+    assert resumed_run.summary["train_runtime_s"] > 0 and resumed_run.summary["tokens_per_s"] > 0
 
 
 def test_resume_without_checkpoint_is_a_clear_error(llava_cfg, tmp_path):
@@ -77,6 +84,10 @@ def test_resume_from_the_last_checkpoint_takes_no_further_step(llava_cfg, tmp_pa
     (tmp_path / "run" / "llava_ft.yaml").unlink()  # the stage output left incomplete
     resumed = train(llava_cfg(tmp_path / "run", **kwargs), resume=True)
     assert resumed.summary["steps"] == 4 and (tmp_path / "run" / "llava_ft.yaml").is_file()
+    # Its summary carries the checkpoint's counts (no step was taken in this session).
+    for key in ("samples", "tokens", "tokens_trained"):
+        assert resumed.summary[key] == full.summary[key] > 0, key
+    assert resumed.summary["tokens_per_s"] and resumed.summary["samples_per_s"]
     again = trainable(resumed.model)
     assert max(float((again[n] - expected[n]).abs().max()) for n in expected) == 0.0
 
