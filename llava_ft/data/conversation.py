@@ -48,7 +48,21 @@ class Conversation:
 class DataError(ValueError):
     """Bad input, with the file and record (line or index) it came from."""
 
-    def __init__(self, where: str, problem: str):
+    def __init__(self, where: str, problem: str | None = None):
+        if problem is None:
+            where, problem = _from_worker_text(type(self), where)
         super().__init__(f"{where}: {problem}")
         self.where = where
         self.problem = problem
+
+
+def _from_worker_text(kind: type, text: str) -> tuple[str, str]:
+    """(where, problem) of an error torch re-raises from a dataloader worker: it calls the error's type with one
+    text, the worker's formatted traceback, whose last "module.Type: message" line is the error itself. Read back
+    here, the error stays the one line it was in the worker instead of a RuntimeError holding the traceback."""
+    prefix = f"{kind.__module__}.{kind.__qualname__}: "
+    lines = [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
+    where, sep, problem = lines[-1].partition(": ") if lines else ("", "", "")
+    if not sep:
+        return "dataloader worker", (text.strip().splitlines() or ["failed"])[-1]
+    return where, problem

@@ -200,3 +200,15 @@ def test_an_image_fault_survives_torchs_reraise_from_a_worker():
         == "data.json[3]: image /data/images/a b.png: image data is corrupt (OSError: cut short)"
     )
     assert (err.value.where, err.value.image, err.value.reason) == (fault.where, fault.image, fault.reason)
+
+
+def test_any_data_error_survives_torchs_reraise_from_a_worker():
+    """Errors other than image faults (a collator's, a record's) stay one line too."""
+    try:
+        raise DataError("data.jsonl:7", "sample has images but the model has no vision tower")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 1")
+    with pytest.raises(DataError) as err:
+        wrapped.reraise()
+    assert str(err.value) == "data.jsonl:7: sample has images but the model has no vision tower"
+    assert err.value.where == "data.jsonl:7"
