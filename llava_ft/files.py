@@ -188,20 +188,28 @@ def sweep_leftovers(folder: Path) -> list[Path]:
     for t in dead:
         target = folder / t.name
         if t.kind == "old" and not target.exists() and not target.is_symlink():
-            os.replace(t.path, target)
+            try:
+                os.replace(t.path, target)
+            except FileNotFoundError:  # another run's sweep put it back first
+                continue
+            except OSError as e:
+                log.warning("%s: could not put back %s: %s", target, t.path.name, e)
+                continue
             log.warning(
                 "%s: put back from %s (a replacement was killed between its renames)", target, t.path.name
             )
     removed, freed = [], 0
     for t in dead:
         if not t.path.exists() and not t.path.is_symlink():
-            continue  # put back above
+            continue  # put back above, or removed by another run's sweep
         size = _disk_size(t.path)
         try:
             if t.path.is_dir() and not t.path.is_symlink():
                 shutil.rmtree(t.path)
             else:
                 t.path.unlink()
+        except FileNotFoundError:
+            continue
         except OSError as e:
             log.warning("%s: could not remove a killed run's leftover: %s", t.path, e)
             continue
@@ -221,7 +229,10 @@ def sweep_leftovers(folder: Path) -> list[Path]:
 
 def _disk_size(path: Path) -> int:
     if not path.is_dir() or path.is_symlink():
-        return path.lstat().st_size
+        try:
+            return path.lstat().st_size
+        except OSError:
+            return 0
     total = 0
     for root, dirs, files in os.walk(path):
         for n in dirs + files:
