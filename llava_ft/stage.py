@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llava_ft.config import RunConfig, dump_config, load_config
 from llava_ft.data.templates import ChatTemplate, get_template
-from llava_ft.files import atomic_dir, atomic_path, atomic_write_bytes
+from llava_ft.files import atomic_dir, atomic_path, atomic_write_bytes, sweep_leftovers
 from llava_ft.model.build import build_model
 
 log = logging.getLogger("llava_ft")
@@ -75,6 +75,7 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
     """Write the parts of `model` that `cfg` trains, the template and the config (last) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(out)  # a killed save's temporaries; a part it left moved aside is put back first
     (out / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
     trains = _trained_parts(cfg, model)
     for name, trained in trains.items():

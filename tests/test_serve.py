@@ -21,10 +21,13 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from llava_ft.cli.main import main
+from llava_ft.data.images import ImageProcessor, load_image
 from llava_ft.demo.shapes import generate_shapes_dataset
 from llava_ft.testing.browser import CHROMIUM_FLAGS, chromium_path
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
@@ -325,13 +328,15 @@ def test_large_file_refused_by_the_handler_too(files):
 
     class Vision:
         has_vision = True
+        processor = ImageProcessor(24)
 
     app = DemoApp(Vision(), max_upload_mb=1)
     state, message, taken = app.load_image(str(files["too_big"]), PageState())
     assert not taken and "over the 1 MB limit" in message
     good = files["heldout"][0][0]
     state, message, taken = app.load_image(str(good), PageState())
-    assert taken and state.image.size == Image.open(good).size
+    width, height = Image.open(good).size
+    assert taken and f"({width}x{height})" in message and state.image.size == (24, 24)
 
 
 def test_fractional_upload_limit_reaches_gradio_as_bytes(monkeypatch):
@@ -359,3 +364,154 @@ def test_bad_upload_limit_refused_at_argument_parsing(value, capsys):
         main(["serve", "no/such/checkpoint", "--max-upload-mb", value])
     assert e.value.code == 2
     assert "--max-upload-mb" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+@pytest.mark.parametrize("aspect", ["pad", "crop", "resize"])
+def test_an_upload_is_kept_tower_sized_and_the_model_sees_it_alike(tmp_path, aspect):
+    """The page keeps the image as the model sees it, not the upload at full size; processing that copy gives the
+    same pixel tensor as processing the upload."""
+    from llava_ft.cli.serve import DemoApp, PageState
+
+    class Vision:
+        has_vision = True
+        processor = ImageProcessor(48, aspect=aspect)
+
+    rng = np.random.default_rng(0)
+    upload = tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 256, (700, 1900, 4), dtype=np.uint8), "RGBA").save(upload)
+    state, message, taken = DemoApp(Vision()).load_image(str(upload), PageState())
+    assert taken and "(1900x700)" in message
+    assert state.image.size == (48, 48) and state.image.mode == "RGB"
+    seen = Vision.processor(load_image(upload))
+    assert torch.equal(Vision.processor(state.image), seen)
+
+
+def test_the_page_answers_from_its_copy_as_chat_does_from_the_file(files, capsys):
+    from llava_ft.cli.serve import DemoApp, PageState
+    from llava_ft.inference import load_assistant
+
+    app = DemoApp(load_assistant(str(files["vision"]), device="cpu"))
+    image, question = files["heldout"][1]
+    state, _, taken = app.load_image(str(image), PageState())
+    assert taken and state.image.size != Image.open(image).size  # a copy at the tower's size
+    *_, (chat, state, status) = app.respond(question, state, MAX_NEW, 0.0)
+    assert status.startswith("Answered")
+    assert [chat[-1]["content"]] == chat_cli(capsys, files["vision"], [question], image)
+
+
+def test_a_closed_pages_state_goes_after_the_grace_period():
+    from llava_ft.cli.serve import PageState, Sessions
+
+    sessions = Sessions(grace=3600)
+    sessions.put("a", PageState(image_name="a.png"))
+    sessions.put("b", PageState(image_name="b.png"))
+    timers = [sessions.close("a"), sessions.close("b")]
+    for t in timers:  # fired by hand: the test does not wait for the hour
+        t.cancel()
+    assert sessions.get("b").image_name == "b.png"  # "b" is used again: its connection only dropped
+    for t in timers:
+        t.function(*t.args)
+    assert len(sessions) == 1
+    assert sessions.get("a") is None, "a page coming back after its state went is told so, once"
+    assert sessions.get("a") == PageState() and sessions.get("b").image_name == "b.png"
+    assert sessions.close("never-used") is None
+
+
+def serve_in_process(checkpoint: Path, monkeypatch):
+    """(URL, DemoApp) of `serve` on a free port of this process, with a one-second grace for closed pages."""
+    from llava_ft.cli import serve as serve_module
+
+    apps = []
+
+    class Recorded(serve_module.DemoApp):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.sessions.grace = 1.0
+            apps.append(self)
+
+    monkeypatch.setattr(serve_module, "DemoApp", Recorded)
+    page = serve_module.serve(str(checkpoint), port=free_port(), block=False, max_new_tokens=MAX_NEW)
+    return page, apps[0]
+
+
+def test_pages_closed_through_gradio_free_their_state(files, monkeypatch):
+    """gradio's unload (the page's heartbeat ends) drops the page's state: here pages driven by gradio_client."""
+    from gradio_client import Client, handle_file
+
+    page, app = serve_in_process(files["vision"], monkeypatch)
+    try:
+        image, question = files["heldout"][0]
+        clients = []
+        for _ in range(2):
+            client = Client(page.local_url, verbose=False)
+            status = client.predict(handle_file(str(image)), api_name="/image_changed")[-1]
+            assert status.startswith("New image")
+            chat, status = client.predict(question, MAX_NEW, 0.0, api_name="/respond")
+            assert status.startswith("Answered") and len(chat) == 2
+            clients.append(client)
+        assert len(app.sessions) == 2
+        for client in clients:
+            client.close()
+        deadline = time.monotonic() + 120  # a bound on waiting for the unload events, not a timing check
+        while len(app.sessions) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(app.sessions) == 0
+    finally:
+        page.close()
+
+
+def server_rss_after_sessions(
+    checkpoint: Path, image: Path, sessions: int, grace_wait: float
+) -> dict[str, int]:
+    """Resident memory (MB) of a `llava-ft serve` process: started, after `sessions` pages (driven by
+    gradio_client) each uploaded `image` and asked one question, and `grace_wait` seconds after they closed."""
+    from gradio_client import Client, handle_file
+
+    port = free_port()
+    argv = [sys.executable, "-m", "llava_ft.cli.main", "serve", str(checkpoint), "--port", str(port)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+
+    def rss() -> int:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) // 1024
+
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "llava-ft serve exited"
+                time.sleep(0.5)
+        figures = {"started": rss()}
+        clients = []
+        for _ in range(sessions):
+            clients.append(Client(url, verbose=False))
+            clients[-1].predict(handle_file(str(image)), api_name="/image_changed")
+            clients[-1].predict("What is it?", MAX_NEW, 0.0, api_name="/respond")
+        figures[f"{sessions} pages open"] = rss()
+        for client in clients:
+            client.close()
+        time.sleep(grace_wait)
+        figures[f"{grace_wait:.0f} s after they closed"] = rss()
+        return figures
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    # python tests/test_serve.py FOLDER [SESSIONS]: the figure for 30 pages with an 8000x8000 PNG each.
+    folder = Path(sys.argv[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    big = folder / "8000x8000.png"
+    if not big.exists():
+        Image.new("RGB", (8000, 8000), (200, 30, 30)).save(big)
+    checkpoint = folder / "vision"
+    if not (checkpoint / "llava_ft.yaml").exists():
+        write_tiny_stage_output(folder, checkpoint, vision_backend="open_clip", seed=1)
+    print(server_rss_after_sessions(checkpoint, big, int(sys.argv[2]) if len(sys.argv) > 2 else 30, 70))

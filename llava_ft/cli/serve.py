@@ -3,13 +3,15 @@
 A local gradio page: upload an image, chat over several turns with answers streamed in, start a new
 conversation, set max new tokens and temperature; a text-only checkpoint gets no image controls. Answers come
 from the same `ChatSession` as `llava-ft chat`. An upload that is not an image, is corrupt, decodes to too many
-pixels or is over --max-upload-mb gets a message in the page. Nothing leaves the machine: gradio's analytics
+pixels or is over --max-upload-mb gets a message in the page. Each page keeps only the image as the model sees
+it (tower-sized), and its state goes soon after the page closes. Nothing leaves the machine: gradio's analytics
 and version check are off, fonts are served locally.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import html
 import logging
 import os
@@ -17,6 +19,7 @@ import queue
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,23 @@ log = logging.getLogger("llava_ft")
 
 DEFAULT_MAX_UPLOAD_MB = 20
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the system (glibc's malloc_trim): glibc keeps the pages of a freed large
+    image for reuse, so a server's memory would stay at its largest upload's decode. No-op elsewhere."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
 
 
 def upload_limit_bytes(max_upload_mb: float) -> int:
@@ -52,13 +72,76 @@ def positive_mb(text: str) -> float:
     return value
 
 
+# A closed page's state is kept this long in case the page only lost its connection and comes back.
+SESSION_GRACE_S = 60.0
+ENDED_KEPT = 10_000
+ENDED = (
+    "⚠️ This conversation was closed on the server (the page was closed or lost its connection for a while). "
+    "Upload the image again or ask again to start a new one."
+)
+
+
 @dataclass
 class PageState:
     """One browser session: its image (in the first user turn) and the turns so far."""
 
     image: Any = None
+    """The image as the model sees it (`ImageProcessor.resized`), never the upload at full size."""
     image_name: str | None = None
     history: list[Message] = field(default_factory=list)
+
+
+class Sessions:
+    """Each page's PageState by gradio's session hash. A closed page's state is dropped `grace` seconds later
+    unless the page is used again meanwhile (a page whose connection dropped reconnects under the same hash):
+    gradio would keep a gr.State, image included, for an hour after the page closed."""
+
+    def __init__(self, grace: float = SESSION_GRACE_S):
+        self.grace = grace
+        self._states: dict[str, PageState] = {}
+        self._closing: dict[str, object] = {}
+        # Sessions dropped, so that one coming back is told rather than answered without its image.
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def get(self, session: str) -> PageState | None:
+        """The session's state (a new one for a new session); None, once, for a session that was dropped."""
+        with self._lock:
+            self._closing.pop(session, None)
+            if session in self._ended:
+                del self._ended[session]
+                return None
+            return self._states.get(session, PageState())
+
+    def put(self, session: str, state: PageState) -> None:
+        with self._lock:
+            if session not in self._ended:  # not dropped while its handler ran
+                self._states[session] = state
+
+    def close(self, session: str) -> threading.Timer | None:
+        """The page closed (gradio's unload): its state goes after the grace period (the timer returned)."""
+        token = object()
+        with self._lock:
+            if session not in self._states:
+                return None
+            self._closing[session] = token
+        timer = threading.Timer(self.grace, self._drop, (session, token))
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _drop(self, session: str, token: object) -> None:
+        with self._lock:
+            if self._closing.get(session) is not token:  # used again since it closed
+                return
+            del self._closing[session]
+            self._states.pop(session, None)
+            self._ended[session] = None
+            while len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
 
 
 def chat_messages(history: list[Message]) -> list[dict]:
@@ -72,6 +155,7 @@ class DemoApp:
     def __init__(self, assistant, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB):
         self.assistant = assistant
         self.max_upload_bytes = upload_limit_bytes(max_upload_mb)
+        self.sessions = Sessions()
         # One model: answers are generated one at a time, whichever button or session asked.
         self.lock = threading.Lock()
 
@@ -88,6 +172,9 @@ class DemoApp:
                     f"{name} is {size / 2**20:.1f} MB, over the {self.max_upload_bytes / 2**20:g} MB limit"
                 )
             image = open_image(path, self.assistant.has_vision)
+            width, height = image.size
+            image = self.assistant.processor.resized(image)
+            release_freed_memory()  # the full-size decode, freed just now
         except (ChatError, DataError, OSError) as e:
             # The server's upload path means nothing to the person at the page: name the file they chose.
             problem = (e.problem if isinstance(e, DataError) else str(e)).replace(path, name)
@@ -97,7 +184,6 @@ class DemoApp:
                 f"⚠️ Could not use {name}: {problem}. The image and conversation are unchanged.",
                 False,
             )
-        width, height = image.size
         return (
             PageState(image=image, image_name=name),
             f"New image {name} ({width}x{height}); new conversation.",
@@ -160,7 +246,6 @@ def build_page(app: DemoApp, *, title: str, max_new_tokens: int, temperature: fl
 
     vision = app.assistant.has_vision
     with gr.Blocks(title=title, analytics_enabled=False) as page:
-        state = gr.State(PageState())
         gr.Markdown(f"### {title}")
         with gr.Row():
             with gr.Column(scale=1, visible=vision):
@@ -204,31 +289,59 @@ def build_page(app: DemoApp, *, title: str, max_new_tokens: int, temperature: fl
                         elem_id="temperature",
                     )
 
-        # The status line is Markdown: messages quote user text and file names, so they are shown escaped.
-        def image_changed(path, st):
-            st, message, _ = app.load_image(path, st)
-            return st.image, chat_messages(st.history), st, html.escape(message)
+        # Each page's state is kept in app.sessions by gradio's session hash, not in a gr.State, so that it can
+        # go when the page closes. The status line is Markdown: messages quote user text and file names, so they
+        # are shown escaped.
+        sessions = app.sessions
 
-        def remove_image(st):
-            st, message = app.remove_image(st)
-            return None, [], st, message
+        def image_changed(path, request):
+            st = sessions.get(request.session_hash) or PageState()
+            st, message, taken = app.load_image(path, st)
+            sessions.put(request.session_hash, st)
+            # The page shows the file as uploaded (served from gradio's upload folder); a refused file leaves
+            # the image shown as it was.
+            preview = path if taken else (gr.skip() if st.image is not None else None)
+            return preview, chat_messages(st.history), html.escape(message)
 
-        def reset_chat(st):
+        def remove_image(request):
+            st, message = app.remove_image(sessions.get(request.session_hash) or PageState())
+            sessions.put(request.session_hash, st)
+            return None, [], message
+
+        def reset_chat(request):
+            st = sessions.get(request.session_hash)
+            if st is None:
+                return [], html.escape(ENDED)
             st, message = app.reset(st)
-            return [], st, message
+            sessions.put(request.session_hash, st)
+            return [], message
 
-        def respond(text, st, max_new_tokens, temperature):
+        def respond(text, max_new_tokens, temperature, request):
+            st = sessions.get(request.session_hash)
+            if st is None:
+                yield [], html.escape(ENDED)
+                return
+            answered = st
             for shown, new_state, message in app.respond(text, st, max_new_tokens, temperature):
-                yield shown, new_state, html.escape(message)
+                answered = new_state  # the last one holds the whole turn
+                yield shown, html.escape(message)
+            sessions.put(request.session_hash, answered)
 
-        upload.upload(
-            image_changed, [upload, state], [preview, chatbot, state, status], concurrency_id="model"
-        )
-        remove.click(remove_image, [state], [preview, chatbot, state, status])
-        reset.click(reset_chat, [state], [chatbot, state, status])
-        ask = {"fn": respond, "inputs": [question, state, max_new, temp], "outputs": [chatbot, state, status]}
+        def page_closed(request):
+            sessions.close(request.session_hash)
+
+        # gradio passes the page's Request to a parameter annotated gr.Request; gradio is imported here only,
+        # so the annotation is set on the function rather than written (this module's annotations are strings).
+        for fn in (image_changed, remove_image, reset_chat, respond, page_closed):
+            fn.__annotations__["request"] = gr.Request
+
+        upload.upload(image_changed, [upload], [preview, chatbot, status], concurrency_id="model")
+        remove.click(remove_image, None, [preview, chatbot, status])
+        reset.click(reset_chat, None, [chatbot, status])
+        ask = {"fn": respond, "inputs": [question, max_new, temp], "outputs": [chatbot, status]}
         for event in (send.click, question.submit):
             event(**ask, concurrency_id="model").then(lambda: "", None, question)
+        page.unload(page_closed)
     return page
 
 

@@ -151,18 +151,21 @@ class ImageProcessor:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> normalised float32 tensor [3, image_size, image_size]."""
-        img = to_rgb(img)
-        size = self.image_size
-        if self.aspect == "resize":
-            img = img.resize((size, size), Image.Resampling.BICUBIC)
-        else:
-            if self.aspect == "pad":
-                img = expand2square(img, self.pad_color)
-            img = _center_crop(_resize_shortest(img, size), size)
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        pixels = torch.from_numpy(np.asarray(self.resized(img), dtype=np.uint8).copy()).permute(2, 0, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         return (pixels.float() / 255 - mean) / std
+
+    def resized(self, img: Image.Image) -> Image.Image:
+        """The RGB image_size square the model sees, before normalisation. Processing it again gives the same
+        tensor (each step leaves such an image as it is), so it can stand in for a large image kept for later."""
+        img = to_rgb(img)
+        size = self.image_size
+        if self.aspect == "resize":
+            return img.resize((size, size), Image.Resampling.BICUBIC)
+        if self.aspect == "pad":
+            img = expand2square(img, self.pad_color)
+        return _center_crop(_resize_shortest(img, size), size)
 
 
 def _resize_shortest(img: Image.Image, size: int) -> Image.Image:

@@ -41,6 +41,7 @@ from llava_ft.data.forked import run_forked
 from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
 from llava_ft.data.sp_convert import fast_twin
 from llava_ft.data.tokenize import CompactSample, DroppedSample, Encoder, EncodeStats, TokenizationMismatch
+from llava_ft.files import make_temp_dir, sweep_leftovers
 
 log = logging.getLogger("llava_ft")
 
@@ -511,8 +512,9 @@ def prepare(
         log.info("preparing %s with %d process(es)", path, num_proc)
     if use_cache:
         root.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(root)
     # Built under a temporary name next to the entry, so a killed run leaves nothing that looks complete.
-    work = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root if use_cache else None))
+    work = make_temp_dir(root, key, "partial") if use_cache else Path(tempfile.mkdtemp(prefix=".partial-"))
     try:
         stats, bad = _build(path, encoder, work / "data.arrow", fmt, skip_bad, num_proc, progress)
         if not use_cache:

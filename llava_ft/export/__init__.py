@@ -28,7 +28,7 @@ from llava_ft.export.tokenizer import (
     processor_chat_template,
 )
 from llava_ft.export.verify import dummy_inputs, llava_ft_logits, max_diff, verify_export
-from llava_ft.files import atomic_dir, check_replaceable_dir
+from llava_ft.files import atomic_dir, check_replaceable_dir, sweep_leftovers
 from llava_ft.stage import read_stage_config
 
 __all__ = [
@@ -85,6 +85,7 @@ def export_checkpoint(
         raise FileExistsError(f"{output}: already exists (pass --overwrite to replace it)")
 
     check_replaceable_dir(output)  # a file as --output fails here, before the merge
+    sweep_leftovers(output.parent)  # a killed export's copies, before this one needs the space
     vision = read_stage_config(checkpoint).model.vision
     if fmt == "hf-llava" and vision is None:
         raise ValueError(

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +25,7 @@ from llava_ft.data.sources import read_conversations
 from llava_ft.data.templates import get_template
 from llava_ft.data.tokenize import Encoder, encode_all
 from llava_ft.data.tokenizer import load_tokenizer
+from llava_ft.files import temp_name
 from llava_ft.testing.tiny_llm import write_internlm2_tokenizer
 
 N_IMG = 7
@@ -290,6 +295,24 @@ def test_damaged_or_half_written_cache_is_rebuilt(tokenizers, data_file, tmp_pat
     (cache / f".{good.key}.partial-x").mkdir()
     (cache / f".{good.key}.partial-x" / "data.arrow").write_bytes(b"half")
     assert prep.prepare(data_file, enc, cache_dir=cache, skip_bad=True).cache == "hit"
+
+
+def test_a_killed_preparations_folder_is_removed_by_the_next(tokenizers, data_file, tmp_path, caplog):
+    cache = tmp_path / "c"
+    enc = encoder(tokenizers["bpe"])
+    key = prep.prepare(data_file, enc, cache_dir=cache, skip_bad=True).key
+    shutil.rmtree(cache / key)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    killed = cache / temp_name(key, "partial", pid=ended.pid)  # what a run killed mid-build leaves
+    running = cache / temp_name(key, "partial", pid=os.getpid())  # another run building the same entry
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / ".shard-0.arrow").write_bytes(b"\0" * 2048)
+    with caplog.at_level(logging.INFO, logger="llava_ft"):
+        assert prep.prepare(data_file, enc, cache_dir=cache, skip_bad=True).cache == "built"
+    assert sorted(p.name for p in cache.iterdir()) == sorted([key, running.name])
+    assert f"removed 1 leftover(s) of killed runs (2.0 KB freed): {killed.name}" in caplog.text
 
 
 # ---------------------------------------------------------------- CLI
