@@ -3,6 +3,7 @@ must load, and the broken files that must be named before training.
 
     quirks = write_quirks(tmp_path / "images")
     records = quirks_records(quirks)        # one LLaVA record per image, missing one included
+    records += peer_records()               # text-only ShareGPT, a conversation opening with the assistant
 """
 
 from __future__ import annotations
@@ -96,4 +97,28 @@ def quirks_records(quirks: Quirks) -> list[dict]:
             ],
         }
         for name in quirks.names
+    ]
+
+
+def peer_records() -> list[dict]:
+    """Records of the real releases' other shapes: a ShareGPT text-only conversation, and one that opens with
+    the assistant (LLaVA-1.5 trains it without that turn)."""
+    return [
+        {
+            "id": "sharegpt",
+            "conversations": [
+                {"from": "human", "value": "Write a haiku about rain."},
+                {"from": "gpt", "value": "Soft rain on the roof."},
+                {"from": "human", "value": "Another one?"},
+                {"from": "gpt", "value": "Puddles hold the sky."},
+            ],
+        },
+        {
+            "id": "opens_with_assistant",
+            "conversations": [
+                {"from": "gpt", "value": "Hello! Ask me anything."},
+                {"from": "human", "value": "What colour is the sky?"},
+                {"from": "gpt", "value": "Blue."},
+            ],
+        },
     ]

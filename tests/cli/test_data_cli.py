@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import LlamaTokenizer
 
 from llava_ft.cli.data import add_data_commands, main
+from llava_ft.testing.quirks import quirks_records, write_quirks
 
 N_IMG = 4
 # internlm/internlm2-chat-1_8b's official chat template (tokenizer_config.json).
@@ -190,8 +191,6 @@ def test_check_with_image_folder_reports_missing_images(tmp_path, capsys, tok_di
 
 
 def test_check_and_prepare_name_each_bad_image_with_its_record(tmp_path, capsys, tok_dir, monkeypatch):
-    from llava_ft.testing.quirks import quirks_records, write_quirks
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     quirks = write_quirks(tmp_path / "images")
     data = write(tmp_path / "q.jsonl", quirks_records(quirks))
