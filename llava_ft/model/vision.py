@@ -214,17 +214,21 @@ def _hf_folder(cfg: VisionSection) -> Path:
 _CLIP_TEXT_SIDE = re.compile(r"(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
 
 
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
 def _build_hf(cfg: VisionSection) -> HFClipVisionTower:
     folder = _hf_folder(cfg)
     # A published CLIP folder holds the whole CLIPModel: transformers' load report would list every text-tower
-    # key as unexpected (hundreds of lines per load). It is silenced and the keys are judged here instead.
+    # key as unexpected (hundreds of lines per load). The report is held back and the keys are judged here.
+    # (A filter, not a logger level: transformers runs extra checks when its logger's level is raised.)
     report = logging.getLogger("transformers.modeling_utils")
-    level = report.level
-    report.setLevel(logging.ERROR)
+    report.addFilter(_no_load_report)
     try:
         model, info = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)
     finally:
-        report.setLevel(level)
+        report.removeFilter(_no_load_report)
     # transformers only warns about missing weights; a half-random tower must not train silently.
     if info["missing_keys"]:
         raise ValueError(

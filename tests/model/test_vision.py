@@ -168,6 +168,7 @@ def test_hf_tower_loads_a_whole_clip_model_folder(tmp_path, capfd, caplog):
     assert tokens_per_image(VisionSection("hf", str(tmp_path))) == t.num_tokens == GRID**2
     printed = capfd.readouterr()
     assert "text_model" not in printed.out + printed.err + caplog.text
+    assert "not sharded" not in printed.out + printed.err + caplog.text
     weights = tmp_path / "model.safetensors"
     save_file({**load_file(weights), "stray.weight": torch.zeros(1)}, weights, metadata={"format": "pt"})
     caplog.clear()
