@@ -1,13 +1,17 @@
 """Typed run configuration: one YAML file per stage, every field documented here.
 
 A stage (text pretraining, LLaVA pretrain, LLaVA finetune) is only a choice of these values. `load_config`
-reads YAML, applies `--section.key value` overrides and validates, naming the offending key.
+reads YAML, applies `--section.key value` overrides and validates, naming the offending key and where it came
+from (the file or the override), with a "did you mean" for a misspelt one. The train section also takes the
+transformers `TrainingArguments` names (see TrainSection).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -143,6 +147,24 @@ class DataSection:
 
 @dataclass
 class TrainSection:
+    """Optimisation and output. transformers `TrainingArguments` names are accepted as aliases (in YAML and in
+    overrides); giving both spellings of one field is an error:
+
+    ============================  ==================
+    TrainingArguments             llava_ft
+    ============================  ==================
+    learning_rate                 lr
+    per_device_train_batch_size   batch_size
+    gradient_accumulation_steps   grad_accum
+    num_train_epochs              epochs
+    lr_scheduler_type             lr_scheduler
+    dataloader_num_workers        dataloader_workers
+    ============================  ==================
+
+    These are spelt as in TrainingArguments already: output_dir, max_steps, weight_decay, warmup_ratio,
+    max_grad_norm, optim, gradient_checkpointing, seed, logging_steps, save_steps, save_total_limit, deepspeed,
+    report_to."""
+
     output_dir: str = "work_dirs/run"
     """Where checkpoints, logs and the final stage output go."""
     init_from: str | None = None
@@ -154,7 +176,11 @@ class TrainSection:
     batch_size: int = 8
     """Per-device micro batch (rows when packing)."""
     grad_accum: int = 1
-    """Micro batches per optimiser step."""
+    """Micro batches per optimiser step (derived when global_batch_size is set)."""
+    global_batch_size: int | None = None
+    """Samples per optimiser step over all processes: batch_size x grad_accum x processes. When set, grad_accum
+    is derived from it and the process count (WORLD_SIZE, as torchrun sets it; 1 without it), which must divide
+    it exactly; a grad_accum given as well must agree. None: grad_accum as given."""
     lr: float = 2e-4
     """Peak learning rate (LLM / LoRA parameters, and everything without its own rate)."""
     projector_lr: float | None = None
@@ -214,6 +240,132 @@ class RunConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+TRAIN_ALIASES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "lr_scheduler",
+    "dataloader_num_workers": "dataloader_workers",
+}
+"""transformers TrainingArguments name -> TrainSection field, where the two differ."""
+
+_ALIASES: dict[type, dict[str, str]] = {TrainSection: TRAIN_ALIASES}
+
+
+def _section_of(tp: Any) -> tuple[type, bool] | None:
+    """(dataclass, is a list of it) for a field typed as a section, an optional section or a list of them."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [s for a in typing.get_args(tp) if (s := _section_of(a)) is not None]
+        return found[0] if found else None
+    if dataclasses.is_dataclass(tp):
+        return tp, False
+    if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        return typing.get_args(tp)[0], True
+    return None
+
+
+def _spell(path: str, override: bool) -> str:
+    return f"--{path}" if override else path
+
+
+def _unknown_key(cls: type, key: str, where: str, override: bool, rest: str = "") -> ConfigError:
+    """`key` is no field of section `cls` at `where`: suggest the closest field or alias; at the top level, a
+    section's key given without its section is looked up in every section. `rest`: the override key's part
+    after `key` (`.lr` in `--trian.lr`), kept in the suggestion."""
+    path = f"{where}.{key}" if where else key
+    candidates = {n: n for n in (*(f.name for f in dataclasses.fields(cls)), *_ALIASES.get(cls, {}))}
+    if not where:
+        for f in dataclasses.fields(cls):
+            section = _section_of(typing.get_type_hints(cls)[f.name])
+            if section is not None and not section[1]:
+                names = (*(g.name for g in dataclasses.fields(section[0])), *_ALIASES.get(section[0], {}))
+                for n in names:
+                    candidates.setdefault(n, f"{f.name}.{n}")
+    head = f"override --{path}{rest}" if override else path
+    if str(key) in candidates and candidates[str(key)] != str(key):
+        return ConfigError(
+            f"{head}: unknown key; did you mean {_spell(candidates[str(key)] + rest, override)}?"
+        )
+    close = difflib.get_close_matches(str(key), list(candidates), n=1)
+    if close:
+        suggestion = candidates[close[0]] if not where else f"{where}.{candidates[close[0]]}"
+        return ConfigError(f"{head}: unknown key; did you mean {_spell(suggestion + rest, override)}?")
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    return ConfigError(f"{head}: unknown key; {where or 'the config'} has {', '.join(known)}")
+
+
+def _canonical_names(cls: type, data: Any, where: str, override: bool) -> Any:
+    """`data` for section `cls` with aliases replaced by the field names, refusing unknown keys and a field
+    given under both its names. Values of the wrong shape are left for _convert to name."""
+    if not isinstance(data, dict):
+        return data
+    aliases = _ALIASES.get(cls, {})
+    hints = typing.get_type_hints(cls)
+    spelt: dict[str, str] = {}
+    out = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        if name not in hints:
+            raise _unknown_key(cls, key, where, override)
+        path = f"{where}.{name}" if where else name
+        if name in spelt:
+            first, second = (f"{where}.{k}" if where else k for k in (spelt[name], key))
+            raise ConfigError(
+                f"{_spell(first, override)} and {_spell(second, override)} are the same field; give one"
+            )
+        spelt[name] = key
+        out[name] = _canonical_value(hints[name], value, path, override)
+    return out
+
+
+def _canonical_value(tp: Any, value: Any, where: str, override: bool) -> Any:
+    section = _section_of(tp)
+    if section is None:
+        return value
+    cls, is_list = section
+    if is_list:
+        if not isinstance(value, list):
+            return value
+        return [_canonical_names(cls, v, f"{where}[{i}]", override) for i, v in enumerate(value)]
+    return _canonical_names(cls, value, where, override)
+
+
+def _canonical_override(key: str, value: Any) -> tuple[str, Any]:
+    """An override's dotted key and value with aliases replaced by field names; an unknown key is refused as
+    the override's (not the config file's), and a string given for a list of entries gets the list syntax."""
+    cls: type | None = RunConfig
+    entry: type | None = None  # the entry type, just after a list-of-sections field
+    tp: Any = RunConfig
+    where = ""
+    key = _canonical_key(key)
+    for match in _PATH_PART.finditer(key):
+        index, name = match.groups()
+        if index:
+            if entry is None:
+                return key, value  # _set_dotted says what is not a list
+            cls, entry, tp = entry, None, entry
+            where += f"[{index}]"
+            continue
+        if cls is None:
+            return key, value  # under a plain field: _set_dotted says it is not a section
+        name = _ALIASES.get(cls, {}).get(name, name)
+        hints = typing.get_type_hints(cls)
+        if name not in hints:
+            raise _unknown_key(cls, name, where, override=True, rest=key[match.end() :])
+        where = f"{where}.{name}" if where else name
+        tp = hints[name]
+        section = _section_of(tp)
+        cls, entry = (None, section[0]) if section and section[1] else (section[0] if section else None, None)
+    if entry is not None and isinstance(value, str):
+        first = dataclasses.fields(entry)[0].name
+        raise ConfigError(
+            f"override --{where}: expected a list, got {value!r}; set the first entry's {first} with "
+            f"--{where}.0.{first} {value}, or give the whole list: --{where} '[{{{first}: {value}}}]'"
+        )
+    return where, _canonical_value(tp, value, where, override=True)
 
 
 _NULL_TAG = "tag:yaml.org,2002:null"
@@ -429,7 +581,16 @@ def load_config(
     this machine can tell (the DeepSpeed file exists, the report_to integration is installed); a stage output's
     config is read elsewhere too (chat, export, eval, a later stage) and must load there. llava_ft's own names
     are checked by `model.build.check_names`, where they are defined."""
-    data: dict = {}
+    canonical: dict[str, Any] = {}
+    spelt: dict[str, str] = {}
+    for key, value in (overrides or {}).items():
+        name, value = _canonical_override(key, value)
+        if spelt.get(name, key) != key:
+            raise ConfigError(f"override --{spelt[name]} and --{key} are the same field; give one")
+        spelt[name] = key
+        canonical.pop(name, None)  # the last one given is applied last
+        canonical[name] = value
+    data: Any = {}
     src = _SourceText()
     if path is not None:
         text = Path(path).read_text()
@@ -439,13 +600,16 @@ def load_config(
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     sources = getattr(overrides, "source", {})
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
-        src.replace(key, sources.get(key))
     where = str(path) if path is not None else "<overrides>"
     try:
+        data = _canonical_names(RunConfig, data, "", override=False)
+        for key, value in canonical.items():
+            _set_dotted(data, key, value)
+            src.replace(key, sources.get(spelt[key]))
         cfg = _build(RunConfig, data, "", src)
         validate(cfg)
+        train = data.get("train") if isinstance(data, dict) else None
+        derive_grad_accum(cfg.train, world_size(), explicit=isinstance(train, dict) and "grad_accum" in train)
         if for_training:
             _check_training_machine(cfg)
     except ConfigError as e:
@@ -543,8 +707,56 @@ def validate(cfg: RunConfig) -> None:
     )
 
 
+def world_size() -> int:
+    """Training processes, as torchrun and the DeepSpeed launcher state it; 1 without them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def derive_grad_accum(t: TrainSection, world: int, explicit: bool) -> None:
+    """Set t.grad_accum from t.global_batch_size (when set) for `world` processes; `explicit`: grad_accum was
+    given too, and must agree."""
+    g = t.global_batch_size
+    if g is None:
+        return
+    _need(g >= 1, "train.global_batch_size", g, ">= 1 or null")
+    per_step = t.batch_size * world
+    if g % per_step:
+        raise ConfigError(
+            f"train.global_batch_size {g} is not a multiple of batch_size {t.batch_size} x {_processes(world)}"
+            f" = {per_step}"
+        )
+    if explicit and t.grad_accum != g // per_step:
+        raise ConfigError(
+            f"train.grad_accum {t.grad_accum} disagrees with train.global_batch_size {g} = {t.batch_size} per "
+            f"device x {g // per_step} accumulation x {_processes(world)}; drop grad_accum or set it to "
+            f"{g // per_step}"
+        )
+    t.grad_accum = g // per_step
+
+
+def global_batch_line(t: TrainSection, world: int) -> str:
+    """The global batch as logged at start; refuses a global_batch_size the run does not have (a config built
+    for another process count)."""
+    g = t.batch_size * t.grad_accum * world
+    if t.global_batch_size is not None and t.global_batch_size != g:
+        raise ConfigError(
+            f"train.global_batch_size {t.global_batch_size} != batch_size {t.batch_size} x grad_accum "
+            f"{t.grad_accum} x {_processes(world)} = {g}; load the config where it runs"
+        )
+    return f"global batch {g} = {t.batch_size} per device x {t.grad_accum} accumulation x {_processes(world)}"
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
 def to_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data. With global_batch_size set, grad_accum is left out: it is derived again for
+    the process count of wherever the config is loaded."""
+    out = dataclasses.asdict(cfg)
+    if cfg.train.global_batch_size is not None:
+        del out["train"]["grad_accum"]
+    return out
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler
 from transformers import TrainingArguments, set_seed
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-from llava_ft.config import ConfigError, RunConfig
+from llava_ft.config import ConfigError, RunConfig, global_batch_line, world_size
 from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.dataset import build_dataset
 from llava_ft.data.packing import PackedDataset
@@ -207,6 +207,7 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
     grad_ckpt = t.gradient_checkpointing
     if grad_ckpt is None:
         grad_ckpt = cfg.trainable.llm == "qlora"
+    log.info(global_batch_line(t, world_size()))
     return TrainingArguments(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.batch_size,
