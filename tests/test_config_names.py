@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from llava_ft.cli import main as cli_main
 from llava_ft.config import (
     TRAIN_ALIASES,
     ConfigError,
@@ -17,6 +19,7 @@ from llava_ft.config import (
     load_config,
     parse_overrides,
 )
+from llava_ft.train.run import training_arguments
 
 
 def _config(tmp_path: Path, text: str) -> Path:
@@ -174,3 +177,28 @@ def test_shipped_recipes_state_their_global_batch(monkeypatch):
     assert (finetune.train.global_batch_size, finetune.train.grad_accum) == (128, 8)
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert load_config(recipes / "pretrain.yaml").train.grad_accum == 1
+
+
+def test_training_logs_the_global_batch_at_start(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = load_config(None, parse_overrides(["--train.output_dir", str(tmp_path), "--train.batch_size", "2"]))
+    cfg.train.grad_accum = 3
+    with caplog.at_level(logging.INFO, logger="llava_ft"):
+        args = training_arguments(cfg)
+    assert args.gradient_accumulation_steps == 3
+    assert "global batch 6 = 2 per device x 3 accumulation x 1 process" in caplog.messages
+    cfg.train.global_batch_size = 12  # not what this run has
+    with pytest.raises(ConfigError, match=r"^train\.global_batch_size 12 != batch_size 2 x grad_accum 3"):
+        training_arguments(cfg)
+
+
+def test_train_command_names_the_override_not_the_file(tmp_path, capsys, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(cli_main, "train", no_run)
+    path = _config(tmp_path, "train:\n  lr: 1.0e-3\n")
+    assert cli_main.main(["train", str(path), "--max_steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "llava-ft: error: override --max_steps: unknown key; did you mean --train.max_steps?" in err
+    assert str(path) not in err
