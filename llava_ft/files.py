@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(temp_name(path.name, "tmp"))
     try:
         yield tmp
+        set_default_modes(tmp)
         with open(tmp, "rb") as f:  # durable before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -95,6 +97,7 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
     tmp = make_temp_dir(path.parent, path.name, "new")
     try:
         write(tmp)
+        set_default_modes(tmp)
         if not path.exists():
             os.replace(tmp, path)
         elif exchange(tmp, path):
@@ -107,6 +110,45 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+# ---------------------------------------------------------------- modes
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where it is shown (os.umask can only read it by changing it, which
+    another thread creating a file at that moment would see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_modes(path: Path) -> None:
+    """Give `path` and, for a folder, everything under it the modes `open` and `mkdir` give by default: files
+    0666 (0777 if the owner may execute them) and folders 0777, minus the umask. Links are left alone."""
+    mask = current_umask()
+
+    def fix(p: str, is_dir: bool) -> None:
+        st = os.lstat(p)
+        if stat.S_ISLNK(st.st_mode):
+            return
+        full = 0o777 if is_dir or st.st_mode & stat.S_IXUSR else 0o666
+        if stat.S_IMODE(st.st_mode) != full & ~mask:
+            os.chmod(p, full & ~mask)
+
+    fix(os.fspath(path), path.is_dir() and not path.is_symlink())
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for n in dirs:
+                fix(os.path.join(root, n), True)
+            for n in files:
+                fix(os.path.join(root, n), False)
 
 
 # ---------------------------------------------------------------- atomic swap

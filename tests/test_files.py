@@ -241,3 +241,34 @@ def test_a_stage_killed_while_replacing_a_part_is_completed_by_the_next_save(tin
             for s in (out, reference)
         ]
     assert torch.equal(*logits)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_default_modes_minus_the_umask(tmp_path: Path, umask: int):
+    """safetensors creates its files 0600 and mkdtemp-like writers make 0700 folders; what atomic_dir and
+    atomic_path leave is readable as a plain save_pretrained folder would be (0666/0777 minus the umask)."""
+    from safetensors.torch import save_file
+
+    def write(d: Path) -> None:
+        save_file({"w": torch.zeros(2)}, d / "model.safetensors")
+        (d / "sub").mkdir(mode=0o700)
+        (d / "sub" / "tool.sh").write_text("#!/bin/sh\n")
+        (d / "sub" / "tool.sh").chmod(0o700)
+
+    old = os.umask(umask)
+    try:
+        atomic_dir(tmp_path / "export", write)
+        with atomic_path(tmp_path / "projector.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp)
+    finally:
+        os.umask(old)
+    assert files.current_umask() == old
+
+    def mode(p: Path) -> int:
+        return p.stat().st_mode & 0o777
+
+    assert mode(tmp_path / "export") == 0o777 & ~umask
+    assert mode(tmp_path / "export" / "sub") == 0o777 & ~umask
+    assert mode(tmp_path / "export" / "model.safetensors") == 0o666 & ~umask
+    assert mode(tmp_path / "export" / "sub" / "tool.sh") == 0o777 & ~umask  # executable stays executable
+    assert mode(tmp_path / "projector.safetensors") == 0o666 & ~umask

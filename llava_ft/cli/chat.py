@@ -2,16 +2,25 @@
 
 Interactive on a terminal (answers stream in); with `--question` or questions piped on stdin it answers
 without prompts, one answer per line, for scripts. Both keep one multi-turn conversation whose first user
-turn carries the image, and both understand `/image PATH`, `/reset` and `/exit`.
+turn carries the image, and both understand `/image PATH`, `/reset` and `/exit`. `--system TEXT` opens every
+conversation with a system message, rendered as the checkpoint's chat template renders one. On a terminal,
+lines can be edited and earlier questions recalled (readline), kept across sessions in HISTORY_FILE.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+try:
+    import readline
+except ImportError:  # not built into every Python (Windows): chat then reads plain lines
+    readline = None
 
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
@@ -20,6 +29,8 @@ from llava_ft.inference import Assistant, load_assistant
 from llava_ft.stage import read_stage_config
 
 COMMANDS = "/image PATH (new image, new conversation), /reset (new conversation), /exit"
+HISTORY_FILE = Path("~/.cache/llava_ft/chat_history")
+HISTORY_LENGTH = 1000
 
 
 class ChatError(ValueError):
@@ -36,6 +47,8 @@ class ChatSession:
     history: list[Message] = field(default_factory=list)
     gen: dict = field(default_factory=dict)
     """max_new_tokens, temperature, top_p for generate_messages."""
+    system: str | None = None
+    """A system message opening every conversation (kept out of `history`, so /reset keeps it)."""
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         if IMAGE_TOKEN in text:
@@ -43,8 +56,11 @@ class ChatSession:
         if self.image is not None and not self.history:
             text = f"{IMAGE_TOKEN}\n{text}"
         messages = [*self.history, Message("user", text)]
+        opening = [Message("system", self.system)] if self.system is not None else []
         images = [self.image] if self.image is not None else []
-        answer = self.assistant.generate_messages([(messages, images)], on_text=on_text, **self.gen)[0]
+        answer = self.assistant.generate_messages(
+            [([*opening, *messages], images)], on_text=on_text, **self.gen
+        )[0]
         self.history = [*messages, Message("assistant", answer)]
         return answer
 
@@ -126,6 +142,25 @@ def run_interactive(session: ChatSession, read: Callable[[str], str] = input, ou
             print("\n(interrupted; the turn is dropped)", file=out)
 
 
+@contextlib.contextmanager
+def line_history(path: Path = HISTORY_FILE) -> Iterator[None]:
+    """readline line editing for `input`, with the history read from and saved to `path`; best effort: an
+    unreadable or unwritable file only costs the history."""
+    if readline is None:
+        yield
+        return
+    path = path.expanduser()
+    readline.set_history_length(HISTORY_LENGTH)
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
@@ -140,7 +175,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         image = open_image(args.image, has_vision) if args.image else None
         assistant = load_assistant(args.checkpoint, load_4bit=args.load_4bit)
         gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
-        session = ChatSession(assistant, image=image, gen=gen)
+        session = ChatSession(assistant, image=image, gen=gen, system=args.system)
     except (OSError, ValueError) as e:  # missing files, bad image, config or template errors
         print(f"llava-ft chat: error: {e}", file=sys.stderr)
         return 2
@@ -148,7 +183,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return run_script(session, args.question, sys.stdout, unit="--question")
     if not sys.stdin.isatty():
         return run_script(session, sys.stdin, sys.stdout)
-    return run_interactive(session)
+    with line_history():
+        return run_interactive(session)
 
 
 def add_commands(subparsers) -> None:
@@ -165,6 +201,11 @@ def add_commands(subparsers) -> None:
         action="append",
         help="answer this and exit (repeatable: turns of one conversation); without it, questions piped on "
         "stdin are answered the same way. One answer per line, a line break inside one written as \\n",
+    )
+    p.add_argument(
+        "--system",
+        metavar="TEXT",
+        help="system prompt opening each conversation (replaces the template's default one, if it has one)",
     )
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -1,27 +1,84 @@
-"""`llava-ft` command line: train | data | chat | export."""
+"""`llava-ft` command line: train | data | config | chat | export | serve."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import socket
 import sys
 
+import datasets.utils.logging
 import torch.distributed as dist
+import transformers.utils.logging
 
+import llava_ft
 from llava_ft.cli import chat, data, export, serve
+from llava_ft.cli import config as config_cli
 from llava_ft.config import ConfigError, load_config, parse_overrides
 from llava_ft.data.conversation import DataError
 from llava_ft.model.build import check_names
 from llava_ft.train.preflight import preflight
 from llava_ft.train.run import train
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Libraries whose INFO lines would bury llava_ft's own; they speak at WARNING and above unless --log-level debug.
+OTHER_LOGGERS = (
+    "transformers",
+    "datasets",
+    "accelerate",
+    "DeepSpeed",
+    "deepspeed",
+    "peft",
+    "httpx",
+    "httpcore",
+    "urllib3",
+    "filelock",
+    "PIL",
+    "matplotlib",
+    "open_clip",
+    "timm",
+)
 
-def _setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "urllib3", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+def _setup_logging(level_name: str = "info") -> None:
+    """llava_ft logs at `level_name`; other libraries at WARNING (or the chosen level when higher), and at INFO
+    under debug, since their DEBUG lines (HTTP, file locks, image plugins) are rarely what one is looking for."""
+    level = getattr(logging, level_name.upper())
+    others = logging.INFO if level == logging.DEBUG else max(level, logging.WARNING)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=others)
+    logging.getLogger("llava_ft").setLevel(level)
+    for name in OTHER_LOGGERS:
+        logging.getLogger(name).setLevel(others)
+    # torch's INFO lines are compiler statistics at exit, noise even when debugging llava_ft.
+    logging.getLogger("torch").setLevel(max(level, logging.WARNING))
+    # Both keep their own library logger and handler, set through their own API.
+    transformers.utils.logging.set_verbosity(others)
+    datasets.utils.logging.set_verbosity(others)
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("llava_ft")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return getattr(llava_ft, "__version__", "unknown")
+
+
+def _add_log_level(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--log-level on `parser` and every subcommand under it, so it may be given before or after the command;
+    below the top its default is left unset, so a later position only overrides an earlier one."""
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info" if top else argparse.SUPPRESS,
+        help="llava_ft's log level (default info); other libraries log warnings and errors only, and also "
+        "their INFO lines with debug",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                _add_log_level(sub, top=False)
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -61,6 +118,7 @@ def _shut_down_distributed() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-ft", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -89,16 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train, takes_extra=True)
 
     data.add_data_commands(sub)
-    for module in (chat, export, serve):
+    for module in (config_cli, chat, export, serve):
         module.add_commands(sub)
+    _add_log_level(parser, top=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _setup_logging()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    _setup_logging(args.log_level)
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

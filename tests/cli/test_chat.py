@@ -3,18 +3,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from llava_ft.cli.chat import ChatSession, run_interactive
+from llava_ft.cli.chat import ChatSession, line_history, readline, run_interactive
 from llava_ft.cli.main import main
 from llava_ft.data.conversation import Message
-from llava_ft.inference import load_assistant
+from llava_ft.inference import Assistant, load_assistant
+from llava_ft.stage import read_stage_config
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 
 MAX_NEW = 6
+REFERENCE = Path(__file__).parents[1] / "reference" / "chat_templates.json"
 GEN = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "top_p": 1.0}
 
 
@@ -151,3 +156,94 @@ def test_load_4bit_answers(files, capsys, monkeypatch):
         [files["vision"], "--image", files["red"], "--question", "hi", "--load-4bit"], capsys, monkeypatch
     )
     assert rc == 0 and len(lines) == 1
+
+
+SYSTEM = "You answer in one word."
+
+
+def test_system_prompt_is_rendered_as_the_official_template_renders_it(files, capsys, monkeypatch):
+    """`--system` opens every conversation (after /reset too); the prompt's ids are those of the template's
+    official Jinja given the system message and the turns so far."""
+    seen: list[tuple[list[Message], list[int]]] = []
+    prompt_ids = Assistant.prompt_ids
+
+    def spy(self, messages, n_images):
+        ids = prompt_ids(self, messages, n_images)
+        seen.append((list(messages), ids))
+        return ids
+
+    monkeypatch.setattr(Assistant, "prompt_ids", spy)
+    argv = [
+        files["text"],
+        "--system",
+        SYSTEM,
+        "--question",
+        "hi",
+        "--question",
+        "more",
+        "--question",
+        "/reset",
+    ]
+    rc, lines, _ = chat([*argv, "--question", "again"], capsys, monkeypatch)
+    assert rc == 0 and len(lines) == 3
+    assert [msgs[0].role for msgs, _ in seen] == ["system"] * 3
+    assert [[m.role for m in msgs] for msgs, _ in seen][1] == ["system", "user", "assistant", "user"]
+    assert len(seen[2][0]) == 2  # /reset dropped the turns, not the system message
+
+    name = read_stage_config(files["text"]).data.template
+    official = json.loads(REFERENCE.read_text())[name]["jinja"]
+    tokenizer = load_assistant(str(files["text"]), device="cpu").tokenizer
+    for messages, ids in seen:
+        dicts = [{"role": m.role, "content": m.content} for m in messages]
+        text = tokenizer.apply_chat_template(
+            dicts, chat_template=official, tokenize=False, add_generation_prompt=True
+        )
+        assert SYSTEM in text
+        assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_without_system_the_prompt_has_none(files, capsys, monkeypatch):
+    seen: list[list[Message]] = []
+    prompt_ids = Assistant.prompt_ids
+    monkeypatch.setattr(
+        Assistant, "prompt_ids", lambda self, m, n: seen.append(list(m)) or prompt_ids(self, m, n)
+    )
+    rc, _, _ = chat([files["text"], "--question", "hi"], capsys, monkeypatch)
+    assert rc == 0 and [m.role for m in seen[0]] == ["user"]
+
+
+@pytest.mark.skipif(readline is None, reason="this Python has no readline")
+def test_line_history_is_kept_across_sessions(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    readline.clear_history()
+    try:
+        with line_history():
+            readline.add_history("What is in the picture?")
+        saved = tmp_path / ".cache" / "llava_ft" / "chat_history"
+        assert "What is in the picture?" in saved.read_text()
+        readline.clear_history()
+        with line_history():  # a new session recalls the earlier question (Up arrow)
+            assert readline.get_current_history_length() == 1
+            assert readline.get_history_item(1) == "What is in the picture?"
+        # Best effort: a history file that cannot be written costs nothing but the history.
+        (tmp_path / "file").write_text("")
+        with line_history(tmp_path / "file" / "chat_history"):
+            readline.add_history("still fine")
+    finally:
+        readline.clear_history()
+
+
+def test_interactive_chat_on_a_terminal_uses_line_history(files, monkeypatch):
+    used = []
+
+    @contextlib.contextmanager
+    def fake_history():
+        used.append(True)
+        yield
+
+    monkeypatch.setattr("llava_ft.cli.chat.line_history", fake_history)
+    monkeypatch.setattr("llava_ft.cli.chat.run_interactive", lambda session: 0)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    assert main(["chat", str(files["text"]), "--max-new-tokens", str(MAX_NEW)]) == 0
+    assert used == [True]
