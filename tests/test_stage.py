@@ -274,3 +274,23 @@ def test_an_older_chained_output_without_its_init_from_says_to_re_save(tiny_root
     first.rename(tmp_path / "gone")
     with pytest.raises(FileNotFoundError, match="train.init_from .* not found; .*re-save"):
         load_stage(second)
+
+
+def test_serve_and_eval_take_the_base_model_flags(tiny_root, tmp_path, capsys):
+    """serve reports a moved base with its flag (exit 2, before the page starts); eval passes the flags on."""
+    import argparse
+
+    from llava_ft.cli.main import main
+    from llava_ft.eval.arguments import add_common_args
+    from llava_ft.stage import base_overrides
+
+    stage = write_tiny_stage_output(tmp_path / "bases", tmp_path / "stage", llm_mode="lora")
+    (tmp_path / "bases").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["serve", str(stage)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llava-ft serve: error: `") and err.endswith("; pass --model.llm DIR\n"), err
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    args = parser.parse_args(["--checkpoint", "c", "--data", "d", "--output", "o", "--model.llm", "L"])
+    assert base_overrides(args) == {"model.llm": "L", "model.vision.model": None}
