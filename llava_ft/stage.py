@@ -182,7 +182,7 @@ def _chain_projector(cfg: RunConfig) -> Path | None:
 
 
 def _stage_info(ckpt: Path) -> dict:
-    """stage.json of a stage output; {} for one written before outputs were self-contained."""
+    """stage.json of a stage output; {} for one without (an older llava_ft wrote it; its init_from is followed)."""
     path = ckpt / STAGE_NAME
     if not path.is_file():
         return {}
