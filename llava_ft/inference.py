@@ -74,8 +74,15 @@ class Assistant:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     @classmethod
-    def load(cls, checkpoint: str | Path, *, load_4bit: bool = False, device: str | None = None) -> Assistant:
-        stage = load_stage(checkpoint, load_in_4bit=load_4bit)
+    def load(
+        cls,
+        checkpoint: str | Path,
+        *,
+        load_4bit: bool = False,
+        device: str | None = None,
+        overrides: dict[str, str | None] | None = None,
+    ) -> Assistant:
+        stage = load_stage(checkpoint, load_in_4bit=load_4bit, overrides=overrides)
         model = stage.model
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if load_4bit:
@@ -347,5 +354,12 @@ class _TextStream(BaseStreamer):
             log.warning("streamed text %r is not a prefix of the answer %r", self.sent, text)
 
 
-def load_assistant(checkpoint: str, *, load_4bit: bool = False, device: str | None = None) -> Assistant:
-    return Assistant.load(checkpoint, load_4bit=load_4bit, device=device)
+def load_assistant(
+    checkpoint: str,
+    *,
+    load_4bit: bool = False,
+    device: str | None = None,
+    overrides: dict[str, str | None] | None = None,
+) -> Assistant:
+    """`overrides`: base model paths for `load_stage` ("model.llm", "model.vision.model")."""
+    return Assistant.load(checkpoint, load_4bit=load_4bit, device=device, overrides=overrides)

@@ -3,10 +3,13 @@
 A stage output folder holds llava_ft.yaml (the resolved config, written last: its presence means complete),
 template.json (chat template name and stop words) and the parts that trained: projector.safetensors,
 llm_adapter/ and vision_adapter/ (peft LoRA adapters), llm/ (a whole LLM with its tokenizer).
+stage.json marks an output that holds every trained part it needs (the projector of the init_from chain is
+copied in; a whole LLM trained earlier is its model.llm), so loading never reads init_from folders.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -31,6 +34,8 @@ log = logging.getLogger("llava_ft")
 CONFIG_NAME = "llava_ft.yaml"
 TEMPLATE_NAME = "template.json"
 PROJECTOR_NAME = "projector.safetensors"
+STAGE_NAME = "stage.json"
+BASE_PATHS = ("model.llm", "model.vision.model")
 
 
 @dataclass
@@ -47,13 +52,20 @@ class LoadedStage:
     """The stop words saved with the stage (those training used)."""
 
 
-def load_stage(path: str | Path, *, load_in_4bit: bool = False, dtype: str | None = None) -> LoadedStage:
+def load_stage(
+    path: str | Path,
+    *,
+    load_in_4bit: bool = False,
+    dtype: str | None = None,
+    overrides: dict[str, str | None] | None = None,
+) -> LoadedStage:
     """Build the model a stage output describes and apply its weights (and those of its init_from chain).
 
-    `dtype` overrides the config's model.dtype (export merges in float32). Damaged files are named before any
-    model loads."""
+    `dtype` overrides the config's model.dtype (export merges in float32); `overrides` maps "model.llm" and
+    "model.vision.model" to base model folders at other paths. Damaged files and missing base models are
+    named before any model loads."""
     ckpt = Path(path)
-    cfg = stage_model_config(ckpt)
+    cfg = resolve_base_paths(stage_model_config(ckpt), ckpt, overrides or {})
     info = check_stage_files(ckpt)
     if dtype is not None:
         cfg.model.dtype = dtype
@@ -63,6 +75,44 @@ def load_stage(path: str | Path, *, load_in_4bit: bool = False, dtype: str | Non
     return LoadedStage(
         cfg, tokenizer, template, model.eval(), list(info.get("stop_words", template.stop_words))
     )
+
+
+def resolve_base_paths(cfg: RunConfig, ckpt: Path, overrides: dict[str, str | None]) -> RunConfig:
+    """cfg with the given base model paths replaced; a saved local path that no longer exists and has no
+    override is reported with the flag that supplies it (a hub id, not a local path, is left to the loader)."""
+    vision = cfg.model.vision
+    for key in BASE_PATHS:
+        if key == "model.vision.model" and vision is None:
+            continue
+        saved = cfg.model.llm if key == "model.llm" else vision.model
+        local = saved.removeprefix("local-dir:")
+        if new := overrides.get(key):
+            # open_clip's "local-dir:" marks a folder rather than a hub name: kept, so the flag takes a DIR
+            new = saved[: len(saved) - len(local)] + new.removeprefix("local-dir:")
+            if key == "model.llm":
+                cfg.model.llm = new
+            else:
+                vision.model = new
+            continue
+        if Path(local).is_absolute() and not Path(local).exists():
+            raise FileNotFoundError(f"`{ckpt / CONFIG_NAME}`: {key} {local} not found; pass --{key} DIR")
+    return cfg
+
+
+def add_base_path_args(parser: argparse.ArgumentParser) -> None:
+    """--model.llm and --model.vision.model: base models at other paths than the stage output's config says."""
+    for key in BASE_PATHS:
+        parser.add_argument(
+            f"--{key}",
+            dest=key.replace(".", "_"),
+            metavar="DIR",
+            help=f"use this folder as {key} (the base model moved since the stage was trained)",
+        )
+
+
+def base_overrides(args: argparse.Namespace) -> dict[str, str | None]:
+    """The `load_stage` overrides given by `add_base_path_args`'s flags."""
+    return {key: getattr(args, key.replace(".", "_"), None) for key in BASE_PATHS}
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -78,11 +128,16 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
     sweep_leftovers(out)  # a killed save's temporaries; a part it left moved aside is put back first
     (out / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
     trains = _trained_parts(cfg, model)
+    # A frozen projector trained along the init_from chain: its file is copied byte for byte, so the output
+    # loads the very tensors the chain would apply, in their saved dtype.
+    carried = _chain_projector(cfg) if model.projector is not None and not trains[PROJECTOR_NAME] else None
     for name, trained in trains.items():
-        if not trained and (out / name).exists():
+        if not trained and (out / name).exists() and not (name == PROJECTOR_NAME and carried):
             _remove_stale(out, name)
     if trains[PROJECTOR_NAME]:
         atomic_save_tensors(model.projector.state_dict(), out / PROJECTOR_NAME)
+    elif carried is not None:
+        atomic_write_bytes(out / PROJECTOR_NAME, carried.read_bytes())
     if trains["llm_adapter"]:
         atomic_dir(out / "llm_adapter", lambda d: model.llm.save_pretrained(d, safe_serialization=True))
     if trains["llm"]:
@@ -98,6 +153,10 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
         )
     info = {"name": template.name, "stop_words": list(template.stop_words)}
     atomic_write_bytes(out / TEMPLATE_NAME, json.dumps(info, indent=2).encode())
+    # model.llm is the whole LLM an earlier stage trained (train/run.py points it there), kept as the base.
+    llm_from_init = bool(cfg.train.init_from) and trained_llm(cfg.train.init_from) is not None
+    stage_info = {"self_contained": True, "llm_from_init": llm_from_init}
+    atomic_write_bytes(out / STAGE_NAME, json.dumps(stage_info, indent=2).encode())
     with atomic_path(out / CONFIG_NAME) as tmp:
         dump_config(absolute_paths(cfg), tmp)
     log.info("stage output written to %s", out)
@@ -112,6 +171,28 @@ def _trained_parts(cfg: RunConfig, model) -> dict[str, bool]:
         "llm": cfg.trainable.llm == "full",
         "vision_adapter": cfg.trainable.vision == "lora",
     }
+
+
+def _chain_projector(cfg: RunConfig) -> Path | None:
+    """The projector file the init_from chain applies last (the newest stage holding one), if any."""
+    if not cfg.train.init_from:
+        return None
+    chain = stage_chain(cfg.train.init_from)
+    return next((st / PROJECTOR_NAME for st in reversed(chain) if (st / PROJECTOR_NAME).is_file()), None)
+
+
+def _stage_info(ckpt: Path) -> dict:
+    """stage.json of a stage output; {} for one without (an older llava_ft wrote it; its init_from is followed)."""
+    path = ckpt / STAGE_NAME
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {str(info)[:80]}")
+    return info
 
 
 def _remove_stale(out: Path, name: str) -> None:
@@ -224,10 +305,18 @@ def check_stage_files(ckpt: str | Path) -> dict:
 
 
 def stage_chain(ckpt: str | Path) -> list[Path]:
-    """The stage and the stages it started from (train.init_from, followed back), oldest first."""
+    """The stage and the stages it started from (train.init_from, followed back), oldest first; a self-contained
+    stage (stage.json) ends the chain, since it holds what its init_from contributed."""
     chain = [Path(ckpt)]
-    while init_from := read_stage_config(chain[0]).train.init_from:
+    while not _stage_info(chain[0]).get("self_contained") and (
+        init_from := read_stage_config(chain[0]).train.init_from
+    ):
         stage = Path(init_from)
+        if not stage.is_dir():
+            raise FileNotFoundError(
+                f"{chain[0]}: train.init_from {stage} not found; this stage output predates self-contained "
+                "outputs and needs it: restore that folder, or re-save the stage with this llava_ft"
+            )
         if any(stage.resolve() == p.resolve() for p in chain):
             raise ValueError(f"{chain[-1]}: train.init_from chain loops back to {stage}")
         chain.insert(0, stage)
@@ -236,7 +325,12 @@ def stage_chain(ckpt: str | Path) -> list[Path]:
 
 def trained_llm(ckpt: str | Path) -> Path | None:
     """The newest whole LLM trained along the chain (a stage's llm/): the base every later stage builds on."""
-    return next((stage / "llm" for stage in reversed(stage_chain(ckpt)) if (stage / "llm").is_dir()), None)
+    chain = stage_chain(ckpt)
+    if (llm := next((st / "llm" for st in reversed(chain) if (st / "llm").is_dir()), None)) is not None:
+        return llm
+    if _stage_info(chain[0]).get("llm_from_init"):  # a self-contained stage: its model.llm is that LLM
+        return Path(read_stage_config(chain[0]).model.llm.removeprefix("local-dir:"))
+    return None
 
 
 def stage_model_config(ckpt: str | Path) -> RunConfig:
@@ -252,7 +346,7 @@ def stage_fingerprint(ckpt: str | Path) -> str:
     template and trained weights along the chain. A stage retrained in place gets another."""
     digest = hashlib.sha256()
     for stage in stage_chain(ckpt):
-        files = [stage / CONFIG_NAME, stage / TEMPLATE_NAME, stage / PROJECTOR_NAME]
+        files = [stage / CONFIG_NAME, stage / TEMPLATE_NAME, stage / STAGE_NAME, stage / PROJECTOR_NAME]
         for sub in ("llm_adapter", "vision_adapter", "llm"):
             if (stage / sub).is_dir():
                 files += sorted(p for p in (stage / sub).rglob("*") if p.is_file())

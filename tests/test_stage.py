@@ -4,6 +4,7 @@ stages loads."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from llava_ft.export import load_merged
 from llava_ft.model.build import build_model
 from llava_ft.stage import (
     CONFIG_NAME,
+    PROJECTOR_NAME,
+    STAGE_NAME,
     apply_stage_weights,
+    load_stage,
     read_stage_config,
     stage_chain,
     stage_fingerprint,
@@ -28,9 +32,7 @@ from llava_ft.train.run import train
 def test_fingerprint_follows_the_weights_of_the_stage_and_its_init_from(tiny_root, tmp_path):
     first = write_tiny_stage_output(tiny_root, tmp_path / "pretrain", seed=0)
     second = write_tiny_stage_output(tiny_root, tmp_path / "finetune", seed=1)
-    cfg = yaml.safe_load((second / CONFIG_NAME).read_text())
-    cfg["train"]["init_from"] = str(first)
-    (second / CONFIG_NAME).write_text(yaml.safe_dump(cfg))
+    _set_init_from(second, first)
 
     before = stage_fingerprint(second)
     assert before == stage_fingerprint(second) and before.startswith("sha256:")
@@ -46,6 +48,8 @@ def test_fingerprint_follows_the_weights_of_the_stage_and_its_init_from(tiny_roo
 
 
 def _set_init_from(stage, init_from) -> None:
+    """Make `stage` an older, chained stage output: no stage.json, so loading follows train.init_from."""
+    (stage / STAGE_NAME).unlink(missing_ok=True)
     cfg = yaml.safe_load((stage / CONFIG_NAME).read_text())
     cfg["train"]["init_from"] = None if init_from is None else str(init_from)
     (stage / CONFIG_NAME).write_text(yaml.safe_dump(cfg))
@@ -85,7 +89,8 @@ def test_a_stage_after_a_full_llm_stage_builds_on_its_llm(tiny_root, text_file, 
         train(cfg)
     assert "init_from trained the whole LLM there" in caplog.text
     lora = tmp_path / "lora"
-    assert stage_chain(lora) == [full, lora] and trained_llm(lora) == full / "llm"
+    # Self-contained: the chain ends at the new stage, whose model.llm is the full stage's LLM.
+    assert stage_chain(lora) == [lora] and trained_llm(lora).resolve() == (full / "llm").resolve()
     assert Path(read_stage_config(lora).model.llm) == (full / "llm").resolve()
     # With a zero learning rate the LoRA update is zero: the stage computes what the full stage's LLM does.
     torch.testing.assert_close(_logits(lora), _logits(full))
@@ -217,3 +222,75 @@ def test_a_stage_config_reads_from_anywhere(tmp_path, monkeypatch):
     again = read_stage_config(stage)
     assert again.train.deepspeed == str(repo / "configs" / "deepspeed" / "zero3.json")
     assert again.train.report_to == "no-such-tracker"
+
+
+def _state(stage) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in stage.model.state_dict().items()}
+
+
+def test_a_finetune_loads_without_its_pretrain_and_with_moved_base_models(tmp_path):
+    """The finetune holds the pretrain's projector, so the pretrain folder may go; base models that moved are
+    given as overrides, and the loaded model is bit-identical to the one before the move."""
+    from llava_ft.testing.tiny_chain import write_tiny_chain
+
+    pretrain, finetune = write_tiny_chain(tmp_path / "old")
+    saved = (finetune / PROJECTOR_NAME).read_bytes()
+    assert saved == (pretrain / PROJECTOR_NAME).read_bytes()
+    before = _state(load_stage(finetune))
+    chained = (
+        tmp_path / "old" / "chained"
+    )  # the finetune as an older output: the chain supplies the projector
+    shutil.copytree(finetune, chained)
+    (chained / STAGE_NAME).unlink()
+    (chained / PROJECTOR_NAME).unlink()
+    assert stage_chain(chained) == [pretrain, chained] and stage_chain(finetune) == [finetune]
+    for k, v in _state(load_stage(chained)).items():
+        assert torch.equal(v, before[k]), k
+    (tmp_path / "old").rename(tmp_path / "new")
+    moved, bases = tmp_path / "new" / "finetune", tmp_path / "new" / "bases"
+    (tmp_path / "new" / "pretrain").rename(tmp_path / "new" / "pretrain.renamed")
+    with pytest.raises(FileNotFoundError) as e:
+        load_stage(moved)
+    old_llm = tmp_path / "old" / "bases" / "llm_internlm2"
+    assert str(e.value) == f"`{moved / CONFIG_NAME}`: model.llm {old_llm} not found; pass --model.llm DIR"
+    with pytest.raises(
+        FileNotFoundError, match="model.vision.model .* not found; pass --model.vision.model DIR"
+    ):
+        load_stage(moved, overrides={"model.llm": str(bases / "llm_internlm2")})
+    overrides = {
+        "model.llm": str(bases / "llm_internlm2"),
+        "model.vision.model": str(bases / "clip_open_clip"),
+    }
+    after = _state(load_stage(moved, overrides=overrides))
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+
+
+def test_an_older_chained_output_without_its_init_from_says_to_re_save(tiny_root, tmp_path):
+    first = write_tiny_stage_output(tiny_root, tmp_path / "pretrain", seed=0)
+    second = write_tiny_stage_output(tiny_root, tmp_path / "finetune", seed=1)
+    _set_init_from(second, first)
+    first.rename(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="train.init_from .* not found; .*re-save"):
+        load_stage(second)
+
+
+def test_serve_and_eval_take_the_base_model_flags(tiny_root, tmp_path, capsys):
+    """serve reports a moved base with its flag (exit 2, before the page starts); eval passes the flags on."""
+    import argparse
+
+    from llava_ft.cli.main import main
+    from llava_ft.eval.arguments import add_common_args
+    from llava_ft.stage import base_overrides
+
+    stage = write_tiny_stage_output(tmp_path / "bases", tmp_path / "stage", llm_mode="lora")
+    (tmp_path / "bases").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["serve", str(stage)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llava-ft serve: error: `") and err.endswith("; pass --model.llm DIR\n"), err
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    args = parser.parse_args(["--checkpoint", "c", "--data", "d", "--output", "o", "--model.llm", "L"])
+    assert base_overrides(args) == {"model.llm": "L", "model.vision.model": None}

@@ -26,7 +26,7 @@ from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
 from llava_ft.data.images import load_image
 from llava_ft.inference import Assistant, load_assistant
-from llava_ft.stage import read_stage_config
+from llava_ft.stage import add_base_path_args, base_overrides, read_stage_config
 
 COMMANDS = "/image PATH (new image, new conversation), /reset (new conversation), /exit"
 HISTORY_FILE = Path("~/.cache/llava_ft/chat_history")
@@ -173,7 +173,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         # Cheap checks first, so a wrong folder or image fails before the model loads.
         has_vision = read_stage_config(args.checkpoint).model.vision is not None
         image = open_image(args.image, has_vision) if args.image else None
-        assistant = load_assistant(args.checkpoint, load_4bit=args.load_4bit)
+        assistant = load_assistant(args.checkpoint, load_4bit=args.load_4bit, overrides=base_overrides(args))
         gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
         session = ChatSession(assistant, image=image, gen=gen, system=args.system)
     except (OSError, ValueError) as e:  # missing files, bad image, config or template errors
@@ -211,4 +211,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
     p.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit NF4 (bitsandbytes)")
+    add_base_path_args(p)
     p.set_defaults(func=cmd_chat)

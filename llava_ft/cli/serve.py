@@ -29,7 +29,7 @@ from llava_ft.cli.chat import ChatError, ChatSession, open_image
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
 from llava_ft.inference import load_assistant
-from llava_ft.stage import read_stage_config
+from llava_ft.stage import add_base_path_args, base_overrides, read_stage_config
 
 log = logging.getLogger("llava_ft")
 
@@ -354,6 +354,7 @@ def serve(
     temperature: float = 0.0,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     load_4bit: bool = False,
+    overrides: dict[str, str | None] | None = None,
     block: bool = True,
 ):
     """Load the checkpoint and serve the page; returns the launched Blocks when block=False."""
@@ -362,7 +363,7 @@ def serve(
     )
     import gradio as gr
 
-    assistant = load_assistant(checkpoint, load_4bit=load_4bit)
+    assistant = load_assistant(checkpoint, load_4bit=load_4bit, overrides=overrides)
     app = DemoApp(assistant, max_upload_mb=max_upload_mb)
     kind = "image + text" if assistant.has_vision else "text-only"
     page = build_page(
@@ -405,6 +406,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             max_upload_mb=args.max_upload_mb,
             load_4bit=args.load_4bit,
+            overrides=base_overrides(args),
         )
     except (OSError, ValueError) as e:
         print(f"llava-ft serve: error: {e}", file=sys.stderr)
@@ -437,4 +439,5 @@ def add_commands(subparsers) -> None:
         help="largest image file accepted, in MB (fractions allowed, e.g. 2.5)",
     )
     p.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit NF4 (needs a GPU)")
+    add_base_path_args(p)
     p.set_defaults(func=cmd_serve)

@@ -13,7 +13,7 @@ from llava_ft.config import ConfigError
 from llava_ft.data.conversation import DataError
 from llava_ft.eval.runner import Predictor
 from llava_ft.inference import load_assistant
-from llava_ft.stage import stage_fingerprint
+from llava_ft.stage import add_base_path_args, base_overrides, stage_fingerprint
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--load-4bit", action="store_true")
+    add_base_path_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--n-resamples", type=positive_int, default=1000, help="bootstrap resamples")
 
@@ -88,7 +89,7 @@ def lazy_predictor(
 
 
 def predictor_from_args(args: argparse.Namespace, options: list[str] | None = None) -> Predictor:
-    model = load_assistant(args.checkpoint, load_4bit=args.load_4bit)
+    model = load_assistant(args.checkpoint, load_4bit=args.load_4bit, overrides=base_overrides(args))
     return Predictor(
         model,
         args.checkpoint,

@@ -247,3 +247,34 @@ def test_interactive_chat_on_a_terminal_uses_line_history(files, monkeypatch):
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)
     assert main(["chat", str(files["text"]), "--max-new-tokens", str(MAX_NEW)]) == 0
     assert used == [True]
+
+
+def test_a_moved_finetune_chats_with_base_model_flags(files, tmp_path, capsys, monkeypatch):
+    """The finetune and its base models at new paths, the pretrain it started from renamed: the same answer,
+    given --model.llm and --model.vision.model; without them a one-line error naming the flag, exit 2."""
+    from llava_ft.testing.tiny_chain import write_tiny_chain
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    _, finetune = write_tiny_chain(tmp_path / "old")
+    ask = ["--image", str(files["red"]), "--question", "what shape?", "--max-new-tokens", str(MAX_NEW)]
+    assert main(["chat", str(finetune), *ask]) == 0
+    answer = capsys.readouterr().out
+    assert answer.strip()
+    (tmp_path / "old").rename(tmp_path / "new")
+    (tmp_path / "new" / "pretrain").rename(tmp_path / "new" / "pretrain.old")
+    moved, bases = tmp_path / "new" / "finetune", tmp_path / "new" / "bases"
+
+    assert main(["chat", str(moved), *ask]) == 2
+    err = capsys.readouterr().err
+    old_llm = tmp_path / "old" / "bases" / "llm_internlm2"
+    assert err == (
+        f"llava-ft chat: error: `{moved / 'llava_ft.yaml'}`: model.llm {old_llm} not found; pass --model.llm DIR\n"
+    )
+    flags = [
+        "--model.llm",
+        str(bases / "llm_internlm2"),
+        "--model.vision.model",
+        str(bases / "clip_open_clip"),
+    ]
+    assert main(["chat", str(moved), *ask, *flags]) == 0
+    assert capsys.readouterr().out == answer

@@ -39,7 +39,7 @@ def _error_line(capsys) -> str:
 @pytest.fixture
 def fake_model(monkeypatch, scripted):
     fake = scripted(lambda q: "yes")
-    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False: fake)
+    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False, overrides=None: fake)
     monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:w")
     return fake
 
@@ -107,14 +107,16 @@ def test_bugs_keep_their_traceback(tmp_path, image_dir, monkeypatch, scripted):
     """Only bad input is reported as an error line: anything else is a bug and must show where it happened."""
     monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:w")
     broken = scripted(lambda q: 1 / 0)
-    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False: broken)
+    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False, overrides=None: broken)
     data = _write(tmp_path / "vqa.jsonl", _vqa_rows())
     argv = ["--checkpoint", "ck", "--data", str(data), "--images", str(image_dir), "--output", str(tmp_path)]
     with pytest.raises(ZeroDivisionError):
         vqa.main(argv)
     # A plain ValueError (a damaged weights file, say) is not a user error either: llava-ft re-raises it too.
     monkeypatch.setattr(
-        arguments, "load_assistant", lambda ckpt, load_4bit=False: (_ for _ in ()).throw(ValueError("x"))
+        arguments,
+        "load_assistant",
+        lambda ckpt, load_4bit=False, overrides=None: (_ for _ in ()).throw(ValueError("x")),
     )
     with pytest.raises(ValueError, match="^x$"):
         vqa.main(argv)
@@ -145,7 +147,9 @@ def test_refused_resume_in_mmbench_is_one_error_line(tmp_path, monkeypatch, scri
           "l2-category": "l", "image": __import__("PIL.Image").Image.new("RGB", (8, 8))}],
         tsv,
     )  # fmt: skip
-    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False: scripted(lambda q: "A"))
+    monkeypatch.setattr(
+        arguments, "load_assistant", lambda ckpt, load_4bit=False, overrides=None: scripted(lambda q: "A")
+    )
     argv = ["--checkpoint", "ck", "--data", str(tsv), "--output", str(tmp_path / "o")]
     monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:aa")
     assert mmbench.main(argv) == 0

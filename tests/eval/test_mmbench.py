@@ -204,7 +204,7 @@ def test_cli_with_checkpoint_limit_and_generated_rotations(tmp_path, monkeypatch
     plain = tmp_path / "plain.tsv"
     mmbench.write_mmbench_tsv(ROWS, plain)
     fake = scripted(answer_like_a_model)
-    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False: fake)
+    monkeypatch.setattr(arguments, "load_assistant", lambda ckpt, load_4bit=False, overrides=None: fake)
     monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:" + ckpt)
     argv = [
         "--checkpoint",

@@ -154,7 +154,9 @@ def test_resume_refuses_load_4bit_from_the_command_line(
     fake = scripted(lambda q: "yes")
     loaded = []
     monkeypatch.setattr(
-        arguments, "load_assistant", lambda ckpt, load_4bit=False: loaded.append(load_4bit) or fake
+        arguments,
+        "load_assistant",
+        lambda ckpt, load_4bit=False, overrides=None: loaded.append(load_4bit) or fake,
     )
     monkeypatch.setattr(arguments, "stage_fingerprint", lambda ckpt: "sha256:w")
     argv = [
