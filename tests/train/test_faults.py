@@ -18,17 +18,9 @@ from llava_ft.config import DataSource, dump_config
 from llava_ft.data import dataset as dataset_module
 from llava_ft.data.conversation import DataError
 from llava_ft.data.faults import ImageFault
+from llava_ft.testing.callbacks import StopAt
 from llava_ft.train.run import train
 from llava_ft.train.trainer import RUN_TOTALS
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 class Damage(TrainerCallback):

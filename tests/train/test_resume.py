@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from llava_ft.config import ConfigError
+from llava_ft.testing.callbacks import StopAt
 from llava_ft.train.run import train
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
