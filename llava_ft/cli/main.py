@@ -1,4 +1,4 @@
-"""`llava-ft` command line: train | data | config | chat | export | serve."""
+"""`llava-ft` command line: train | data | config | chat | export | serve | eval."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import transformers.utils.logging
 import llava_ft
 from llava_ft.cli import chat, data, export, serve
 from llava_ft.cli import config as config_cli
+from llava_ft.cli import eval as eval_cli
 from llava_ft.config import ConfigError, load_config, parse_overrides
 from llava_ft.data.conversation import DataError
 from llava_ft.model.build import check_names
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train, takes_extra=True)
 
     data.add_data_commands(sub)
-    for module in (config_cli, chat, export, serve):
+    for module in (config_cli, chat, export, serve, eval_cli):
         module.add_commands(sub)
     _add_log_level(parser, top=True)
     return parser
