@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from llava_ft.cli.main import main
+from llava_ft.eval import pope
 from llava_ft.export import export_checkpoint
 from llava_ft.exported import EXPORT_INFO, folder_kind, load_export
 from llava_ft.inference import Assistant, Query, load_assistant
@@ -192,3 +193,21 @@ def test_moved_base_and_moved_export(tmp_path, capsys, monkeypatch):
     query[0].image.save(image)
     rc, lines, _ = chat([far, "--image", image, "--question", query[0].question], capsys, monkeypatch)
     assert rc == 0 and lines == want
+
+
+def test_eval_script_runs_on_an_export(chain, tmp_path):
+    """An evaluation script predicts with an export, and its predictions name the export's fingerprint."""
+    images = tmp_path / "images"
+    images.mkdir()
+    _images()[0].save(images / "red.png")
+    rows = [
+        {"question_id": i, "image": "red.png", "text": f"Is there a {i}?", "label": "yes"} for i in range(2)
+    ]
+    data = tmp_path / "pope.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(chain["hf-llava"]), "--data", str(data), "--images", str(images)]
+    assert pope.main([*argv, "--output", str(out), "--max-new-tokens", "2"]) == 0
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2
+    assert {p["weights"] for p in predictions} == {stage_fingerprint(chain["hf-llava"])}
