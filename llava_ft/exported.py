@@ -70,8 +70,8 @@ def folder_kind(path: str | Path) -> str:
         config = _read_json(folder / "config.json")
         return "hf-llava" if config.get("model_type") == "llava" else "merged-llm"
     raise FileNotFoundError(
-        f"{folder}: not a llava_ft stage output ({CONFIG_NAME}; an interrupted run leaves none) nor an "
-        "export (hf-llava or merged-llm: config.json)"
+        f"{folder}: not a llava_ft stage output (no {CONFIG_NAME}; an interrupted run leaves none) nor an "
+        "export (hf-llava or merged-llm: no config.json)"
     )
 
 
@@ -291,5 +291,9 @@ def _image_processor(folder: Path, image_size: int) -> ImageProcessor:
         raise ValueError(
             f"{folder}: image processor settings (size {size}, crop {crop}, do_pad {hf.do_pad}, resample "
             f"{hf.resample}) are none of llava_ft's {image_size}px pad / resize / crop preprocessings"
+        )
+    if aspect == "crop":  # llava-ft export refuses it; another tool's folder may hold it
+        log.warning(
+            "%s: centre crop: llava_ft crops some image sizes one pixel off from LlavaImageProcessor", folder
         )
     return ImageProcessor(image_size, tuple(hf.image_mean), tuple(hf.image_std), aspect)
