@@ -19,6 +19,7 @@ from llava_ft.exported import EXPORT_INFO, folder_kind, load_export
 from llava_ft.inference import Assistant, Query, load_assistant
 from llava_ft.stage import stage_fingerprint
 from llava_ft.testing.tiny_chain import write_tiny_chain
+from llava_ft.testing.tiny_llava import write_tiny_stage_output
 
 MAX_NEW = 8
 OPTIONS = ["Yes", "No", "A red one"]
@@ -211,3 +212,14 @@ def test_eval_script_runs_on_an_export(chain, tmp_path):
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 2
     assert {p["weights"] for p in predictions} == {stage_fingerprint(chain["hf-llava"])}
+
+
+def test_tokenizer_template_round_trips(tmp_path):
+    """A stage trained with the tokenizer's own chat template: the export records the Jinja training rendered
+    with (the export's own is rewritten for processors), and opens with it."""
+    stage = write_tiny_stage_output(tmp_path, tmp_path / "stage", llm_mode="lora", template="tokenizer")
+    out = export_checkpoint(stage, tmp_path / "llava", fmt="hf-llava", verify=False).output
+    exported, original = load_assistant(str(out), device="cpu"), load_assistant(str(stage), device="cpu")
+    assert exported.template.name == "tokenizer"
+    assert (exported.stop_ids, exported.stop_strings) == (original.stop_ids, original.stop_strings)
+    assert_answers_alike(exported, original, _text_queries() + _image_queries())
