@@ -28,8 +28,9 @@ from typing import Any
 from llava_ft.cli.chat import ChatError, ChatSession, open_image
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
+from llava_ft.exported import folder_kind
 from llava_ft.inference import load_assistant
-from llava_ft.stage import add_base_path_args, base_overrides, read_stage_config
+from llava_ft.stage import add_base_path_args, base_overrides
 
 log = logging.getLogger("llava_ft")
 
@@ -402,7 +403,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "--share: anyone with the public gradio.live link can use the page and the model (no login)"
         )
     try:
-        read_stage_config(args.checkpoint)  # a wrong folder fails before gradio and the model load
+        folder_kind(args.checkpoint)  # a wrong folder fails before gradio and the model load
         serve(
             args.checkpoint,
             host=args.host,
@@ -427,7 +428,9 @@ def add_commands(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="stage output folder (holds llava_ft.yaml)")
+    p.add_argument(
+        "checkpoint", help="stage output folder (holds llava_ft.yaml) or hf-llava / merged-llm export"
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
