@@ -17,6 +17,7 @@ from llava_ft.data.dataset import SFTDataset
 from llava_ft.demo.prepare import write_heldout_vqa
 from llava_ft.eval import vqa
 from llava_ft.eval.predictions import read_predictions
+from llava_ft.report import draw_report, saved_log_history
 from llava_ft.train.evaluation import BENCHMARK_FOLDER, split_off
 from llava_ft.train.run import train
 
@@ -30,6 +31,15 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             out[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
     return out
+
+
+def axis(fig, title: str):
+    (ax,) = [a for a in fig.axes if a.get_title() == title]
+    return ax
+
+
+def line_data(ax) -> dict[str, tuple[list[float], list[float]]]:
+    return {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
 
 
 def test_eval_loss_and_benchmark_reach_history_summary_and_tensorboard(llava_cfg, shapes, tmp_path):
@@ -58,6 +68,12 @@ def test_eval_loss_and_benchmark_reach_history_summary_and_tensorboard(llava_cfg
     bench = summary["eval"]["benchmark"]
     assert bench["accuracy"] == bench_rows[-1]["eval_vqa_accuracy"]
     assert "eval_vqa_accuracy" in {k for row in summary["log_history"] for k in row}
+
+    # report.png's panels, redrawn from summary.json as `python -m llava_ft.report` does.
+    fig = draw_report(saved_log_history(out), summary)
+    assert line_data(axis(fig, "loss"))["eval"] == ([2, 4], [s["loss"] for s in summary["eval"]["steps"]])
+    assert line_data(axis(fig, "evaluation accuracy"))["vqa_accuracy"] == ([4], [bench["accuracy"]])
+    assert (out / "report.png").is_file()
 
     tags = scalars(out)
     assert [step for step, _ in tags["eval/loss"]] == [2, 4]
