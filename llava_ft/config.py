@@ -517,6 +517,8 @@ def _convert(tp: Any, value: Any, where: str, src: _SourceText) -> Any:
             out.append(_convert(args[0], v, f"{where}[{i}]", src))
         return out
     if origin is Literal:
+        if value not in args and src.plain.get(where) in args:
+            return src.plain[where]  # YAML reads an unquoted `no` (train.eval_strategy) as false
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value

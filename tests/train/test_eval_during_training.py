@@ -10,14 +10,16 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from llava_ft.config import ConfigError, DataSource, EvalBenchmarkSection, load_config
+from llava_ft.config import ConfigError, DataSource, EvalBenchmarkSection, load_config, parse_overrides
 from llava_ft.data.dataset import SFTDataset
 from llava_ft.demo.prepare import write_heldout_vqa
 from llava_ft.eval import vqa
 from llava_ft.eval.predictions import read_predictions
 from llava_ft.report import draw_report, saved_log_history
+from llava_ft.testing.callbacks import StopAt
 from llava_ft.train.evaluation import BENCHMARK_FOLDER, split_off
 from llava_ft.train.run import train
 
@@ -178,6 +180,11 @@ def test_eval_aliases_and_zero3_refusal(tmp_path):
         None, {"data.val_size": 4, "train.per_device_eval_batch_size": 3, "train.eval_steps": 5}
     )
     assert (cfg.train.eval_batch_size, cfg.train.eval_steps, cfg.data.val_size) == (3, 5, 4)
+    # As TrainingArguments spells it; YAML alone would read an unquoted `no` as false.
+    assert load_config(None, parse_overrides(["--train.eval_strategy", "no"])).train.eval_strategy == "no"
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  eval_strategy: no\n")
+    assert load_config(path).train.eval_strategy == "no"
     bench = tmp_path / "q.tsv"
     bench.write_text("index\n")
     zero3 = Path(__file__).parents[2] / "configs" / "deepspeed" / "zero3.json"
@@ -191,3 +198,28 @@ def test_eval_aliases_and_zero3_refusal(tmp_path):
     missing = {"train.eval_benchmark": {"kind": "mmbench", "data": str(tmp_path / "none.tsv")}}
     with pytest.raises(ConfigError, match="train.eval_benchmark.data: .*none.tsv: no such file"):
         load_config(None, missing, for_training=True)
+
+
+def test_resume_with_an_eval_set_matches_the_uninterrupted_run(llava_cfg, tmp_path):
+    """The held-out split and the eval loop leave the trained weights and the eval losses of a resumed run as
+    an uninterrupted run's."""
+    kwargs = dict(
+        stage="finetune", llm_mode="lora", max_steps=6, save_steps=3, save_total_limit=5, eval_steps=3
+    )
+
+    def cfg(out):
+        c = llava_cfg(tmp_path / out, **kwargs)
+        c.data.val_size = 8
+        return c
+
+    full = train(cfg("full"))
+    train(cfg("cut"), callbacks=[StopAt(3)])
+    resumed = train(cfg("cut"), resume=True)
+    for (name, p), (_, q) in zip(
+        full.model.named_parameters(), resumed.model.named_parameters(), strict=True
+    ):
+        if p.requires_grad:
+            assert torch.allclose(p, q, atol=1e-5), name
+    losses = [s["loss"] for s in full.summary["eval"]["steps"]]
+    assert [s["step"] for s in resumed.summary["eval"]["steps"]] == [3, 6]
+    assert [s["loss"] for s in resumed.summary["eval"]["steps"]] == pytest.approx(losses, abs=1e-5)
