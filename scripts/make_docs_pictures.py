@@ -1,6 +1,6 @@
 """Make the README's pictures from the tiny demo: docs/report.png and docs/serve.png.
 
-    .venv/bin/python scripts/make_docs_pictures.py [--pretrain work_dirs/tiny/pretrain] [--out docs]
+    .venv/bin/python scripts/make_docs_pictures.py [--pretrain work_dirs/tiny/pretrain] [--out docs] [--report-only]
 
 Trains the tiny finetune stage again into --work (about a minute on CPU; it starts from the demo's pretrain
 stage, so run `bash scripts/demo.sh` or pretrain.sh first) and copies the report.png that run drew (its eval
@@ -108,12 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work", default="work_dirs/docs", help="where the retrained finetune stage goes")
     parser.add_argument("--out", default="docs", help="folder for report.png and serve.png")
+    parser.add_argument(
+        "--report-only", action="store_true", help="docs/report.png alone (no browser needed)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.chdir(REPO)  # the tiny configs name repository-relative paths
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"report: {report_picture(Path(args.pretrain), Path(args.work), out)}")
+    if args.report_only:
+        return 0
 
     heldout = json.loads(Path("data/demo/shapes/heldout.json").read_text())
     # A single-shape image, asked in the demo's own question phrasings (as its finetune conversations are).
