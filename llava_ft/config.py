@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -117,6 +118,12 @@ class DataSource:
 class DataSection:
     train: list[DataSource] = field(default_factory=list)
     """Training files; several are concatenated (e.g. LLaVA instruction data + text-only SFT)."""
+    eval: list[DataSource] = field(default_factory=list)
+    """Held-out files for the evaluation loss (train.eval_steps), prepared and cached as data.train is; batches
+    are padded, never packed. Not with val_size."""
+    val_size: int | float | None = None
+    """Evaluate on samples split off data.train instead of data.eval: a count (>= 1) or a fraction (0 < x < 1)
+    of its samples, drawn by train.seed (the same split on every run and process). None: no split."""
     template: str = "internlm2_chat"
     """Chat template: internlm2_chat, qwen2_chat, llama2_chat, llama3_chat, vicuna_v1, plain, tokenizer."""
     max_length: int = 2048
@@ -146,6 +153,29 @@ class DataSection:
 
 
 @dataclass
+class EvalBenchmarkSection:
+    """A benchmark file scored at the end of every epoch on the model in training, by the code of
+    `llava-ft eval` (llava_ft/eval), logged as eval_<kind>_accuracy."""
+
+    kind: Literal["mmbench", "pope", "vqa"] = "vqa"
+    """Which scorer reads and scores `data` (the eval scripts' formats)."""
+    data: str = ""
+    """The benchmark file: an MMBench .tsv, or a POPE / VQA .jsonl."""
+    images: str | None = None
+    """Image folder of pope and vqa (mmbench images are inside the tsv)."""
+    limit: int | None = None
+    """Score only the first N items (each epoch asks them all again); None: all."""
+    batch_size: int = 16
+    """Questions per generation batch."""
+    max_new_tokens: int = 32
+    """Longest answer generated."""
+    prompt_suffix: str | None = None
+    """pope and vqa: appended to each question; None: the benchmark's own (LLaVA-1.5's)."""
+    circular: bool = False
+    """mmbench: generate the rotations of a file that has none (scored circularly)."""
+
+
+@dataclass
 class TrainSection:
     """Optimisation and output. transformers `TrainingArguments` names are accepted as aliases (in YAML and in
     overrides); giving both spellings of one field is an error:
@@ -157,13 +187,14 @@ class TrainSection:
     per_device_train_batch_size   batch_size
     gradient_accumulation_steps   grad_accum
     num_train_epochs              epochs
+    per_device_eval_batch_size    eval_batch_size
     lr_scheduler_type             lr_scheduler
     dataloader_num_workers        dataloader_workers
     ============================  ==================
 
     These are spelt as in TrainingArguments already: output_dir, max_steps, weight_decay, warmup_ratio,
     max_grad_norm, optim, gradient_checkpointing, seed, logging_steps, save_steps, save_total_limit, deepspeed,
-    report_to."""
+    report_to, eval_steps, eval_strategy."""
 
     output_dir: str = "work_dirs/run"
     """Where checkpoints, logs and the final stage output go."""
@@ -215,6 +246,15 @@ class TrainSection:
     """DeepSpeed JSON config (configs/deepspeed/zero2.json or zero3.json)."""
     report_to: str = "tensorboard"
     """tensorboard or none."""
+    eval_strategy: Literal["auto", "steps", "epoch", "no"] = "auto"
+    """When the evaluation loss is computed (on data.eval or data.val_size). auto: every eval_steps steps when
+    eval_steps > 0, else at the end of every epoch; no: never."""
+    eval_steps: int = 0
+    """Evaluate every N optimiser steps (0: at each epoch end)."""
+    eval_batch_size: int | None = None
+    """Per-device batch of the evaluation loss; None: batch_size."""
+    eval_benchmark: EvalBenchmarkSection | None = None
+    """A benchmark scored at each epoch end (on the first process; refused under ZeRO-3). None: none."""
 
 
 @dataclass
@@ -249,6 +289,7 @@ TRAIN_ALIASES = {
     "num_train_epochs": "epochs",
     "lr_scheduler_type": "lr_scheduler",
     "dataloader_num_workers": "dataloader_workers",
+    "per_device_eval_batch_size": "eval_batch_size",
 }
 """transformers TrainingArguments name -> TrainSection field, where the two differ."""
 
@@ -476,6 +517,8 @@ def _convert(tp: Any, value: Any, where: str, src: _SourceText) -> Any:
             out.append(_convert(args[0], v, f"{where}[{i}]", src))
         return out
     if origin is Literal:
+        if value not in args and src.plain.get(where) in args:
+            return src.plain[where]  # YAML reads an unquoted `no` (train.eval_strategy) as false
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
@@ -642,6 +685,60 @@ def _check_training_machine(cfg: RunConfig) -> None:
         )
     if cfg.train.deepspeed is not None and not Path(cfg.train.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed: {cfg.train.deepspeed}: no such file")
+    bench = cfg.train.eval_benchmark
+    if bench is not None:
+        if not Path(bench.data).is_file():
+            raise ConfigError(f"train.eval_benchmark.data: {bench.data}: no such file")
+        if bench.images is not None and not Path(bench.images).is_dir():
+            raise ConfigError(f"train.eval_benchmark.images: {bench.images}: no such folder")
+        if cfg.train.deepspeed is not None and _zero_stage(cfg.train.deepspeed) == 3:
+            # Generation on the first process alone would wait forever for the other ranks' parameter shards.
+            raise ConfigError(
+                f"train.eval_benchmark cannot run under ZeRO-3 ({cfg.train.deepspeed}); score the stage output "
+                "with `llava-ft eval` instead, or use ZeRO-2"
+            )
+
+
+def _zero_stage(path: str) -> int | None:
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"train.deepspeed: {path}: not readable JSON ({e})") from None
+    stage = ds.get("zero_optimization", {}).get("stage") if isinstance(ds, dict) else None
+    return stage if isinstance(stage, int) else None
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    """The evaluation fields: one eval set at most, and what evaluates has something to evaluate."""
+    d, t = cfg.data, cfg.train
+    if d.eval and d.val_size is not None:
+        raise ConfigError("data.eval and data.val_size are both set; give one (val_size splits data.train)")
+    if d.val_size is not None:
+        fraction = isinstance(d.val_size, float)
+        _need(
+            (0 < d.val_size < 1) if fraction else d.val_size >= 1,
+            "data.val_size",
+            d.val_size,
+            "a count >= 1 or a fraction between 0 and 1",
+        )
+    _need(t.eval_steps >= 0, "train.eval_steps", t.eval_steps, ">= 0 (0: at each epoch end)")
+    if t.eval_batch_size is not None:
+        _need(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, ">= 1 or null (batch_size)")
+    has_eval = bool(d.eval) or d.val_size is not None
+    if not has_eval and (t.eval_steps > 0 or t.eval_strategy in ("steps", "epoch")):
+        what = "train.eval_steps" if t.eval_steps > 0 else f"train.eval_strategy {t.eval_strategy}"
+        raise ConfigError(f"{what} needs an eval set: set data.eval or data.val_size")
+    if t.eval_strategy == "steps" and t.eval_steps == 0:
+        raise ConfigError("train.eval_strategy steps needs train.eval_steps > 0")
+    bench = t.eval_benchmark
+    if bench is not None:
+        _need(bool(bench.data), "train.eval_benchmark.data", bench.data, "a benchmark file")
+        if bench.kind != "mmbench" and bench.images is None:
+            raise ConfigError(f"train.eval_benchmark.images: {bench.kind} needs the image folder")
+        if bench.limit is not None:
+            _need(bench.limit >= 1, "train.eval_benchmark.limit", bench.limit, ">= 1 or null (all)")
+        _need(bench.batch_size >= 1, "train.eval_benchmark.batch_size", bench.batch_size, ">= 1")
+        _need(bench.max_new_tokens >= 1, "train.eval_benchmark.max_new_tokens", bench.max_new_tokens, ">= 1")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -663,6 +760,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.loss_chunk_size <= 0:
         raise ConfigError("model.loss_chunk_size must be positive")
     _validate_names(cfg)
+    _validate_eval(cfg)
     t = cfg.train
     lora = cfg.lora
     _need(lora.r >= 1, "lora.r", lora.r, ">= 1")

@@ -1,7 +1,8 @@
 """A stage's training report as one picture: report.png beside summary.json.
 
 Panels: training (and eval) loss, learning rate and grad norm over optimiser steps, and evaluation accuracy
-(logged `eval_*accuracy*` values, or a finished evaluation stored under "eval" in the summary, next to chance).
+(logged `eval_*accuracy*` values such as train.eval_benchmark's, or a finished evaluation stored under "eval" in
+the summary, next to chance).
 
     python -m llava_ft.report STAGE_DIR   # redraw it from summary.json
 """
@@ -104,7 +105,11 @@ def _eval_panel(ax, log_history: list[dict], summary: dict) -> None:
         ax.set_ylim(0, 1.1)
         ax.set_title(f"evaluation accuracy (n={result.get('n', '?')})")
     else:
-        _empty(ax, "no evaluation in this stage")
+        # summary.json's "eval" of a run with an eval set but no benchmark (train.eval_benchmark) holds a loss.
+        loss_only = isinstance(result, dict) and result.get("loss") is not None
+        _empty(
+            ax, "no benchmark in this stage (eval loss: left)" if loss_only else "no evaluation in this stage"
+        )
         ax.set_title("evaluation accuracy")
 
 

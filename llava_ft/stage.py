@@ -224,9 +224,11 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     c.train.output_dir = str(Path(c.train.output_dir).resolve())
     c.train.init_from = absolute(c.train.init_from)
     c.train.deepspeed = absolute(c.train.deepspeed)
-    for src in c.data.train:
+    for src in [*c.data.train, *c.data.eval]:
         src.path = absolute(src.path)
         src.image_folder = absolute(src.image_folder)
+    if (bench := c.train.eval_benchmark) is not None:
+        bench.data, bench.images = absolute(bench.data), absolute(bench.images)
     return c
 
 

@@ -25,8 +25,9 @@ step "control: the same stages on blank images"
 blank=(--data.train '[{path: data/demo/shapes_blank/pretrain.json, image_folder: data/demo/shapes_blank/images}]')
 $LF train configs/tiny/pretrain.yaml --train.output_dir work_dirs/tiny_blank/pretrain "${blank[@]}"
 blank=(--data.train '[{path: data/demo/shapes_blank/finetune.json, image_folder: data/demo/shapes_blank/images}]')
+# (no benchmark during the control's training: its held-out score is taken below, beside the real one's)
 $LF train configs/tiny/finetune.yaml --train.output_dir work_dirs/tiny_blank/finetune \
-  --train.init_from work_dirs/tiny_blank/pretrain "${blank[@]}"
+  --train.init_from work_dirs/tiny_blank/pretrain "${blank[@]}" --train.eval_benchmark null
 
 step "held-out evaluation"
 $PY -m llava_ft.demo.evaluate work_dirs/tiny/finetune --label "real images " --json work_dirs/tiny/heldout.json
@@ -55,3 +56,5 @@ $LF chat work_dirs/tiny/finetune --image "$img" --question "What shape is it?" 2
 
 step "done"
 echo "stage outputs: work_dirs/tiny/{text,pretrain,finetune}; reports: work_dirs/tiny/*/report.png, summary.json"
+echo "evaluation during training: eval loss (val_size) and the held-out VQA score per epoch in report.png,"
+echo "summary.json (eval) and tensorboard (--logdir work_dirs/tiny); answers in work_dirs/tiny/finetune/eval_benchmark"

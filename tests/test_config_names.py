@@ -35,6 +35,7 @@ ALIAS_VALUES = {
     "num_train_epochs": "2",
     "lr_scheduler_type": "linear",
     "dataloader_num_workers": "2",
+    "per_device_eval_batch_size": "3",
 }
 
 

@@ -77,18 +77,7 @@ def prepare(root: str | Path = "data/demo", *, blank: bool = False) -> TinyAsset
     vqa = data.root / "heldout_vqa.jsonl"
     if not vqa.is_file() or vqa.stat().st_mtime < data.manifest.stat().st_mtime:
         # ...and in VQA form (open-ended, the way the tiny model was trained), for eval/vqa.py.
-        records = json.loads(data.heldout.read_text())
-        lines = [
-            {
-                "question_id": r["id"],
-                "image": r["image"],
-                "question": r["conversations"][0]["value"].removeprefix("<image>\n"),
-                "answers": [r["conversations"][1]["value"]] * 10,
-                "answer_type": r["qtype"],
-            }
-            for r in records
-        ]
-        vqa.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        write_heldout_vqa(data, vqa)
 
     clip = root / "models" / "clip"
     if not _done(clip, CLIP_SHAPE):
@@ -96,6 +85,23 @@ def prepare(root: str | Path = "data/demo", *, blank: bool = False) -> TinyAsset
         _mark(clip, CLIP_SHAPE)
         log.info("tiny open_clip tower written to %s", clip)
     return TinyAssets(data, llm, clip)
+
+
+def write_heldout_vqa(data: ShapesDataset, path: Path) -> Path:
+    """The held-out split as VQA records (the one answer given ten times, as VQAv2's ten human answers)."""
+    records = json.loads(data.heldout.read_text())
+    lines = [
+        {
+            "question_id": r["id"],
+            "image": r["image"],
+            "question": r["conversations"][0]["value"].removeprefix("<image>\n"),
+            "answers": [r["conversations"][1]["value"]] * 10,
+            "answer_type": r["qtype"],
+        }
+        for r in records
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

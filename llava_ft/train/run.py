@@ -32,6 +32,7 @@ from llava_ft.model.vision import tokens_per_image
 from llava_ft.report import compact_log_history, write_report
 from llava_ft.stage import apply_stage_weights, save_stage_output, trained_llm
 from llava_ft.train.checkpoint import gathered_trainable
+from llava_ft.train.evaluation import EpochBenchmark, eval_dataset
 from llava_ft.train.trainer import (
     LlavaTrainer,
     RunTotals,
@@ -111,8 +112,9 @@ def train(
     first = args.main_process_first(local=True, desc="data preparation") if cfg.data.cache else nullcontext()
     with first:
         dataset, stats = build_dataset(cfg.data, tokenizer, template, num_image_tokens=num_image_tokens)
-    if len(cfg.data.train) > 1:  # one file's counts were just logged by build_dataset
-        log.info("data, all %d files: %s", len(cfg.data.train), stats.summary())
+        if len(cfg.data.train) > 1:  # one file's counts were just logged by build_dataset
+            log.info("data, all %d files: %s", len(cfg.data.train), stats.summary())
+        dataset, held_out, eval_stats = eval_dataset(cfg, dataset, tokenizer, template, num_image_tokens)
 
     # 2. Parts: vision tower, projector, LLM (4-bit when asked), loaded whole under ZeRO-3 too (the Trainer
     # partitions the model). Seeded here: the initial weights do not depend on what preparation drew.
@@ -129,6 +131,8 @@ def train(
             f"{num_image_tokens}: the data was prepared for the latter"
         )
     dataset.image_processor = model.vision_tower.processor if model.vision_tower is not None else None
+    if held_out is not None:
+        held_out.image_processor = dataset.image_processor
     train_dataset, collator, sampler = batching(cfg, dataset, tokenizer, order)
 
     # 4. Fit.
@@ -136,12 +140,17 @@ def train(
         model=model,
         args=args,
         train_dataset=train_dataset,
+        eval_dataset=held_out,
         data_collator=collator,
+        # Eval batches are padded, also when training packs: each sample's loss as a padded batch gives it.
+        eval_collator=Collator(pad_token_id=pad_id(tokenizer)) if cfg.data.packing else None,
         projector_lr=cfg.train.projector_lr,
         train_sampler=sampler,
         pad_token_id=pad_id(tokenizer),
         callbacks=callbacks,
     )
+    if cfg.train.eval_benchmark is not None:
+        trainer.add_callback(EpochBenchmark(trainer, cfg.train.eval_benchmark, tokenizer, template))
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     if resume_from is not None and finished_checkpoint(resume_from, planned_steps(trainer)):
@@ -157,7 +166,9 @@ def train(
     with gathered_trainable(model):
         if trainer.args.should_save:
             save_stage_output(model, cfg, tokenizer, template, out)
-            summary = write_summary(out, cfg, trainer, result, stats, model, totals, time.time() - started)
+            summary = write_summary(
+                out, cfg, trainer, result, stats, model, totals, time.time() - started, eval_stats, held_out
+            )
             write_report(out, trainer.state.log_history, summary)
     return StageResult(out, model, summary, trainer)
 
@@ -208,6 +219,7 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
     if grad_ckpt is None:
         grad_ckpt = cfg.trainable.llm == "qlora"
     log.info(global_batch_line(t, world_size()))
+    strategy = eval_strategy(cfg)
     return TrainingArguments(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.batch_size,
@@ -235,11 +247,35 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
         dataloader_num_workers=t.dataloader_workers,
         deepspeed=t.deepspeed,
         disable_tqdm=False,
+        eval_strategy=strategy,
+        eval_steps=t.eval_steps if strategy == "steps" else None,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        prediction_loss_only=True,  # the loss alone: no logits gathered over the vocabulary
     )
 
 
+def eval_strategy(cfg: RunConfig) -> str:
+    """The Trainer's eval_strategy for train.eval_strategy: auto evaluates when there is an eval set, every
+    eval_steps steps when that is set, else at each epoch end."""
+    t = cfg.train
+    if t.eval_strategy != "auto":
+        return t.eval_strategy
+    if not cfg.data.eval and cfg.data.val_size is None:
+        return "no"
+    return "steps" if t.eval_steps > 0 else "epoch"
+
+
 def write_summary(
-    out: Path, cfg: RunConfig, trainer, result, stats, model, totals: RunTotals, wall_s: float
+    out: Path,
+    cfg: RunConfig,
+    trainer,
+    result,
+    stats,
+    model,
+    totals: RunTotals,
+    wall_s: float,
+    eval_stats=None,
+    held_out=None,
 ) -> dict:
     """summary.json; totals: the whole run's, all processes together and sessions before a --resume included."""
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -267,6 +303,8 @@ def write_summary(
         # What report.png draws, so that `python -m llava_ft.report` redraws it without a checkpoint-N.
         "log_history": compact_log_history(trainer.state.log_history),
     }
+    if held_out is not None or cfg.train.eval_benchmark is not None:
+        summary["eval"] = eval_summary(cfg, trainer.state.log_history, eval_stats, held_out)
     atomic_write_text(out / "summary.json", summary_json(summary))
     log.info(
         "summary: steps %d, %s, %.0f tokens/s, %.0fs",
@@ -276,6 +314,33 @@ def write_summary(
         wall_s,
     )
     return summary
+
+
+def eval_summary(cfg: RunConfig, log_history: list[dict], eval_stats, held_out) -> dict:
+    """summary.json's "eval": the eval set (its counts as data.train's), the last eval loss and every eval
+    step's loss, and the benchmark's metrics per epoch end."""
+    losses = [{"step": h["step"], "loss": h["eval_loss"]} for h in log_history if "eval_loss" in h]
+    out: dict = {"loss": losses[-1]["loss"] if losses else None, "steps": losses}
+    if cfg.data.eval:
+        out["data"] = {"samples": len(held_out), **eval_stats.as_dict()}
+    elif held_out is not None:
+        out["data"] = {"samples": len(held_out), "val_size": cfg.data.val_size, "seed": cfg.train.seed}
+    bench = cfg.train.eval_benchmark
+    if bench is not None:
+        key = f"eval_{bench.kind}_accuracy"
+        rows = [
+            {"step": h["step"], **{k: v for k, v in h.items() if k.startswith(f"eval_{bench.kind}_")}}
+            for h in log_history
+            if key in h
+        ]
+        out["benchmark"] = {
+            "kind": bench.kind,
+            "data": bench.data,
+            "limit": bench.limit,
+            "accuracy": rows[-1][key] if rows else None,
+            "epochs": rows,
+        }
+    return out
 
 
 def loss_line(summary: dict, logging_steps: int) -> str:

@@ -52,10 +52,18 @@ class RunTotals:
 
 class LlavaTrainer(Trainer):
     def __init__(
-        self, *args, projector_lr: float | None = None, train_sampler=None, pad_token_id: int = 0, **kwargs
+        self,
+        *args,
+        projector_lr: float | None = None,
+        train_sampler=None,
+        pad_token_id: int = 0,
+        eval_collator=None,
+        **kwargs,
     ):
+        """eval_collator: batches of the eval set (padded), when the train collator packs."""
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        self.eval_collator = eval_collator
         self._train_sampler = train_sampler
         self.pad_token_id = pad_token_id
         self.token_counts = {"slots": 0, "real": 0, "trained": 0, "samples": 0}
@@ -90,6 +98,15 @@ class LlavaTrainer(Trainer):
         if (checkpoint := last_checkpoint(self.args.output_dir)) is None:
             return f"no checkpoint-N saved yet: fix the file and run again; {instead}"
         return f"fix the file, then --resume continues from {Path(checkpoint).name}; {instead}"
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     def _get_train_sampler(self, train_dataset=None):
         if self._train_sampler is not None:
@@ -139,8 +156,10 @@ class LlavaTrainer(Trainer):
         log.info("resumed trainable weights from %s", resume_from_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._note_faults(inputs.pop(IMAGE_FAULTS, []))  # the collators' report, not a model input
-        self._count_tokens(inputs)
+        faults = inputs.pop(IMAGE_FAULTS, [])  # the collators' report, not a model input
+        if model.training:  # the run's totals count trained batches, not the eval loop's
+            self._note_faults(faults)
+            self._count_tokens(inputs)
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_ft.config import DataSource, dump_config
+from llava_ft.config import DataSource, EvalBenchmarkSection, dump_config
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -106,3 +106,45 @@ def test_two_process_resume_counts_the_whole_run(llava_cfg, shapes, tmp_path):
     resumed = json.loads((tmp_path / "out" / "summary.json").read_text())
     for key in ("samples", "tokens", "tokens_trained"):
         assert resumed[key] == full[key], key
+
+
+@pytest.mark.parametrize("deepspeed", [None, "zero3.json"])
+def test_two_process_eval_loss_and_benchmark(deepspeed, llava_cfg, shapes, tmp_path):
+    """Under torchrun the eval loss covers the held-out samples of both ranks and the benchmark (first process
+    only; refused under ZeRO-3, where the eval loss alone runs) is logged once per epoch end."""
+    from llava_ft.demo.prepare import write_heldout_vqa
+
+    cfg = llava_cfg(
+        tmp_path / "out", stage="finetune", llm_mode="lora", max_steps=4, batch_size=2, eval_steps=2
+    )
+    cfg.data.val_size = 6
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    bench = write_heldout_vqa(shapes, tmp_path / "heldout_vqa.jsonl")
+    if deepspeed:
+        cfg.train.deepspeed = str(CONFIGS / "deepspeed" / deepspeed)
+    else:
+        cfg.train.eval_benchmark = EvalBenchmarkSection(
+            kind="vqa", data=str(bench), images=str(shapes.images_dir), limit=3, prompt_suffix=""
+        )
+    dump_config(cfg, tmp_path / "ddp.yaml")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               DS_ACCELERATOR="cpu")  # fmt: skip
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llava_ft.cli.main", "train"]
+    proc = subprocess.run([*cmd, str(tmp_path / "ddp.yaml")], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [s["step"] for s in summary["eval"]["steps"]] == [2, 4]
+    assert summary["eval"]["data"]["samples"] == 6
+    rows = [r for r in summary["log_history"] if "eval_vqa_accuracy" in r]
+    assert [r["step"] for r in rows] == ([] if deepspeed else [4])
+    if not deepspeed:
+        assert (
+            len(
+                (tmp_path / "out" / "eval_benchmark" / "step-4" / "predictions.jsonl")
+                .read_text()
+                .splitlines()
+            )
+            == 3
+        )
