@@ -37,13 +37,13 @@ $PY -m llava_ft.demo.evaluate work_dirs/tiny_blank/finetune --data data/demo/sha
 # Fresh report folders: the eval scripts resume from a predictions file left there, and this is a new model.
 rm -rf work_dirs/tiny/vqa work_dirs/tiny/mmbench
 step "VQA-style evaluation of the held-out split (open-ended answers, as the tiny model was trained)"
-$PY eval/vqa.py --checkpoint work_dirs/tiny/finetune --data data/demo/shapes/heldout_vqa.jsonl \
+$LF eval vqa --checkpoint work_dirs/tiny/finetune --data data/demo/shapes/heldout_vqa.jsonl \
   --images data/demo/shapes/images --output work_dirs/tiny/vqa --prompt-suffix "" --batch-size 64
 cat work_dirs/tiny/vqa/results.md
 
 step "MMBench-style circular evaluation of the held-out split"
 echo "(the tiny model never saw lettered options in training: this exercises the harness, not the model)"
-$PY eval/mmbench.py --checkpoint work_dirs/tiny/finetune --data data/demo/shapes/heldout_mmbench.tsv \
+$LF eval mmbench --checkpoint work_dirs/tiny/finetune --data data/demo/shapes/heldout_mmbench.tsv \
   --output work_dirs/tiny/mmbench --batch-size 64
 cat work_dirs/tiny/mmbench/results.md
 
