@@ -19,7 +19,7 @@ def launched(monkeypatch) -> dict:
         has_vision = False
 
     kwargs: dict = {}
-    monkeypatch.setattr(serve_module, "read_stage_config", lambda ckpt: None)
+    monkeypatch.setattr(serve_module, "folder_kind", lambda ckpt: "stage")
     monkeypatch.setattr(serve_module, "load_assistant", lambda *a, **k: TextOnly())
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: kwargs.update(kw))
     yield kwargs
