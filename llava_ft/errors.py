@@ -4,9 +4,18 @@ heavy library."""
 
 from __future__ import annotations
 
+import errno
+
 
 class InputError(ValueError):
     """Raised with a message that names the file or flag and says what to do."""
+
+
+class DiskFullError(InputError):
+    """A write that found its file system full (ENOSPC) or over quota (EDQUOT): names the folder and the space."""
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 REMOTE_CODE_ADVICE = (

@@ -9,11 +9,13 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path
 
 import llava_ft
 from llava_ft.config import ConfigError, load_config, parse_overrides
 from llava_ft.data.conversation import DataError
-from llava_ft.errors import InputError
+from llava_ft.errors import FULL, InputError
+from llava_ft.files import disk_full
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Libraries whose INFO lines would bury llava_ft's own; they speak at WARNING and above unless --log-level debug.
@@ -214,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llava-ft: error: {e}", file=sys.stderr)
             return 2
         raise
+    except OSError as e:  # a write the library made itself (cache, checkpoint) into a full disk
+        if e.errno not in FULL:
+            raise
+        folder = Path(e.filename).parent if e.filename else Path.cwd()
+        print(f"llava-ft: error: {disk_full(folder)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
