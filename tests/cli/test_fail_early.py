@@ -22,7 +22,9 @@ from llava_ft.config import ModelSection, RunConfig, VisionSection, dump_config,
 from llava_ft.errors import DiskFullError, InputError
 from llava_ft.files import atomic_dir, atomic_write_bytes
 from llava_ft.model.llm import load_llm
+from llava_ft.model.vision import build_vision_tower
 from llava_ft.testing.tiny_llm import write_tiny_llama
+from llava_ft.testing.tiny_vision import write_tiny_hf_clip
 from llava_ft.train.run import training_arguments
 
 REPO = Path(__file__).parents[2]
@@ -199,6 +201,15 @@ def test_a_pickle_holding_more_than_tensors_is_refused_in_one_line(tmp_path):
     message = str(e.value)
     assert "\n" not in message and str(folder) in message
     assert "can run code" in message and "safe_serialization=True" in message
+
+
+def test_a_vision_tower_pickle_holding_more_than_tensors_is_refused(tmp_path):
+    folder = write_tiny_hf_clip(tmp_path / "clip", image_size=16, width=16, layers=1)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "extra": argparse.Namespace(code="runs on load")}, folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match=r"^model\.vision: .*clip: .*can run code.*safe_serialization=True"):
+        build_vision_tower(VisionSection(backend="hf", model=str(folder)))
 
 
 def _full(*args, **kwargs):
