@@ -19,6 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.tokenize import Encoder
+from llava_ft.exported import folder_kind, load_export
 from llava_ft.stage import load_stage
 
 log = logging.getLogger("llava_ft")
@@ -82,7 +83,17 @@ class Assistant:
         device: str | None = None,
         overrides: dict[str, str | None] | None = None,
     ) -> Assistant:
-        stage = load_stage(checkpoint, load_in_4bit=load_4bit, overrides=overrides)
+        """`checkpoint`: a stage output or an hf-llava / merged-llm export folder; `overrides`: base model
+        folders of a stage output ("model.llm", "model.vision.model"), which an export does not take."""
+        if folder_kind(checkpoint) == "stage":
+            stage = load_stage(checkpoint, load_in_4bit=load_4bit, overrides=overrides)
+        else:
+            if given := sorted(k for k, v in (overrides or {}).items() if v):
+                flags = ", ".join(f"--{k}" for k in given)
+                raise ValueError(
+                    f"{checkpoint}: an export holds its whole model; {flags} apply to stage outputs"
+                )
+            stage = load_export(checkpoint, load_in_4bit=load_4bit)
         model = stage.model
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if load_4bit:
@@ -361,5 +372,6 @@ def load_assistant(
     device: str | None = None,
     overrides: dict[str, str | None] | None = None,
 ) -> Assistant:
-    """`overrides`: base model paths for `load_stage` ("model.llm", "model.vision.model")."""
+    """A stage output or an export folder; `overrides`: base model paths for `load_stage` ("model.llm",
+    "model.vision.model")."""
     return Assistant.load(checkpoint, load_4bit=load_4bit, device=device, overrides=overrides)

@@ -343,13 +343,10 @@ def stage_model_config(ckpt: str | Path) -> RunConfig:
 
 def stage_fingerprint(ckpt: str | Path) -> str:
     """Digest of everything `apply_stage_weights` reads: each stage's config (which names the base models),
-    template and trained weights along the chain. A stage retrained in place gets another."""
+    template and trained weights along the chain. A stage retrained in place gets another. A folder without
+    llava_ft.yaml holding a config.json (an hf-llava or merged-llm export) is a whole model: all its files count."""
     digest = hashlib.sha256()
-    for stage in stage_chain(ckpt):
-        files = [stage / CONFIG_NAME, stage / TEMPLATE_NAME, stage / STAGE_NAME, stage / PROJECTOR_NAME]
-        for sub in ("llm_adapter", "vision_adapter", "llm"):
-            if (stage / sub).is_dir():
-                files += sorted(p for p in (stage / sub).rglob("*") if p.is_file())
+    for stage, files in _fingerprinted_files(Path(ckpt)):
         for path in files:
             if not path.is_file():
                 continue
@@ -358,6 +355,20 @@ def stage_fingerprint(ckpt: str | Path) -> str:
                     f"{path.relative_to(stage)}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode()
                 )
     return "sha256:" + digest.hexdigest()[:16]
+
+
+def _fingerprinted_files(ckpt: Path) -> list[tuple[Path, list[Path]]]:
+    """(folder, the files of it that make the model) for the stage chain, or for an export folder."""
+    if not (ckpt / CONFIG_NAME).is_file() and (ckpt / "config.json").is_file():
+        return [(ckpt, sorted(p for p in ckpt.rglob("*") if p.is_file()))]
+    out = []
+    for stage in stage_chain(ckpt):
+        files = [stage / CONFIG_NAME, stage / TEMPLATE_NAME, stage / STAGE_NAME, stage / PROJECTOR_NAME]
+        for sub in ("llm_adapter", "vision_adapter", "llm"):
+            if (stage / sub).is_dir():
+                files += sorted(p for p in (stage / sub).rglob("*") if p.is_file())
+        out.append((stage, files))
+    return out
 
 
 def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> None:

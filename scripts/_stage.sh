@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Shared by pretrain.sh and finetune.sh: run one stage with CONFIG (default: the tiny CPU config) and overrides.
-# NPROC=N runs it with torchrun on N processes (gloo on CPU, nccl on GPU).
+# NPROC=N runs it with torchrun on N processes (gloo on CPU, nccl on GPU). On several machines, start it on each
+# with the same NPROC (processes per machine), NNODES (machines), MASTER_ADDR (the first machine's address) and
+# MASTER_PORT (default 29500), and NODE_RANK 0 on the first machine, 1, 2, ... on the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=$1; shift
@@ -27,7 +29,18 @@ if [[ "$config" == configs/tiny/* ]]; then
     fi
   done
 fi
-if [ "${NPROC:-1}" -gt 1 ]; then
-  exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" -m llava_ft.cli.main train "$config" "$@"
+nproc=${NPROC:-1}
+if [ "${NNODES:-1}" -gt 1 ]; then
+  for need in NODE_RANK MASTER_ADDR; do
+    if [ -z "${!need:-}" ]; then
+      echo "$stage: NNODES=$NNODES needs $need (NODE_RANK: 0 on the first machine; MASTER_ADDR: its address)" >&2
+      exit 2
+    fi
+  done
+  exec .venv/bin/torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" \
+    --master-port "${MASTER_PORT:-29500}" --nproc-per-node "$nproc" -m llava_ft.cli.main train "$config" "$@"
+fi
+if [ "$nproc" -gt 1 ]; then
+  exec .venv/bin/torchrun --standalone --nproc_per_node "$nproc" -m llava_ft.cli.main train "$config" "$@"
 fi
 exec .venv/bin/llava-ft train "$config" "$@"

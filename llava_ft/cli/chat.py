@@ -25,8 +25,9 @@ except ImportError:  # not built into every Python (Windows): chat then reads pl
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
 from llava_ft.data.images import load_image
+from llava_ft.exported import folder_has_vision
 from llava_ft.inference import Assistant, load_assistant
-from llava_ft.stage import add_base_path_args, base_overrides, read_stage_config
+from llava_ft.stage import add_base_path_args, base_overrides
 
 COMMANDS = "/image PATH (new image, new conversation), /reset (new conversation), /exit"
 HISTORY_FILE = Path("~/.cache/llava_ft/chat_history")
@@ -171,7 +172,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return 2
     try:
         # Cheap checks first, so a wrong folder or image fails before the model loads.
-        has_vision = read_stage_config(args.checkpoint).model.vision is not None
+        has_vision = folder_has_vision(args.checkpoint)
         image = open_image(args.image, has_vision) if args.image else None
         assistant = load_assistant(args.checkpoint, load_4bit=args.load_4bit, overrides=base_overrides(args))
         if args.system is not None and assistant.template.name == "plain":
@@ -200,7 +201,9 @@ def add_commands(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="stage output folder (holds llava_ft.yaml)")
+    p.add_argument(
+        "checkpoint", help="stage output folder (holds llava_ft.yaml) or hf-llava / merged-llm export"
+    )
     p.add_argument("--image", help="image for the first user turn")
     p.add_argument(
         "--question",

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from llava_ft.export import DTYPES, FORMATS, export_checkpoint
+from llava_ft.stage import add_base_path_args, base_overrides
 
 
 def add_commands(subparsers) -> None:
@@ -29,6 +30,7 @@ def add_commands(subparsers) -> None:
         help="skip reloading the export and comparing its tokens and logits with llava_ft's",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    add_base_path_args(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -41,6 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             verify=args.verify,
             overwrite=args.overwrite,
+            overrides=base_overrides(args),
         )
     except (OSError, ValueError) as e:  # bad folder, unsupported model, failed check: one line, no traceback
         print(f"llava-ft export: error: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""`llava-ft` command line: train | data | config | chat | export | serve."""
+"""`llava-ft` command line: train | data | config | chat | export | serve | eval."""
 
 from __future__ import annotations
 
@@ -145,6 +145,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "merge LoRA and write a standard transformers folder (LlavaForConditionalGeneration or the LLM)",
     ),
     "serve": ("llava_ft.cli.serve", "add_commands", "chat with a stage output in a local web page (gradio)"),
+    "eval": (
+        "llava_ft.cli.eval",
+        "add_commands",
+        "score a stage output (or re-score a predictions file) on MMBench, POPE or VQA",
+    ),
 }
 
 

@@ -1,11 +1,11 @@
-"""`llava-ft serve CHECKPOINT [--host 127.0.0.1] [--port N]`: chat with a stage output in the browser.
+"""`llava-ft serve CHECKPOINT [--host 127.0.0.1] [--port N] [--share]`: chat with a stage output in the browser.
 
 A local gradio page: upload an image, chat over several turns with answers streamed in, start a new
 conversation, set max new tokens and temperature; a text-only checkpoint gets no image controls. Answers come
 from the same `ChatSession` as `llava-ft chat`. An upload that is not an image, is corrupt, decodes to too many
 pixels or is over --max-upload-mb gets a message in the page. Each page keeps only the image as the model sees
 it (tower-sized), and its state goes soon after the page closes. Nothing leaves the machine: gradio's analytics
-and version check are off, fonts are served locally.
+and version check are off, fonts are served locally; only --share opens a public gradio.live link to the page.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import Any
 from llava_ft.cli.chat import ChatError, ChatSession, open_image
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
+from llava_ft.exported import folder_kind
 from llava_ft.inference import load_assistant
-from llava_ft.stage import add_base_path_args, base_overrides, read_stage_config
+from llava_ft.stage import add_base_path_args, base_overrides
 
 log = logging.getLogger("llava_ft")
 
@@ -355,6 +356,7 @@ def serve(
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     load_4bit: bool = False,
     overrides: dict[str, str | None] | None = None,
+    share: bool = False,
     block: bool = True,
 ):
     """Load the checkpoint and serve the page; returns the launched Blocks when block=False."""
@@ -378,7 +380,7 @@ def serve(
         server_port=port,
         max_file_size=app.max_upload_bytes,  # int bytes: gradio rejects "2.5mb" ("Invalid file size unit")
         ssr_mode=False,
-        share=False,
+        share=share,  # given either way, so that gradio's GRADIO_SHARE variable cannot open a link unasked
         prevent_thread_lock=not block,
         theme=gr.themes.Default(),
         quiet=False,
@@ -396,8 +398,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.host not in LOOPBACK:
         log.warning("serving on %s: anyone who can reach this address can use the page (no login)", args.host)
+    if args.share:
+        log.warning(
+            "--share: anyone with the public gradio.live link can use the page and the model (no login)"
+        )
     try:
-        read_stage_config(args.checkpoint)  # a wrong folder fails before gradio and the model load
+        folder_kind(args.checkpoint)  # a wrong folder fails before gradio and the model load
         serve(
             args.checkpoint,
             host=args.host,
@@ -407,6 +413,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_upload_mb=args.max_upload_mb,
             load_4bit=args.load_4bit,
             overrides=base_overrides(args),
+            share=args.share,
         )
     except (OSError, ValueError) as e:
         print(f"llava-ft serve: error: {e}", file=sys.stderr)
@@ -421,7 +428,9 @@ def add_commands(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="stage output folder (holds llava_ft.yaml)")
+    p.add_argument(
+        "checkpoint", help="stage output folder (holds llava_ft.yaml) or hf-llava / merged-llm export"
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
@@ -439,5 +448,12 @@ def add_commands(subparsers) -> None:
         help="largest image file accepted, in MB (fractions allowed, e.g. 2.5)",
     )
     p.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit NF4 (needs a GPU)")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="also make a public https://*.gradio.live link to the page through gradio's tunnel, which gradio "
+        "keeps for up to a week: anyone with the link can use the model, with no login. Needs internet; "
+        "without it gradio says it could not create the link and the page stays local",
+    )
     add_base_path_args(p)
     p.set_defaults(func=cmd_serve)

@@ -1,4 +1,8 @@
-"""The benchmark scripts' shared command line: common flags, the model to ask, user errors as one line."""
+"""The benchmarks' shared command line: common flags, the model to ask, user errors as one line.
+
+Each benchmark module defines its flags once (`add_arguments`) and what a parsed command does (`run`); its
+script (`python eval/<name>.py`) and `llava-ft eval <name>` both build their parser from them.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +61,25 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace, argparse.ArgumentParser, str], int]
+"""A benchmark's `run(args, parser, command)`: `parser` reports flag errors, `command` is recorded as typed."""
+
+
+def script_main(doc: str, add_arguments: AddArguments, run: Run) -> Callable[[list[str] | None], int]:
+    """A benchmark script's `main(argv)`: its own parser, described by the first line of `doc`, the command
+    recorded as `python <script> ...`, user errors as one line."""
+
+    @reports_user_errors
+    def main(argv: list[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+        return run(args, parser, command_line(argv))
+
+    return main
 
 
 def command_line(argv: list[str] | None) -> str:

@@ -467,9 +467,8 @@ def run_mmbench(
     return runner.finish(output, results, mmbench_markdown(results), found, per_item)
 
 
-@arguments.reports_user_errors
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """MMBench's flags, for `python eval/mmbench.py` and `llava-ft eval mmbench` alike."""
     arguments.add_common_args(parser)
     parser.add_argument("--rule", choices=sorted(MMBENCH_RULES), default="vlmevalkit")
     parser.add_argument(
@@ -479,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         help="instruction language; auto: Chinese when the prompt has CJK characters (as XTuner)",
     )
     parser.add_argument("--circular", action="store_true", help="generate rotations for a file that has none")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> int:
+    """Evaluate as `args` say (parsed by `parser`, which reports flag errors), recording `command` as typed."""
     results = run_mmbench(
         args.data,
         args.output,
@@ -491,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         circular=args.circular,
         seed=args.seed,
         n_resamples=args.n_resamples,
-        command=arguments.command_line(argv),
+        command=command,
     )
     head = results["headline"]
     print(
@@ -499,3 +501,6 @@ def main(argv: list[str] | None = None) -> int:
         f"results in {args.output}"
     )
     return 0
+
+
+main = arguments.script_main(__doc__, add_arguments, run)

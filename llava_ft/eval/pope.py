@@ -209,9 +209,8 @@ def run_pope(
     return runner.finish(output, results, pope_markdown(results), found, per_item)
 
 
-@arguments.reports_user_errors
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """POPE's flags, for `python eval/pope.py` and `llava-ft eval pope` alike."""
     arguments.add_common_args(parser)
     arguments.add_images_arg(parser)
     parser.add_argument(
@@ -224,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prompt-suffix", default=SUFFIX, help="appended to each question unless already there"
     )
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> int:
+    """Evaluate as `args` say (parsed by `parser`, which reports flag errors), recording `command` as typed."""
     images = arguments.images_from_args(parser, args)
     options = LIKELIHOOD_OPTIONS if args.mode == "likelihood" else None
     results = run_pope(
@@ -238,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         limit=args.limit,
         seed=args.seed,
         n_resamples=args.n_resamples,
-        command=arguments.command_line(argv),
+        command=command,
     )
     print(
         f"POPE accuracy ({args.rule}): {Estimate.from_dict(results['headline']).fmt()}; "
         f"F1 {results['rules'][args.rule]['overall']['f1'] * 100:.2f}; results in {args.output}"
     )
     return 0
+
+
+main = arguments.script_main(__doc__, add_arguments, run)

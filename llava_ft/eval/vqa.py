@@ -389,9 +389,8 @@ def run_vqa(
     return runner.finish(output, results, vqa_markdown(results), found, fields)
 
 
-@arguments.reports_user_errors
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """VQA's flags, for `python eval/vqa.py` and `llava-ft eval vqa` alike."""
     arguments.add_common_args(parser)
     arguments.add_images_arg(parser)
     parser.add_argument(
@@ -404,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prompt-suffix", default=SUFFIX, help="appended to each question unless already there"
     )
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> int:
+    """Evaluate as `args` say (parsed by `parser`, which reports flag errors), recording `command` as typed."""
     images = arguments.images_from_args(parser, args)
     results = run_vqa(
         args.data,
@@ -417,9 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         limit=args.limit,
         seed=args.seed,
         n_resamples=args.n_resamples,
-        command=arguments.command_line(argv),
+        command=command,
     )
     print(
         f"VQA soft accuracy ({args.normalize}): {Estimate.from_dict(results['headline']).fmt()}; results in {args.output}"
     )
     return 0
+
+
+main = arguments.script_main(__doc__, add_arguments, run)

@@ -9,6 +9,7 @@ The folder is written beside the destination and renamed into place only after i
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from llava_ft.export.tokenizer import (
     processor_chat_template,
 )
 from llava_ft.export.verify import dummy_inputs, llava_ft_logits, max_diff, verify_export
+from llava_ft.exported import EXPORT_INFO, export_info
 from llava_ft.files import atomic_dir, check_replaceable_dir, sweep_leftovers
 from llava_ft.model.projector import projector_depth
 from llava_ft.stage import read_stage_config
@@ -76,8 +78,10 @@ def export_checkpoint(
     dtype: str = "float32",
     verify: bool = True,
     overwrite: bool = False,
+    overrides: dict[str, str | None] | None = None,
 ) -> ExportResult:
-    """Merge a stage output's adapters and write `fmt` to `output` (atomically; verified unless verify=False)."""
+    """Merge a stage output's adapters and write `fmt` to `output` (atomically; verified unless verify=False).
+    `overrides`: base model folders at other paths ("model.llm", "model.vision.model"), as `load_stage` takes."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {list(FORMATS)}")
     if dtype not in DTYPES:
@@ -90,7 +94,7 @@ def export_checkpoint(
     sweep_leftovers(output.parent)  # a killed export's copies, before this one needs the space
     if fmt == "hf-llava":
         _check_hf_llava(checkpoint, read_stage_config(checkpoint).model)
-    _, tokenizer, template, model = load_merged(checkpoint)
+    _, tokenizer, template, model = load_merged(checkpoint, overrides=overrides)
     result = ExportResult(output=output, format=fmt)
     ids, pixels = dummy_inputs(model, tokenizer, template, with_image=fmt == "hf-llava")
     before = llava_ft_logits(model, ids, pixels) if verify else None
@@ -115,6 +119,7 @@ def export_checkpoint(
     if fmt == "hf-llava":
         hf_tok.chat_template = processor_chat_template(hf_tok.chat_template, hf_tok, template)
     suppress: list[int] = []
+    info = export_info(fmt, template, model.llm.get_input_embeddings().weight.shape[0])
     if fmt == "hf-llava":
         result.image_token_index = add_image_token(hf_tok)
         suppress = [result.image_token_index]
@@ -126,6 +131,8 @@ def export_checkpoint(
             write_hf_llava(model, hf_tok, generation, folder, torch_dtype)
         else:
             write_merged_llm(model.llm, hf_tok, generation, folder, torch_dtype)
+        # What llava_ft needs to open the export as it trained: template, stop words, vocabulary.
+        (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2))
         if verify:
             image_processor = model.vision_tower.processor if fmt == "hf-llava" else None
             result.export_max_diff, notes = verify_export(

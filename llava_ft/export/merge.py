@@ -14,10 +14,11 @@ from llava_ft.stage import load_stage
 log = logging.getLogger("llava_ft")
 
 
-def load_merged(checkpoint: str | Path):
-    """(cfg, tokenizer, template, LlavaModel with adapters applied but not merged), fp32, unquantized."""
+def load_merged(checkpoint: str | Path, *, overrides: dict[str, str | None] | None = None):
+    """(cfg, tokenizer, template, LlavaModel with adapters applied but not merged), fp32, unquantized.
+    `overrides`: base model folders at other paths, as `load_stage` takes them."""
     # QLoRA adapters merge into the base in full precision: a 4-bit base cannot hold the merged weights.
-    stage = load_stage(checkpoint, dtype="float32")
+    stage = load_stage(checkpoint, dtype="float32", overrides=overrides)
     return stage.config, stage.tokenizer, stage.template, stage.model
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 
-import jinja2
 from transformers import AddedToken, GenerationConfig, PreTrainedTokenizerBase
 
 from llava_ft.constants import IMAGE_TOKEN
@@ -14,6 +13,7 @@ from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.sp_convert import sentencepiece_to_tokenizers
 from llava_ft.data.templates import ChatTemplate
 from llava_ft.data.tokenizer import InternLM2Tokenizer
+from llava_ft.exported import probe_conversations, renders_like
 from llava_ft.inference import split_stop_words
 
 log = logging.getLogger("llava_ft")
@@ -44,20 +44,6 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-def _probe_conversations(name: str) -> list[list[Message]]:
-    if name == "plain":  # one image-caption pair, never a generation prompt
-        return [[Message("user", "<image>\nignored"), Message("assistant", "A cat.")]]
-    return [
-        [Message("user", "Hi there!")],
-        [Message("system", "Be brief."), Message("user", "Name a colour.")],
-        [
-            Message("user", "<image>\nWhat is shown?"),
-            Message("assistant", "A cat."),
-            Message("user", "Colour?"),
-        ],
-    ]
-
-
 def chat_template_for(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> str:
     """Jinja that renders exactly as the training template (checked on probe conversations), accepting
     content given as parts ({"type": "image"} / {"type": "text"}) as well as strings."""
@@ -66,9 +52,7 @@ def chat_template_for(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase
         candidates.append(tokenizer.chat_template)
     for jinja in candidates:
         jinja = CONTENT_AS_TEXT + jinja
-        if all(
-            _renders_like(template, tokenizer, jinja, msgs) for msgs in _probe_conversations(template.name)
-        ):
+        if all(renders_like(template, tokenizer, jinja, msgs) for msgs in probe_conversations(template.name)):
             return jinja
     raise ValueError(f"no chat template (Jinja) known to render like llava_ft's '{template.name}' template")
 
@@ -88,7 +72,7 @@ def processor_chat_template(jinja: str, tokenizer: PreTrainedTokenizerBase, temp
         return jinja  # nothing added: the template's own BOS stays
     bos = tokenizer.bos_token
     convs = [
-        Conversation(messages=m) for m in _probe_conversations(template.name) if IMAGE_TOKEN not in str(m)
+        Conversation(messages=m) for m in probe_conversations(template.name) if IMAGE_TOKEN not in str(m)
     ]
     convs = convs or [Conversation(messages=[Message("user", "Hi")])]
     texts = [
@@ -115,22 +99,6 @@ def processor_chat_template(jinja: str, tokenizer: PreTrainedTokenizerBase, temp
             f"tokenize prompts unlike llava_ft's '{template.name}' template (export --format merged-llm instead)"
         )
     return jinja
-
-
-def _renders_like(
-    template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, jinja: str, messages: list[Message]
-) -> bool:
-    conv = Conversation(messages=messages, images=["x"] * sum(m.content.count(IMAGE_TOKEN) for m in messages))
-    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-    expected = template.render(conv, bos=bos, eos=eos, add_generation_prompt=template.name != "plain")
-    dicts = [{"role": m.role, "content": m.content} for m in messages]
-    try:
-        got = tokenizer.apply_chat_template(
-            dicts, chat_template=jinja, tokenize=False, add_generation_prompt=template.name != "plain"
-        )
-    except jinja2.TemplateError:  # e.g. llama2_chat's Jinja on a tokenizer without a bos_token
-        return False
-    return got == expected
 
 
 def generation_config(
