@@ -21,9 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from transformers.integrations import get_available_reporting_integrations
-from transformers.trainer_utils import SchedulerType
-from transformers.training_args import OptimizerNames
 
 
 @dataclass
@@ -669,6 +666,12 @@ def _validate_names(cfg: RunConfig) -> None:
     """transformers' scheduler and optimizer names, checked at load rather than when the run is built (minutes
     later, after data preparation). llava_ft's own names are checked where they are defined:
     model.build.check_names."""
+    default = TrainSection()
+    if (cfg.train.lr_scheduler, cfg.train.optim) == (default.lr_scheduler, default.optim):
+        return  # transformers' own names; the look-up below imports torch and peft (seconds)
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
     schedulers = [s.value for s in SchedulerType]
     if cfg.train.lr_scheduler not in schedulers:
         raise ConfigError(f"train.lr_scheduler: {cfg.train.lr_scheduler!r} is not one of {schedulers}")
@@ -678,6 +681,8 @@ def _validate_names(cfg: RunConfig) -> None:
 
 
 def _check_training_machine(cfg: RunConfig) -> None:
+    from transformers.integrations import get_available_reporting_integrations  # imports torch: see above
+
     installed = get_available_reporting_integrations()
     if cfg.train.report_to not in ("none", "all", *installed):
         raise ConfigError(

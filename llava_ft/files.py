@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_ft.errors import FULL, DiskFullError
+
 log = logging.getLogger("llava_ft")
 
 KINDS = ("tmp", "new", "old", "partial")
@@ -67,6 +69,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:  # durable before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in FULL:
+            raise
+        raise disk_full(path.parent, _disk_size(tmp)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -96,7 +102,12 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(path.parent, path.name, "new")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as e:
+            if e.errno not in FULL:
+                raise
+            raise disk_full(path.parent, _disk_size(tmp)) from None
         set_default_modes(tmp)
         if not path.exists():
             os.replace(tmp, path)
@@ -292,3 +303,14 @@ def _size(n: int) -> str:
             return f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GB"
+
+
+def disk_full(folder: Path, needed: int | None = None) -> DiskFullError:
+    """The one-line report for a full disk under `folder`: what is free there and, when known, what the write
+    needed at least (what it had written when the disk filled)."""
+    parts = [f"{folder}: no space left on the disk"]
+    if needed:
+        parts.append(f"the write needs more than {_size(needed)}")
+    with contextlib.suppress(OSError):
+        parts.append(f"{_size(shutil.disk_usage(folder).free)} free")
+    return DiskFullError("; ".join(parts) + "; free some space or choose another folder")

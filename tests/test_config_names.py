@@ -197,7 +197,7 @@ def test_train_command_names_the_override_not_the_file(tmp_path, capsys, monkeyp
     def no_run(*args, **kwargs):
         raise AssertionError("the run started")
 
-    monkeypatch.setattr(cli_main, "train", no_run)
+    monkeypatch.setattr("llava_ft.train.run.train", no_run)
     path = _config(tmp_path, "train:\n  lr: 1.0e-3\n")
     assert cli_main.main(["train", str(path), "--max_steps", "3"]) == 2
     err = capsys.readouterr().err

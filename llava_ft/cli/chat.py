@@ -175,6 +175,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         has_vision = folder_has_vision(args.checkpoint)
         image = open_image(args.image, has_vision) if args.image else None
         assistant = load_assistant(args.checkpoint, load_4bit=args.load_4bit, overrides=base_overrides(args))
+        if args.system is not None and assistant.template.name == "plain":
+            # Refused here once, rather than as the same error on every question.
+            raise ChatError(
+                "--system: the checkpoint's template is plain (LLaVA's pretraining format: an image and its "
+                "caption), which has no system message; leave out --system"
+            )
         gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
         session = ChatSession(assistant, image=image, gen=gen, system=args.system)
     except (OSError, ValueError) as e:  # missing files, bad image, config or template errors

@@ -37,6 +37,7 @@ from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conver
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
 from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizedSample
 from llava_ft.data.tokenizer import load_tokenizer
+from llava_ft.errors import InputError
 from llava_ft.model.build import check_names
 from llava_ft.model.vision import tokens_per_image
 
@@ -126,7 +127,22 @@ def _setup(args: argparse.Namespace) -> _Setup:
     else:
         missing = [f"--{name}" for name in ("data", "template", "tokenizer") if getattr(args, name) is None]
         if missing:
-            raise ValueError(f"{', '.join(missing)} required (or --config CONFIG.yaml, which names them)")
+            raise InputError(f"{', '.join(missing)} required (or --config CONFIG.yaml, which names them)")
+    # Without a config: no length limit unless --max-length (a config always has one).
+    data = cfg.data if cfg is not None else DataSection(max_length=None)
+    if args.max_length is not None:
+        data.max_length = args.max_length
+    data.last_turn_only = data.last_turn_only or args.last_turn_only
+    if args.data is not None:
+        data.train = [DataSource(args.data, args.format or "auto")]
+    elif args.format is not None:
+        data.train = [dataclasses.replace(src, format=args.format) for src in data.train]
+    if not data.train:
+        raise InputError(f"{args.config}: data.train names no files (or pass --data)")
+    for i, src in enumerate(data.train):  # before the tokenizer loads
+        if not Path(src.path).exists():
+            where = "--data" if args.data is not None else f"{args.config}: data.train[{i}].path"
+            raise InputError(f"{where}: {src.path}: no such file or folder")
     tokenizer = load_tokenizer(args.tokenizer or cfg.model.llm)
     template = get_template(args.template or cfg.data.template, tokenizer)
     if args.num_image_tokens is not None:
@@ -140,17 +156,6 @@ def _setup(args: argparse.Namespace) -> _Setup:
         )
     else:
         num_image_tokens = DEFAULT_IMAGE_TOKENS
-    # Without a config: no length limit unless --max-length (a config always has one).
-    data = cfg.data if cfg is not None else DataSection(max_length=None)
-    if args.max_length is not None:
-        data.max_length = args.max_length
-    data.last_turn_only = data.last_turn_only or args.last_turn_only
-    if args.data is not None:
-        data.train = [DataSource(args.data, args.format or "auto")]
-    elif args.format is not None:
-        data.train = [dataclasses.replace(src, format=args.format) for src in data.train]
-    if not data.train:
-        raise ValueError(f"{args.config}: data.train names no files (or pass --data)")
     return _Setup(data_encoder(data, tokenizer, template, num_image_tokens), data, cfg is not None)
 
 

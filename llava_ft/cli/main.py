@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import logging
 import os
 import socket
 import sys
-
-import datasets.utils.logging
-import torch.distributed as dist
-import transformers.utils.logging
+from pathlib import Path
 
 import llava_ft
-from llava_ft.cli import chat, data, export, serve
-from llava_ft.cli import config as config_cli
-from llava_ft.cli import eval as eval_cli
 from llava_ft.config import ConfigError, load_config, parse_overrides
 from llava_ft.data.conversation import DataError
-from llava_ft.model.build import check_names
-from llava_ft.train.preflight import preflight
-from llava_ft.train.run import train
+from llava_ft.errors import FULL, InputError
+from llava_ft.files import disk_full
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Libraries whose INFO lines would bury llava_ft's own; they speak at WARNING and above unless --log-level debug.
@@ -54,9 +48,11 @@ def _setup_logging(level_name: str = "info") -> None:
         logging.getLogger(name).setLevel(others)
     # torch's INFO lines are compiler statistics at exit, noise even when debugging llava_ft.
     logging.getLogger("torch").setLevel(max(level, logging.WARNING))
-    # Both keep their own library logger and handler, set through their own API.
-    transformers.utils.logging.set_verbosity(others)
-    datasets.utils.logging.set_verbosity(others)
+    # Both set their library logger's level when first imported, from these variables (their documented
+    # switch); the command imports them later, or already has (in a test), where the level set above holds.
+    os.environ["TRANSFORMERS_VERBOSITY"] = os.environ["DATASETS_VERBOSITY"] = logging.getLevelName(
+        others
+    ).lower()
 
 
 def package_version() -> str:
@@ -83,8 +79,21 @@ def _add_log_level(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    cfg = load_config(args.config, parse_overrides(extra), for_training=True)
+    from llava_ft.train.early import check_inputs
+
+    overrides = parse_overrides(extra)
+    check_inputs(
+        load_config(args.config, overrides), args.config, resume=args.resume, preflight=args.preflight
+    )
+    # for_training looks up the installed report_to integrations, which imports torch: after the checks above.
+    cfg = load_config(args.config, overrides, for_training=True)
+    # Imported only here, after the checks of files and flags: torch and transformers take seconds to import.
+    from llava_ft.model.build import check_names
+    from llava_ft.train.preflight import preflight
+    from llava_ft.train.run import train
+
     check_names(cfg, args.config)
+
     if cfg.train.deepspeed and "RANK" not in os.environ:
         _single_process_group()
     if args.preflight:
@@ -112,12 +121,52 @@ def _shut_down_distributed() -> None:
     """Under torchrun: every rank done, then the process group closed before exit. Left to interpreter shutdown,
     gloo's threads can be torn down mid-flight (a rank aborts with "terminate called without an active
     exception" after the stage output is written, failing the run)."""
+    import torch.distributed as dist  # the train command has imported torch already
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The subcommands in other modules: name -> (module, its add_commands function, one-line help). Only the module of
+# the command being run is imported (start-up time: most import torch and transformers); --help lists the rest
+# from this table.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": (
+        "llava_ft.cli.data",
+        "add_data_commands",
+        "inspect and prepare training data: preview | check | prepare",
+    ),
+    "config": ("llava_ft.cli.config", "add_commands", "inspect a run config: show"),
+    "chat": ("llava_ft.cli.chat", "add_commands", "chat with a stage output in the terminal"),
+    "export": (
+        "llava_ft.cli.export",
+        "add_commands",
+        "merge LoRA and write a standard transformers folder (LlavaForConditionalGeneration or the LLM)",
+    ),
+    "serve": ("llava_ft.cli.serve", "add_commands", "chat with a stage output in a local web page (gradio)"),
+    "eval": (
+        "llava_ft.cli.eval",
+        "add_commands",
+        "score a stage output (or re-score a predictions file) on MMBench, POPE or VQA",
+    ),
+}
+
+
+def _command_name(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first word that is not an option or --log-level's value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; `command` names the subcommand whose arguments are wanted (None: all of them), the others
+    are listed by name and help only, so that their modules are not imported."""
     parser = argparse.ArgumentParser(prog="llava-ft", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,16 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train, takes_extra=True)
 
-    data.add_data_commands(sub)
-    for module in (config_cli, chat, export, serve, eval_cli):
-        module.add_commands(sub)
+    for name, (module, add, help_line) in COMMANDS.items():
+        if command is None or name == command:
+            getattr(importlib.import_module(module), add)(sub)
+        else:
+            sub.add_parser(name, help=help_line)
     _add_log_level(parser, top=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = _command_name(argv)
+    parser = build_parser(command or "")
     args, extra = parser.parse_known_args(argv)
     _setup_logging(args.log_level)
     if extra and not getattr(args, "takes_extra", False):
@@ -164,10 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
     except (FileNotFoundError, ValueError) as e:
-        if isinstance(e, ConfigError | DataError | FileNotFoundError):
+        if isinstance(e, ConfigError | DataError | InputError | FileNotFoundError):
             print(f"llava-ft: error: {e}", file=sys.stderr)
             return 2
         raise
+    except OSError as e:  # a write the library made itself (cache, checkpoint) into a full disk
+        if e.errno not in FULL:
+            raise
+        folder = Path(e.filename).parent if e.filename else Path.cwd()
+        print(f"llava-ft: error: {disk_full(folder)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

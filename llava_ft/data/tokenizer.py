@@ -14,6 +14,8 @@ from typing import Any
 from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
+from llava_ft.errors import remote_code_refusal
+
 logger = logging.getLogger("llava_ft")
 
 # The tokenizer's chat and tool markers, in vocabulary order (ids 92538..92543 in the real 92544-piece vocab).
@@ -130,7 +132,18 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if _is_internlm2_tokenizer(folder):
         tok = _load_internlm2_tokenizer(folder)
     else:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        try:
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            # transformers' own message advises trust_remote_code, an option llava-ft does not offer.
+            which = (
+                "tokenizer_config.json"
+                if "auto_map" in read_json(folder / "tokenizer_config.json")
+                else "config.json"
+            )
+            raise remote_code_refusal(folder, which) from None
     if tok.pad_token is None:
         # Padded positions are masked out of attention and loss, so any existing token serves.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token

@@ -8,6 +8,7 @@ Nothing here downloads or executes code from the folder: weights come from safet
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from transformers import (
 )
 
 from llava_ft.data.tokenizer import is_internlm2, read_json
+from llava_ft.errors import InputError, remote_code_refusal
 from llava_ft.model.internlm2 import internlm2_config_to_llama, internlm2_state_dict_to_llama, read_checkpoint
 
 logger = logging.getLogger("llava_ft")
@@ -69,7 +71,35 @@ def load_llm(
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
         kwargs["quantization_config"] = nf4_config(dtype)
+    try:
+        model, info, source = _load(folder, kwargs)
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"{folder}: its pickled weight file (*.bin) holds more than tensors and is refused, since unpickling "
+            "it can run code; convert it once where you trust it: load the model and "
+            "save_pretrained(folder, safe_serialization=True)"
+        ) from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        # transformers' own message advises trust_remote_code, an option llava-ft does not offer.
+        raise remote_code_refusal(folder, "config.json") from None
+    _check_loading_info(info, folder)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "loaded LLM %s from %s: dtype=%s, 4-bit=%s, attn=%s, %.2fM parameters%s",
+        source,
+        folder,
+        dtype,
+        load_in_4bit,
+        model.config._attn_implementation,
+        n_params / 1e6,
+        " (4-bit weights count packed)" if load_in_4bit else "",
+    )
+    return model
 
+
+def _load(folder: Path, kwargs: dict[str, Any]) -> tuple[PreTrainedModel, dict[str, Any], str]:
     if is_internlm2(folder):
         raw = read_json(folder / "config.json")
         config = internlm2_config_to_llama(raw)
@@ -86,16 +116,4 @@ def load_llm(
             folder, local_files_only=True, trust_remote_code=False, **kwargs
         )
         source = type(model).__name__
-    _check_loading_info(info, folder)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(
-        "loaded LLM %s from %s: dtype=%s, 4-bit=%s, attn=%s, %.2fM parameters%s",
-        source,
-        folder,
-        dtype,
-        load_in_4bit,
-        model.config._attn_implementation,
-        n_params / 1e6,
-        " (4-bit weights count packed)" if load_in_4bit else "",
-    )
-    return model
+    return model, info, source

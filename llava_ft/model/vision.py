@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from llava_ft.config import VisionSection
 from llava_ft.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Aspect, ImageProcessor
+from llava_ft.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +144,17 @@ class HFClipVisionTower(VisionTower):
 
 
 def build_vision_tower(cfg: VisionSection) -> VisionTower:
-    if cfg.backend == "open_clip":
-        return _build_open_clip(cfg)
-    if cfg.backend == "hf":
-        return _build_hf(cfg)
+    try:
+        if cfg.backend == "open_clip":
+            return _build_open_clip(cfg)
+        if cfg.backend == "hf":
+            return _build_hf(cfg)
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"model.vision: {cfg.pretrained or cfg.model}: a pickled weight file holds more than tensors and is "
+            "refused, since unpickling it can run code; convert it once where you trust it: load it and save "
+            "the tensors as safetensors (save_pretrained(folder, safe_serialization=True))"
+        ) from None
     raise ValueError(f"unknown vision backend {cfg.backend!r}: expected 'open_clip' or 'hf'")
 
 

@@ -185,11 +185,17 @@ def test_unknown_llava_ft_names_are_refused_before_anything_loads(override, prob
 
 
 @pytest.mark.parametrize("override, problem", LLAVA_FT_NAMES)
-def test_train_command_refuses_unknown_names_before_the_run_starts(override, problem, capsys, monkeypatch):
+def test_train_command_refuses_unknown_names_before_the_run_starts(
+    override, problem, capsys, monkeypatch, tmp_path
+):
     def no_run(*args, **kwargs):
         raise AssertionError("the run started")
 
-    monkeypatch.setattr(cli_main, "train", no_run)
+    monkeypatch.setattr("llava_ft.train.run.train", no_run)
+    # The config's data file is there, so the names are what is refused (a missing file is reported first).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "identity").mkdir(parents=True)
+    (tmp_path / "data" / "identity" / "identity.jsonl").write_text("")
     assert cli_main.main(["train", str(CONFIGS[0]), *override]) == 2
     assert re.search(rf"llava-ft: error: {re.escape(str(CONFIGS[0]))}: {problem}", capsys.readouterr().err)
 
