@@ -142,6 +142,8 @@ def _setup(args: argparse.Namespace) -> _Setup:
         if not Path(src.path).exists():
             where = "--data" if args.data is not None else f"{args.config}: data.train[{i}].path"
             raise InputError(f"{where}: {src.path}: no such file or folder")
+        if hasattr(args, "image_folder"):  # check and prepare read the images: their folder too
+            _image_folder(args, cfg is not None, src)
     from llava_ft.data.dataset import data_encoder
     from llava_ft.data.tokenizer import load_tokenizer
     from llava_ft.model.vision import tokens_per_image
@@ -259,11 +261,11 @@ def _render_text(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 # ---------------------------------------------------------------- check
 
 
-def _image_folder(args: argparse.Namespace, setup: _Setup, src: DataSource) -> str | None:
+def _image_folder(args: argparse.Namespace, from_config: bool, src: DataSource) -> str | None:
     """The folder whose images `src` names: the flag's, else with a config where training reads them, else none
     (the images are not looked at)."""
     folder = args.image_folder
-    if folder is None and setup.from_config:
+    if folder is None and from_config:
         folder = src.image_folder or os.path.dirname(src.path) or "."
     if folder is not None and not os.path.isdir(folder):
         raise DataError(folder, "image folder not found")
@@ -289,7 +291,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     setup = _setup(args)
     failed = 0
     for src in setup.data.train:
-        failed += _check_file(src, setup, _image_folder(args, setup, src))
+        failed += _check_file(src, setup, _image_folder(args, setup.from_config, src))
     if failed and not (args.skip_bad or setup.data.skip_bad):
         print(f"{failed} bad record(s); fix them or pass --skip-bad", file=sys.stderr)
         return 1
@@ -351,7 +353,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     skip_bad, use_cache = args.skip_bad or data.skip_bad, not args.no_cache and data.cache
     data.num_proc = args.num_proc or data.num_proc
     for src in data.train:
-        folder = _image_folder(args, setup, src)
+        folder = _image_folder(args, setup.from_config, src)
         done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=skip_bad, num_proc=data.num_proc,
                        cache_dir=output, use_cache=use_cache, progress=True)  # fmt: skip
         read = done.stats.records + len(done.bad)

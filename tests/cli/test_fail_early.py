@@ -135,6 +135,7 @@ def _stage_folder(tmp_path: Path) -> Path:
         ("export: no folder", ["llava-ft export: error:", "nowhere: not a folder"]),
         ("data: no template", ["--template, --tokenizer required"]),
         ("data: missing data file", ["--data", "nope.jsonl: no such file"]),
+        ("data: missing image folder", ["no-images: image folder not found"]),
         ("data: unknown template in the config", ["run.yaml: data.template: 'internlm2_chta'"]),
         ("config: bad override", ["--train.lr_x: unknown key", "did you mean --train.lr?"]),
         ("config: unknown projector", ["run.yaml: model.projector:", "mlp2x_gelux"]),
@@ -165,6 +166,18 @@ def test_command_input_problems_fail_in_one_line_before_heavy_imports(tmp_path, 
             "plain",
             "--tokenizer",
             nowhere,
+        ],  # fmt: skip
+        "data: missing image folder": [
+            "data",
+            "prepare",
+            "--data",
+            str(data),
+            "--template",
+            "plain",
+            "--tokenizer",
+            nowhere,
+            "--image-folder",
+            str(tmp_path / "no-images"),
         ],  # fmt: skip
         "config: bad override": ["config", "show", str(write_run(tmp_path)), "--train.lr_x", "1"],
         "eval vqa: missing data": [
