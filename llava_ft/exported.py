@@ -9,7 +9,6 @@ or else found by rendering probe conversations with the folder's Jinja template.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +29,24 @@ from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.images import ImageProcessor
 from llava_ft.data.templates import TEMPLATES, ChatTemplate, get_template
 from llava_ft.data.tokenizer import load_tokenizer
+from llava_ft.folders import (  # noqa: F401  (exported's names for its users)
+    CONFIG_NAME,
+    EXPORT_FORMATS,
+    EXPORT_INFO,
+    folder_has_vision,
+    folder_kind,
+    read_export_info,
+    read_json,
+    read_stage_config,
+)
 from llava_ft.model.build import resolve_attn_implementation, resolve_dtype
 from llava_ft.model.llava import LlavaModel
 from llava_ft.model.llm import load_llm, nf4_config
 from llava_ft.model.projector import MLPProjector
 from llava_ft.model.vision import HFClipVisionTower
-from llava_ft.stage import CONFIG_NAME, read_stage_config
 
 log = logging.getLogger("llava_ft")
 
-EXPORT_INFO = "llava_ft_export.json"
-"""What an export records of llava_ft: format, chat template name and stop words, the LLM's vocabulary rows
-before `<image>` was added, and for the `tokenizer` template the Jinja training rendered with."""
-EXPORT_FORMATS = ("hf-llava", "merged-llm")
 _BICUBIC = 3  # PIL's resample code: llava_ft's ImageProcessor resizes bicubic
 
 
@@ -57,43 +61,6 @@ class LoadedExport:
     stop_words: list[str]
 
 
-def folder_kind(path: str | Path) -> str:
-    """ "stage", "hf-llava" or "merged-llm"; a folder that is none of them is a one-line FileNotFoundError."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
-    if (folder / CONFIG_NAME).is_file():
-        return "stage"
-    if (folder / EXPORT_INFO).is_file():
-        return read_export_info(folder)["format"]
-    if (folder / "config.json").is_file():
-        config = _read_json(folder / "config.json")
-        return "hf-llava" if config.get("model_type") == "llava" else "merged-llm"
-    raise FileNotFoundError(
-        f"{folder}: not a llava_ft stage output (no {CONFIG_NAME}; an interrupted run leaves none) nor an "
-        "export (hf-llava or merged-llm: no config.json)"
-    )
-
-
-def folder_has_vision(path: str | Path) -> bool:
-    """Whether the model in a stage output or export folder takes images (read without loading it)."""
-    kind = folder_kind(path)
-    if kind == "stage":
-        return read_stage_config(path).model.vision is not None
-    return kind == "hf-llava"
-
-
-def read_export_info(folder: str | Path) -> dict:
-    path = Path(folder) / EXPORT_INFO
-    info = _read_json(path)
-    if info.get("format") not in EXPORT_FORMATS or not isinstance(info.get("template"), str):
-        raise ValueError(f'{path}: expected {{"format": one of {list(EXPORT_FORMATS)}, "template": ...}}')
-    stop_words = info.get("stop_words", [])
-    if not isinstance(stop_words, list) or not all(isinstance(w, str) for w in stop_words):
-        raise ValueError(f"{path}: stop_words must be a list of strings, got {stop_words!r}")
-    return info
-
-
 def export_info(fmt: str, template: ChatTemplate, llm_vocab_size: int) -> dict:
     """The EXPORT_INFO content `llava-ft export` writes."""
     info = {
@@ -105,16 +72,6 @@ def export_info(fmt: str, template: ChatTemplate, llm_vocab_size: int) -> dict:
     if template.name == "tokenizer":
         info["chat_template"] = template.tokenizer.chat_template  # the export's own Jinja is rewritten
     return info
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {str(data)[:80]}")
-    return data
 
 
 # -- chat template -----------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,20 +19,13 @@ from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.tokenize import Encoder
 from llava_ft.exported import folder_kind, load_export
+from llava_ft.query import Query  # noqa: F401  (inference's name for its users)
 from llava_ft.stage import load_stage
 
 log = logging.getLogger("llava_ft")
 
 # A conversation to answer (ending on a user turn) and its images, one per `<image>` marker, in order.
 Prompt = tuple[list[Message], list]
-
-
-@dataclass
-class Query:
-    question: str
-    """User text. When `image` is set and the text has no `<image>` marker, one is put in front."""
-    image: object | None = None
-    """A PIL image, or None for a text-only question."""
 
 
 class Assistant:

@@ -9,7 +9,6 @@ copied in; a whole LLM trained earlier is its model.llm), so loading never reads
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -24,18 +23,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from llava_ft.config import RunConfig, dump_config, load_config
+from llava_ft.config import RunConfig, dump_config
 from llava_ft.data.templates import ChatTemplate, get_template
 from llava_ft.files import atomic_dir, atomic_path, atomic_write_bytes, sweep_leftovers
+from llava_ft.folders import (  # noqa: F401  (stage's names for its users)
+    BASE_PATHS,
+    CONFIG_NAME,
+    TEMPLATE_NAME,
+    add_base_path_args,
+    base_overrides,
+    read_stage_config,
+)
 from llava_ft.model.build import build_model
 
 log = logging.getLogger("llava_ft")
 
-CONFIG_NAME = "llava_ft.yaml"
-TEMPLATE_NAME = "template.json"
 PROJECTOR_NAME = "projector.safetensors"
 STAGE_NAME = "stage.json"
-BASE_PATHS = ("model.llm", "model.vision.model")
 
 
 @dataclass
@@ -97,22 +101,6 @@ def resolve_base_paths(cfg: RunConfig, ckpt: Path, overrides: dict[str, str | No
         if Path(local).is_absolute() and not Path(local).exists():
             raise FileNotFoundError(f"`{ckpt / CONFIG_NAME}`: {key} {local} not found; pass --{key} DIR")
     return cfg
-
-
-def add_base_path_args(parser: argparse.ArgumentParser) -> None:
-    """--model.llm and --model.vision.model: base models at other paths than the stage output's config says."""
-    for key in BASE_PATHS:
-        parser.add_argument(
-            f"--{key}",
-            dest=key.replace(".", "_"),
-            metavar="DIR",
-            help=f"use this folder as {key} (the base model moved since the stage was trained)",
-        )
-
-
-def base_overrides(args: argparse.Namespace) -> dict[str, str | None]:
-    """The `load_stage` overrides given by `add_base_path_args`'s flags."""
-    return {key: getattr(args, key.replace(".", "_"), None) for key in BASE_PATHS}
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -230,18 +218,6 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     if (bench := c.train.eval_benchmark) is not None:
         bench.data, bench.images = absolute(bench.data), absolute(bench.images)
     return c
-
-
-def read_stage_config(ckpt: str | Path) -> RunConfig:
-    """The config a stage output was trained with; a folder that is not a complete stage output says so."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"{ckpt}: not a folder")
-    if not (ckpt / CONFIG_NAME).is_file():
-        raise FileNotFoundError(
-            f"{ckpt}: not a llava_ft stage output (no {CONFIG_NAME}; an interrupted run leaves none)"
-        )
-    return load_config(ckpt / CONFIG_NAME)
 
 
 def read_template_info(ckpt: str | Path) -> dict:

@@ -28,7 +28,16 @@ LAZY_ALLOWED = {
 # Modules whose functions may import what they need (start-up time): the command line imports a command's
 # implementation, and torch and transformers behind it, only when that command runs, so --help, --version and the
 # checks of files and flags answer at once; reading a config looks up transformers' names only when it must.
-START_UP_LAZY = {"llava_ft.cli.main", "llava_ft.config"}
+START_UP_LAZY = {
+    "llava_ft.cli.main",
+    "llava_ft.cli.chat",
+    "llava_ft.cli.config",
+    "llava_ft.cli.data",
+    "llava_ft.cli.export",
+    "llava_ft.config",
+    # The benchmarks' model loader: `llava-ft eval` and the scripts check their files before a model loads.
+    "llava_ft.eval.arguments",
+}
 
 TRAINER_USERS = {"llava_ft.cli.main"}
 """Modules outside train/ that may import it: the `train` command."""

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import readline
@@ -24,10 +24,10 @@ except ImportError:  # not built into every Python (Windows): chat then reads pl
 
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
-from llava_ft.data.images import load_image
-from llava_ft.exported import folder_has_vision
-from llava_ft.inference import Assistant, load_assistant
-from llava_ft.stage import add_base_path_args, base_overrides
+from llava_ft.folders import add_base_path_args, base_overrides, folder_has_vision
+
+if TYPE_CHECKING:
+    from llava_ft.inference import Assistant
 
 COMMANDS = "/image PATH (new image, new conversation), /reset (new conversation), /exit"
 HISTORY_FILE = Path("~/.cache/llava_ft/chat_history")
@@ -89,9 +89,14 @@ class ChatSession:
 
 
 def open_image(path: str, has_vision: bool):
-
     if not has_vision:
         raise ChatError("this checkpoint is text-only (no vision tower); it takes no image")
+    if not Path(path).is_file():  # load_image's first check, made before torch is imported
+        raise DataError(path, "image file not found")
+    # Imported here, as load_assistant below: their modules import torch, seconds that a wrong folder, image
+    # path or flag should not wait for (start-up time).
+    from llava_ft.data.images import load_image
+
     return load_image(path)
 
 
@@ -162,8 +167,14 @@ def line_history(path: Path = HISTORY_FILE) -> Iterator[None]:
             readline.write_history_file(path)
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def load_assistant(checkpoint: str, **kwargs) -> Assistant:
+    """inference.load_assistant, imported when a model loads (start-up time: it imports torch)."""
+    from llava_ft.inference import load_assistant
 
+    return load_assistant(checkpoint, **kwargs)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         print(
             "llava-ft chat: error: need --temperature >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1",

@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
-from llava_ft.config import load_config, parse_overrides, to_dict
-from llava_ft.model.build import check_names
+from llava_ft.config import RunConfig, load_config, parse_overrides, to_dict
+from llava_ft.model import names
+
+
+def check_names(cfg: RunConfig, source: str | Path | None) -> None:
+    """model.build.check_names, with torch and transformers imported only when the config names an attention
+    implementation (the names they know): reading a config answers at once otherwise."""
+    names.check_names(cfg, source, attention=_attention_names if cfg.model.attn_implementation else None)
+
+
+def _attention_names() -> list[str]:
+    from llava_ft.model.build import attn_implementations  # imports torch: only when needed (start-up time)
+
+    return attn_implementations()
 
 
 def cmd_config_show(args: argparse.Namespace, extra: list[str]) -> int:

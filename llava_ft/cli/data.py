@@ -28,18 +28,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from llava_ft.cli.config import check_names
 from llava_ft.config import DataSection, DataSource, load_config
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Conversation, DataError
-from llava_ft.data.dataset import data_encoder, drop_bad_images, table_column
-from llava_ft.data.prepare import compact_tokens, prepare, throughput_line
 from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
 from llava_ft.data.tokenize import DroppedSample, Encoder, EncodeStats, TokenizedSample
-from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.errors import InputError
-from llava_ft.model.build import check_names
-from llava_ft.model.vision import tokens_per_image
+
+# The functions that tokenize and prepare import their modules (transformers, datasets, torch behind them) after
+# the files and flags are checked: seconds of start-up that a wrong flag need not wait for.
 
 GREEN, CYAN, RESET = "\x1b[32m", "\x1b[36m", "\x1b[0m"
 DEFAULT_IMAGE_TOKENS = 576
@@ -143,6 +142,12 @@ def _setup(args: argparse.Namespace) -> _Setup:
         if not Path(src.path).exists():
             where = "--data" if args.data is not None else f"{args.config}: data.train[{i}].path"
             raise InputError(f"{where}: {src.path}: no such file or folder")
+        if hasattr(args, "image_folder"):  # check and prepare read the images: their folder too
+            _image_folder(args, cfg is not None, src)
+    from llava_ft.data.dataset import data_encoder
+    from llava_ft.data.tokenizer import load_tokenizer
+    from llava_ft.model.vision import tokens_per_image
+
     tokenizer = load_tokenizer(args.tokenizer or cfg.model.llm)
     template = get_template(args.template or cfg.data.template, tokenizer)
     if args.num_image_tokens is not None:
@@ -256,11 +261,11 @@ def _render_text(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 # ---------------------------------------------------------------- check
 
 
-def _image_folder(args: argparse.Namespace, setup: _Setup, src: DataSource) -> str | None:
+def _image_folder(args: argparse.Namespace, from_config: bool, src: DataSource) -> str | None:
     """The folder whose images `src` names: the flag's, else with a config where training reads them, else none
     (the images are not looked at)."""
     folder = args.image_folder
-    if folder is None and setup.from_config:
+    if folder is None and from_config:
         folder = src.image_folder or os.path.dirname(src.path) or "."
     if folder is not None and not os.path.isdir(folder):
         raise DataError(folder, "image folder not found")
@@ -271,6 +276,8 @@ def _drop_bad_images(table, folder: str, stats: EncodeStats, bad: BadRecords, se
                      cache_dir: str | None, use_cache: bool):  # fmt: skip
     """Training's image check (`drop_bad_images`); a record with a bad image moves from the counts to `bad`, as
     reading errors are listed. Prints the check's counts; returns the rows left."""
+    from llava_ft.data.dataset import drop_bad_images
+
     before = len(stats.problems)
     table, check = drop_bad_images(table, Path(folder), stats, skip_bad=skip_bad,
                                    num_image_tokens=setup.encoder.num_image_tokens, num_proc=setup.data.num_proc,
@@ -284,7 +291,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     setup = _setup(args)
     failed = 0
     for src in setup.data.train:
-        failed += _check_file(src, setup, _image_folder(args, setup, src))
+        failed += _check_file(src, setup, _image_folder(args, setup.from_config, src))
     if failed and not (args.skip_bad or setup.data.skip_bad):
         print(f"{failed} bad record(s); fix them or pass --skip-bad", file=sys.stderr)
         return 1
@@ -295,6 +302,9 @@ def _check_file(src: DataSource, setup: _Setup, image_folder: str | None) -> int
     """Print one file's counts; return its bad records. Runs `prepare` (what training runs, at its speed) with
     every bad record reported and nothing cached, then checks the images as training does (their verdicts
     cached as training caches them)."""
+    from llava_ft.data.dataset import table_column
+    from llava_ft.data.prepare import prepare
+
     data = setup.data
     done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=True, num_proc=data.num_proc,
                    use_cache=False, progress=True)  # fmt: skip
@@ -334,13 +344,16 @@ def _print_counts(
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     setup = _setup(args)
+    from llava_ft.data.dataset import table_column
+    from llava_ft.data.prepare import compact_tokens, prepare, throughput_line
+
     # A config's own settings key the cache as training keys it, so training then loads what this prepared.
     data = setup.data
     output = args.output or data.cache_dir
     skip_bad, use_cache = args.skip_bad or data.skip_bad, not args.no_cache and data.cache
     data.num_proc = args.num_proc or data.num_proc
     for src in data.train:
-        folder = _image_folder(args, setup, src)
+        folder = _image_folder(args, setup.from_config, src)
         done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=skip_bad, num_proc=data.num_proc,
                        cache_dir=output, use_cache=use_cache, progress=True)  # fmt: skip
         read = done.stats.records + len(done.bad)

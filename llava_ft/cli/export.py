@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llava_ft.export import DTYPES, FORMATS, export_checkpoint
-from llava_ft.stage import add_base_path_args, base_overrides
+from llava_ft.folders import (
+    EXPORT_DTYPES,
+    EXPORT_FORMATS,
+    add_base_path_args,
+    base_overrides,
+    read_stage_config,
+)
 
 
 def add_commands(subparsers) -> None:
@@ -17,12 +22,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("checkpoint", help="a stage output folder (with llava_ft.yaml)")
     p.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=EXPORT_FORMATS,
         default="hf-llava",
         help="hf-llava: transformers' Llava + processor; merged-llm: the merged LLM + tokenizer only",
     )
     p.add_argument("--output", required=True, help="folder to write (written beside it, then renamed)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="dtype of the saved weights")
     p.add_argument(
         "--no-verify",
         dest="verify",
@@ -36,6 +41,10 @@ def add_commands(subparsers) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     try:
+        read_stage_config(args.checkpoint)  # a wrong folder fails before torch is imported and a model loads
+        # Imported only here: the export imports torch and transformers, seconds of start-up.
+        from llava_ft.export import export_checkpoint
+
         result = export_checkpoint(
             args.checkpoint,
             args.output,

@@ -25,12 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava_ft.cli.chat import ChatError, ChatSession, open_image
+from llava_ft.cli.chat import ChatError, ChatSession, load_assistant, open_image
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
-from llava_ft.exported import folder_kind
-from llava_ft.inference import load_assistant
-from llava_ft.stage import add_base_path_args, base_overrides
+from llava_ft.folders import add_base_path_args, base_overrides, folder_kind
 
 log = logging.getLogger("llava_ft")
 

@@ -12,12 +12,15 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llava_ft.config import ConfigError
 from llava_ft.data.conversation import DataError
 from llava_ft.eval.runner import Predictor
-from llava_ft.inference import load_assistant
-from llava_ft.stage import add_base_path_args, base_overrides, stage_fingerprint
+from llava_ft.folders import add_base_path_args, base_overrides
+
+if TYPE_CHECKING:
+    from llava_ft.inference import Assistant
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +55,16 @@ def images_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         return None
     if args.images is None:
         parser.error("--images is required with --checkpoint (re-scoring with --predictions needs none)")
+    if not args.images.is_dir():  # before the model loads, not at the first image
+        raise FileNotFoundError(f"--images {args.images}: no such folder")
     return args.images
+
+
+def check_input_files(args: argparse.Namespace) -> None:
+    """--data and --predictions name files that are there: one line naming the flag, before the model loads."""
+    for flag, path in (("--data", args.data), ("--predictions", args.predictions)):
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
 
 
 def positive_int(text: str) -> int:
@@ -109,6 +121,20 @@ def lazy_predictor(
     """`predictor_from_args`, deferred until the benchmark's data has been read: a bad record is reported
     before the model loads, not after (minutes for a 7B model). None when re-scoring."""
     return None if args.checkpoint is None else lambda: predictor_from_args(args, options)
+
+
+# The model's modules import torch and transformers: imported when a model loads, so that `llava-ft eval` checks
+# its flags and files first (start-up time).
+def load_assistant(checkpoint: str, **kwargs) -> Assistant:
+    from llava_ft.inference import load_assistant
+
+    return load_assistant(checkpoint, **kwargs)
+
+
+def stage_fingerprint(checkpoint: str) -> str:
+    from llava_ft.stage import stage_fingerprint
+
+    return stage_fingerprint(checkpoint)
 
 
 def predictor_from_args(args: argparse.Namespace, options: list[str] | None = None) -> Predictor:

@@ -482,6 +482,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> int:
     """Evaluate as `args` say (parsed by `parser`, which reports flag errors), recording `command` as typed."""
+    arguments.check_input_files(args)
     results = run_mmbench(
         args.data,
         args.output,

@@ -26,7 +26,7 @@ from llava_ft.eval.predictions import (
     write_predictions,
 )
 from llava_ft.eval.report import provenance, write_report
-from llava_ft.inference import Query
+from llava_ft.query import Query
 
 
 class Answerer(Protocol):

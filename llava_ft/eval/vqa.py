@@ -407,6 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> int:
     """Evaluate as `args` say (parsed by `parser`, which reports flag errors), recording `command` as typed."""
+    arguments.check_input_files(args)
     images = arguments.images_from_args(parser, args)
     results = run_vqa(
         args.data,

@@ -32,6 +32,7 @@ from llava_ft.export.tokenizer import (
 from llava_ft.export.verify import dummy_inputs, llava_ft_logits, max_diff, verify_export
 from llava_ft.exported import EXPORT_INFO, export_info
 from llava_ft.files import atomic_dir, check_replaceable_dir, sweep_leftovers
+from llava_ft.folders import EXPORT_DTYPES, EXPORT_FORMATS
 from llava_ft.model.projector import projector_depth
 from llava_ft.stage import read_stage_config
 
@@ -52,8 +53,8 @@ __all__ = [
 log = logging.getLogger("llava_ft")
 
 Format = Literal["hf-llava", "merged-llm"]
-FORMATS: tuple[str, ...] = ("hf-llava", "merged-llm")
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+FORMATS: tuple[str, ...] = EXPORT_FORMATS
+DTYPES: tuple[str, ...] = EXPORT_DTYPES
 # The name tests/data/test_sources.py imports.
 _CONTENT_AS_TEXT = CONTENT_AS_TEXT
 

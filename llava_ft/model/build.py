@@ -13,16 +13,15 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_flash_attn_2_available
 
-from llava_ft.config import ConfigError, ModelSection, RunConfig
-from llava_ft.data.sources import FORMATS
-from llava_ft.data.templates import TEMPLATE_NAMES
+from llava_ft.config import ModelSection, RunConfig
 from llava_ft.data.tokenizer import load_tokenizer
+from llava_ft.model import names
 from llava_ft.model.attention import PACKED_SDPA
 from llava_ft.model.kernels import apply_liger_kernels, resolve_liger
 from llava_ft.model.llava import LlavaModel
 from llava_ft.model.llm import load_llm
 from llava_ft.model.loss import resolve_loss_mode
-from llava_ft.model.projector import build_projector, projector_depth
+from llava_ft.model.projector import build_projector
 from llava_ft.model.vision import VisionTower, build_vision_tower
 
 log = logging.getLogger("llava_ft")
@@ -32,28 +31,7 @@ def check_names(cfg: RunConfig, source: str | Path | None = None) -> None:
     """ConfigError, naming the field (after `source`, the config file, when given), for a projector kind, data
     format, chat template or attention implementation the code does not know: found when the config is read
     for use, not minutes later when the run is built after data preparation."""
-    try:
-        _check_names(cfg)
-    except ConfigError as e:
-        if source is None:
-            raise
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def _check_names(cfg: RunConfig) -> None:
-    try:
-        projector_depth(cfg.model.projector)
-    except ValueError as e:
-        raise ConfigError(f"model.projector: {e}") from None
-    for i, src in enumerate(cfg.data.train):
-        if src.format not in ("auto", *FORMATS):
-            raise ConfigError(f"data.train[{i}].format: {src.format!r} is not one of {['auto', *FORMATS]}")
-    if cfg.data.template not in TEMPLATE_NAMES:
-        raise ConfigError(f"data.template: {cfg.data.template!r} is not one of {list(TEMPLATE_NAMES)}")
-    attn = cfg.model.attn_implementation
-    # A name with a slash is a hub kernel, which transformers resolves itself.
-    if attn is not None and attn not in attn_implementations() and "/" not in attn:
-        raise ConfigError(f"model.attn_implementation: {attn!r} is not one of {attn_implementations()}")
+    names.check_names(cfg, source, attention=attn_implementations)
 
 
 def resolve_dtype(name: str) -> torch.dtype:

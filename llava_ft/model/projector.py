@@ -6,12 +6,10 @@ Submodules are named `linear_1 .. linear_N` with one shared `act`, exactly as tr
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
-_MLP_KIND = re.compile(r"mlp(\d+)x_gelu")
+from llava_ft.model.names import projector_depth
 
 
 class MLPProjector(nn.Module):
@@ -38,15 +36,3 @@ class MLPProjector(nn.Module):
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """`linear`, `mlp2x_gelu` (LLaVA-1.5) or `mlpNx_gelu` (N linear layers, N >= 1)."""
     return MLPProjector(in_dim, out_dim, depth=projector_depth(kind))
-
-
-def projector_depth(kind: str) -> int:
-    """Linear layers of a projector kind; ValueError for an unknown kind (config validation calls it too)."""
-    if kind == "linear":
-        return 1
-    match = _MLP_KIND.fullmatch(kind)
-    if match is None or int(match.group(1)) < 1:
-        raise ValueError(
-            f"unknown projector kind {kind!r}: expected 'linear', 'mlp2x_gelu' or 'mlpNx_gelu' (N >= 1)"
-        )
-    return int(match.group(1))

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +19,18 @@ import yaml
 from safetensors.torch import load_file
 
 from llava_ft.cli.main import main
-from llava_ft.config import ModelSection, RunConfig, VisionSection, dump_config, load_config
+from llava_ft.config import DataSource, ModelSection, RunConfig, VisionSection, dump_config, load_config
 from llava_ft.errors import DiskFullError, InputError
 from llava_ft.files import atomic_dir, atomic_write_bytes
 from llava_ft.model.llm import load_llm
 from llava_ft.model.vision import build_vision_tower
+from llava_ft.testing.tiny_llava import tiny_config
 from llava_ft.testing.tiny_llm import write_tiny_llama
 from llava_ft.testing.tiny_vision import write_tiny_hf_clip
 from llava_ft.train.run import training_arguments
 
 REPO = Path(__file__).parents[2]
-HEAVY = ("torch", "transformers", "datasets", "deepspeed")
+HEAVY = ("torch", "transformers", "datasets", "deepspeed", "gradio")
 # main() in a fresh interpreter, then which heavy libraries it imported: none means no model could have loaded.
 PROBE = (
     "import json, sys\n"
@@ -116,6 +118,130 @@ def test_train_input_problems_fail_in_one_line_before_heavy_imports(tmp_path, ca
     assert proc.returncode == 2, proc.stderr
     assert_one_line(proc.stderr, *names)
     assert proc.stdout.strip() == "[]", proc.stdout  # nothing heavy imported, so no model loaded
+
+
+def _stage_folder(tmp_path: Path) -> Path:
+    """A stage output folder whose files say what it is (nothing to load: the base models are not there)."""
+    return _stage_output(tmp_path / "stage")
+
+
+@pytest.mark.parametrize(
+    "case, names",
+    [
+        ("chat: no folder", ["llava-ft chat: error:", "nowhere: not a folder"]),
+        ("chat: not a stage output", ["llava-ft chat: error:", "not a llava_ft stage output"]),
+        ("chat: missing image", ["llava-ft chat: error:", "no-image.png"]),
+        ("serve: no folder", ["llava-ft serve: error:", "nowhere: not a folder"]),
+        ("export: no folder", ["llava-ft export: error:", "nowhere: not a folder"]),
+        ("data: no template", ["--template, --tokenizer required"]),
+        ("data: missing data file", ["--data", "nope.jsonl: no such file"]),
+        ("data: missing image folder", ["no-images: image folder not found"]),
+        ("data: unknown template in the config", ["run.yaml: data.template: 'internlm2_chta'"]),
+        ("config: bad override", ["--train.lr_x: unknown key", "did you mean --train.lr?"]),
+        ("config: unknown projector", ["run.yaml: model.projector:", "mlp2x_gelux"]),
+        ("eval vqa: missing data", ["--data", "nope.jsonl: no such file"]),
+        ("eval pope: missing images", ["--images", "no-images: no such folder"]),
+        ("eval mmbench: missing data", ["--data", "nope.tsv: no such file"]),
+        ("eval vqa: missing predictions", ["--predictions", "nope-preds.jsonl: no such file"]),
+    ],
+)
+def test_command_input_problems_fail_in_one_line_before_heavy_imports(tmp_path, case, names):
+    """Every command checks its files and flags before it imports torch (or gradio), so a wrong one answers at
+    once: one line, exit code 2."""
+    nowhere, data = str(tmp_path / "nowhere"), tmp_path / "d.jsonl"
+    data.write_text("")
+    eval_common = ["--checkpoint", nowhere, "--output", str(tmp_path / "o")]
+    argv = {
+        "chat: no folder": ["chat", nowhere, "--question", "hi"],
+        "chat: not a stage output": ["chat", str(tmp_path), "--question", "hi"],
+        "serve: no folder": ["serve", nowhere],
+        "export: no folder": ["export", nowhere, "--output", str(tmp_path / "o")],
+        "data: no template": ["data", "preview", "--data", str(data)],
+        "data: missing data file": [
+            "data",
+            "check",
+            "--data",
+            str(tmp_path / "nope.jsonl"),
+            "--template",
+            "plain",
+            "--tokenizer",
+            nowhere,
+        ],  # fmt: skip
+        "data: missing image folder": [
+            "data",
+            "prepare",
+            "--data",
+            str(data),
+            "--template",
+            "plain",
+            "--tokenizer",
+            nowhere,
+            "--image-folder",
+            str(tmp_path / "no-images"),
+        ],  # fmt: skip
+        "config: bad override": ["config", "show", str(write_run(tmp_path)), "--train.lr_x", "1"],
+        "eval vqa: missing data": [
+            "eval",
+            "vqa",
+            *eval_common,
+            "--data",
+            str(tmp_path / "nope.jsonl"),
+            "--images",
+            str(tmp_path),
+        ],  # fmt: skip
+        "eval pope: missing images": [
+            "eval",
+            "pope",
+            *eval_common,
+            "--data",
+            str(data),
+            "--images",
+            str(tmp_path / "no-images"),
+        ],  # fmt: skip
+        "eval mmbench: missing data": ["eval", "mmbench", *eval_common, "--data", str(tmp_path / "nope.tsv")],
+        "eval vqa: missing predictions": [
+            "eval",
+            "vqa",
+            "--predictions",
+            str(tmp_path / "nope-preds.jsonl"),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "o"),
+        ],  # fmt: skip
+    }.get(case)
+    if case == "chat: missing image":
+        argv = [
+            "chat",
+            str(_stage_folder(tmp_path)),
+            "--image",
+            str(tmp_path / "no-image.png"),
+            "--question",
+            "hi",
+        ]
+    elif case == "data: unknown template in the config":
+        argv = ["data", "check", "--config", str(write_run(tmp_path, template="internlm2_chta"))]
+    elif case == "config: unknown projector":
+        path = write_run(tmp_path)
+        argv = ["config", "show", str(path), "--model.projector", "mlp2x_gelux"]
+    proc = run_cli(*argv, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_line(proc.stderr, *names)
+    assert proc.stdout.strip() == "[]", proc.stdout  # nothing heavy imported, so no model loaded
+
+
+def test_config_show_of_a_good_config_imports_no_heavy_library(tmp_path):
+    proc = run_cli("config", "show", str(write_run(tmp_path)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "output_dir:" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+def test_config_show_checks_an_attention_implementation_by_transformers_names(tmp_path, capsys):
+    path = write_run(tmp_path)
+    assert main(["config", "show", str(path), "--model.attn_implementation", "sdpa_typo"]) == 2
+    assert_one_line(
+        capsys.readouterr().err, "model.attn_implementation: 'sdpa_typo' is not one of", "sdpa_packed"
+    )
 
 
 def test_data_preview_without_template_names_the_flag(tmp_path, capsys):
@@ -255,3 +381,30 @@ def test_log_level_error_keeps_the_progress_bar(tmp_path):
     finally:
         logging.getLogger().setLevel(before)
         logging.getLogger("transformers").setLevel(logging.NOTSET)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(
+    tiny_root, text_file, tmp_path, capsys, monkeypatch
+):
+    """torch.save reports ENOSPC as a RuntimeError: `llava-ft train` names the output folder and its space."""
+    cfg = tiny_config(tiny_root, llm_mode="lora", vision_backend=None)
+    cfg.data.train = [DataSource(path=str(text_file), format="text")]
+    cfg.data.max_length = 64
+    cfg.train.output_dir = str(tmp_path / "out")
+    cfg.train.batch_size, cfg.train.max_steps, cfg.train.save_steps = 2, 2, 1
+    cfg.train.report_to = "none"
+    path = tmp_path / "run.yaml"
+    dump_config(cfg, path)
+
+    def full(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: No space left on device"
+        )
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err  # with the run's progress bars and library warnings around it
+    assert "Traceback" not in err
+    lines = re.findall(r"llava-ft: error: [^\r\n]*", err)  # after the progress bar's unfinished line
+    assert len(lines) == 1 and lines[0].startswith(f"llava-ft: error: {tmp_path / 'out'}: no space left"), err
+    assert " free; " in lines[0]
