@@ -77,6 +77,18 @@ def folder_has_vision(path: str | Path) -> bool:
     return kind == "hf-llava"
 
 
+def saved_template_name(folder: str | Path) -> str | None:
+    """The chat template a stage output or export records (template.json, the export info), or None where the
+    folder records none (another tool's export: its template is found by rendering, once the tokenizer loads)."""
+    folder = Path(folder)
+    if (folder / CONFIG_NAME).is_file() and (folder / TEMPLATE_NAME).is_file():
+        name = read_json(folder / TEMPLATE_NAME).get("name")
+        return name if isinstance(name, str) else None
+    if (folder / EXPORT_INFO).is_file():
+        return read_export_info(folder)["template"]
+    return None
+
+
 def read_export_info(folder: str | Path) -> dict:
     path = Path(folder) / EXPORT_INFO
     info = read_json(path)

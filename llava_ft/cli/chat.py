@@ -24,7 +24,7 @@ except ImportError:  # not built into every Python (Windows): chat then reads pl
 
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
-from llava_ft.folders import add_base_path_args, base_overrides, folder_has_vision
+from llava_ft.folders import add_base_path_args, base_overrides, folder_has_vision, saved_template_name
 
 if TYPE_CHECKING:
     from llava_ft.inference import Assistant
@@ -167,6 +167,12 @@ def line_history(path: Path = HISTORY_FILE) -> Iterator[None]:
             readline.write_history_file(path)
 
 
+NO_SYSTEM = (
+    "--system: the checkpoint's template is plain (LLaVA's pretraining format: an image and its caption), which "
+    "has no system message; leave out --system"
+)
+
+
 def load_assistant(checkpoint: str, **kwargs) -> Assistant:
     """inference.load_assistant, imported when a model loads (start-up time: it imports torch)."""
     from llava_ft.inference import load_assistant
@@ -185,13 +191,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         # Cheap checks first, so a wrong folder or image fails before the model loads.
         has_vision = folder_has_vision(args.checkpoint)
         image = open_image(args.image, has_vision) if args.image else None
+        # Refused once, rather than as the same error on every question: before the model loads where the
+        # folder records its template, else once the template is known.
+        if args.system is not None and saved_template_name(args.checkpoint) == "plain":
+            raise ChatError(NO_SYSTEM)
         assistant = load_assistant(args.checkpoint, load_4bit=args.load_4bit, overrides=base_overrides(args))
         if args.system is not None and assistant.template.name == "plain":
-            # Refused here once, rather than as the same error on every question.
-            raise ChatError(
-                "--system: the checkpoint's template is plain (LLaVA's pretraining format: an image and its "
-                "caption), which has no system message; leave out --system"
-            )
+            raise ChatError(NO_SYSTEM)
         gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
         session = ChatSession(assistant, image=image, gen=gen, system=args.system)
     except (OSError, ValueError) as e:  # missing files, bad image, config or template errors

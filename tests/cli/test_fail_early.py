@@ -131,6 +131,7 @@ def _stage_folder(tmp_path: Path) -> Path:
         ("chat: no folder", ["llava-ft chat: error:", "nowhere: not a folder"]),
         ("chat: not a stage output", ["llava-ft chat: error:", "not a llava_ft stage output"]),
         ("chat: missing image", ["llava-ft chat: error:", "no-image.png"]),
+        ("chat: --system on a plain template", ["llava-ft chat: error:", "--system:", "template is plain"]),
         ("serve: no folder", ["llava-ft serve: error:", "nowhere: not a folder"]),
         ("export: no folder", ["llava-ft export: error:", "nowhere: not a folder"]),
         ("data: no template", ["--template, --tokenizer required"]),
@@ -219,6 +220,10 @@ def test_command_input_problems_fail_in_one_line_before_heavy_imports(tmp_path, 
             "--question",
             "hi",
         ]
+    elif case == "chat: --system on a plain template":
+        stage = _stage_folder(tmp_path)
+        (stage / "template.json").write_text(json.dumps({"name": "plain", "stop_words": []}))
+        argv = ["chat", str(stage), "--system", "Be brief.", "--question", "hi"]
     elif case == "data: unknown template in the config":
         argv = ["data", "check", "--config", str(write_run(tmp_path, template="internlm2_chta"))]
     elif case == "config: unknown projector":
