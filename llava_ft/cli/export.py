@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llava_ft.export_formats import check_hf_llava
 from llava_ft.folders import (
     EXPORT_DTYPES,
     EXPORT_FORMATS,
@@ -41,7 +42,10 @@ def add_commands(subparsers) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     try:
-        read_stage_config(args.checkpoint)  # a wrong folder fails before torch is imported and a model loads
+        # A wrong folder, or a model the format cannot express, fails before torch is imported.
+        saved = read_stage_config(args.checkpoint)
+        if args.format == "hf-llava":
+            check_hf_llava(args.checkpoint, saved.model)
         # Imported only here: the export imports torch and transformers, seconds of start-up.
         from llava_ft.export import export_checkpoint
 

@@ -17,8 +17,7 @@ from typing import Literal
 
 import torch
 
-from llava_ft.config import ModelSection
-from llava_ft.export.hf_llava import CROP_UNSUPPORTED, hf_vision_tower, resize_for_token, write_hf_llava
+from llava_ft.export.hf_llava import hf_vision_tower, resize_for_token, write_hf_llava
 from llava_ft.export.merge import load_merged, merge_adapters
 from llava_ft.export.merged_llm import write_merged_llm
 from llava_ft.export.tokenizer import (
@@ -30,10 +29,10 @@ from llava_ft.export.tokenizer import (
     processor_chat_template,
 )
 from llava_ft.export.verify import dummy_inputs, llava_ft_logits, max_diff, verify_export
+from llava_ft.export_formats import check_hf_llava
 from llava_ft.exported import EXPORT_INFO, export_info
 from llava_ft.files import atomic_dir, check_replaceable_dir, sweep_leftovers
 from llava_ft.folders import EXPORT_DTYPES, EXPORT_FORMATS
-from llava_ft.model.projector import projector_depth
 from llava_ft.stage import read_stage_config
 
 __all__ = [
@@ -94,7 +93,7 @@ def export_checkpoint(
     check_replaceable_dir(output)  # a file as --output fails here, before the merge
     sweep_leftovers(output.parent)  # a killed export's copies, before this one needs the space
     if fmt == "hf-llava":
-        _check_hf_llava(checkpoint, read_stage_config(checkpoint).model)
+        check_hf_llava(checkpoint, read_stage_config(checkpoint).model)
     _, tokenizer, template, model = load_merged(checkpoint, overrides=overrides)
     result = ExportResult(output=output, format=fmt)
     ids, pixels = dummy_inputs(model, tokenizer, template, with_image=fmt == "hf-llava")
@@ -144,26 +143,3 @@ def export_checkpoint(
     atomic_dir(output, write)
     log.info("exported %s (%s) to %s", checkpoint, fmt, output)
     return result
-
-
-def _check_hf_llava(checkpoint: str | Path, model: ModelSection) -> None:
-    """What transformers' Llava cannot express, read from the saved config before any model loads (hf_llava.py
-    checks the same on the built model)."""
-    vision = model.vision
-    if vision is None:
-        raise ValueError(
-            f"{checkpoint}: a text-only checkpoint (no vision tower) exports as merged-llm, not hf-llava"
-        )
-    if vision.image_aspect == "crop":
-        raise ValueError(f"{checkpoint}: {CROP_UNSUPPORTED}")
-    if vision.pool != 1:
-        raise ValueError(
-            f"{checkpoint}: model.vision.pool is {vision.pool}: the vision tower average-pools its patch grid and "
-            "transformers' Llava has no pooling, so hf-llava cannot express it (export --format merged-llm, or "
-            "train with pool: 1)"
-        )
-    if projector_depth(model.projector) != 2:
-        raise ValueError(
-            f"{checkpoint}: model.projector is {model.projector}: transformers' Llava projector is "
-            "Linear-GELU-Linear (mlp2x_gelu), so hf-llava cannot express it (export --format merged-llm)"
-        )

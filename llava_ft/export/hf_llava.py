@@ -18,17 +18,10 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from llava_ft.constants import IMAGE_TOKEN
+from llava_ft.export_formats import CROP_UNSUPPORTED
 from llava_ft.model.clip_convert import open_clip_to_hf_clip_vision
 from llava_ft.model.projector import MLPProjector
 from llava_ft.model.vision import HFClipVisionTower, OpenClipVisionTower
-
-# transformers' center_crop floors the margin; llava_ft (torchvision's CenterCrop) rounds it half to even, so
-# for some image sizes every pixel would be one position off.
-CROP_UNSUPPORTED = (
-    "model.vision.image_aspect: crop cannot be exported as hf-llava: transformers' LlavaImageProcessor centre "
-    "crops at other offsets than llava_ft (one pixel off for some image sizes). Export --format merged-llm, "
-    "or train with image_aspect pad or resize"
-)
 
 
 def resize_for_token(llm, token_id: int) -> None:

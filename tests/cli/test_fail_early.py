@@ -134,6 +134,7 @@ def _stage_folder(tmp_path: Path) -> Path:
         ("chat: --system on a plain template", ["llava-ft chat: error:", "--system:", "template is plain"]),
         ("serve: no folder", ["llava-ft serve: error:", "nowhere: not a folder"]),
         ("export: no folder", ["llava-ft export: error:", "nowhere: not a folder"]),
+        ("export: pooled tower as hf-llava", ["llava-ft export: error:", "model.vision.pool is 2"]),
         ("data: no template", ["--template, --tokenizer required"]),
         ("data: missing data file", ["--data", "nope.jsonl: no such file"]),
         ("data: missing image folder", ["no-images: image folder not found"]),
@@ -224,6 +225,9 @@ def test_command_input_problems_fail_in_one_line_before_heavy_imports(tmp_path, 
         stage = _stage_folder(tmp_path)
         (stage / "template.json").write_text(json.dumps({"name": "plain", "stop_words": []}))
         argv = ["chat", str(stage), "--system", "Be brief.", "--question", "hi"]
+    elif case == "export: pooled tower as hf-llava":
+        stage = _stage_output(tmp_path / "stage", pool=2)
+        argv = ["export", str(stage), "--format", "hf-llava", "--output", str(tmp_path / "o")]
     elif case == "data: unknown template in the config":
         argv = ["data", "check", "--config", str(write_run(tmp_path, template="internlm2_chta"))]
     elif case == "config: unknown projector":
