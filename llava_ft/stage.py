@@ -35,6 +35,7 @@ from llava_ft.folders import (  # noqa: F401  (stage's names for its users)
     read_stage_config,
 )
 from llava_ft.model.build import build_model
+from llava_ft.model.trainability import peft_wrap
 
 log = logging.getLogger("llava_ft")
 
@@ -381,7 +382,8 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
             module = getattr(model, attr)
             if adapters == "load":
                 try:
-                    setattr(model, attr, PeftModel.from_pretrained(module, str(adapter)))
+                    with peft_wrap():
+                        setattr(model, attr, PeftModel.from_pretrained(module, str(adapter)))
                 except SafetensorError as e:
                     raise _damaged(weights, e) from None
             else:

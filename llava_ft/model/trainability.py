@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import warnings
+from collections.abc import Iterator
 
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -70,7 +73,8 @@ def apply_trainability(model: nn.Module, trainable: TrainableSection, lora: Lora
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        model.llm = get_peft_model(model.llm, cfg)
+        with peft_wrap():
+            model.llm = get_peft_model(model.llm, cfg)
 
     if model.projector is not None and trainable.projector == "full":
         for p in model.projector.parameters():
@@ -81,9 +85,21 @@ def apply_trainability(model: nn.Module, trainable: TrainableSection, lora: Lora
         cfg = LoraConfig(
             r=lora.vision_r, lora_alpha=lora.vision_alpha, lora_dropout=lora.dropout, target_modules=targets
         )
-        model.vision_tower = get_peft_model(model.vision_tower, cfg)
+        with peft_wrap():
+            model.vision_tower = get_peft_model(model.vision_tower, cfg)
 
     log_trainability(model, trainable)
+
+
+@contextlib.contextmanager
+def peft_wrap() -> Iterator[None]:
+    """Around wrapping a model in peft: peft reads transformers' deprecated `is_gradient_checkpointing` alias,
+    a FutureWarning at every LoRA stage and load that the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def _check_targets(llm: nn.Module, targets: list[str]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
@@ -102,3 +104,17 @@ def test_all_linear_adapts_every_linear_but_the_output_head(tiny_root, llm_kind)
         n.removeprefix("base_model.model.") for n, m in model.llm.named_modules() if isinstance(m, LoraLayer)
     }
     assert adapted == linear and len(linear) == 14  # 7 per decoder layer
+
+
+def test_wrapping_in_lora_keeps_librarys_deprecation_noise_out(tiny_root):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning at
+    every LoRA stage and load that the user cannot act on, so it is kept out; other warnings still show."""
+    cfg = tiny_config(tiny_root, llm_mode="lora")
+    _, model = build_model(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_trainability(model, cfg.trainable, cfg.lora)
+        warnings.warn("a warning of our own", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in caught]
+    assert not any("is_gradient_checkpointing" in m for m in messages), messages
+    assert "a warning of our own" in messages
