@@ -82,8 +82,7 @@ def saved_template_name(folder: str | Path) -> str | None:
     folder records none (another tool's export: its template is found by rendering, once the tokenizer loads)."""
     folder = Path(folder)
     if (folder / CONFIG_NAME).is_file() and (folder / TEMPLATE_NAME).is_file():
-        name = read_json(folder / TEMPLATE_NAME).get("name")
-        return name if isinstance(name, str) else None
+        return read_template_info(folder)["name"]
     if (folder / EXPORT_INFO).is_file():
         return read_export_info(folder)["template"]
     return None
@@ -94,6 +93,21 @@ def read_export_info(folder: str | Path) -> dict:
     info = read_json(path)
     if info.get("format") not in EXPORT_FORMATS or not isinstance(info.get("template"), str):
         raise ValueError(f'{path}: expected {{"format": one of {list(EXPORT_FORMATS)}, "template": ...}}')
+    return _with_stop_words(info, path)
+
+
+def read_template_info(ckpt: str | Path) -> dict:
+    """template.json of a stage output: {"name": ..., "stop_words": [...]}; a damaged one names itself."""
+    path = Path(ckpt) / TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (every stage output has one; the folder is incomplete)")
+    info = read_json(path)
+    if not isinstance(info.get("name"), str):
+        raise ValueError(f'{path}: expected {{"name": ..., "stop_words": [...]}}, got {str(info)[:80]}')
+    return _with_stop_words(info, path)
+
+
+def _with_stop_words(info: dict, path: Path) -> dict:
     stop_words = info.get("stop_words", [])
     if not isinstance(stop_words, list) or not all(isinstance(w, str) for w in stop_words):
         raise ValueError(f"{path}: stop_words must be a list of strings, got {stop_words!r}")

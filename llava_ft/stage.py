@@ -32,7 +32,9 @@ from llava_ft.folders import (  # noqa: F401  (stage's names for its users)
     TEMPLATE_NAME,
     add_base_path_args,
     base_overrides,
+    read_json,
     read_stage_config,
+    read_template_info,
 )
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import peft_wrap
@@ -173,15 +175,7 @@ def _chain_projector(cfg: RunConfig) -> Path | None:
 def _stage_info(ckpt: Path) -> dict:
     """stage.json of a stage output; {} for one without (an older llava_ft wrote it; its init_from is followed)."""
     path = ckpt / STAGE_NAME
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {str(info)[:80]}")
-    return info
+    return read_json(path) if path.is_file() else {}
 
 
 def _remove_stale(out: Path, name: str) -> None:
@@ -219,23 +213,6 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     if (bench := c.train.eval_benchmark) is not None:
         bench.data, bench.images = absolute(bench.data), absolute(bench.images)
     return c
-
-
-def read_template_info(ckpt: str | Path) -> dict:
-    """template.json of a stage output: {"name": ..., "stop_words": [...]}; a damaged one names itself."""
-    path = Path(ckpt) / TEMPLATE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (every stage output has one; the folder is incomplete)")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("name"), str):
-        raise ValueError(f'{path}: expected {{"name": ..., "stop_words": [...]}}, got {str(info)[:80]}')
-    stop_words = info.get("stop_words", [])
-    if not isinstance(stop_words, list) or not all(isinstance(w, str) for w in stop_words):
-        raise ValueError(f"{path}: stop_words must be a list of strings, got {stop_words!r}")
-    return info
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
