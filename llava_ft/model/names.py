@@ -3,6 +3,7 @@ without torch, so that reading a config for use reports an unknown one at once, 
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -51,9 +52,16 @@ def _check_names(cfg: RunConfig, attention: Callable[[], list[str]] | None) -> N
     for i, src in enumerate(cfg.data.train):
         if src.format not in ("auto", *FORMATS):
             raise ConfigError(f"data.train[{i}].format: {src.format!r} is not one of {['auto', *FORMATS]}")
-    if cfg.data.template not in TEMPLATE_NAMES:
-        raise ConfigError(f"data.template: {cfg.data.template!r} is not one of {list(TEMPLATE_NAMES)}")
+    check_template(cfg.data.template, "data.template")
     attn = cfg.model.attn_implementation
     # A name with a slash is a hub kernel, which transformers resolves itself.
     if attention is not None and attn is not None and "/" not in attn and attn not in attention():
         raise ConfigError(f"model.attn_implementation: {attn!r} is not one of {attention()}")
+
+
+def check_template(name: str, where: str) -> None:
+    """ConfigError naming `where` for a chat template the code does not know, with the nearest known name."""
+    if name not in TEMPLATE_NAMES:
+        near = difflib.get_close_matches(name, TEMPLATE_NAMES, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{where}: {name!r} is not one of {list(TEMPLATE_NAMES)}{hint}")

@@ -4,13 +4,11 @@ a second, in one line naming it, rather than after minutes of loading."""
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 
 from llava_ft.config import ConfigError, RunConfig
-from llava_ft.data.sources import FORMATS
-from llava_ft.data.templates import TEMPLATE_NAMES
+from llava_ft.model.names import check_names
 
 # The Trainer's checkpoint folder names (transformers.trainer_utils.PREFIX_CHECKPOINT_DIR, not imported for it).
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
@@ -19,35 +17,25 @@ _CHECKPOINT = re.compile(r"checkpoint-\d+")
 def check_inputs(
     cfg: RunConfig, source: str | Path | None = None, *, resume: bool | str = False, preflight: bool = False
 ) -> None:
-    """ConfigError naming the field (after `source`, the config file, when given) or flag: a data file or image
-    folder that is not there, an unknown chat template (with the nearest name), or --resume with nothing to
-    resume. resume: False, "auto" (the newest checkpoint-N in train.output_dir) or a checkpoint folder."""
+    """ConfigError naming the field (after `source`, the config file, when given) or flag: a name the code does
+    not know (model.names.check_names: projector, data format, chat template with the nearest name), a data file
+    or image folder that is not there, or --resume with nothing to resume. resume: False, "auto" (the newest
+    checkpoint-N in train.output_dir) or a checkpoint folder."""
+    check_names(cfg, source)
     try:
-        check_data(cfg)
+        check_data_paths(cfg)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}" if source is not None else str(e)) from None
     if resume and not preflight:
         check_resume(Path(cfg.train.output_dir), resume)
 
 
-def check_data(cfg: RunConfig) -> None:
-    """The names first (as model.build.check_names, whose other checks need torch), then the paths."""
-    for i, src in enumerate(cfg.data.train):
-        if src.format not in ("auto", *FORMATS):
-            raise ConfigError(f"data.train[{i}].format: {src.format!r} is not one of {['auto', *FORMATS]}")
-    check_template(cfg.data.template, "data.template")
+def check_data_paths(cfg: RunConfig) -> None:
     for i, src in enumerate(cfg.data.train):
         if not Path(src.path).exists():
             raise ConfigError(f"data.train[{i}].path: {src.path}: no such file or folder")
         if src.image_folder is not None and not Path(src.image_folder).is_dir():
             raise ConfigError(f"data.train[{i}].image_folder: {src.image_folder}: no such folder")
-
-
-def check_template(name: str, where: str) -> None:
-    if name not in TEMPLATE_NAMES:
-        near = difflib.get_close_matches(name, TEMPLATE_NAMES, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"{where}: {name!r} is not one of {list(TEMPLATE_NAMES)}{hint}")
 
 
 def check_resume(output_dir: Path, resume: bool | str) -> None:
