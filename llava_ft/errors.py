@@ -5,6 +5,7 @@ heavy library."""
 from __future__ import annotations
 
 import errno
+import os
 
 
 class InputError(ValueError):
@@ -16,6 +17,15 @@ class DiskFullError(InputError):
 
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether a write failed on a full disk: an OSError with ENOSPC/EDQUOT (possibly as the cause), or
+    torch.save's RuntimeError, which carries only the system's message."""
+    for error in (e, e.__cause__, e.__context__):
+        if isinstance(error, OSError) and error.errno in FULL:
+            return True
+    return isinstance(e, RuntimeError) and any(os.strerror(code) in str(e) for code in FULL)
 
 
 REMOTE_CODE_ADVICE = (

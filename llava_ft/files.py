@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_ft.errors import FULL, DiskFullError
+from llava_ft.errors import DiskFullError, is_disk_full
 
 log = logging.getLogger("llava_ft")
 
@@ -69,8 +69,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:  # durable before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in FULL:
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
             raise
         raise disk_full(path.parent, _disk_size(tmp)) from None
     finally:
@@ -104,8 +104,8 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
     try:
         try:
             write(tmp)
-        except OSError as e:
-            if e.errno not in FULL:
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            if not is_disk_full(e):
                 raise
             raise disk_full(path.parent, _disk_size(tmp)) from None
         set_default_modes(tmp)

@@ -14,7 +14,7 @@ from pathlib import Path
 import llava_ft
 from llava_ft.config import ConfigError, load_config, parse_overrides
 from llava_ft.data.conversation import DataError
-from llava_ft.errors import FULL, InputError
+from llava_ft.errors import InputError, is_disk_full
 from llava_ft.files import disk_full
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     except OSError as e:  # a write the library made itself (cache, checkpoint) into a full disk
-        if e.errno not in FULL:
+        if not is_disk_full(e):
             raise
         folder = Path(e.filename).parent if e.filename else Path.cwd()
         print(f"llava-ft: error: {disk_full(folder)}", file=sys.stderr)

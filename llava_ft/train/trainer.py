@@ -21,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, sort_
 
 from llava_ft.config import ConfigError
 from llava_ft.data.faults import IMAGE_FAULTS, Fault, ImageFault
-from llava_ft.errors import FULL
+from llava_ft.errors import is_disk_full
 from llava_ft.files import disk_full
 from llava_ft.train.checkpoint import TRAINABLE_NAME, load_trainable, save_trainable
 
@@ -151,7 +151,7 @@ class LlavaTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except (RuntimeError, OSError) as e:
-            if not _disk_full(e):
+            if not is_disk_full(e):
                 raise
             raise disk_full(Path(self.args.output_dir)) from None
 
@@ -230,15 +230,6 @@ class DatasetEpoch(TrainerCallback):
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         steps_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
         self.dataset.set_epoch(state.global_step // steps_per_epoch)
-
-
-def _disk_full(e: BaseException) -> bool:
-    """Whether a checkpoint write failed on a full disk: torch.save reports ENOSPC as a RuntimeError holding
-    the system's message, other writers as an OSError (possibly the RuntimeError's cause)."""
-    for error in (e, e.__cause__, e.__context__):
-        if isinstance(error, OSError) and error.errno in FULL:
-            return True
-    return isinstance(e, RuntimeError) and any(os.strerror(code) in str(e) for code in FULL)
 
 
 def packed_counts(ids, labels, position_ids, pad_token_id: int) -> tuple[int, int]:

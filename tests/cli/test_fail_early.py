@@ -368,6 +368,26 @@ def test_a_full_disk_names_the_folder_and_the_space(tmp_path):
             atomic_write_bytes(tmp_path / "f.json", b"{}")
 
 
+def test_a_full_disk_reported_by_torch_save_inside_an_atomic_folder_is_named(tmp_path):
+    """torch.save (a stage output's weights) reports ENOSPC as a RuntimeError holding only the system's message;
+    atomic_dir names the folder as for an OSError, and a RuntimeError of another kind keeps its traceback."""
+
+    def write(folder: Path) -> None:
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: No space left on device"
+        )
+
+    with pytest.raises(DiskFullError, match=rf"^{tmp_path}: no space left"):
+        atomic_dir(tmp_path / "out", write)
+
+    def broken(folder: Path) -> None:
+        raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        atomic_dir(tmp_path / "out", broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_full_disk_in_a_command_is_one_line(tmp_path, capsys, monkeypatch):
     path = write_run(tmp_path)
 
