@@ -85,6 +85,7 @@ def test_eval_files(root, name):
 
 def test_tokenizer_knows_every_setting(root):
     sp = spm.SentencePieceProcessor(model_file=str(root / "models" / "tokenizer" / "tokenizer.model"))
+    assert 100 <= sp.get_piece_size() <= 1000
     for setting in SETTINGS:
         for word in vocab_words(setting):
             assert sp.unk_id() not in sp.encode(word) and sp.unk_id() not in sp.encode(" " + word), word
