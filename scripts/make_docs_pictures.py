@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     heldout = json.loads(Path("data/demo/shapes/heldout.json").read_text())
     # A single-shape image, asked in the demo's own question phrasings (as its finetune conversations are).
-    record = next(r for r in heldout if r["qtype"] == "colour")
+    record = next(r for r in heldout if r["qtype"] == "position")  # position is asked of one shape only
     image = Path("data/demo/shapes/images") / record["image"]
     questions = ["What colour is the shape?", "Where is the shape?"]
     print(f"page: {serve_picture(Path(args.work) / 'finetune', image, questions, out)}")

@@ -28,7 +28,7 @@ from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.files import atomic_path
 
 # Bump when the generated content changes, so cached datasets written by older code are regenerated.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 QTYPES = ("colour", "shape", "count", "position")
 # LLaVA's MMBench instruction, the text the evaluation appends (llava_ft.eval.mmbench.EN_INSTRUCTION).
@@ -222,7 +222,12 @@ class ShapeImage:
             draw = ImageDraw.Draw(mask)
             q = image_size // 2
             for k, r, angle, (dx, dy) in zip(self.quadrants, self.sizes, self.angles, self.offsets):
-                _draw(draw, self.shape, (k % 2) * q + q / 2 + dx, (k // 2) * q + q / 2 + dy, r, angle)
+                x0, y0 = (k % 2) * q, (k // 2) * q
+                (lo_x, hi_x), (lo_y, hi_y) = _extent(self.shape, r, angle)
+                # Kept a pixel inside its quadrant: shapes in neighbouring quadrants never touch.
+                cx = min(max(x0 + q / 2 + dx, x0 + 1 - lo_x), x0 + q - 2 - hi_x)
+                cy = min(max(y0 + q / 2 + dy, y0 + 1 - lo_y), y0 + q - 2 - hi_y)
+                _draw(draw, self.shape, cx, cy, r, angle)
             fill = tuple(min(255, max(0, c + t)) for c, t in zip(setting.colours[self.colour], self.tint))
             image.paste(fill, (0, 0), mask)
         # Sensor noise on every image, blank ones too; the "noise" background is stronger.
@@ -292,6 +297,14 @@ _OUTLINES: dict[str, list[tuple[float, float]]] = {
     "bar": [(-1, -0.28), (1, -0.28), (1, 0.28), (-1, 0.28)],
     "arrow": [(-1, -0.22), (0.2, -0.22), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.22), (-1, 0.22)],
 }  # fmt: skip
+
+
+def _extent(shape: str, r: int, angle: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(min, max) of x and of y over a shape drawn at (0, 0)."""
+    if shape not in _OUTLINES:  # circle, ring, crescent: inside their circle
+        return (-r, r), (-r, r)
+    xs, ys = zip(*_polygon(_OUTLINES[shape], 0, 0, r, angle))
+    return (min(xs), max(xs)), (min(ys), max(ys))
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: int, angle: float) -> None:
@@ -410,11 +423,15 @@ def generate_shapes_dataset(
     ]
     finetune, asked = _finetune_records(train, plans, names, s, random.Random(f"shapes/{setting}/{seed}/mc"))
     held = []
+    # The answer's letter cycles per question type and combination, so no letter is a better guess for any.
+    letter_turn: Counter[tuple[str, str]] = Counter()
     for i, (spec, combo, open_q, mc_q) in enumerate(heldout):
         image = names[n_train_images + i]
         question = hrng.choice(s.questions[open_q])
         held.append(_heldout_record(f"heldout-{i:05d}-open", image, spec, s, open_q, combo, question, None))
-        options = _options(hrng, s.choices(mc_q), spec.answer(mc_q, s), 4, letter=(i // 2) % 4)
+        letter = letter_turn[mc_q, combo] % 4
+        letter_turn[mc_q, combo] += 1
+        options = _options(hrng, s.choices(mc_q), spec.answer(mc_q, s), 4, letter=letter)
         question = hrng.choice(s.questions[mc_q])
         held.append(_heldout_record(f"heldout-{i:05d}-mc", image, spec, s, mc_q, combo, question, options))
     texts = [x.sentences(s) for x in train] + [f"{q} {a}." for q, a in s.text_chats]
