@@ -6,8 +6,8 @@ unseen colour-shape combinations apart, open-ended and multiple choice, each nex
 
 Each checkpoint is scored by the code `llava-ft eval vqa` (prompt suffix "") and `llava-ft eval mmbench`
 (VLMEvalKit rule, circular and single pass) run, into OUT/{real,blank}/{vqa,mmbench}, so every figure equals
-a separate `llava-ft eval` run's. Intervals are 95% Wilson score intervals. `--check` exits 1 when a target of
-TARGETS is missed, one line per miss.
+that of a separate `llava-ft eval` run with the same --batch-size. Intervals are 95% Wilson score intervals.
+`--check` exits 1 when a target of TARGETS is missed, one line per miss.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
+from llava_ft.data.conversation import DataError
 from llava_ft.eval import arguments
 from llava_ft.eval.mmbench import ROTATION, run_mmbench
 from llava_ft.eval.predictions import PREDICTIONS, read_predictions
@@ -61,7 +62,7 @@ def wilson(successes: float, n: int, level: float = LEVEL) -> tuple[float, float
 
 @dataclass(frozen=True)
 class Scored:
-    """One held-out question's outcome: `score` in [0, 1] under each column it counts in."""
+    """One held-out question's outcome: a score in [0, 1] under each column it counts in."""
 
     qtype: str
     combination: str
@@ -73,6 +74,13 @@ class Scored:
 
 def heldout_records(data: Path) -> list[dict]:
     return json.loads((data / "heldout.json").read_text(encoding="utf-8"))
+
+
+def check_files(data: Path) -> None:
+    """The held-out files prepare writes, there before any model loads (seconds each)."""
+    for name in ("heldout.json", "heldout_vqa.jsonl", "heldout_mmbench.tsv", "images"):
+        if not (data / name).exists():
+            raise FileNotFoundError(f"{data / name}: not there (python -m llava_ft.demo.prepare writes it)")
 
 
 def load_predictor(checkpoint: str, batch_size: int) -> Predictor:
@@ -115,10 +123,11 @@ def _agree(headline: float, scored: list[Scored], column: str, what: str) -> Non
 def open_outcomes(data: Path, output: Path) -> list[Scored]:
     """Each open-ended question's soft accuracy (the VQA headline's per-item score)."""
     preds = read_predictions(output / PREDICTIONS, "question_id")
+    records = [r for r in heldout_records(data) if r.get("style", "open") == "open"]
+    if {str(r["id"]) for r in records} != set(preds):
+        raise DataError(str(data / "heldout_vqa.jsonl"), "its questions are not heldout.json's open ones")
     out = []
-    for r in heldout_records(data):
-        if r.get("style", "open") != "open":
-            continue
+    for r in records:
         rec = preds[str(r["id"])]
         chance = 1 / len(r["choices"])
         out.append(Scored(r["qtype"], r["combination"], {"open": rec["soft_accuracy"]}, {"open": chance}))
@@ -132,14 +141,16 @@ def mc_outcomes(data: Path, output: Path) -> list[Scored]:
     records = [r for r in heldout_records(data) if r.get("style") == "mc"]
     n_questions = sum(int(key) < ROTATION for key in preds)
     if n_questions != len(records):
-        raise RuntimeError(
-            f"{output}: {n_questions} MMBench questions, {len(records)} in {data}/heldout.json"
+        raise DataError(
+            str(data / "heldout_mmbench.tsv"), f"{n_questions} questions, heldout.json {len(records)}"
         )
     out = []
     for i, r in enumerate(records):
         rec = preds[str(i)]
         if (rec["category"], rec["l2-category"]) != (r["qtype"], r["combination"]):
-            raise RuntimeError(f"{output}: question {i} does not match {r['id']} of {data}/heldout.json")
+            raise DataError(
+                str(data / "heldout_mmbench.tsv"), f"question {i} is not {r['id']} of heldout.json"
+            )
         k = len(r["options"])
         out.append(
             Scored(
@@ -263,6 +274,8 @@ def report(
     """checkpoints: "real" / "blank" -> (checkpoint, dataset folder). Each model loads once and answers both
     benchmarks; the table goes to out/table.md and out/table.json."""
     load = load or load_predictor
+    for _, data in checkpoints.values():
+        check_files(Path(data))
     runs = {}
     for run, (checkpoint, data) in checkpoints.items():
         runs[run] = score_checkpoint(load(checkpoint, batch_size), Path(data), out / run, command)
@@ -274,6 +287,7 @@ def report(
     return table
 
 
+@arguments.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

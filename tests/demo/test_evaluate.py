@@ -256,3 +256,18 @@ def test_check_names_each_missed_target_once():
     # Targets are tuned in one place; at 0.5 the same figures pass (shape 0.5, unseen 0.75).
     tuned = {k: 0.5 if k.startswith("real_") else v for k, v in evaluate.TARGETS.items()}
     assert check(table, tuned) == []
+
+
+def test_missing_heldout_files_are_one_line_before_any_model_loads(data, tmp_path, monkeypatch, capsys):
+    def no_model(checkpoint: str, batch_size: int) -> Predictor:
+        raise AssertionError("a model loaded")
+
+    monkeypatch.setattr(evaluate, "load_predictor", no_model)
+    argv = ["--real", "r", "--blank", "b", "--data", str(data), "--blank-data", str(tmp_path / "none")]
+    assert evaluate.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    missing = tmp_path / "none" / "heldout.json"
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"error: {missing}: not there (python -m llava_ft.demo.prepare writes it)")
+    )
