@@ -5,9 +5,9 @@ unseen colour-shape combinations apart, open-ended and multiple choice, each nex
         [--blank-data data/demo/shapes_blank] [--out work_dirs/tiny/heldout] [--batch-size 64] [--check]
 
 Each checkpoint is scored by the code `llava-ft eval vqa` (prompt suffix "") and `llava-ft eval mmbench`
-(VLMEvalKit rule, circular and single pass) run, into OUT/{real,blank}/{vqa,mmbench}, so every figure equals
-that of a separate `llava-ft eval` run with the same --batch-size. Intervals are 95% Wilson score intervals.
-`--check` exits 1 when a target of TARGETS is missed, one line per miss.
+(VLMEvalKit rule, circular and single pass) run, into fresh OUT/{real,blank}/{vqa,mmbench}, so every figure
+equals that of a separate `llava-ft eval` run with the same --batch-size. Intervals are 95% Wilson score
+intervals. `--check` exits 1 when a target of TARGETS is missed, one line per miss.
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def score_checkpoint(predictor: Predictor, data: Path, out: Path, command: str =
     # The per-item outcomes must add up to the runs' own headlines, or this table would tell another story.
     _agree(vqa["headline"]["value"], scored, "open", "vqa")
     _agree(mmbench["scores"]["circular"]["value"], scored, "circular", "mmbench")
+    _agree(mmbench["scores"]["single_main"]["value"], scored, "single", "mmbench")
     return scored
 
 
