@@ -88,5 +88,21 @@ def test_the_demo_pipeline_runs_and_reports(tmp_path, monkeypatch, capsys):
         *(f"| {run} images, {split}" for run in ("real", "blank") for split in SPLITS),
         "| chance",
     ]
+    # The figures are those of a separate `llava-ft eval` run (same batch size).
+    real = ["--checkpoint", "work_dirs/tiny/finetune", "--batch-size", "16"]
+    vqa = ["--data", "data/demo/shapes/heldout_vqa.jsonl", "--images", "data/demo/shapes/images"]
+    assert llava_ft(["eval", "vqa", *real, *vqa, "--output", "sep/vqa", "--prompt-suffix", ""]) == 0
+    mmbench = ["--data", "data/demo/shapes/heldout_mmbench.tsv", "--output", "sep/mmbench"]
+    assert llava_ft(["eval", "mmbench", *real, *mmbench]) == 0
+    separate = {b: json.loads(Path("sep", b, "results.json").read_text()) for b in ("vqa", "mmbench")}
+    cells = table["rows"]["real"]["all"]
+    assert cells["open"]["accuracy"] == separate["vqa"]["headline"]["value"]
+    assert cells["circular"]["accuracy"] == separate["mmbench"]["scores"]["circular"]["value"]
+    assert cells["single"]["accuracy"] == separate["mmbench"]["scores"]["single_main"]["value"]
+    for bench in ("vqa", "mmbench"):  # the same answers, not only the same (untrained: near zero) scores
+        ours, theirs = (Path(d, bench, "predictions.jsonl").read_text() for d in (out / "real", "sep"))
+        assert [json.loads(x)["prediction"] for x in ours.splitlines()] == [
+            json.loads(x)["prediction"] for x in theirs.splitlines()
+        ]
     lines = printed.splitlines()
     assert all(line.startswith("target missed: ") for line in lines[lines.index(md.splitlines()[-1]) + 2 :])
