@@ -28,7 +28,7 @@ from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.files import atomic_path
 
 # Bump when the generated content changes, so cached datasets written by older code are regenerated.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 QTYPES = ("colour", "shape", "count", "position")
 # LLaVA's MMBench instruction, the text the evaluation appends (llava_ft.eval.mmbench.EN_INSTRUCTION).
@@ -549,14 +549,14 @@ def _sample_image(
 ) -> ShapeImage:
     """A new random layout, distinct from every image drawn before (train and held-out never coincide)."""
     q = image_size // 2
-    jitter = max(1, q // 10)
+    jitter = max(1, q // 16)
     while True:
         quadrants = tuple(sorted(rng.sample(range(4), count)))
         spec = ShapeImage(
             colour=colour,
             shape=shape,
             quadrants=quadrants,
-            sizes=tuple(rng.randint(round(q * 0.2), round(q * 0.36)) for _ in quadrants),
+            sizes=tuple(rng.randint(round(q * 0.3), round(q * 0.42)) for _ in quadrants),
             angles=tuple(round(rng.uniform(0, 360), 1) for _ in quadrants),
             offsets=tuple((rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) for _ in quadrants),
             background=_sample_background(rng),
