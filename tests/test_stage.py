@@ -135,6 +135,29 @@ def test_tower_weights_that_do_not_fit_are_named(tiny_root, tmp_path):
         apply_stage_weights(model, stage)
 
 
+@pytest.mark.parametrize("backend", ["open_clip", "hf"])
+def test_tower_weights_go_under_a_tower_lora_a_later_stage_wraps_it_in(tiny_root, tmp_path, backend):
+    """A LoRA stage on a tower trained in full: peft has renamed the tower's layers (`base_layer`) by the time
+    init_from's weights are applied."""
+    from safetensors.torch import load_file
+
+    from llava_ft.model.trainability import apply_trainability
+
+    stage = write_tiny_stage_output(tiny_root, tmp_path / "full", vision_backend=backend, vision_mode="full")
+    saved = load_file(str(stage / VISION_NAME))
+    cfg = tiny_config(tiny_root, vision_backend=backend, vision_mode="lora")
+    _, model = build_model(cfg)
+    apply_trainability(model, cfg.trainable, cfg.lora)
+    apply_stage_weights(model, stage, adapters="init")
+    tower = {
+        n.removeprefix("base_model.model.").replace(".base_layer.", "."): p
+        for n, p in model.vision_tower.named_parameters()
+        if "lora_" not in n
+    }
+    assert any(".base_layer." in n for n, _ in model.vision_tower.named_parameters())
+    assert saved and all(torch.equal(tower[n], t) for n, t in saved.items())
+
+
 def test_init_from_an_adapter_with_other_lora_settings_is_refused(tiny_root, tmp_path):
     """Continuing an adapter on fewer target modules would silently drop most of the earlier stage's update."""
     import pytest
