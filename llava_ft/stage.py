@@ -382,9 +382,15 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
                     raise _damaged(weights, e) from None
             else:
                 if not hasattr(module, "peft_config"):
+                    # merged-llm holds the LLM alone: a tower adapter has no merged form a later stage can start from
+                    fix = (
+                        "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
+                        if attr == "llm"
+                        else "keep trainable.vision lora to continue it"
+                    )
                     raise ValueError(
                         f"{adapter}: init_from holds a LoRA adapter but this stage does not train LoRA on {attr}; "
-                        "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
+                        + fix
                     )
                 loaded = set_peft_model_state_dict(module, _load_tensors(weights))
                 _check_adapter_fits(module, loaded, adapter)

@@ -158,6 +158,20 @@ def test_tower_weights_go_under_a_tower_lora_a_later_stage_wraps_it_in(tiny_root
     assert saved and all(torch.equal(tower[n], t) for n, t in saved.items())
 
 
+def test_a_full_tower_stage_on_a_tower_lora_is_refused_with_what_works(tiny_root, tmp_path):
+    """The LLM's advice (merge into a merged-llm export) would drop the tower: the tower's says to keep LoRA."""
+    from llava_ft.model.trainability import apply_trainability
+
+    stage = write_tiny_stage_output(tiny_root, tmp_path / "lora", vision_mode="lora")
+    cfg = tiny_config(tiny_root, vision_mode="full")
+    _, model = build_model(cfg)
+    apply_trainability(model, cfg.trainable, cfg.lora)
+    with pytest.raises(
+        ValueError, match="not train LoRA on vision_tower; keep trainable.vision lora to continue"
+    ):
+        apply_stage_weights(model, stage, adapters="init")
+
+
 def test_init_from_an_adapter_with_other_lora_settings_is_refused(tiny_root, tmp_path):
     """Continuing an adapter on fewer target modules would silently drop most of the earlier stage's update."""
     import pytest
