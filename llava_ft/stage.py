@@ -343,10 +343,10 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
 
     The model must already be built on `trained_llm(ckpt)` when the chain trained a whole LLM. A projector, and
     a tower trained in full, are overwritten by each later stage that trained them; a stage's tower weights are
-    applied before its tower adapter, which they are the base of. A LoRA stage saves its whole adapter, continued from the
-    one it started from, so per module only the newest adapter of the chain is applied. adapters="load": wrap
-    the module in that adapter (inference); "init": copy its weights into the model's own peft wrapper (a
-    stage that continues training LoRA).
+    applied before its tower adapter, which they are the base of. A LoRA stage saves its whole adapter,
+    continued from the one it started from, so per module only the newest adapter of the chain is applied.
+    adapters="load": wrap the module in that adapter (inference); "init": copy its weights into the model's own
+    peft wrapper (a stage that continues training LoRA).
     """
     chain = stage_chain(ckpt)
     newest = {sub: max((i for i, st in enumerate(chain) if (st / sub).is_dir()), default=None)
