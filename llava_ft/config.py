@@ -81,8 +81,10 @@ class TrainableSection:
     """How the LLM trains. qlora = LoRA on a 4-bit NF4 base."""
     projector: Literal["frozen", "full"] = "full"
     """The projector is small: full or frozen."""
-    vision: Literal["frozen", "lora"] = "frozen"
-    """The CLIP tower stays frozen, or gets LoRA adapters on its linear layers."""
+    vision: Literal["frozen", "full", "lora"] = "frozen"
+    """The CLIP tower stays frozen, trains whole (full: embeddings, norms and every block up to the one whose
+    output is used; later blocks and the pooling head never reach the loss and stay frozen), or gets LoRA
+    adapters on its linear layers."""
 
 
 @dataclass
@@ -213,6 +215,9 @@ class TrainSection:
     """Peak learning rate (LLM / LoRA parameters, and everything without its own rate)."""
     projector_lr: float | None = None
     """Separate learning rate for the projector; None: lr."""
+    vision_lr: float | None = None
+    """Separate learning rate for the vision tower's trainable parameters (trainable.vision full or lora; a
+    tower usually takes a lower rate than the LLM); None: lr."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_ratio: float = 0.03
@@ -747,8 +752,8 @@ def _validate_eval(cfg: RunConfig) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    if cfg.trainable.vision == "lora" and cfg.model.vision is None:
-        raise ConfigError("trainable.vision is lora but model.vision is null")
+    if cfg.trainable.vision != "frozen" and cfg.model.vision is None:
+        raise ConfigError(f"trainable.vision is {cfg.trainable.vision} but model.vision is null")
     if cfg.trainable.llm == "qlora" and cfg.model.load_in_4bit is False:
         raise ConfigError("trainable.llm is qlora but model.load_in_4bit is false")
     if cfg.trainable.llm == "full" and cfg.resolved_llm_4bit():
@@ -793,6 +798,13 @@ def validate(cfg: RunConfig) -> None:
             math.isfinite(t.projector_lr) and t.projector_lr >= 0,
             "train.projector_lr",
             t.projector_lr,
+            "a finite number >= 0 or null (train.lr)",
+        )
+    if t.vision_lr is not None:
+        _need(
+            math.isfinite(t.vision_lr) and t.vision_lr >= 0,
+            "train.vision_lr",
+            t.vision_lr,
             "a finite number >= 0 or null (train.lr)",
         )
     _need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, ">= 0 and < 1")

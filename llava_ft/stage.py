@@ -2,9 +2,10 @@
 
 A stage output folder holds llava_ft.yaml (the resolved config, written last: its presence means complete),
 template.json (chat template name and stop words) and the parts that trained: projector.safetensors,
-llm_adapter/ and vision_adapter/ (peft LoRA adapters), llm/ (a whole LLM with its tokenizer).
-stage.json marks an output that holds every trained part it needs (the projector of the init_from chain is
-copied in; a whole LLM trained earlier is its model.llm), so loading never reads init_from folders.
+vision.safetensors (the vision tower's trained tensors), llm_adapter/ and vision_adapter/ (peft LoRA adapters),
+llm/ (a whole LLM with its tokenizer). stage.json marks an output that holds every trained part it needs (the
+projector and tower of the init_from chain are copied in; a whole LLM trained earlier is its model.llm), so
+loading never reads init_from folders.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from llava_ft.model.trainability import peft_wrap
 log = logging.getLogger("llava_ft")
 
 PROJECTOR_NAME = "projector.safetensors"
+VISION_NAME = "vision.safetensors"
+"""The vision tower's trainable tensors after a trainable.vision full stage, named as in the bare tower."""
 STAGE_NAME = "stage.json"
 
 
@@ -119,16 +122,22 @@ def save_stage_output(model, cfg: RunConfig, tokenizer, template, out_dir: str |
     sweep_leftovers(out)  # a killed save's temporaries; a part it left moved aside is put back first
     (out / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
     trains = _trained_parts(cfg, model)
-    # A frozen projector trained along the init_from chain: its file is copied byte for byte, so the output
-    # loads the very tensors the chain would apply, in their saved dtype.
-    carried = _chain_projector(cfg) if model.projector is not None and not trains[PROJECTOR_NAME] else None
+    # A projector or tower this stage does not train in full but the init_from chain did: its file is copied
+    # byte for byte, so the output loads the very tensors the chain would apply, in their saved dtype.
+    present = {PROJECTOR_NAME: model.projector is not None, VISION_NAME: model.vision_tower is not None}
+    carried = {name: _chain_file(cfg, name) for name, there in present.items() if there and not trains[name]}
     for name, trained in trains.items():
-        if not trained and (out / name).exists() and not (name == PROJECTOR_NAME and carried):
+        if not trained and (out / name).exists() and carried.get(name) is None:
             _remove_stale(out, name)
     if trains[PROJECTOR_NAME]:
         atomic_save_tensors(model.projector.state_dict(), out / PROJECTOR_NAME)
-    elif carried is not None:
-        atomic_write_bytes(out / PROJECTOR_NAME, carried.read_bytes())
+    if trains[VISION_NAME]:
+        # The trained tensors only (the rest is the base tower's): under ZeRO-3 these are the gathered ones.
+        tower = {n: p for n, p in model.vision_tower.named_parameters() if p.requires_grad}
+        atomic_save_tensors(tower, out / VISION_NAME)
+    for name, source in carried.items():
+        if source is not None:
+            atomic_write_bytes(out / name, source.read_bytes())
     if trains["llm_adapter"]:
         atomic_dir(out / "llm_adapter", lambda d: model.llm.save_pretrained(d, safe_serialization=True))
     if trains["llm"]:
@@ -158,18 +167,19 @@ def _trained_parts(cfg: RunConfig, model) -> dict[str, bool]:
     """Which parts of a stage output this config writes (the only place that decides it)."""
     return {
         PROJECTOR_NAME: cfg.trainable.projector == "full" and model.projector is not None,
+        VISION_NAME: cfg.trainable.vision == "full" and model.vision_tower is not None,
         "llm_adapter": cfg.trainable.llm in ("lora", "qlora"),
         "llm": cfg.trainable.llm == "full",
         "vision_adapter": cfg.trainable.vision == "lora",
     }
 
 
-def _chain_projector(cfg: RunConfig) -> Path | None:
-    """The projector file the init_from chain applies last (the newest stage holding one), if any."""
+def _chain_file(cfg: RunConfig, name: str) -> Path | None:
+    """The projector or tower file the init_from chain applies last (the newest stage holding one), if any."""
     if not cfg.train.init_from:
         return None
     chain = stage_chain(cfg.train.init_from)
-    return next((st / PROJECTOR_NAME for st in reversed(chain) if (st / PROJECTOR_NAME).is_file()), None)
+    return next((st / name for st in reversed(chain) if (st / name).is_file()), None)
 
 
 def _stage_info(ckpt: Path) -> dict:
@@ -245,7 +255,7 @@ def check_stage_files(ckpt: str | Path) -> dict:
     complete. Returns the template info."""
     info = read_template_info(ckpt)
     for stage in stage_chain(ckpt):
-        files = [stage / PROJECTOR_NAME] if (stage / PROJECTOR_NAME).is_file() else []
+        files = [stage / name for name in (PROJECTOR_NAME, VISION_NAME) if (stage / name).is_file()]
         files += [
             _adapter_weights(stage / sub)
             for sub in ("llm_adapter", "vision_adapter")
@@ -320,6 +330,7 @@ def _fingerprinted_files(ckpt: Path) -> list[tuple[Path, list[Path]]]:
     out = []
     for stage in stage_chain(ckpt):
         files = [stage / CONFIG_NAME, stage / TEMPLATE_NAME, stage / STAGE_NAME, stage / PROJECTOR_NAME]
+        files.append(stage / VISION_NAME)
         for sub in ("llm_adapter", "vision_adapter", "llm"):
             if (stage / sub).is_dir():
                 files += sorted(p for p in (stage / sub).rglob("*") if p.is_file())
@@ -330,11 +341,12 @@ def _fingerprinted_files(ckpt: Path) -> list[tuple[Path, list[Path]]]:
 def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> None:
     """Load the trained weights of a stage and of the stages it started from into `model`, oldest first.
 
-    The model must already be built on `trained_llm(ckpt)` when the chain trained a whole LLM. A projector is
-    overwritten by each later stage that trained it. A LoRA stage saves its whole adapter, continued from the
-    one it started from, so per module only the newest adapter of the chain is applied. adapters="load": wrap
-    the module in that adapter (inference); "init": copy its weights into the model's own peft wrapper (a
-    stage that continues training LoRA).
+    The model must already be built on `trained_llm(ckpt)` when the chain trained a whole LLM. A projector, and
+    a tower trained in full, are overwritten by each later stage that trained them; a stage's tower weights are
+    applied before its tower adapter, which they are the base of. A LoRA stage saves its whole adapter,
+    continued from the one it started from, so per module only the newest adapter of the chain is applied.
+    adapters="load": wrap the module in that adapter (inference); "init": copy its weights into the model's own
+    peft wrapper (a stage that continues training LoRA).
     """
     chain = stage_chain(ckpt)
     newest = {sub: max((i for i, st in enumerate(chain) if (st / sub).is_dir()), default=None)
@@ -351,6 +363,11 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
                     f"{stage / PROJECTOR_NAME}: does not fit this model's projector: {e}"
                 ) from None
             log.info("projector weights from %s", stage)
+        if (stage / VISION_NAME).is_file():
+            if model.vision_tower is None:
+                raise ValueError(f"{stage}: has vision tower weights but this model has no vision tower")
+            _load_tower(model.vision_tower, _load_tensors(stage / VISION_NAME), stage / VISION_NAME)
+            log.info("vision tower weights from %s", stage)
         for sub, attr in (("llm_adapter", "llm"), ("vision_adapter", "vision_tower")):
             if newest[sub] != i:
                 continue
@@ -365,13 +382,37 @@ def apply_stage_weights(model, ckpt: str | Path, *, adapters: str = "load") -> N
                     raise _damaged(weights, e) from None
             else:
                 if not hasattr(module, "peft_config"):
+                    # merged-llm holds the LLM alone: a tower adapter has no merged form a later stage can start from
+                    fix = (
+                        "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
+                        if attr == "llm"
+                        else "keep trainable.vision lora to continue it"
+                    )
                     raise ValueError(
                         f"{adapter}: init_from holds a LoRA adapter but this stage does not train LoRA on {attr}; "
-                        "merge it first (llava-ft export --format merged-llm) and point model.llm at the result"
+                        + fix
                     )
                 loaded = set_peft_model_state_dict(module, _load_tensors(weights))
                 _check_adapter_fits(module, loaded, adapter)
             log.info("%s adapter from %s", attr, adapter)
+
+
+def _load_tower(tower: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy a tower's saved tensors into it, also when a LoRA stage has wrapped it in peft already (its names
+    then gain `base_model.model.` and `.base_layer`)."""
+    own = {}
+    for name, tensor in tower.state_dict(keep_vars=True).items():
+        own[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = tensor
+    unknown = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if unknown or wrong:
+        raise ValueError(
+            f"{path}: does not fit this model's vision tower ({len(unknown)} tensors without a place, e.g. "
+            f"{unknown[:3]}; {len(wrong)} of another shape, e.g. {wrong[:3]})"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor.to(own[name].dtype))
 
 
 def _check_adapter_fits(module, loaded, adapter: Path) -> None:

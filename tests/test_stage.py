@@ -18,6 +18,7 @@ from llava_ft.stage import (
     CONFIG_NAME,
     PROJECTOR_NAME,
     STAGE_NAME,
+    VISION_NAME,
     apply_stage_weights,
     load_stage,
     read_stage_config,
@@ -109,6 +110,68 @@ def test_a_stage_retrained_in_place_drops_the_parts_it_no_longer_trains(tiny_roo
     assert not any("lora_" in name for name, _ in model.named_parameters())
 
 
+def test_a_tower_trained_in_full_counts_in_the_fingerprint_and_goes_when_retrained_without(
+    tiny_root, tmp_path, caplog
+):
+    out = write_tiny_stage_output(tiny_root, tmp_path / "stage", vision_mode="full")
+    tower = out / VISION_NAME
+    assert tower.is_file() and stage_fingerprint(out) == stage_fingerprint(out)
+    before = stage_fingerprint(out)
+    tower.write_bytes(tower.read_bytes()[:-1] + b"\x00")
+    assert stage_fingerprint(out) != before
+    with caplog.at_level(logging.WARNING, logger="llava_ft"):
+        write_tiny_stage_output(tiny_root, out, vision_mode="frozen")
+    assert not tower.exists() and f"removing {VISION_NAME} left by an earlier run" in caplog.text
+
+
+def test_tower_weights_that_do_not_fit_are_named(tiny_root, tmp_path):
+    stage = write_tiny_stage_output(tiny_root, tmp_path / "stage", vision_mode="full")
+    (stage / PROJECTOR_NAME).unlink()  # the tower is what is checked
+    _, model = build_model(tiny_config(tiny_root, vision_backend="hf"))  # another tower's names
+    with pytest.raises(ValueError, match=f"{VISION_NAME}: does not fit this model's vision tower"):
+        apply_stage_weights(model, stage)
+    _, model = build_model(tiny_config(tiny_root, vision_backend=None))
+    with pytest.raises(ValueError, match="has vision tower weights but this model has no vision tower"):
+        apply_stage_weights(model, stage)
+
+
+@pytest.mark.parametrize("backend", ["open_clip", "hf"])
+def test_tower_weights_go_under_a_tower_lora_a_later_stage_wraps_it_in(tiny_root, tmp_path, backend):
+    """A LoRA stage on a tower trained in full: peft has renamed the tower's layers (`base_layer`) by the time
+    init_from's weights are applied."""
+    from safetensors.torch import load_file
+
+    from llava_ft.model.trainability import apply_trainability
+
+    stage = write_tiny_stage_output(tiny_root, tmp_path / "full", vision_backend=backend, vision_mode="full")
+    saved = load_file(str(stage / VISION_NAME))
+    cfg = tiny_config(tiny_root, vision_backend=backend, vision_mode="lora")
+    _, model = build_model(cfg)
+    apply_trainability(model, cfg.trainable, cfg.lora)
+    apply_stage_weights(model, stage, adapters="init")
+    tower = {
+        n.removeprefix("base_model.model.").replace(".base_layer.", "."): p
+        for n, p in model.vision_tower.named_parameters()
+        if "lora_" not in n
+    }
+    assert any(".base_layer." in n for n, _ in model.vision_tower.named_parameters())
+    assert saved and all(torch.equal(tower[n], t) for n, t in saved.items())
+
+
+def test_a_full_tower_stage_on_a_tower_lora_is_refused_with_what_works(tiny_root, tmp_path):
+    """The LLM's advice (merge into a merged-llm export) would drop the tower: the tower's says to keep LoRA."""
+    from llava_ft.model.trainability import apply_trainability
+
+    stage = write_tiny_stage_output(tiny_root, tmp_path / "lora", vision_mode="lora")
+    cfg = tiny_config(tiny_root, vision_mode="full")
+    _, model = build_model(cfg)
+    apply_trainability(model, cfg.trainable, cfg.lora)
+    with pytest.raises(
+        ValueError, match="not train LoRA on vision_tower; keep trainable.vision lora to continue"
+    ):
+        apply_stage_weights(model, stage, adapters="init")
+
+
 def test_init_from_an_adapter_with_other_lora_settings_is_refused(tiny_root, tmp_path):
     """Continuing an adapter on fewer target modules would silently drop most of the earlier stage's update."""
     import pytest
@@ -136,6 +199,12 @@ def _damage_projector(stage: Path) -> Path:
     return path
 
 
+def _damage_vision(stage: Path) -> Path:
+    path = stage / VISION_NAME
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
 def _drop_adapter_weights(stage: Path) -> Path:
     (stage / "llm_adapter" / "adapter_model.safetensors").unlink()
     return stage / "llm_adapter"
@@ -155,6 +224,7 @@ def _drop_template(stage: Path) -> Path:
     ("damage", "problem"),
     [
         (_damage_projector, "damaged or truncated"),
+        (_damage_vision, "damaged or truncated"),
         (_drop_adapter_weights, "without adapter_model.safetensors"),
         (_break_template, "not valid JSON"),
         (_drop_template, "missing"),
@@ -166,10 +236,11 @@ def test_damaged_stage_files_are_named_before_the_model_loads(
     """These once gave a raw SafetensorError traceback, peft's "Repo id must be in the form ...", or a json
     error without the file name, and only after the whole model had loaded."""
     import llava_ft.model.build
+    import llava_ft.stage
     from llava_ft.cli.main import main
 
     stage = write_tiny_stage_output(
-        tiny_root, tmp_path / "stage", llm_mode="lora", vision_backend="open_clip"
+        tiny_root, tmp_path / "stage", llm_mode="lora", vision_backend="open_clip", vision_mode="full"
     )
     bad = damage(stage)
 
@@ -177,6 +248,7 @@ def test_damaged_stage_files_are_named_before_the_model_loads(
         raise AssertionError("the model was built before the stage files were checked")
 
     monkeypatch.setattr(llava_ft.model.build, "build_model", no_build)
+    monkeypatch.setattr(llava_ft.stage, "build_model", no_build)  # load_stage builds with its own import
     for argv in (
         ["chat", str(stage), "--question", "hi"],
         ["export", str(stage), "--output", str(tmp_path / "o")],

@@ -37,6 +37,22 @@ def vision_lora_targets(tower: nn.Module) -> list[str]:
 
 
 _BLOCK_INDEX = re.compile(r"\.(?:resblocks|layers)\.(\d+)\.")  # open_clip's and transformers' block lists
+# What follows the blocks: open_clip's ln_post, proj, attn_pool, head; transformers' post_layernorm. The tower
+# returns a block's tokens, so these only shape the pooled output, which nothing uses.
+_HEAD = re.compile(r"^model\.(?:vision_model\.)?(?:ln_post|proj|attn_pool|head|post_layernorm)(?:\.|$)")
+
+
+def open_used_tower(tower: nn.Module) -> int:
+    """Open every parameter of the tower that reaches the loss (patch, class and position embeddings, norms,
+    the blocks up to `tower.block`); returns how many parameters stay frozen as unused."""
+    last = getattr(tower, "block", None)
+    frozen = 0
+    for name, p in tower.named_parameters():
+        found = _BLOCK_INDEX.search(name)
+        used = not _HEAD.search(name) and (last is None or found is None or int(found.group(1)) <= last)
+        p.requires_grad_(used)
+        frozen += 0 if used else p.numel()
+    return frozen
 
 
 def count_params(module: nn.Module | None) -> tuple[int, int]:
@@ -80,7 +96,16 @@ def apply_trainability(model: nn.Module, trainable: TrainableSection, lora: Lora
         for p in model.projector.parameters():
             p.requires_grad_(True)
 
-    if model.vision_tower is not None and trainable.vision == "lora":
+    if model.vision_tower is not None and trainable.vision == "full":
+        unused = open_used_tower(model.vision_tower)
+        if unused:
+            log.info(
+                "vision    full: %s parameters after block %d (later blocks, pooling head) stay frozen: they "
+                "never reach the loss",
+                f"{unused:,}",
+                model.vision_tower.block,
+            )
+    elif model.vision_tower is not None and trainable.vision == "lora":
         targets = vision_lora_targets(model.vision_tower)
         cfg = LoraConfig(
             r=lora.vision_r, lora_alpha=lora.vision_alpha, lora_dropout=lora.dropout, target_modules=targets

@@ -27,6 +27,7 @@ def tiny_config(
     vision_backend: Literal["open_clip", "hf", None] = "open_clip",
     template: str = "internlm2_chat",
     llm_kind: Literal["internlm2", "llama"] = "internlm2",
+    vision_mode: Literal["frozen", "full", "lora"] = "frozen",
 ) -> RunConfig:
     """Writes tiny base models under root (once) and returns a RunConfig that uses them."""
     root = Path(root)
@@ -49,7 +50,9 @@ def tiny_config(
         vision = VisionSection(backend="hf", model=str(clip))
     return RunConfig(
         model=ModelSection(llm=str(llm_dir), vision=vision, dtype="float32"),
-        trainable=TrainableSection(llm=llm_mode, projector="full" if vision else "frozen"),
+        trainable=TrainableSection(
+            llm=llm_mode, projector="full" if vision else "frozen", vision=vision_mode if vision else "frozen"
+        ),
         lora=LoraSection(r=4, alpha=8, dropout=0.0),
         data=DataSection(template=template),
         name="tiny_test",

@@ -145,6 +145,7 @@ def train(
         # Eval batches are padded, also when training packs: each sample's loss as a padded batch gives it.
         eval_collator=Collator(pad_token_id=pad_id(tokenizer)) if cfg.data.packing else None,
         projector_lr=cfg.train.projector_lr,
+        vision_lr=cfg.train.vision_lr,
         train_sampler=sampler,
         pad_token_id=pad_id(tokenizer),
         callbacks=callbacks,

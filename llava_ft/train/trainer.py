@@ -1,6 +1,6 @@
 """transformers' Trainer owns the loop, accumulation, resume and DeepSpeed; this subclass only adds what a
-LLaVA model needs: a projector learning rate, trainable-only checkpoints, our samplers, and the run's totals
-(tokens, runtime, samples replaced for a failed image) kept across --resume."""
+LLaVA model needs: projector and vision tower learning rates, trainable-only checkpoints, our samplers, and the
+run's totals (tokens, runtime, samples replaced for a failed image) kept across --resume."""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ class LlavaTrainer(Trainer):
         self,
         *args,
         projector_lr: float | None = None,
+        vision_lr: float | None = None,
         train_sampler=None,
         pad_token_id: int = 0,
         eval_collator=None,
@@ -65,6 +66,7 @@ class LlavaTrainer(Trainer):
         """eval_collator: batches of the eval set (padded), when the train collator packs."""
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        self.vision_lr = vision_lr
         self.eval_collator = eval_collator
         self._train_sampler = train_sampler
         self.pad_token_id = pad_token_id
@@ -116,20 +118,24 @@ class LlavaTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
-        """AdamW with the projector in its own parameter group when it has its own learning rate."""
-        if self.optimizer is not None or self.projector_lr is None:
+        """AdamW with the projector and the vision tower each in parameter groups of their own when they have
+        their own learning rate."""
+        own_lr = {"projector.": self.projector_lr, "vision_tower.": self.vision_lr}
+        own_lr = {prefix: lr for prefix, lr in own_lr.items() if lr is not None}
+        if self.optimizer is not None or not own_lr:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups: dict[tuple[bool, bool], list] = {}
+        groups: dict[tuple[str | None, bool], list] = {}
         for name, p in opt_model.named_parameters():
             if p.requires_grad:
-                groups.setdefault((name.startswith("projector."), name in decay), []).append(p)
+                part = next((prefix for prefix in own_lr if name.startswith(prefix)), None)
+                groups.setdefault((part, name in decay), []).append(p)
         param_groups = []
-        for (is_projector, decays), params in groups.items():
+        for (part, decays), params in groups.items():
             group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-            if is_projector:
-                group["lr"] = self.projector_lr
+            if part is not None:
+                group["lr"] = own_lr[part]
             param_groups.append(group)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)

@@ -162,6 +162,28 @@ def test_qlora_merges_into_unquantized_base(root, tmp_path):
     assert max_diff(without, got) > 1e-3
 
 
+def test_hf_llava_after_a_full_vision_stage_has_the_tuned_tower(root, tmp_path):
+    """The exporter takes the tower from the loaded stage, not from the base model's folder."""
+    ckpt = write_tiny_stage_output(root, root / "stage_vision_full", vision_mode="full", seed=3)
+    export_checkpoint(ckpt, tmp_path / "llava", fmt="hf-llava")
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
+
+    _, ref_model, encoder = reference(ckpt)
+    ids = encoder.encode_prompt(Conversation(messages=[Message("user", "<image>\nWhat?")], images=["x"]))
+    image = Image.fromarray(np.random.RandomState(1).randint(0, 255, (32, 32, 3), dtype=np.uint8))
+    pixels = ref_model.vision_tower.processor(image).unsqueeze(0)
+    image_id = model.config.image_token_index
+    hf_ids = torch.tensor([[image_id if t == IMAGE_TOKEN_INDEX else t for t in ids]])
+    with torch.no_grad():
+        got = model(input_ids=hf_ids, pixel_values=pixels).logits
+    assert max_diff(reference_logits(ref_model, ids, pixels), got) < MAX_DIFF
+    # The tuned tower matters: with the base tower's weights, llava_ft's model answers otherwise.
+    ref_model.vision_tower.load_state_dict(
+        build_vision_tower(read_stage_config(ckpt).model.vision).state_dict()
+    )
+    assert max_diff(reference_logits(ref_model, ids, pixels), got) > 1e-3
+
+
 def test_text_only_checkpoint(root, tmp_path, capsys):
     ckpt = write_tiny_stage_output(root, root / "stage_text", llm_mode="lora", vision_backend=None, seed=2)
     assert main(["export", str(ckpt), "--format", "hf-llava", "--output", str(tmp_path / "x")]) == 2

@@ -52,6 +52,15 @@ def test_overrides_and_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="full cannot train a 4-bit LLM"):
         load_config(None, {"trainable.llm": "full", "model.load_in_4bit": True})
+    for mode in ("full", "lora"):
+        with pytest.raises(
+            ConfigError, match=f"^<overrides>: trainable.vision is {mode} but model.vision is null$"
+        ):
+            load_config(None, {"trainable.vision": mode, "model.vision": None})
+    cfg = load_config(None, {"trainable.vision": "full", "model.vision.model": "x", "train.vision_lr": 1e-5})
+    assert cfg.trainable.vision == "full" and cfg.train.vision_lr == 1e-5
+    with pytest.raises(ConfigError, match="trainable.vision: 'half' is not one of"):
+        load_config(None, {"trainable.vision": "half"})
 
 
 def test_empty_section_takes_defaults(tmp_path):
@@ -109,6 +118,8 @@ def test_string_fields_keep_their_text(tmp_path):
         ("train.lr", "-1e-4"),
         ("train.projector_lr", "inf"),
         ("train.projector_lr", "-1"),
+        ("train.vision_lr", "nan"),
+        ("train.vision_lr", "-1e-5"),
         ("train.warmup_ratio", "1"),
         ("train.warmup_ratio", "-0.1"),
         ("train.warmup_ratio", "nan"),

@@ -28,9 +28,13 @@ def mixed_records(shapes, out: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("deepspeed", [None, "zero2.json", "zero3.json"])
-def test_two_process_finetune(deepspeed, llava_cfg, shapes, tmp_path):
+@pytest.mark.parametrize(
+    ("deepspeed", "vision"),
+    [(None, "frozen"), ("zero2.json", "frozen"), ("zero3.json", "frozen"), ("zero3.json", "full")],
+)
+def test_two_process_finetune(deepspeed, vision, llava_cfg, shapes, tmp_path):
     cfg = llava_cfg(tmp_path / "out", stage="finetune", llm_mode="lora", max_steps=4, batch_size=2)
+    cfg.trainable.vision = vision
     if deepspeed:
         cfg.train.deepspeed = str(CONFIGS / "deepspeed" / deepspeed)
     cfg.data.train = [
@@ -71,7 +75,8 @@ def test_two_process_finetune(deepspeed, llava_cfg, shapes, tmp_path):
     # Under ZeRO-3 parameters are sharded: the saved weights must be whole, not a rank's empty shard.
     from safetensors.torch import load_file
 
-    for name in ("projector.safetensors", "llm_adapter/adapter_model.safetensors"):
+    tower = ["vision.safetensors"] if vision == "full" else []
+    for name in ("projector.safetensors", "llm_adapter/adapter_model.safetensors", *tower):
         tensors = load_file(str(tmp_path / "out" / name))
         assert tensors and all(t.numel() > 0 for t in tensors.values()), name
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 import warnings
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
 from torch import nn
 from transformers import TrainerCallback
 
 from llava_ft.config import ConfigError, ModelSection, RunConfig, TrainableSection
+from llava_ft.constants import IMAGE_TOKEN_INDEX
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability
+from llava_ft.stage import VISION_NAME, load_stage
 from llava_ft.testing.tiny_llava import tiny_config
 from llava_ft.testing.tiny_llm import write_tiny_qwen2
 from llava_ft.train.run import train
@@ -118,3 +123,100 @@ def test_wrapping_in_lora_keeps_librarys_deprecation_noise_out(tiny_root):
     messages = [str(w.message) for w in caught]
     assert not any("is_gradient_checkpointing" in m for m in messages), messages
     assert "a warning of our own" in messages
+
+
+@pytest.mark.parametrize("backend", ["open_clip", "hf"])
+def test_vision_full_opens_exactly_the_part_of_the_tower_that_reaches_the_loss(tiny_root, backend, caplog):
+    """Blocks after the feature layer and the pooling head get no gradient: opening them would make them
+    trainable in name only (counted, handed to the optimizer, saved, never changed)."""
+    cfg = tiny_config(tiny_root, llm_mode="frozen", vision_backend=backend, vision_mode="full")
+    _, model = build_model(cfg)
+    tower = model.vision_tower
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    tower(torch.randn(2, 3, tower.image_size, tower.image_size)).sum().backward()
+    reaches = {n for n, p in tower.named_parameters() if p.grad is not None}
+    with caplog.at_level(logging.INFO, logger="llava_ft"):
+        apply_trainability(model, cfg.trainable, cfg.lora)
+    opened = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert opened == reaches
+    assert len(opened) < len(list(tower.parameters()))  # the last block and the head stay frozen
+    assert any("embedding" in n for n in opened)
+    assert "stay frozen: they never reach the loss" in caplog.text
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    assert all(p.requires_grad for p in model.projector.parameters())
+
+
+def _image_logits(model) -> torch.Tensor:
+    """Logits of a prompt with one random image: they depend on every used tower weight."""
+    size = model.vision_tower.image_size
+    ids = torch.tensor([[5, *[IMAGE_TOKEN_INDEX] * model.num_image_tokens, 9, 11, 3]])
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.eval().llm(inputs_embeds=model.embed(ids, pixels), use_cache=False).logits
+
+
+def test_vision_full_trains_the_tower_at_vision_lr_and_its_output_reloads(llava_cfg, tmp_path):
+    snap = Snapshot()
+    out = tmp_path / "pretrain"
+    cfg = llava_cfg(out, stage="pretrain", llm_mode="frozen", vision_lr=1e-3, projector_lr=2e-3)
+    cfg.trainable.vision = "full"
+    result = train(cfg, callbacks=[snap])
+    model = result.model
+    opened = {n for n, p in model.named_parameters() if p.requires_grad}
+    tower = {n for n in opened if n.startswith("vision_tower.")}
+    projector = {n for n in opened if n.startswith("projector.")}
+    assert tower and opened == tower | projector
+    diff = changed(snap.before, model)
+    assert {n for n, moved in diff.items() if moved} == opened
+    assert result.summary["params"]["vision"]["trainable"] > 0
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr: dict[float, set[str]] = {}
+    for group in result.trainer.optimizer.param_groups:
+        by_lr.setdefault(group["initial_lr"], set()).update(names[id(p)] for p in group["params"])
+    assert by_lr == {1e-3: tower, 2e-3: projector}
+
+    saved = load_file(str(out / VISION_NAME))
+    assert {f"vision_tower.{k}" for k in saved} == tower
+    assert torch.equal(_image_logits(load_stage(out).model), _image_logits(model))
+
+
+def _tower_base(name: str) -> str:
+    """A tower parameter's name in the bare tower, for a tower wrapped in peft LoRA."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def test_later_stages_continue_from_a_tower_trained_in_full(llava_cfg, tmp_path):
+    pre = llava_cfg(tmp_path / "pretrain", stage="pretrain", llm_mode="frozen", max_steps=2)
+    pre.trainable.vision = "full"
+    tuned = {n: p.detach().clone() for n, p in train(pre).model.vision_tower.named_parameters()}
+
+    # A finetune with the tower frozen starts from the tuned tower and carries its file.
+    snap = Snapshot()
+    finetune = tmp_path / "finetune"
+    ft = llava_cfg(
+        finetune, stage="finetune", llm_mode="lora", max_steps=2, init_from=str(tmp_path / "pretrain")
+    )
+    result = train(ft, callbacks=[snap])
+    for n, t in tuned.items():
+        assert torch.equal(snap.before[f"vision_tower.{n}"], t), n
+    assert (finetune / VISION_NAME).read_bytes() == (tmp_path / "pretrain" / VISION_NAME).read_bytes()
+    shutil.rmtree(tmp_path / "pretrain")  # the finetune holds what it needs
+    assert torch.equal(_image_logits(load_stage(finetune).model), _image_logits(result.model))
+
+    # A LoRA stage on the tuned tower: the tower's weights go in first, under peft's names, then the adapter.
+    snap = Snapshot()
+    lora = tmp_path / "vision_lora"
+    cfg = llava_cfg(lora, stage="finetune", llm_mode="lora", max_steps=2, init_from=str(finetune))
+    cfg.trainable.vision = "lora"
+    result = train(cfg, callbacks=[snap])
+    wrapped = {
+        _tower_base(n.removeprefix("vision_tower.")): t
+        for n, t in snap.before.items()
+        if n.startswith("vision_tower.") and "lora_" not in n
+    }
+    assert wrapped.keys() == tuned.keys()
+    assert all(torch.equal(wrapped[n], t) for n, t in tuned.items())
+    assert (lora / VISION_NAME).is_file() and (lora / "vision_adapter").is_dir()
+    assert torch.equal(_image_logits(load_stage(lora).model), _image_logits(result.model))
