@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from llava_ft.cli.main import main as llava_ft
 from llava_ft.config import load_config
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.images import load_image
@@ -26,14 +29,12 @@ from llava_ft.demo import evaluate
 from llava_ft.demo.prepare import data_dir, prepare
 from llava_ft.demo.shapes import SETTINGS
 from llava_ft.inference import load_assistant
-from llava_ft.model.build import check_names
 from llava_ft.query import Query
-from llava_ft.train.early import check_inputs
-from llava_ft.train.run import train
 
 log = logging.getLogger("llava_ft")
 
-CONFIGS = Path("configs/tiny")
+# The recipe in this repository, wherever the demo is run from (tests run it in a scratch folder).
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 
 
 class Clock:
@@ -44,30 +45,36 @@ class Clock:
         print(f"\n=== {title} ({time.time() - self.start:.0f}s)", flush=True)
 
 
-def run_stage(name: str, overrides: dict[str, Any]) -> Path:
-    """`llava-ft train configs/tiny/NAME.yaml --key value ...`, in this process."""
+def run_stage(name: str, overrides: dict[str, Any], extra: list[str]) -> Path:
+    """`llava-ft train configs/tiny/NAME.yaml --overwrite --key value ...`, in this process."""
     path = CONFIGS / f"{name}.yaml"
-    flags = " ".join(f"--{k} {shlex.quote(_flag(v))}" for k, v in overrides.items())
-    print(f"$ llava-ft train {path} {flags}".rstrip(), flush=True)
-    check_inputs(load_config(path, overrides), str(path), resume=False, preflight=False)
-    cfg = load_config(path, overrides, for_training=True)
-    check_names(cfg, str(path))
-    return Path(train(cfg, overwrite=True).output_dir)
+    if path.is_relative_to(Path.cwd()):
+        path = path.relative_to(Path.cwd())
+    flags = [arg for k, v in overrides.items() for arg in (f"--{k}", _flag(v))] + extra
+    print(
+        "$ llava-ft train " + " ".join(shlex.quote(a) for a in [str(path), "--overwrite", *flags]), flush=True
+    )
+    if llava_ft(["train", str(path), "--overwrite", *flags]) != 0:
+        raise SystemExit(f"stage {name} failed")
+    return Path(overrides.get("train.output_dir", _output_dir(path)))
+
+
+def _output_dir(path: Path) -> str:
+    return load_config(path).train.output_dir
 
 
 def _flag(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, list):
-        return "[" + ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}" for d in value) + "]"
-    return str(value)
+    """An override's value as the command line takes it (YAML flow style)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("\n...")
 
 
 def _sources(data: Path, kind: str) -> list[dict[str, str]]:
     return [{"path": str(data / f"{kind}.json"), "image_folder": str(data / "images")}]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | None = None) -> int:
+    """stage_flags: more command-line flags per stage (text, pretrain, finetune, control), for a quick run."""
+    more = stage_flags or {}
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -111,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         return moved | (extra or {})
 
     clock.step("stage 0: text pretraining of the tiny LLM (its words, from plain text)")
-    run_stage("text", over("text"))
+    run_stage("text", over("text"), more.get("text", []))
     clock.step("stage 1: pretrain (image captions)")
-    run_stage("pretrain", over("pretrain"))
+    run_stage("pretrain", over("pretrain"), more.get("pretrain", []))
     clock.step("stage 2: finetune (open and multiple-choice questions)")
-    real = run_stage("finetune", over("finetune"))
+    real = run_stage("finetune", over("finetune"), more.get("finetune", []))
 
     clock.step("control: stage 2 again on blank images (from the same stage 1)")
     control = {
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "data.train": _sources(blank, "finetune"),
         "train.eval_benchmark": None,  # scored below, beside the real model
     }
-    control_ckpt = run_stage("finetune", over("finetune", control))
+    control_ckpt = run_stage("finetune", over("finetune", control), more.get("control", []))
 
     clock.step("held-out evaluation (the code of `llava-ft eval vqa` and `llava-ft eval mmbench`)")
     failed = evaluate.main(

@@ -1,8 +1,8 @@
-"""The demo pipeline end to end at toy size: prepare, text -> pretrain -> finetune with configs/tiny as
-they are, a blank-image control finetune, and the final report on both. Run in a scratch folder, so the
-recipe's own relative paths (data/demo, work_dirs/tiny) land there; overrides change only steps, batch and
-split sizes and the control's data. Checks that every part runs and the outputs are well formed, not
-accuracy."""
+"""The demo pipeline end to end at toy size, through the demo's own runner (llava_ft.demo.run, what
+scripts/demo.sh runs): prepare, text -> pretrain -> finetune with configs/tiny as they are, the blank-image
+control finetune, and the final report on both. Run in a scratch folder, so the recipe's own relative paths
+(data/demo, work_dirs/tiny) land there; extra flags change only steps, batch and split sizes. Checks that
+every part runs and the outputs are well formed, not accuracy."""
 
 from __future__ import annotations
 
@@ -13,33 +13,23 @@ import pytest
 import yaml
 
 from llava_ft.cli.main import main as llava_ft
-from llava_ft.demo import evaluate, prepare
+from llava_ft.demo import prepare
+from llava_ft.demo import run as demo_run
 from llava_ft.demo.evaluate import COLUMNS, SPLITS
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 N_TRAIN, N_HELDOUT = 24, 8
 
 
-def overrides(stage: str) -> list[str]:
+def overrides(stage: str, benchmark: bool = True) -> list[str]:
     """A couple of steps on small batches, whatever else the recipe says; a val split and an eval during
-    training that fit the toy data, where the recipe has them."""
+    training that fit the toy data, where the recipe has them (the control has no benchmark)."""
     cfg = yaml.safe_load((TINY / f"{stage}.yaml").read_text())
     out = ["--train.max_steps", "2", "--train.batch_size", "4"]
     if cfg.get("data", {}).get("val_size") is not None:
         out += ["--data.val_size", "4"]
-    if isinstance(cfg["train"].get("eval_benchmark"), dict):
+    if benchmark and isinstance(cfg["train"].get("eval_benchmark"), dict):
         out += ["--train.eval_benchmark.limit", "4", "--train.eval_benchmark.max_new_tokens", "4"]
-    return out
-
-
-def blank_data(stage: str) -> list[str]:
-    """The control: the stage's data files, read from the blank-image dataset instead."""
-    cfg = yaml.safe_load((TINY / f"{stage}.yaml").read_text())
-    out = []
-    for i, source in enumerate(cfg["data"]["train"]):
-        for key in ("path", "image_folder"):
-            if key in source:
-                out += [f"--data.train.{i}.{key}", source[key].replace("demo/shapes/", "demo/shapes_blank/")]
     return out
 
 
@@ -49,27 +39,14 @@ def test_the_demo_pipeline_runs_and_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the prepared-data cache
     monkeypatch.setattr(prepare, "N_TRAIN_IMAGES", N_TRAIN)
     monkeypatch.setattr(prepare, "N_HELDOUT_IMAGES", N_HELDOUT)
-    prepare.prepare("data/demo", blank=True)
-
-    for stage in ("text", "pretrain", "finetune"):
-        assert llava_ft(["train", str(TINY / f"{stage}.yaml"), *overrides(stage)]) == 0, stage
-    control = ["--train.output_dir", "work_dirs/tiny_blank/finetune", "--train.eval_benchmark", "null"]
-    control += blank_data("finetune")
-    assert llava_ft(["train", str(TINY / "finetune.yaml"), *overrides("finetune"), *control]) == 0
-    for stage in ("work_dirs/tiny/finetune", "work_dirs/tiny_blank/finetune"):
-        assert json.loads(Path(stage, "summary.json").read_text())["steps"] == 2
-    capsys.readouterr()
-
-    argv = [
-        "--real",
-        "work_dirs/tiny/finetune",
-        "--blank",
-        "work_dirs/tiny_blank/finetune",
-        "--batch-size",
-        "16",
-    ]
-    assert evaluate.main([*argv, "--check"]) in (0, 1)  # the targets are not met by 2 steps; only the format
+    flags = {stage: overrides(stage) for stage in ("text", "pretrain", "finetune")}
+    flags["control"] = overrides("finetune", benchmark=False)
+    # The targets are not met by 2 steps: --check exits 1; only the format is checked here.
+    assert demo_run.main(["--check"], stage_flags=flags) == 1
     printed = capsys.readouterr().out
+    for stage in ("work_dirs/tiny/finetune", "work_dirs/tiny/blank/finetune"):
+        assert json.loads(Path(stage, "summary.json").read_text())["steps"] == 2
+    assert f"$ llava-ft train {TINY / 'finetune.yaml'} --overwrite" in printed
 
     out = tmp_path / "work_dirs" / "tiny" / "heldout"
     table = json.loads((out / "table.json").read_text())
@@ -80,7 +57,7 @@ def test_the_demo_pipeline_runs_and_reports(tmp_path, monkeypatch, capsys):
                 assert c["n"] == n and 0 <= c["low"] <= c["accuracy"] <= c["high"] <= 1, (run, split, column)
         for bench in ("vqa", "mmbench"):
             results = json.loads((out / run / bench / "results.json").read_text())
-            assert results["checkpoint"] == f"work_dirs/tiny{'_blank' if run == 'blank' else ''}/finetune"
+            assert results["checkpoint"] == f"work_dirs/tiny{'/blank' if run == 'blank' else ''}/finetune"
     assert set(table["chance"]) == set(SPLITS) and 0 < table["chance"]["all"]["circular"] < 0.01
     md = (out / "table.md").read_text()
     assert md.strip() in printed
@@ -105,4 +82,4 @@ def test_the_demo_pipeline_runs_and_reports(tmp_path, monkeypatch, capsys):
             json.loads(x)["prediction"] for x in theirs.splitlines()
         ]
     lines = printed.splitlines()
-    assert all(line.startswith("target missed: ") for line in lines[lines.index(md.splitlines()[-1]) + 2 :])
+    assert any(line.startswith("target missed: ") for line in lines[lines.index(md.splitlines()[-1]) :])
