@@ -28,7 +28,7 @@ from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.files import atomic_path
 
 # Bump when the generated content changes, so cached datasets written by older code are regenerated.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 QTYPES = ("colour", "shape", "count", "position")
 # LLaVA's MMBench instruction, the text the evaluation appends (llava_ft.eval.mmbench.EN_INSTRUCTION).
@@ -137,6 +137,10 @@ SETTINGS: dict[str, Setting] = {
         text_chats=_chats(_ALT_COLOURS, _ALT_SHAPES, _ALT_COUNTS, _ALT_PLURALS),
     ),
 }
+
+# Rotation of each shape, uniform in [-ROTATION, ROTATION] degrees: tilted as in photos (turned all the way
+# round, a tiny tower trained for a minute cannot tell a turned square from a circle).
+ROTATION = 20.0
 
 BACKGROUNDS = ("flat", "gradient", "stripes", "split", "noise")
 
@@ -362,7 +366,6 @@ def generate_shapes_dataset(
     blank: bool = False,
     setting: str = "default",
     mc_fraction: float = 0.5,
-    text_mc_every: int = 4,
 ) -> ShapesDataset:
     """Write the dataset under out_dir, or return it as is if out_dir already holds one with these parameters.
 
@@ -393,7 +396,6 @@ def generate_shapes_dataset(
         "seed": seed,
         "blank": blank,
         "mc_fraction": mc_fraction,
-        "text_mc_every": text_mc_every,
     }
     existing = _complete_dataset(root, params)
     if existing is not None:
@@ -423,9 +425,7 @@ def generate_shapes_dataset(
         {"id": f"pretrain-{i:05d}", "image": names[i], "conversations": _turns([(IMAGE_TOKEN, x.caption(s))])}
         for i, x in enumerate(train)
     ]
-    finetune, asked = _finetune_records(
-        train, plans, names, s, random.Random(f"shapes/{setting}/{seed}/mc"), text_mc_every
-    )
+    finetune, asked = _finetune_records(train, plans, names, s, random.Random(f"shapes/{setting}/{seed}/mc"))
     held = []
     # The answer's letter cycles per question type and combination, so no letter is a better guess for any.
     letter_turn: Counter[tuple[str, str]] = Counter()
@@ -504,7 +504,6 @@ def vocab_words(setting: Setting | str = "default") -> tuple[str, ...]:
         "a at the and there is are shape shapes it they",
         MC_INSTRUCTION,
         *LETTERS,
-        *_STATEMENTS.values(),
         *(q for qs in s.questions.values() for q in qs),
         *(c for qtype in QTYPES for c in s.choices(qtype)),
         *s.plurals.values(),
@@ -562,7 +561,7 @@ def _sample_image(
             shape=shape,
             quadrants=quadrants,
             sizes=tuple(rng.randint(round(q * 0.3), round(q * 0.42)) for _ in quadrants),
-            angles=tuple(round(rng.uniform(0, 360), 1) for _ in quadrants),
+            angles=tuple(round(rng.uniform(-ROTATION, ROTATION), 1) for _ in quadrants),
             offsets=tuple((rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) for _ in quadrants),
             background=_sample_background(rng),
             tint=(rng.randint(-20, 20), rng.randint(-20, 20), rng.randint(-20, 20)),
@@ -635,11 +634,8 @@ def _finetune_records(
     names: list[str],
     s: Setting,
     rng: random.Random,
-    text_mc_every: int = 0,
 ) -> tuple[list[dict], Counter[str]]:
-    """One record per train image (its planned questions), a text-only chat after every 20 images, and with
-    text_mc_every a text-only multiple-choice question after every that many images: the answer stated in
-    the text, so the tiny LLM learns to pick an option's letter without having to see anything first.
+    """One record per train image (its planned questions), a text-only chat after every 20 images.
     Multiple-choice questions have 2-4 options; the answer's letter cycles through the letters there are,
     so each letter is the answer equally often."""
     records: list[dict] = []
@@ -665,30 +661,7 @@ def _finetune_records(
             k = (i + 1) // 20 - 1
             question, answer = s.text_chats[k % len(s.text_chats)]
             records.append({"id": f"text-{k:05d}", "conversations": _turns([(question, answer)])})
-        if text_mc_every and (i + 1) % text_mc_every == 0:
-            k = (i + 1) // text_mc_every - 1
-            qtype = QTYPES[k % len(QTYPES)]
-            answer = rng.choice(s.choices(qtype))
-            n = rng.choice((2, 3, 4, 4))
-            letter = letter_turn[n] % n
-            letter_turn[n] += 1
-            options = _options(rng, s.choices(qtype), answer, n, letter)
-            prompt = f"{_STATEMENTS[qtype].format(answer)} " + mc_prompt(
-                rng.choice(s.questions[qtype]), options
-            )
-            records.append({"id": f"text-mc-{k:05d}", "conversations": _turns([(prompt, LETTERS[letter])])})
-            asked[f"{qtype}_text_mc"] += 1
     return records, asked
-
-
-# The one fact a text-only multiple-choice record states before its question: single attributes only, so no
-# colour-shape pair is ever named together.
-_STATEMENTS = {
-    "colour": "The colour is {}.",
-    "shape": "The shape is {}.",
-    "count": "The number is {}.",
-    "position": "The place is {}.",
-}
 
 
 def _turns(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:

@@ -411,21 +411,10 @@ def test_finetune_multiple_choice_balanced_and_in_mmbench_prompt(ds):
     setting = ds.params["setting"]
     letters: Counter[tuple[int, str]] = Counter()
     styles: Counter[tuple[str, str]] = Counter()
-    text_mc = 0
     for r in load(ds.finetune):
         for question, answer in qa_pairs(r):
             if "image" not in r:
-                assert "<image>" not in json.dumps(r)
-                if not r["id"].startswith("text-mc-"):
-                    assert parse_mc(question) is None
-                    continue
-                # A text-only multiple-choice question: one stated fact, the answer is the option stating it.
-                statement, asked = parse_mc(question)[0].split(". ", 1)
-                qtype, text, options = resolved(setting, question, answer)
-                assert_options(setting, qtype, options, text)
-                assert statement.endswith(" " + text) and asked in SETTINGS[setting].questions[qtype]
-                letters[len(options), answer] += 1
-                text_mc += 1
+                assert parse_mc(question) is None and "<image>" not in json.dumps(r)
                 continue
             qtype, text, options = resolved(setting, question, answer)
             styles[qtype, "open" if options is None else "mc"] += 1
@@ -438,7 +427,7 @@ def test_finetune_multiple_choice_balanced_and_in_mmbench_prompt(ds):
     for n in (2, 3, 4):
         per_letter = [letters[n, x] for x in LETTERS[:n]]
         assert min(per_letter) > 0 and max(per_letter) - min(per_letter) <= 1, (n, per_letter)
-    assert text_mc and sum(letters.values()) == text_mc + sum(n for (_, s), n in styles.items() if s == "mc")
+    assert sum(letters.values()) == sum(n for (_, s), n in styles.items() if s == "mc")
     for qtype in QTYPES:  # both styles for every type, neither much rarer (mc_fraction 0.5)
         open_n, mc_n = styles[qtype, "open"], styles[qtype, "mc"]
         assert 0.6 * open_n <= mc_n <= open_n / 0.6, (qtype, open_n, mc_n)
