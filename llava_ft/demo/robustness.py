@@ -52,7 +52,8 @@ def summarise(tables: dict[str, dict], seconds: dict[str, float]) -> tuple[str, 
     return markdown_table(headers, rows), summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | None = None) -> int:
+    """stage_flags: passed to each demo run (more command-line flags per stage, for a quick run)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         setting, _, seed = name.partition(":")
         out = args.out / f"{setting}_{seed or 0}"
         started = time.time()
-        demo_run.main(["--root", args.root, "--out", str(out), "--seed", seed or "0", "--setting", setting])
+        argv = ["--root", args.root, "--out", str(out), "--seed", seed or "0", "--setting", setting]
+        demo_run.main(argv, stage_flags=stage_flags)
         seconds[name] = time.time() - started
         tables[name] = json.loads((out / "heldout" / "table.json").read_text())
     text, summary = summarise(tables, seconds)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from llava_ft.cli.main import main as llava_ft
-from llava_ft.demo import prepare
+from llava_ft.demo import prepare, robustness
 from llava_ft.demo import run as demo_run
 from llava_ft.demo.evaluate import COLUMNS, SPLITS
 
@@ -83,3 +83,28 @@ def test_the_demo_pipeline_runs_and_reports(tmp_path, monkeypatch, capsys):
         ]
     lines = printed.splitlines()
     assert any(line.startswith("target missed: ") for line in lines[lines.index(md.splitlines()[-1]) :])
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_another_seed_and_setting(tmp_path, monkeypatch, capsys):
+    """The same recipe pointed at other data (another seed, the alt setting) by the runner's own overrides;
+    the summary gives each run's cells and min..max per setting."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(prepare, "N_TRAIN_IMAGES", N_TRAIN)
+    monkeypatch.setattr(prepare, "N_HELDOUT_IMAGES", N_HELDOUT)
+    flags = {stage: overrides(stage) for stage in ("text", "pretrain", "finetune")}
+    flags["control"] = overrides("finetune", benchmark=False)
+    assert robustness.main(["--runs", "default:1", "alt:2"], stage_flags=flags) == 0
+    printed = capsys.readouterr().out
+    for name, data in (("default_1", "shapes_default_1"), ("alt_2", "shapes_alt_2")):
+        table = json.loads(Path("work_dirs/tiny_runs", name, "heldout", "table.json").read_text())
+        assert table["checkpoints"]["real"]["data"] == f"data/demo/{data}"
+        assert table["checkpoints"]["blank"]["data"] == f"data/demo/{data}_blank"
+        config = yaml.safe_load(Path("work_dirs/tiny_runs", name, "finetune", "llava_ft.yaml").read_text())
+        # (a stage output records its paths absolute)
+        assert config["data"]["train"][0]["path"] == str(tmp_path / f"data/demo/{data}/finetune.json")
+        assert config["train"]["eval_benchmark"]["data"].endswith(f"data/demo/{data}/heldout_vqa.jsonl")
+    summary = json.loads(Path("work_dirs/tiny_runs/summary.json").read_text())
+    assert set(summary["runs"]) == {"default:1", "alt:2"} and set(summary["ranges"]) == {"default", "alt"}
+    assert "default min..max (1)" in printed and "alt min..max (1)" in printed
