@@ -114,9 +114,12 @@ def chat_cli(capsys, checkpoint: Path, questions: list[str], image: Path | None 
         argv += ["--question", q]
     capsys.readouterr()
     assert main(argv) == 0
-    lines = capsys.readouterr().out.splitlines()
+    # One answer per line; split on "\n" alone: an untrained model's answer may hold "\r", "\x85" or
+    # "\u2028", which str.splitlines would also cut at.
+    lines = capsys.readouterr().out.split("\n")[:-1]
     assert len(lines) == len(questions)
-    return [line.replace("\\n", "\n").replace("\\\\", "\\") for line in lines]
+    # The page's innerText shows a carriage return as a line break.
+    return [line.replace("\\n", "\n").replace("\\\\", "\\").replace("\r", "\n") for line in lines]
 
 
 # ------------------------------------------------------------------------------------------ the browser
