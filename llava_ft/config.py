@@ -793,20 +793,11 @@ def validate(cfg: RunConfig) -> None:
     _need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
     # lr 0 is allowed: a run that only checks the pipeline (and tests) trains nothing on purpose.
     _need(math.isfinite(t.lr) and t.lr >= 0, "train.lr", t.lr, "a finite number >= 0")
-    if t.projector_lr is not None:
-        _need(
-            math.isfinite(t.projector_lr) and t.projector_lr >= 0,
-            "train.projector_lr",
-            t.projector_lr,
-            "a finite number >= 0 or null (train.lr)",
-        )
-    if t.vision_lr is not None:
-        _need(
-            math.isfinite(t.vision_lr) and t.vision_lr >= 0,
-            "train.vision_lr",
-            t.vision_lr,
-            "a finite number >= 0 or null (train.lr)",
-        )
+    for name, lr in (("projector_lr", t.projector_lr), ("vision_lr", t.vision_lr)):
+        if lr is not None:
+            _need(
+                math.isfinite(lr) and lr >= 0, f"train.{name}", lr, "a finite number >= 0 or null (train.lr)"
+            )
     _need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, ">= 0 and < 1")
     _need(
         math.isfinite(t.weight_decay) and t.weight_decay >= 0,

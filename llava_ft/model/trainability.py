@@ -21,19 +21,20 @@ def vision_lora_targets(tower: nn.Module) -> list[str]:
     later blocks never reach the loss, so adapters there would be trainable in name only. nn.MultiheadAttention
     (open_clip) is targeted whole, because it reads `out_proj.weight` directly and a LoRA on out_proj alone
     would never receive a gradient."""
-    last = getattr(tower, "block", None)
     mha = [name for name, m in tower.named_modules() if isinstance(m, nn.MultiheadAttention)]
     names = mha + [
         name
         for name, m in tower.named_modules()
         if isinstance(m, nn.Linear) and not any(name.startswith(f"{outer}.") for outer in mha)
     ]
+    return sorted(name for name in names if _in_used_block(tower, name))
 
-    def used(name: str) -> bool:
-        found = _BLOCK_INDEX.search(name)
-        return last is None or found is None or int(found.group(1)) <= last
 
-    return sorted(name for name in names if used(name))
+def _in_used_block(tower: nn.Module, name: str) -> bool:
+    """Whether `name` lies outside the block list, or in a block up to the one whose output is used."""
+    last = getattr(tower, "block", None)
+    found = _BLOCK_INDEX.search(name)
+    return last is None or found is None or int(found.group(1)) <= last
 
 
 _BLOCK_INDEX = re.compile(r"\.(?:resblocks|layers)\.(\d+)\.")  # open_clip's and transformers' block lists
@@ -45,11 +46,9 @@ _HEAD = re.compile(r"^model\.(?:vision_model\.)?(?:ln_post|proj|attn_pool|head|p
 def open_used_tower(tower: nn.Module) -> int:
     """Open every parameter of the tower that reaches the loss (patch, class and position embeddings, norms,
     the blocks up to `tower.block`); returns how many parameters stay frozen as unused."""
-    last = getattr(tower, "block", None)
     frozen = 0
     for name, p in tower.named_parameters():
-        found = _BLOCK_INDEX.search(name)
-        used = not _HEAD.search(name) and (last is None or found is None or int(found.group(1)) <= last)
+        used = not _HEAD.search(name) and _in_used_block(tower, name)
         p.requires_grad_(used)
         frozen += 0 if used else p.numel()
     return frozen
