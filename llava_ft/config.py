@@ -24,6 +24,23 @@ import yaml
 
 
 @dataclass
+class AnyresSection:
+    """LLaVA-NeXT's any-resolution tiling: the image is resized to the best-fitting canvas of `grid_pinpoints`,
+    cut into tower-sized tiles, and a downscaled base view comes first; features are unpadded and a learned
+    newline embedding closes each row of tiles' features."""
+
+    grid_pinpoints: list[list[int]] | None = None
+    """[height, width] canvases in pixels an image may be tiled to (LLaVA-NeXT's image_grid_pinpoints); each side
+    a multiple of the tower's input size. None: LLaVA-NeXT's 1x2, 2x1, 2x2, 3x1 and 1x3 tiles at the tower's
+    size (336 px: [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])."""
+    max_tiles: int | None = None
+    """Leave out canvases of more tiles than this (2x2 is 4 tiles; the base view is not counted). None: all."""
+    max_image_tokens: int | None = None
+    """Leave out canvases whose image can carry more tokens than this (base view, tiles and row newlines, at the
+    least favourable aspect ratio), so no image exceeds it. None: no cap."""
+
+
+@dataclass
 class VisionSection:
     backend: Literal["open_clip", "hf"] = "open_clip"
     """Which library builds the CLIP tower: open_clip, or transformers (CLIPVisionModel)."""
@@ -40,6 +57,9 @@ class VisionSection:
     """Average-pool the patch grid by this factor (2: 8x8 patches -> 16 tokens). 1 keeps all patches."""
     image_aspect: Literal["pad", "resize", "crop"] = "pad"
     """pad: pad to square with the mean colour (LLaVA-1.5); resize: squash; crop: centre crop."""
+    anyres: AnyresSection | None = None
+    """Any-resolution tiling (LLaVA-NeXT); None: one view of the tower's size per image (LLaVA-1.5). Needs pool 1;
+    image_aspect then shapes only the base view."""
 
 
 @dataclass
@@ -127,6 +147,9 @@ class DataSection:
     """Chat template: internlm2_chat, qwen2_chat, llama2_chat, llama3_chat, vicuna_v1, plain, tokenizer."""
     max_length: int = 2048
     """Longest sample in tokens, image tokens included. Longer ones are truncated after the last image, or dropped."""
+    max_image_tokens: int | None = None
+    """Most image tokens one sample may carry (all its images together); a sample over it is dropped and counted.
+    None: only max_length bounds them. With model.vision.anyres one large image can carry thousands."""
     last_turn_only: bool = False
     """Train only the final assistant turn of multi-turn conversations."""
     packing: bool = False
@@ -751,6 +774,35 @@ def _validate_eval(cfg: RunConfig) -> None:
         _need(bench.max_new_tokens >= 1, "train.eval_benchmark.max_new_tokens", bench.max_new_tokens, ">= 1")
 
 
+def _validate_images(cfg: RunConfig) -> None:
+    if cfg.data.max_image_tokens is not None:
+        _need(
+            cfg.data.max_image_tokens >= 1, "data.max_image_tokens", cfg.data.max_image_tokens, ">= 1 or null"
+        )
+    vision = cfg.model.vision
+    if vision is None or vision.anyres is None:
+        return
+    a = vision.anyres
+    if vision.pool != 1:
+        raise ConfigError(
+            f"model.vision.anyres needs model.vision.pool 1 (LLaVA-NeXT pools nothing), got {vision.pool}"
+        )
+    if a.max_tiles is not None:
+        _need(a.max_tiles >= 1, "model.vision.anyres.max_tiles", a.max_tiles, ">= 1 or null")
+    if a.max_image_tokens is not None:
+        _need(
+            a.max_image_tokens >= 1,
+            "model.vision.anyres.max_image_tokens",
+            a.max_image_tokens,
+            ">= 1 or null",
+        )
+    for i, point in enumerate(a.grid_pinpoints or []):
+        if len(point) != 2 or min(point) < 1:
+            raise ConfigError(
+                f"model.vision.anyres.grid_pinpoints[{i}]: expected [height, width] in pixels, got {point}"
+            )
+
+
 def validate(cfg: RunConfig) -> None:
     if cfg.trainable.vision != "frozen" and cfg.model.vision is None:
         raise ConfigError(f"trainable.vision is {cfg.trainable.vision} but model.vision is null")
@@ -767,6 +819,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.data.num_proc is not None and cfg.data.num_proc < 1:
         raise ConfigError(f"data.num_proc must be >= 1 or null (automatic), got {cfg.data.num_proc}")
+    _validate_images(cfg)
     if cfg.model.loss_chunk_size <= 0:
         raise ConfigError("model.loss_chunk_size must be positive")
     _validate_names(cfg)
