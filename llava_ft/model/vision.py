@@ -23,6 +23,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from llava_ft.config import VisionSection
+from llava_ft.data.anyres import AnyresGeometry, ImageTokens
 from llava_ft.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Aspect, ImageProcessor
 from llava_ft.errors import InputError
 
@@ -159,7 +160,14 @@ def build_vision_tower(cfg: VisionSection) -> VisionTower:
 
 
 def tokens_per_image(cfg: VisionSection) -> int:
-    """Image tokens per image of the tower `cfg` describes, read from its config files (no weights load)."""
+    """Image tokens per image (one view) of the tower `cfg` describes, read from its config files (no weights
+    load)."""
+    size, patch = _tower_geometry(cfg)
+    return (_patch_grid(size, patch, cfg.pool) // cfg.pool) ** 2
+
+
+def _tower_geometry(cfg: VisionSection) -> tuple[int, int]:
+    """(input size, patch size) in pixels of the tower `cfg` describes, from its config files."""
     if cfg.backend == "open_clip":
         vision_cfg = _open_clip_config(cfg.model).get("vision_cfg", {})
         defaults = CLIPVisionCfg()  # the values of keys a model config leaves out
@@ -170,7 +178,22 @@ def tokens_per_image(cfg: VisionSection) -> int:
         size, patch = config.image_size, config.patch_size
     else:
         raise ValueError(f"unknown vision backend {cfg.backend!r}: expected 'open_clip' or 'hf'")
-    return (_patch_grid(size, patch, cfg.pool) // cfg.pool) ** 2
+    return size, patch
+
+
+def image_token_rule(cfg: VisionSection) -> ImageTokens:
+    """What one image costs in tokens with the tower `cfg` describes: a fixed count, or with `cfg.anyres` the
+    any-resolution geometry (its count depends on the image's size). Read from config files only."""
+    if cfg.anyres is None:
+        return tokens_per_image(cfg)
+    size, patch = _tower_geometry(cfg)
+    a = cfg.anyres
+    try:
+        return AnyresGeometry.build(
+            size, size // patch, a.grid_pinpoints, max_tiles=a.max_tiles, max_image_tokens=a.max_image_tokens
+        )
+    except ValueError as e:
+        raise InputError(f"model.vision.anyres: {e}") from None
 
 
 def _open_clip_config(name: str) -> dict[str, Any]:
