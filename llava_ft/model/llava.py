@@ -210,11 +210,13 @@ class LlavaModel(nn.Module):
         self.llm.enable_input_require_grads()
 
 
-def _tokens_text(lengths: list[int]) -> str:
-    """ "2 image(s) x 576 tokens", or "2 image(s) of 1200 + 950 tokens" when the counts differ."""
+def _tokens_text(lengths: list[int], shown: int = 6) -> str:
+    """Images' token counts for an error line: "2 image(s) x 576 tokens", or when they differ
+    "3 image(s) of 1200 + 950 + 700 tokens" (the first `shown`, then how many more)."""
     if len(set(lengths)) <= 1:
         return f"{len(lengths)} image(s) x {lengths[0] if lengths else 0} tokens"
-    return f"{len(lengths)} image(s) of {' + '.join(map(str, lengths))} tokens"
+    more = f" + ... ({len(lengths) - shown} more)" if len(lengths) > shown else ""
+    return f"{len(lengths)} image(s) of {' + '.join(map(str, lengths[:shown]))}{more} tokens"
 
 
 def _check_rows(positions: list[int], counts: list[int], lengths: list[int]) -> None:

@@ -4,6 +4,7 @@ count checks, the dummy image reaching the newline, and the newline saved and lo
 
 from __future__ import annotations
 
+import copy
 import random
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.anyres import AnyresGeometry, AnyresImageProcessor, pixel_inputs
 from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.templates import get_template
+from llava_ft.inference import Assistant
 from llava_ft.model.anyres import pack_image
 from llava_ft.model.build import build_model, build_vision
 from llava_ft.model.llava import LlavaModel
@@ -150,7 +152,9 @@ def item(model: LlavaModel, seed: int, spans: list) -> dict:
         else:
             ids += torch.randint(1, VOCAB, (span,), generator=g).tolist()
     labels = [IGNORE_INDEX if t == IMAGE_TOKEN_INDEX else t for t in ids]
-    return {"input_ids": ids, "labels": labels, **pixel_inputs(model.vision_tower.processor, images)}
+    # "images" (the PIL images) is not read by the collators.
+    pixels = pixel_inputs(model.vision_tower.processor, images)
+    return {"input_ids": ids, "labels": labels, "images": images, **pixels}
 
 
 def test_embed_places_each_images_tokens_and_checks_counts(clip_folder) -> None:
@@ -221,10 +225,18 @@ def test_dummy_image_reaches_the_newline(clip_folder) -> None:
     assert all(p.grad is not None and not p.grad.any() for p in grads.values())
 
 
-def test_build_gives_anyres_processor_and_newline_saved_and_loaded(tmp_path) -> None:
-    cfg = tiny_config(tmp_path / "tiny", vision_backend="hf", llm_kind="llama", llm_mode="frozen")
+@pytest.fixture(scope="module")
+def tiny_anyres(tmp_path_factory):
+    """(config, tokenizer, model) of a tiny any-resolution LLaVA built from its config."""
+    cfg = tiny_config(tmp_path_factory.mktemp("tiny"), vision_backend="hf", llm_mode="frozen")
     cfg.model.vision.anyres = AnyresSection(max_tiles=2)
     tokenizer, model = build_model(cfg)
+    return cfg, tokenizer, model
+
+
+def test_build_gives_anyres_processor_and_newline_saved_and_loaded(tiny_anyres, tmp_path) -> None:
+    cfg, tokenizer, model = tiny_anyres
+    cfg = copy.deepcopy(cfg)
     processor = model.vision_tower.processor
     assert (
         isinstance(processor, AnyresImageProcessor) and processor.base_aspect == cfg.model.vision.image_aspect
@@ -243,3 +255,20 @@ def test_build_gives_anyres_processor_and_newline_saved_and_loaded(tmp_path) -> 
     _, fixed = build_model(cfg, tokenizer=tokenizer)
     assert not hasattr(fixed.projector, "image_newline")
     assert not getattr(fixed.vision_tower.processor, "anyres", False) and fixed.image_tokens == 16
+
+
+def test_assistant_encodes_views_and_passes_image_sizes(tiny_anyres) -> None:
+    """Left-padded generation inputs hold each image's packed features where a training batch has them."""
+    cfg, tokenizer, model = tiny_anyres
+    assistant = Assistant(model, tokenizer, get_template(cfg.data.template, tokenizer))
+    items = [item(model, 6, [2, (30, 100), 3, (64, 20)]), item(model, 7, [4]), item(model, 8, [(50, 40), 1])]
+    got = assistant._left_padded([x["input_ids"] for x in items], [x["images"] for x in items])
+    batch = Collator(pad_token_id=0)(items)
+    with torch.no_grad():
+        want = model.embed(
+            batch["input_ids"], batch["pixel_values"], batch["image_counts"], batch["image_sizes"]
+        )
+    width = got["inputs_embeds"].shape[1]
+    for r, x in enumerate(items):
+        n = len(x["input_ids"])
+        assert torch.equal(got["inputs_embeds"][r, width - n :], want[r, :n])
