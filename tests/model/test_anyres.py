@@ -272,3 +272,27 @@ def test_assistant_encodes_views_and_passes_image_sizes(tiny_anyres) -> None:
     for r, x in enumerate(items):
         n = len(x["input_ids"])
         assert torch.equal(got["inputs_embeds"][r, width - n :], want[r, :n])
+
+
+def test_newline_is_a_projector_parameter_and_fixed_weights_load(caplog) -> None:
+    """Initialised as LlavaNext's (std 1/sqrt(hidden)); a projector trained without anyres loads into an anyres
+    one (LLaVA-NeXT's pretrain-then-tile recipe) with the newline left as initialised."""
+    torch.manual_seed(0)
+    anyres = build_projector("mlp2x_gelu", 16, 1024, newline=True)
+    assert "image_newline" in dict(anyres.named_parameters())
+    assert abs(float(anyres.image_newline.std()) * 32 - 1) < 0.1
+    fixed = build_projector("mlp2x_gelu", 16, 1024)
+    newline = anyres.image_newline.detach().clone()
+    with caplog.at_level("WARNING", logger="llava_ft"):
+        anyres.load_state_dict(fixed.state_dict())
+    assert "without image_newline" in caplog.text
+    assert torch.equal(anyres.linear_2.weight, fixed.linear_2.weight) and torch.equal(
+        anyres.image_newline, newline
+    )
+    other = build_projector("mlp2x_gelu", 16, 1024, newline=True)
+    anyres.load_state_dict(other.state_dict())
+    assert torch.equal(anyres.image_newline, other.image_newline)
+    with pytest.raises(RuntimeError, match="image_newline"):
+        anyres.load_state_dict({"linear_9.weight": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="image_newline"):
+        fixed.load_state_dict(other.state_dict())  # a fixed projector refuses the newline
