@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -175,6 +175,27 @@ class AnyresImageProcessor:
     def image_size(self) -> int:
         """Side of every view: the tower's input size."""
         return self.geometry.tile
+
+    @property
+    def matches_llava_next(self) -> bool:
+        """Whether transformers' LlavaNextImageProcessor with `llava_next_kwargs()` makes these exact views (its
+        base view is squashed: base_aspect "resize")."""
+        return self.base_aspect == "resize"
+
+    def llava_next_kwargs(self) -> dict[str, Any]:
+        """The settings of transformers' LlavaNextImageProcessor that make these views (the base view too when
+        `matches_llava_next`)."""
+        tile = self.geometry.tile
+        return {
+            "size": {"shortest_edge": tile},
+            "crop_size": {"height": tile, "width": tile},
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "image_grid_pinpoints": [list(p) for p in self.geometry.pinpoints],
+            "resample": int(Image.Resampling.BICUBIC),
+            "do_pad": True,
+            "do_convert_rgb": True,
+        }
 
     def views(self, img: Image.Image) -> list[Image.Image]:
         """The RGB views the tower sees, before normalisation: base view first, then tiles row-major."""
