@@ -142,7 +142,7 @@ class AnyresImageProcessor:
     """PIL image -> [n_views, 3, tile, tile]: the base view, then the tiles of the image resized to its best
     canvas, row-major, as transformers' LlavaNextImageProcessor (PIL backend) makes them.
 
-    The image is resized to fit the canvas with its aspect kept (bicubic, sides rounded up), centred and padded
+    The image is resized to fit the canvas with its aspect kept (bicubic, rounded up), centred and padded
     with black, then cut into tiles. The base view is the wrapped fixed processor's view of the whole image
     (`base_aspect`): LlavaNext has no such choice and squashes it to a square, which is "resize"; any other
     aspect gives a base view that LlavaNext's processor does not make.

@@ -1,7 +1,9 @@
 """The LLaVA model: vision tower -> projector -> features scattered into the LLM's input embeddings.
 
-`<image>` is expanded into N placeholder ids (IMAGE_TOKEN_INDEX) by the tokenizer step, so merging is a
-masked scatter with a count check, as in transformers' Llava. Labels stay aligned with input_ids; the
+`<image>` is expanded into as many placeholder ids (IMAGE_TOKEN_INDEX) as the image has features by the
+tokenizer step, so merging is a masked scatter with count checks, as in transformers' Llava. An any-resolution
+image (`image_sizes` given) is several tower views, projected then packed as LLaVA-NeXT packs them
+(model/anyres.py), so its count depends on its size. Labels stay aligned with input_ids; the
 shift happens once: inside the HF causal LM (loss "plain"), or in `model/loss.py` (chunked / fused), which
 takes the decoder's hidden states so the full-vocabulary logits are never built.
 """
