@@ -48,8 +48,8 @@ class MLPProjector(nn.Module):
     ) -> torch.Tensor | list[torch.Tensor]:
         """[n_views, N, in_dim] -> [n_views, N, out_dim]; with `image_sizes` ((height, width) per image) and
         `geometry`, each image's views packed with the newline: a list of [tokens of the image, out_dim].
-        Packing happens here because the newline must be read while this module runs: ZeRO-3 gathers a
-        module's parameters only then."""
+        Packed here, so the newline is used in its own module's forward, where ZeRO-3 gathers a module's
+        parameters."""
         x = self.linear_1(features)
         for i in range(2, self.depth + 1):
             x = getattr(self, f"linear_{i}")(self.act(x))
