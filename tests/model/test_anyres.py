@@ -27,7 +27,7 @@ from llava_ft.model.projector import build_projector
 from llava_ft.model.vision import image_token_rule
 from llava_ft.stage import load_stage, save_stage_output
 from llava_ft.testing.tiny_llava import tiny_config
-from llava_ft.testing.tiny_vision import write_tiny_hf_clip
+from llava_ft.testing.tiny_vision import write_tiny_hf_clip, write_tiny_open_clip
 
 HIDDEN, VOCAB = 32, 50
 # (height, width) tiled to every canvas of LLaVA-NeXT's grids, with odd margins and images below one tile.
@@ -137,6 +137,21 @@ def test_image_features_equal_llava_next_model(clip_folder, pinpoints) -> None:
     for img, ours, reference in zip(images, got, want):
         assert ours.shape[0] == geometry.num_tokens(img.height, img.width)
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_build_vision_wraps_the_processor_of_either_backend(clip_folder, tmp_path) -> None:
+    open_clip_folder = write_tiny_open_clip(tmp_path / "oc", image_size=32, patch_size=8, width=32)
+    for vision in (
+        VisionSection(backend="hf", model=str(clip_folder), image_aspect="resize"),
+        VisionSection(backend="open_clip", model=f"local-dir:{open_clip_folder}", image_aspect="crop"),
+    ):
+        fixed = build_vision(ModelSection(vision=vision)).processor
+        vision.anyres = AnyresSection(grid_pinpoints=[[32, 64], [64, 32]])
+        processor = build_vision(ModelSection(vision=vision)).processor
+        assert isinstance(processor, AnyresImageProcessor)
+        assert (processor.mean, processor.std, processor.base_aspect) == (fixed.mean, fixed.std, fixed.aspect)
+        assert processor.geometry == AnyresGeometry(32, 4, ((32, 64), (64, 32)))
+        assert processor.matches_llava_next == (vision.image_aspect == "resize")
 
 
 def item(model: LlavaModel, seed: int, spans: list) -> dict:
