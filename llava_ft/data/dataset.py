@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 
 from llava_ft.config import DataSection
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava_ft.data.anyres import pixel_inputs
 from llava_ft.data.conversation import DataError
 from llava_ft.data.faults import IMAGE_FAULTS, Fault, ImageFault
 from llava_ft.data.image_check import ImageCheck, check_images
@@ -118,14 +117,15 @@ class SFTDataset(Dataset):
             source = str(row["source"])  # "file:line": the record to fix, not only the image
             if self.image_processor is None:
                 raise DataError(source, "sample has images but the model has no vision tower")
-            images = []
+            pixels = []
             for name in row["images"]:
                 path = self.folders[part] / name
                 try:
-                    images.append(load_image(path))
+                    image = load_image(path)
                 except DataError as err:
                     raise ImageFault(source, str(path), err.problem) from err
-            item.update(pixel_inputs(self.image_processor, images))
+                pixels.append(self.image_processor(image))
+            item["pixel_values"] = torch.stack(pixels)
         return item
 
 
