@@ -27,6 +27,7 @@ except ImportError:  # not built into every Python (Windows): chat then reads pl
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
 from llava_ft.folders import add_base_path_args, base_overrides, folder_has_vision, saved_template_name
+from llava_ft.query import Query
 
 if TYPE_CHECKING:
     from llava_ft.inference import Assistant
@@ -38,12 +39,6 @@ HISTORY_LENGTH = 1000
 
 class ChatError(ValueError):
     """A user mistake inside the session (bad image, unknown command): reported, the session goes on."""
-
-
-def with_images(text: str, n_images: int) -> str:
-    """A user turn carrying `n_images` images: their markers in front, as training puts the images of a record
-    that has no marker (data/sources.py), so one image reads `<image>\\n` + text as LLaVA's prompts do."""
-    return f"{IMAGE_TOKEN * n_images}\n{text}" if n_images else text
 
 
 @dataclass
@@ -69,7 +64,8 @@ class ChatSession:
         conversation and the pending images as they were."""
         if IMAGE_TOKEN in text:
             raise ChatError(f"{IMAGE_TOKEN} is reserved for images; use /image PATH")
-        messages = [*self.history, Message("user", with_images(text, len(self.pending)))]
+        # The pending images' markers go in front of the question, as for an evaluation question (Query).
+        messages = [*self.history, Message("user", Query(text, self.pending).user_text())]
         images = [*self.images, *self.pending]
         opening = [Message("system", self.system)] if self.system is not None else []
         answer = self.assistant.generate_messages(
