@@ -13,7 +13,8 @@ class Query:
     question: str
     """User text. With images and no `<image>` marker in it, one marker per image is put in front."""
     image: object | None = None
-    """A PIL image, a list of PIL images (one per `<image>` marker, in order), or None for a text-only question."""
+    """A PIL image, a list of PIL images (one per `<image>` marker, in order), or None (a text-only
+    question)."""
 
     @property
     def images(self) -> list:

@@ -53,7 +53,8 @@ class ChatSession:
     images: list = field(default_factory=list)
     """PIL images of `history`, one per `<image>` marker, in order."""
     pending: list = field(default_factory=list)
-    """PIL images added since the last question; the next question carries them (`reset` puts `opening` here)."""
+    """PIL images added since the last question; the next question carries them (`reset` puts `opening`
+    here)."""
     gen: dict = field(default_factory=dict)
     """max_new_tokens, temperature, top_p for generate_messages."""
     system: str | None = None

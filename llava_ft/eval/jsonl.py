@@ -67,7 +67,8 @@ def unique_image(rec: dict, where: str, seen: dict[str, str], images: Path | Non
 def unique_images(rec: dict, where: str, seen: dict[str, str], images: Path | None) -> list[Path] | None:
     """The record's image files under `images`, in order (`image`: one file name or a non-empty list of them),
     once its question_id is checked not to repeat an earlier one (`seen`: question_id -> where it was first
-    read). With `images` None (a re-score, which needs no pixels) no file is looked for and None is returned."""
+    read). With `images` None (a re-score, which needs no pixels) no file is looked for and None is
+    returned."""
     names = [rec["image"]] if isinstance(rec["image"], str) else rec["image"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise DataError(where, "field 'image' must be a file name or a non-empty list of file names")

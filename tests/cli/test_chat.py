@@ -105,7 +105,8 @@ def test_stdin_questions_equal_question_flags(files, assistant, capsys, monkeypa
 def test_image_command_adds_an_image_and_reset_starts_again(files, assistant, capsys, monkeypatch):
     """/image adds an image to the conversation (the next question carries it); /reset drops the turns and the
     images added to them, and the --image image opens the new conversation again."""
-    stdin = f"What is this?\n/image {files['blue']}\nWhat is this?\nDescribe it.\n/reset\nDescribe it.\n/exit\nignored\n"
+    lines = ["What is this?", f"/image {files['blue']}", "What is this?", "Describe it.", "/reset"]
+    stdin = "\n".join([*lines, "Describe it.", "/exit", "ignored", ""])
     rc, lines, _ = chat([files["vision"], "--image", files["red"]], capsys, monkeypatch, stdin=stdin)
     assert rc == 0
     red, blue = files["red"], files["blue"]
@@ -120,9 +121,9 @@ def test_image_command_adds_an_image_and_reset_starts_again(files, assistant, ca
 
 
 def test_several_images_before_one_question(files, assistant, capsys, monkeypatch):
-    """Several /image before a question all go to it, in order; a later /image goes to its own turn. The prompt
-    ids are the official template's, with each marker's span of image positions where its marker is, and the
-    model is given the images in that order."""
+    """Several /image before a question all go to it, in order; a later /image goes to its own turn. The
+    prompt ids are the official template's, with each marker's span of image positions where its marker is,
+    and the model is given the images in that order."""
     seen: list[tuple[list[Message], list]] = []
     prompt_ids = Assistant.prompt_ids
     generate = Assistant.generate_messages

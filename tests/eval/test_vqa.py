@@ -251,8 +251,8 @@ def test_several_images_bad_input(tmp_path, image_dir, record, message):
 
 
 def test_several_images_answered_by_a_real_checkpoint(tmp_path, image_dir, tiny_root):
-    """Through a tiny stage output: each answer is the one `generate_messages` gives for the conversation built
-    by hand (markers in front or where the question has them, images in order)."""
+    """Through a tiny stage output: each answer is the one `generate_messages` gives for the conversation
+    built by hand (markers in front or where the question has them, images in order)."""
     from PIL import Image
 
     from llava_ft.data.conversation import Message

@@ -1,7 +1,7 @@
 """Several images per conversation through a real training run: records whose `image` is a list, markers in
 different turns (two in one turn, adjacent or apart, one in a later turn). At every training step, the
-embeddings at each marker's span are that very image's features: the image file the record names at that place,
-encoded on its own by the model being trained. Plain rows and packed rows alike."""
+embeddings at each marker's span are that very image's features: the image file the record names at that
+place, encoded on its own by the model being trained. Plain rows and packed rows alike."""
 
 from __future__ import annotations
 
