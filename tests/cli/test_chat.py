@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from llava_ft.cli.chat import ChatSession, line_history, readline, run_interactive
@@ -17,6 +18,7 @@ from llava_ft.cli.main import main
 from llava_ft.constants import IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Message
 from llava_ft.inference import Assistant, load_assistant
+from llava_ft.model.llava import LlavaModel
 from llava_ft.stage import read_stage_config
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 
@@ -123,7 +125,7 @@ def test_image_command_adds_an_image_and_reset_starts_again(files, assistant, ca
 def test_several_images_before_one_question(files, assistant, capsys, monkeypatch):
     """Several /image before a question all go to it, in order; a later /image goes to its own turn. The
     prompt ids are the official template's, with each marker's span of image positions where its marker is,
-    and the model is given the images in that order."""
+    and the embeddings at each span are the features of the image added there."""
     seen: list[tuple[list[Message], list]] = []
     prompt_ids = Assistant.prompt_ids
     generate = Assistant.generate_messages
@@ -136,6 +138,15 @@ def test_several_images_before_one_question(files, assistant, capsys, monkeypatc
         "generate_messages",
         lambda self, batch, **kw: given.append(list(batch[0][1])) or generate(self, batch, **kw),
     )
+    embedded = []
+    real_embed = LlavaModel.embed
+
+    def embed_spy(self, input_ids, *args, **kwargs):
+        embeds = real_embed(self, input_ids, *args, **kwargs)
+        embedded.append((self, input_ids, embeds))
+        return embeds
+
+    monkeypatch.setattr(LlavaModel, "embed", embed_spy)
     red, blue = files["red"], files["blue"]
     stdin = f"/image {red}\n/image {blue}\nCompare them.\n/image {red}\nAnd this one?\n"
     rc, lines, _ = chat([files["vision"]], capsys, monkeypatch, stdin=stdin)
@@ -161,6 +172,17 @@ def test_several_images_before_one_question(files, assistant, capsys, monkeypatc
             expected += [IMAGE_TOKEN_INDEX] * span if k else []
             expected += assistant.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
         assert assistant.prompt_ids(messages, n_images) == expected
+
+    prompts = [call for call in embedded if (call[1] == IMAGE_TOKEN_INDEX).any()]
+    assert len(prompts) == 2
+    for (model, input_ids, embeds), paths in zip(prompts, ([red, blue], [red, blue, red])):
+        positions = (input_ids[0] == IMAGE_TOKEN_INDEX).nonzero().flatten()
+        assert len(positions) == span * len(paths)
+        for k, path in enumerate(paths):
+            pixel_values = model.vision_tower.processor(Image.open(path).convert("RGB"))[None]
+            with torch.no_grad():  # the image alone: one span through the same embed
+                alone = real_embed(model, torch.full((1, span), IMAGE_TOKEN_INDEX), pixel_values)[0]
+            torch.testing.assert_close(embeds[0, positions[k * span : (k + 1) * span]], alone)
     assert seen[0][-1].content == "<image><image>\nCompare them."
     assert [m.content for m in seen[1] if m.role == "user"] == [
         "<image><image>\nCompare them.",

@@ -1,7 +1,8 @@
 """Several images per conversation through a real training run: records whose `image` is a list, markers in
 different turns (two in one turn, adjacent or apart, one in a later turn). At every training step, the
 embeddings at each marker's span are that very image's features: the image file the record names at that
-place, encoded on its own by the model being trained. Plain rows and packed rows alike."""
+place, encoded on its own by the model being trained; no image position is trained. Plain rows and packed rows
+alike."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from llava_ft.config import DataSource
-from llava_ft.constants import IMAGE_TOKEN_INDEX
+from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.data.images import load_image
 from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.model.llava import LlavaModel
@@ -108,7 +109,15 @@ def test_features_land_at_their_markers(packing, tiny_root, multi_image_data, tm
             packed_rows.append(len(records) > input_ids.shape[0])
         return embeds
 
+    image_labels = []
+    real_forward = LlavaModel.forward
+
+    def forward_spy(self, input_ids, labels=None, *args, **kwargs):
+        image_labels.append(labels[input_ids == IMAGE_TOKEN_INDEX])
+        return real_forward(self, input_ids, labels, *args, **kwargs)
+
     monkeypatch.setattr(LlavaModel, "embed", spy)
+    monkeypatch.setattr(LlavaModel, "forward", forward_spy)
     cfg.data.train = [DataSource(path=str(data), format="llava", image_folder=str(folder))]
     cfg.data.max_length = 256
     cfg.data.packing, cfg.data.pack_length = packing, 256
@@ -121,3 +130,4 @@ def test_features_land_at_their_markers(packing, tiny_root, multi_image_data, tm
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert set(checked) == set(range(len(RECORDS))), "every record was trained, its spans checked"
     assert any(packed_rows) == packing
+    assert len(image_labels) == 3 and all(x.numel() and (x == IGNORE_INDEX).all() for x in image_labels)
