@@ -68,9 +68,9 @@ class ChatSession:
         # The pending images' markers go in front of the question, as for an evaluation question (Query).
         messages = [*self.history, Message("user", Query(text, self.pending).user_text())]
         images = [*self.images, *self.pending]
-        opening = [Message("system", self.system)] if self.system is not None else []
+        head = [Message("system", self.system)] if self.system is not None else []
         answer = self.assistant.generate_messages(
-            [([*opening, *messages], images)], on_text=on_text, **self.gen
+            [([*head, *messages], images)], on_text=on_text, **self.gen
         )[0]
         self.history = [*messages, Message("assistant", answer)]
         self.images, self.pending = images, []
