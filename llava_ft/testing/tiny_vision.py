@@ -227,7 +227,7 @@ def write_tiny_open_clip_siglip(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = open_clip.create_model(f"local-dir:{out}")
+        model = open_clip.CustomTextCLIP(**{k: v for k, v in model_cfg.items() if k != "custom_text"})
         _perturb_vectors(model)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / OPEN_CLIP_WEIGHTS))
     return out
