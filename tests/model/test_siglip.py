@@ -328,3 +328,19 @@ def test_published_so400m_layout_converts_key_for_key():
         reference = SiglipVisionModel(config).state_dict()
     assert state.keys() == reference.keys()
     assert all(state[k].shape == reference[k].shape for k in reference)
+
+
+def test_hf_siglip_folder_without_preprocessor_config_normalises_as_siglip(tmp_path, caplog):
+    folder = write_tiny_hf_siglip(tmp_path, image_size=IMAGE, patch_size=PATCH, layers=2)
+    (folder / "preprocessor_config.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        t = tower("hf", folder)
+    assert "no preprocessor_config.json" in caplog.text
+    assert (t.processor.mean, t.processor.std) == (SIGLIP_MEAN, SIGLIP_STD)
+
+
+def test_open_clip_siglip_preprocess_is_not_warned_about(open_clip_dir, caplog):
+    """open_clip's squash resize is image_aspect resize: nothing to warn about."""
+    with caplog.at_level(logging.WARNING, logger="llava_ft.model.vision"):
+        tower("open_clip", open_clip_dir)
+    assert "differs from" not in caplog.text
