@@ -343,6 +343,9 @@ def test_check_with_anyres_config_prints_the_image_token_distribution(tiny_run, 
         f"image tokens per sample: min {per_sample[0]}  median {per_sample[1]}  p95 {per_sample[-1]}  "
         f"max {per_sample[-1]}  (3)" in out
     )
+    # prepare (what training caches) prints it too.
+    code, out, _ = run(capsys, "prepare", "--config", tmp_path / "run.yaml")
+    assert code == 0 and f"image tokens per sample: min {per_sample[0]}" in out
     # Preview shows each image's own span.
     code, out, _ = run(capsys, "preview", "--config", tmp_path / "run.yaml", "--index", 2)
     assert code == 0 and f"<image x{count['big.png']}>" in out and f"<image x{count['wide.png']}>" in out
