@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from llava_ft.config import AnyresSection, DataSource
 from llava_ft.constants import IMAGE_TOKEN_INDEX
@@ -126,3 +127,27 @@ def test_anyres_training_places_each_images_features(packing, tiny_root, anyres_
         [([Message("user", "<image> or <image>?")], images)], max_new_tokens=3
     )
     assert len(answer) == 1
+
+
+def test_anyres_stage_starts_from_a_fixed_resolution_projector(tiny_root, anyres_data, tmp_path, caplog):
+    """LLaVA-NeXT's recipe: a stage at one view per image trains the projector, the next tiles images starting
+    from it (init_from); its newline starts new, then trains and is saved with the projector."""
+    data, folder = anyres_data
+    outs = []
+    for anyres in (None, AnyresSection()):
+        cfg = tiny_config(tiny_root, llm_mode="frozen")
+        cfg.model.vision.anyres = anyres
+        cfg.data.train = [DataSource(path=str(data), format="llava", image_folder=str(folder))]
+        cfg.data.max_length = 512
+        t = cfg.train
+        t.output_dir, t.batch_size, t.max_steps, t.lr, t.logging_steps, t.report_to = (
+            str(tmp_path / f"stage{len(outs)}"), 2, 2, 1e-2, 1, "none"
+        )  # fmt: skip
+        t.init_from = str(outs[-1]) if outs else None
+        with caplog.at_level("WARNING", logger="llava_ft"):
+            train(cfg)
+        outs.append(tmp_path / f"stage{len(outs)}")
+    assert "without image_newline" in caplog.text
+    fixed, tiled = (load_file(str(out / "projector.safetensors")) for out in outs)
+    assert "image_newline" not in fixed and "image_newline" in tiled
+    assert fixed.keys() == tiled.keys() - {"image_newline"}
