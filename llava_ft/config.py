@@ -55,11 +55,12 @@ class VisionSection:
     -2, the penultimate, as LLaVA-1.5. CLS is dropped."""
     pool: int = 1
     """Average-pool the patch grid by this factor (2: 8x8 patches -> 16 tokens). 1 keeps all patches."""
-    image_aspect: Literal["pad", "resize", "crop"] = "pad"
-    """pad: pad to square with the mean colour (LLaVA-1.5); resize: squash; crop: centre crop."""
+    image_aspect: Literal["pad", "resize", "crop"] | None = None
+    """pad: pad to square with the mean colour (LLaVA-1.5); resize: squash to a square; crop: centre crop. None:
+    the tower's own, pad for CLIP and resize for SigLIP (its published preprocessing) and for anyres."""
     anyres: AnyresSection | None = None
     """Any-resolution tiling (LLaVA-NeXT); None: one view of the tower's size per image (LLaVA-1.5). Needs pool 1;
-    image_aspect then shapes only the base view."""
+    its base view is squashed as LLaVA-NeXT's is (image_aspect resize or null)."""
 
 
 @dataclass
@@ -783,6 +784,11 @@ def _validate_images(cfg: RunConfig) -> None:
     if vision is None or vision.anyres is None:
         return
     a = vision.anyres
+    if vision.image_aspect not in (None, "resize"):
+        raise ConfigError(
+            f"model.vision.anyres squashes the base view as LLaVA-NeXT does; model.vision.image_aspect "
+            f"{vision.image_aspect} would give a model its exports cannot reproduce: set resize or null"
+        )
     if vision.pool != 1:
         raise ConfigError(
             f"model.vision.anyres needs model.vision.pool 1 (LLaVA-NeXT pools nothing), got {vision.pool}"

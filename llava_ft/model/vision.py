@@ -112,7 +112,7 @@ class OpenClipVisionTower(VisionTower):
             hidden_size=visual.transformer.width,
             image_size=size,
             patch_size=_square(visual.patch_size, "open_clip patch_size"),
-            processor=_open_clip_processor(visual, size, cfg.image_aspect),
+            processor=_open_clip_processor(visual, size, cfg),
         )
         self.open_clip_cfg = open_clip_cfg  # vision_cfg, quick_gelu...: what conversion to HF CLIP needs
 
@@ -146,7 +146,7 @@ class OpenClipTimmVisionTower(VisionTower):
             hidden_size=trunk.embed_dim,
             image_size=size,
             patch_size=_square(tuple(trunk.patch_embed.patch_size), "timm patch_size"),
-            processor=_open_clip_processor(visual, size, cfg.image_aspect),
+            processor=_open_clip_processor(visual, size, cfg),
         )
         self.open_clip_cfg = open_clip_cfg
         if trunk.num_prefix_tokens == 0:
@@ -160,8 +160,16 @@ class OpenClipTimmVisionTower(VisionTower):
         return patches[:, :0], patches
 
 
-def _open_clip_processor(visual: nn.Module, size: int, aspect: Aspect) -> ImageProcessor:
+def _aspect(cfg: VisionSection, own: Aspect) -> Aspect:
+    """The config's image_aspect, or when unset the tower's `own` (any-resolution squashes as LLaVA-NeXT)."""
+    if cfg.image_aspect is not None:
+        return cfg.image_aspect
+    return "resize" if cfg.anyres is not None else own
+
+
+def _open_clip_processor(visual: nn.Module, size: int, cfg: VisionSection) -> ImageProcessor:
     pp = visual.preprocess_cfg
+    aspect = _aspect(cfg, "resize" if pp.get("resize_mode") == "squash" else "pad")
     # aspect "crop" is open_clip's "shortest" transform, "resize" its "squash" (SigLIP's).
     if pp.get("interpolation", "bicubic") != "bicubic" or pp.get("resize_mode", "shortest") not in (
         "shortest",
@@ -352,10 +360,17 @@ class _HFKind:
     mean: tuple[float, float, float]
     """Mean and std when the folder has no preprocessor_config.json."""
     std: tuple[float, float, float]
+    aspect: Aspect
+    """The published preprocessing's aspect when image_aspect is unset: pad (LLaVA-1.5's) for CLIP, resize
+    (its own squash) for SigLIP."""
 
 
-_CLIP = _HFKind(CLIPVisionConfig, CLIPVisionModel, HFClipVisionTower, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-_SIGLIP = _HFKind(SiglipVisionConfig, SiglipVisionModel, HFSiglipVisionTower, SIGLIP_MEAN, SIGLIP_STD)
+_CLIP = _HFKind(
+    CLIPVisionConfig, CLIPVisionModel, HFClipVisionTower, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "pad"
+)
+_SIGLIP = _HFKind(
+    SiglipVisionConfig, SiglipVisionModel, HFSiglipVisionTower, SIGLIP_MEAN, SIGLIP_STD, "resize"
+)
 # config.json model_type: a vision model's folder, or a whole two-tower checkpoint's.
 _HF_KINDS = {"clip": _CLIP, "clip_vision_model": _CLIP, "siglip": _SIGLIP, "siglip_vision_model": _SIGLIP}
 
@@ -405,7 +420,9 @@ def _build_hf(cfg: VisionSection) -> HFVisionTower:
             ", ".join(other[:5]),
             more,
         )
-    return kind.tower(cfg, model, _hf_processor(folder, model.config.image_size, cfg.image_aspect, kind))
+    return kind.tower(
+        cfg, model, _hf_processor(folder, model.config.image_size, _aspect(cfg, kind.aspect), kind)
+    )
 
 
 def _hf_processor(folder: Path, image_size: int, aspect: Aspect, kind: _HFKind = _CLIP) -> ImageProcessor:

@@ -244,3 +244,19 @@ def test_overrides_reach_into_list_entries():
         load_config(path, parse_overrides(["--data.train.5.path", "x.json"]))
     with pytest.raises(ConfigError, match=r"--train.lr\[0\]: train.lr is not a list"):
         load_config(path, parse_overrides(["--train.lr.0", "1"]))
+
+
+def test_anyres_section_is_checked():
+    base = {"model.vision.model": "x", "model.vision.anyres.max_tiles": 4}
+    cfg = load_config(None, dict(base))
+    assert cfg.model.vision.anyres.max_tiles == 4 and cfg.model.vision.image_aspect is None
+    problems = {
+        "model.vision.image_aspect": ("pad", "squashes the base view"),
+        "model.vision.pool": (2, "needs model.vision.pool 1"),
+        "model.vision.anyres.grid_pinpoints": ([[336]], r"grid_pinpoints\[0\]: expected \[height, width\]"),
+        "model.vision.anyres.max_image_tokens": (0, "max_image_tokens"),
+        "data.max_image_tokens": (0, "data.max_image_tokens"),
+    }
+    for key, (value, problem) in problems.items():
+        with pytest.raises(ConfigError, match=problem):
+            load_config(None, {**base, key: value})
