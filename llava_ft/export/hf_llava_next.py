@@ -26,7 +26,6 @@ from transformers import (
     LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
     LlavaOnevisionVideoProcessor,
-    PreTrainedConfig,
     PreTrainedTokenizerBase,
 )
 from transformers.initialization import no_init_weights
@@ -38,9 +37,6 @@ from llava_ft.export.hf_llava import _ties_embeddings, hf_projector_state, hf_vi
 NEXT, ONEVISION = "hf-llava-next", "hf-llava-onevision"
 MODEL_CLASSES = {NEXT: LlavaNextForConditionalGeneration, ONEVISION: LlavaOnevisionForConditionalGeneration}
 _IMAGE_PROCESSORS = {NEXT: LlavaNextImageProcessor, ONEVISION: LlavaOnevisionImageProcessor}
-# Which features of the tower's hidden states llava_ft keeps: CLIP's patch tokens after CLS ("default"),
-# SigLIP's tokens, all patches ("full").
-_FEATURE_STRATEGY = {"clip_vision_model": "default", "siglip_vision_model": "full"}
 
 
 def anyres_geometry(model) -> AnyresGeometry:
@@ -51,16 +47,6 @@ def anyres_geometry(model) -> AnyresGeometry:
             "the model sees one fixed-size view per image (no model.vision.anyres): export it as hf-llava"
         )
     return rule
-
-
-def feature_select_strategy(vision_config: PreTrainedConfig) -> str:
-    """transformers' vision_feature_select_strategy giving the features llava_ft's tower returns."""
-    try:
-        return _FEATURE_STRATEGY[vision_config.model_type]
-    except KeyError:
-        raise ValueError(
-            f"no LlavaNext feature strategy known for a {vision_config.model_type} tower"
-        ) from None
 
 
 def max_tiles(geometry: AnyresGeometry) -> int:
@@ -88,7 +74,8 @@ def build_llava_next(model, image_token_index: int, fmt: str):
         "image_token_index": image_token_index,
         "projector_hidden_act": "gelu",  # nn.GELU (erf), as llava_ft's projector
         "vision_feature_layer": tower.cfg.feature_layer,
-        "vision_feature_select_strategy": feature_select_strategy(vision_config),
+        # "default" drops CLIP's CLS as llava_ft's tower does; "full" keeps every token of SigLIP's.
+        "vision_feature_select_strategy": tower.select_strategy,
         "multimodal_projector_bias": True,
         "tie_word_embeddings": tied,
         "image_grid_pinpoints": [list(p) for p in geometry.pinpoints],

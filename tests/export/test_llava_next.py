@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from llava_ft.cli.main import main
-from llava_ft.config import AnyresSection
+from llava_ft.config import AnyresSection, VisionSection
 from llava_ft.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.data.anyres import AnyresGeometry
 from llava_ft.data.conversation import Conversation, Message
@@ -30,6 +30,7 @@ from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability
 from llava_ft.stage import apply_stage_weights, read_stage_config, read_template_info, save_stage_output
 from llava_ft.testing.tiny_llava import tiny_config
+from llava_ft.testing.tiny_vision import write_tiny_hf_siglip, write_tiny_open_clip_siglip
 
 FORMATS = (NEXT, ONEVISION)
 
@@ -84,10 +85,19 @@ def test_processor_token_counts_are_llava_ft_s(fmt, strategy, geometry):
 MAX_DIFF = 1e-4  # fp32 on CPU: only summation order differs
 
 
-def write_anyres_stage(root: Path, out: Path, *, seed: int = 0, aspect: str = "resize", **kwargs) -> Path:
+def write_anyres_stage(
+    root: Path,
+    out: Path,
+    *,
+    seed: int = 0,
+    aspect: str = "resize",
+    vision: VisionSection | None = None,
+    **kwargs,
+) -> Path:
     """A tiny any-res stage output (LLaVA-NeXT's canvases at the tower's size) with random trained weights,
-    the newline among them."""
+    the newline among them; `vision`: another tower than tiny_config's."""
     cfg = tiny_config(root, **kwargs)
+    cfg.model.vision = vision or cfg.model.vision
     cfg.model.vision.anyres = AnyresSection()
     cfg.model.vision.image_aspect = aspect
     cfg.train.output_dir = str(out)
@@ -264,3 +274,27 @@ def test_refusals_are_one_line(lora_ckpt, anyres_ckpt, root, tmp_path, capsys):
     padded = write_anyres_stage(root, tmp_path / "padded", aspect="pad", llm_mode="frozen")
     for fmt in FORMATS:  # LlavaNext's processor squashes the base view
         assert "image_aspect is pad" in refused(padded, fmt)
+
+
+@pytest.mark.parametrize("backend", ["open_clip", "hf"])
+def test_siglip_tower(root, tmp_path, backend):
+    """A SigLIP tower (no CLS: strategy "full", no extra processor token), open_clip's timm trunk converted or a
+    SiglipVisionModel folder, verified by the export itself for both formats."""
+    folder = root / f"siglip_{backend}"
+    if backend == "open_clip":
+        if not (folder / "open_clip_config.json").exists():
+            write_tiny_open_clip_siglip(folder, image_size=32, patch_size=8)
+        vision = VisionSection("open_clip", f"local-dir:{folder}")
+    else:
+        if not (folder / "config.json").exists():
+            write_tiny_hf_siglip(folder, image_size=32, patch_size=8)
+        vision = VisionSection("hf", str(folder))
+    ckpt = write_anyres_stage(root, root / f"stage_anyres_siglip_{backend}", vision=vision, seed=4)
+    for fmt in FORMATS:
+        result = export_checkpoint(ckpt, tmp_path / fmt, fmt=fmt)
+        print(f"{fmt} (SigLIP {backend}, InternLM2): export diff {result.export_max_diff:.3g}")
+        assert result.export_max_diff < MAX_DIFF
+        model, info = MODEL_CLASSES[fmt].from_pretrained(tmp_path / fmt, output_loading_info=True)
+        assert loaded_cleanly(info)
+        assert model.config.vision_config.model_type == "siglip_vision_model"
+        assert model.config.vision_feature_select_strategy == "full"
