@@ -70,9 +70,9 @@ def anyres_probe(model, tokenizer: PreTrainedTokenizerBase, template: ChatTempla
     height, width = probe_size(geometry)
     image = random_image(height, width)
     conv = Conversation(messages=[Message("user", f"{IMAGE_TOKEN}\n{_QUESTION}")], images=["probe"])
-    compact = Encoder(tokenizer, template, max_length=None, num_image_tokens=1).encode_prompt(conv)
-    count = geometry.num_tokens(height, width)
-    ids = [t for x in compact for t in ([x] * count if x == IMAGE_TOKEN_INDEX else [x])]
+    ids = Encoder(tokenizer, template, max_length=None, image_tokens=geometry).encode_prompt(
+        conv, [(height, width)]
+    )
     return AnyresProbe(
         image=image,
         ids=torch.tensor([ids]),

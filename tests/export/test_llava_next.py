@@ -129,9 +129,9 @@ def reference(ckpt: Path):
 def training_ids(tokenizer, template, geometry, text: str, sizes: list[tuple[int, int]]) -> list[int]:
     """llava_ft's prompt ids: each image's placeholder repeated by its token count."""
     conv = Conversation(messages=[Message("user", text)], images=["in memory"] * len(sizes))
-    compact = Encoder(tokenizer, template, max_length=None, num_image_tokens=1).encode_prompt(conv)
-    counts = iter(geometry.num_tokens(h, w) for h, w in sizes)
-    return [t for x in compact for t in ([x] * next(counts) if x == IMAGE_TOKEN_INDEX else [x])]
+    ids = Encoder(tokenizer, template, max_length=None, image_tokens=geometry).encode_prompt(conv, sizes)
+    assert ids.count(IMAGE_TOKEN_INDEX) == sum(geometry.num_tokens(h, w) for h, w in sizes)
+    return ids
 
 
 @torch.no_grad()
