@@ -257,8 +257,14 @@ def test_onevision_flat_image_list_tiles_each_image_as_llava_ft(anyres_ckpt, tmp
     assert max_diff(reference_logits(ref_model, ids, images), got) < MAX_DIFF
 
 
-def test_refusals_are_one_line(lora_ckpt, anyres_ckpt, root, tmp_path, capsys):
+def test_refusals_are_one_line(lora_ckpt, anyres_ckpt, root, tmp_path, capsys, monkeypatch):
     """Each format refuses, before any model loads, what it cannot express."""
+    padded = write_anyres_stage(root, tmp_path / "padded", aspect="pad", llm_mode="frozen")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("export loaded the model")
+
+    monkeypatch.setattr("llava_ft.export.load_merged", refuse)
 
     def refused(ckpt: Path, fmt: str) -> str:
         assert main(["export", str(ckpt), "--format", fmt, "--output", str(tmp_path / "o")]) == 2
@@ -271,7 +277,6 @@ def test_refusals_are_one_line(lora_ckpt, anyres_ckpt, root, tmp_path, capsys):
     for fmt in FORMATS:  # a fixed-resolution model
         assert "exports as hf-llava" in refused(lora_ckpt, fmt)
     assert "hf-llava-next or hf-llava-onevision" in refused(anyres_ckpt, "hf-llava")
-    padded = write_anyres_stage(root, tmp_path / "padded", aspect="pad", llm_mode="frozen")
     for fmt in FORMATS:  # LlavaNext's processor squashes the base view
         assert "image_aspect is pad" in refused(padded, fmt)
 
