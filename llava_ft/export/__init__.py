@@ -143,7 +143,7 @@ def export_checkpoint(
         if fmt == "hf-llava":
             write_hf_llava(model, hf_tok, generation, folder, torch_dtype)
         elif fmt in ANYRES_FORMATS:
-            write_llava_next(model, hf_tok, generation, folder, torch_dtype, fmt)
+            result.notes.extend(write_llava_next(model, hf_tok, generation, folder, torch_dtype, fmt))
         else:
             write_merged_llm(model.llm, hf_tok, generation, folder, torch_dtype)
         # What llava_ft needs to open the export as it trained: template, stop words, vocabulary.

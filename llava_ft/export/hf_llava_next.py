@@ -5,8 +5,9 @@ custom code.
 Both classes hold the same parts (tower, projector, `image_newline`, LLM) and tile as LLaVA-NeXT does, as
 llava_ft's any-res model. OneVision adds one step: it shrinks an image's tile features when they exceed
 `anyres_max_N` tiles; N is set to the most tiles of any canvas, so it never acts. What stays different: OneVision
-encodes the images of a prompt given as a nested list ([[a, b]]) at base resolution only, and llava_ft tiles
-each (a flat list of images tiles each image there too).
+encodes the images of a prompt given as a nested list ([[a, b]], as `apply_chat_template(tokenize=True)` passes
+them) at base resolution only, where llava_ft tiles each; a flat list (`processor(images=[a, b], text=...)`)
+tiles each image there too.
 """
 
 from __future__ import annotations
@@ -166,9 +167,18 @@ def write_llava_next(
     folder: Path,
     dtype: torch.dtype,
     fmt: str,
-) -> None:
-    """Save the LlavaNext / LlavaOnevision model and its processor."""
+) -> list[str]:
+    """Save the LlavaNext / LlavaOnevision model and its processor; returns notes on using them."""
     hf = build_llava_next(model, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), fmt).to(dtype)
     hf.generation_config = generation
     hf.save_pretrained(folder)
     processor_for(model, hf.config, tokenizer, fmt).save_pretrained(folder)
+    if fmt == NEXT:
+        return ['llava_ft\'s pixels: AutoProcessor.from_pretrained(folder, backend="pil")']
+    return [
+        'llava_ft\'s pixels: processor.image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")'
+        " (the video processor has no PIL backend)",
+        "several images in one prompt: pass them as a flat list, processor(images=[a, b], text=...), to tile "
+        "each as llava_ft does; a nested list or apply_chat_template(tokenize=True) uses OneVision's "
+        "multi-image mode (base view only)",
+    ]

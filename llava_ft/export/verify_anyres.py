@@ -47,16 +47,17 @@ class AnyresProbe:
         ).logits.float()
 
 
-def probe_size(geometry: AnyresGeometry) -> tuple[int, int]:
-    """(height, width) of an image tiled to the canvas of most tiles, preferring one whose features unpadding
-    trims (an aspect ratio other than its canvas's)."""
+def probe_size(geometry: AnyresGeometry, most_tiles: int = 4) -> tuple[int, int]:
+    """(height, width) of an image tiled to several tiles (the most up to `most_tiles`: a check on a real model
+    runs on CPU), preferring one whose features unpadding trims (an aspect ratio other than its canvas's)."""
     candidates = []
     for height, width in geometry.pinpoints:
         for size in ((height - height // 5, width), (height, width - width // 5), (height, width)):
             rows, cols = geometry.grid_shape(*size)
             full = (rows * geometry.patch_grid, cols * geometry.patch_grid)
-            candidates.append((rows * cols, geometry.unpadded_shape(*size) != full, size))
-    return max(candidates)[2]
+            trims = geometry.unpadded_shape(*size) != full
+            candidates.append((min(rows * cols, most_tiles), trims, -rows * cols, size))
+    return max(candidates)[-1]
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:

@@ -160,7 +160,9 @@ def _image(height: int, width: int, seed: int) -> Image.Image:
 def test_export_matches_llava_ft_on_a_tiled_image(anyres_ckpt, tmp_path, capsys, fmt):
     out = tmp_path / fmt
     assert main(["export", str(anyres_ckpt), "--format", fmt, "--output", str(out)]) == 0
-    assert "verified" in capsys.readouterr().out
+    verified = [line for line in capsys.readouterr().out.splitlines() if "verified" in line]
+    assert len(verified) == 1
+    print(f"{fmt} (open_clip CLIP, InternLM2): export's own check: {verified[0].strip()}")
 
     model, info = MODEL_CLASSES[fmt].from_pretrained(out, output_loading_info=True)
     assert loaded_cleanly(info), info
@@ -303,3 +305,12 @@ def test_siglip_tower(root, tmp_path, backend):
         assert loaded_cleanly(info)
         assert model.config.vision_config.model_type == "siglip_vision_model"
         assert model.config.vision_feature_select_strategy == "full"
+
+
+def test_bfloat16_export_is_verified_as_saved(anyres_ckpt, tmp_path):
+    """Weights saved in bfloat16, the newline among them: the check compares with llava_ft's model rounded the
+    same way."""
+    result = export_checkpoint(anyres_ckpt, tmp_path / "bf16", fmt=NEXT, dtype="bfloat16")
+    assert result.export_max_diff < MAX_DIFF
+    model = MODEL_CLASSES[NEXT].from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert model.model.image_newline.dtype == torch.bfloat16
