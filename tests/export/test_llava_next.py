@@ -26,6 +26,7 @@ from llava_ft.export import export_checkpoint
 from llava_ft.export.hf_llava_next import MODEL_CLASSES, NEXT, ONEVISION, max_tiles, processor_for
 from llava_ft.export.tokenizer import add_image_token
 from llava_ft.export.verify_anyres import load_processor
+from llava_ft.exported import load_export
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability
 from llava_ft.stage import apply_stage_weights, read_stage_config, read_template_info, save_stage_output
@@ -238,6 +239,9 @@ def test_batched_generation_pads_views_and_tokens(anyres_ckpt, tmp_path):
     assert x["pixel_values"].shape[:2] == (2, 5)
     batch = model.generate(**x, max_new_tokens=4, do_sample=False)[:, x["input_ids"].shape[1] :]
     assert [b.tolist() for b in batch] == [s.tolist() for s in single]
+    # llava_ft's chat and serve open the stage output, not this folder, and say so.
+    with pytest.raises(ValueError, match="hf-llava-next export is for transformers"):
+        load_export(tmp_path / "next")
 
 
 def test_onevision_flat_image_list_tiles_each_image_as_llava_ft(anyres_ckpt, tmp_path):
