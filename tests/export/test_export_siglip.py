@@ -17,8 +17,10 @@ from llava_ft.config import VisionSection
 from llava_ft.constants import IMAGE_TOKEN_INDEX
 from llava_ft.data.templates import get_template
 from llava_ft.export import export_checkpoint
+from llava_ft.exported import load_export
 from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability
+from llava_ft.model.vision import HFSiglipVisionTower, build_vision_tower
 from llava_ft.stage import apply_stage_weights, read_stage_config, save_stage_output
 from llava_ft.testing.tiny_llava import tiny_config
 from llava_ft.testing.tiny_vision import write_tiny_hf_siglip, write_tiny_open_clip_siglip
@@ -68,6 +70,10 @@ def reference(
     return pixels, model.llm(inputs_embeds=model.embed(ids_t, pixels), use_cache=False).logits.float()
 
 
+def reference_processor(ckpt: Path):
+    return build_vision_tower(read_stage_config(ckpt).model.vision).processor
+
+
 @pytest.mark.parametrize(
     ("backend", "aspect", "vision_mode"),
     [("open_clip", "resize", "frozen"), ("hf", "pad", "frozen"), ("open_clip", "pad", "full")],
@@ -107,3 +113,12 @@ def test_hf_llava_with_a_siglip_tower(root, tmp_path, backend, aspect, vision_mo
     diff = float((ref - got[..., : ref.shape[-1]]).abs().max())
     print(f"siglip {backend} {aspect}: processor + Llava vs llava_ft max |logit diff| {diff:.3g}")
     assert got.shape[1] == ref.shape[1] and diff < MAX_DIFF
+
+    # llava_ft opens the export (chat, serve, eval on it) with the same tower, pixels and logits.
+    loaded = load_export(out).model
+    assert isinstance(loaded.vision_tower, HFSiglipVisionTower)
+    assert loaded.vision_tower.processor == reference_processor(ckpt)
+    ids = torch.tensor([[IMAGE_TOKEN_INDEX if t == image_id else t for t in hf_ids]])
+    with torch.no_grad():
+        again = loaded.llm(inputs_embeds=loaded.embed(ids, pixels), use_cache=False).logits.float()
+    assert float((ref - again[..., : ref.shape[-1]]).abs().max()) < MAX_DIFF

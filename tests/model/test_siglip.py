@@ -23,6 +23,7 @@ from llava_ft.model.trainability import open_used_tower, vision_lora_targets
 from llava_ft.model.vision import (
     SIGLIP_MEAN,
     SIGLIP_STD,
+    OpenClipTimmVisionTower,
     _published_preprocess,
     build_vision_tower,
     image_token_rule,
@@ -298,3 +299,48 @@ def test_trainable_parts_are_those_that_reach_the_features(open_clip_dir, hf_dir
     full(torch.randn(1, 3, IMAGE, IMAGE)).square().sum().backward()
     for name, p in full.named_parameters():
         assert (p.grad is not None and p.grad.abs().sum() > 0) == p.requires_grad, name
+
+
+def test_published_so400m_layout_converts_key_for_key():
+    """open_clip's ViT-SO400M-14-SigLIP-384, built on the meta device (no weights, no memory): llava_ft's tower
+    takes 729 tokens from it and it converts to a SiglipVisionModel of google/siglip-so400m-patch14-384's
+    shape, every tensor in place."""
+    with torch.device("meta"):
+        clip = open_clip.create_model("ViT-SO400M-14-SigLIP-384", pretrained_text=False, device="meta")
+    cfg = VisionSection("open_clip", "ViT-SO400M-14-SigLIP-384")
+    t = OpenClipTimmVisionTower(cfg, clip.visual, open_clip.get_model_config(cfg.model))
+    assert (t.num_tokens, t.hidden_size, t.image_size, t.block, t.select_strategy) == (
+        729,
+        1152,
+        384,
+        25,
+        "full",
+    )
+    config, state = open_clip_to_hf_siglip_vision(clip.visual)
+    shape = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+    )
+    assert shape == (1152, 4304, 27, 16) and (config.image_size, config.patch_size) == (384, 14)
+    with torch.device("meta"):
+        reference = SiglipVisionModel(config).state_dict()
+    assert state.keys() == reference.keys()
+    assert all(state[k].shape == reference[k].shape for k in reference)
+
+
+def test_hf_siglip_folder_without_preprocessor_config_normalises_as_siglip(tmp_path, caplog):
+    folder = write_tiny_hf_siglip(tmp_path, image_size=IMAGE, patch_size=PATCH, layers=2)
+    (folder / "preprocessor_config.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        t = tower("hf", folder)
+    assert "no preprocessor_config.json" in caplog.text
+    assert (t.processor.mean, t.processor.std) == (SIGLIP_MEAN, SIGLIP_STD)
+
+
+def test_open_clip_siglip_preprocess_is_not_warned_about(open_clip_dir, caplog):
+    """open_clip's squash resize is image_aspect resize: nothing to warn about."""
+    with caplog.at_level(logging.WARNING, logger="llava_ft.model.vision"):
+        tower("open_clip", open_clip_dir)
+    assert "differs from" not in caplog.text
