@@ -282,11 +282,7 @@ class Assistant:
 
     @staticmethod
     def _as_messages(q: Query) -> Prompt:
-        text = q.question
-        images = [q.image] if q.image is not None else []
-        if images and IMAGE_TOKEN not in text:
-            text = f"{IMAGE_TOKEN}\n{text}"
-        return [Message("user", text)], images
+        return [Message("user", q.user_text())], q.images
 
 
 def _chunks(items: list, size: int | None) -> list[list]:
