@@ -108,6 +108,11 @@ def image_processor_for(processor, fmt: str):
     """LlavaNext's (or LlavaOnevision's) image processor reproducing llava_ft's any-res processor: the base view
     squashed to the tile size, then the image resized into its canvas, padded black and cut into tiles (use the
     PIL backend for exact pixels)."""
+    if not processor.matches_llava_next:
+        raise ValueError(
+            f"the base view is made with image_aspect {processor.base_aspect}; {fmt}'s processor squashes the image "
+            "(image_aspect resize)"
+        )
     geometry: AnyresGeometry = processor.geometry
     tile = geometry.tile
     return _IMAGE_PROCESSORS[fmt](

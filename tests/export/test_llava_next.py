@@ -67,7 +67,9 @@ def test_processor_token_counts_are_llava_ft_s(fmt, strategy, geometry):
     stub = SimpleNamespace(
         image_tokens=geometry,
         vision_tower=SimpleNamespace(
-            processor=SimpleNamespace(geometry=geometry, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+            processor=SimpleNamespace(
+                geometry=geometry, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), matches_llava_next=True
+            )
         ),
     )
     config = SimpleNamespace(
