@@ -151,6 +151,8 @@ def load_export(path: str | Path, *, load_in_4bit: bool = False) -> LoadedExport
     kind = folder_kind(folder)
     if kind not in EXPORT_FORMATS:
         raise ValueError(f"{folder}: a {kind} folder, not an export")
+    if kind in ("hf-llava-next", "hf-llava-onevision"):
+        raise ValueError(f"{folder}: a {kind} export is for transformers; open the stage output it came from")
     info = read_export_info(folder) if (folder / EXPORT_INFO).is_file() else None
     tokenizer = load_tokenizer(folder)
     template, stop_words = _template(folder, tokenizer, info)

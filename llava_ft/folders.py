@@ -19,7 +19,7 @@ BASE_PATHS = ("model.llm", "model.vision.model")
 EXPORT_INFO = "llava_ft_export.json"
 """What an export records of llava_ft: format, chat template name and stop words, the LLM's vocabulary rows
 before `<image>` was added, and for the `tokenizer` template the Jinja training rendered with."""
-EXPORT_FORMATS = ("hf-llava", "merged-llm")
+EXPORT_FORMATS = ("hf-llava", "hf-llava-next", "hf-llava-onevision", "merged-llm")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -1,11 +1,11 @@
-"""`llava-ft export CHECKPOINT --format hf-llava|merged-llm --output DIR`."""
+"""`llava-ft export CHECKPOINT --format hf-llava|hf-llava-next|hf-llava-onevision|merged-llm --output DIR`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from llava_ft.export_formats import check_hf_llava
+from llava_ft.export_formats import check_export_format
 from llava_ft.folders import (
     EXPORT_DTYPES,
     EXPORT_FORMATS,
@@ -18,14 +18,16 @@ from llava_ft.folders import (
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
-        help="merge LoRA and write a standard transformers folder (LlavaForConditionalGeneration or the LLM)",
+        help="merge LoRA and write a standard transformers folder (Llava, LlavaNext, LlavaOnevision or the LLM)",
     )
     p.add_argument("checkpoint", help="a stage output folder (with llava_ft.yaml)")
     p.add_argument(
         "--format",
         choices=EXPORT_FORMATS,
         default="hf-llava",
-        help="hf-llava: transformers' Llava + processor; merged-llm: the merged LLM + tokenizer only",
+        help="hf-llava: transformers' Llava + processor; hf-llava-next / hf-llava-onevision: an any-resolution "
+        "model (model.vision.anyres) as LlavaNext / LlavaOnevision + processor; merged-llm: the merged LLM + "
+        "tokenizer only",
     )
     p.add_argument("--output", required=True, help="folder to write (written beside it, then renamed)")
     p.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="dtype of the saved weights")
@@ -44,8 +46,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         # A wrong folder, or a model the format cannot express, fails before torch is imported.
         saved = read_stage_config(args.checkpoint)
-        if args.format == "hf-llava":
-            check_hf_llava(args.checkpoint, saved.model)
+        check_export_format(args.checkpoint, saved.model, args.format)
         # Imported only here: the export imports torch and transformers, seconds of start-up.
         from llava_ft.export import export_checkpoint
 
