@@ -17,8 +17,8 @@ from transformers import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from llava_ft.constants import IMAGE_TOKEN
-from llava_ft.data.anyres import pixel_inputs
 from llava_ft.data.conversation import Conversation, Message
+from llava_ft.data.tiles import pixel_inputs
 from llava_ft.data.tokenize import Encoder, Sizes
 from llava_ft.exported import folder_kind, load_export
 from llava_ft.query import Query  # noqa: F401  (inference's name for its users)

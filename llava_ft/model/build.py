@@ -14,7 +14,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_flash_attn_2_available
 
 from llava_ft.config import ModelSection, RunConfig
-from llava_ft.data.anyres import AnyresImageProcessor
+from llava_ft.data.tiles import AnyresImageProcessor
 from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.model import names
 from llava_ft.model.attention import PACKED_SDPA

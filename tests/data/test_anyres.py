@@ -17,8 +17,9 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from llava_ft.data.anyres import AnyresGeometry, AnyresImageProcessor, image_token_count, pixel_inputs
+from llava_ft.data.anyres import AnyresGeometry, image_token_count
 from llava_ft.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
+from llava_ft.data.tiles import AnyresImageProcessor, pixel_inputs
 
 # Sizes that hit ties, odd margins, extreme aspects and images smaller than one tile.
 SIZES = [(336, 336), (480, 640), (640, 480), (1000, 200), (200, 1000), (33, 77), (1080, 1920), (337, 1009)]

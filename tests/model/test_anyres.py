@@ -16,10 +16,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlavaNextConfig, LlavaNe
 
 from llava_ft.config import AnyresSection, ModelSection, VisionSection
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava_ft.data.anyres import AnyresGeometry, AnyresImageProcessor, pixel_inputs
+from llava_ft.data.anyres import AnyresGeometry
 from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.conversation import DataError, Message
 from llava_ft.data.templates import get_template
+from llava_ft.data.tiles import AnyresImageProcessor, pixel_inputs
 from llava_ft.inference import Assistant
 from llava_ft.model.anyres import pack_image
 from llava_ft.model.build import build_model, build_vision
@@ -274,9 +275,7 @@ def test_build_gives_anyres_processor_and_newline_saved_and_loaded(tiny_anyres, 
     cfg, tokenizer, model = tiny_anyres
     cfg = copy.deepcopy(cfg)
     processor = model.vision_tower.processor
-    assert (
-        isinstance(processor, AnyresImageProcessor) and processor.base_aspect == cfg.model.vision.image_aspect
-    )
+    assert isinstance(processor, AnyresImageProcessor) and processor.base_aspect == "resize"
     assert model.image_tokens == image_token_rule(cfg.model.vision) and len(model.image_tokens.pinpoints) == 2
     assert model.projector.image_newline.shape == (model.llm.config.hidden_size,)
     with torch.no_grad():

@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llava_ft.config import AnyresSection, ModelSection, VisionSection
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava_ft.data.anyres import pixel_inputs
+from llava_ft.data.tiles import pixel_inputs
 from llava_ft.data.collate import Collator
 from llava_ft.model.build import build_vision
 from llava_ft.model.llava import LlavaModel

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from llava_ft.config import AnyresSection, DataSource
 from llava_ft.constants import IMAGE_TOKEN_INDEX
-from llava_ft.data.anyres import pixel_inputs
 from llava_ft.data.conversation import Message
 from llava_ft.data.images import load_image
+from llava_ft.data.tiles import pixel_inputs
 from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.inference import load_assistant
 from llava_ft.model.llava import LlavaModel
