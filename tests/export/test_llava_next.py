@@ -285,8 +285,8 @@ def test_refusals_are_one_line(lora_ckpt, anyres_ckpt, root, tmp_path, capsys, m
     for fmt in FORMATS:  # a fixed-resolution model
         assert "exports as hf-llava" in refused(lora_ckpt, fmt)
     assert "hf-llava-next or hf-llava-onevision" in refused(anyres_ckpt, "hf-llava")
-    for fmt in FORMATS:  # LlavaNext's processor squashes the base view
-        assert "image_aspect is pad" in refused(padded, fmt)
+    for fmt in FORMATS:  # LlavaNext's processor squashes the base view: the stage's own config is refused
+        assert "model.vision.image_aspect pad" in refused(padded, fmt)
 
 
 @pytest.mark.parametrize("backend", ["open_clip", "hf"])
