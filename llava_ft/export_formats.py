@@ -67,7 +67,7 @@ def check_anyres_format(checkpoint: str | Path, model: ModelSection, fmt: str) -
             f"{checkpoint}: model.vision.anyres is not set: {fmt} tiles every image and this model sees one "
             "fixed-size view, so it exports as hf-llava"
         )
-    if vision.image_aspect != "resize":
+    if vision.image_aspect not in (None, "resize"):  # unset is resize under anyres
         raise ValueError(
             f"{checkpoint}: model.vision.image_aspect is {vision.image_aspect}: llava_ft made each image's base view "
             f"with it, and {fmt}'s processor squashes the whole image to the base view (image_aspect resize), "

@@ -93,7 +93,7 @@ def write_anyres_stage(
     out: Path,
     *,
     seed: int = 0,
-    aspect: str = "resize",
+    aspect: str | None = None,  # unset: resize under anyres, what a user gets by default
     vision: VisionSection | None = None,
     **kwargs,
 ) -> Path:
