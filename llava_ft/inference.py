@@ -16,6 +16,7 @@ from transformers import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from llava_ft.constants import IMAGE_TOKEN
+from llava_ft.data.anyres import pixel_inputs
 from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.tokenize import Encoder
 from llava_ft.exported import folder_kind, load_export
@@ -153,10 +154,15 @@ class Assistant:
         for i, r in enumerate(rows):
             ids[i, width - len(r) :] = torch.tensor(r)
             mask[i, width - len(r) :] = 1
-        flat = [img for per in images for img in per]
-        pixel_values = torch.stack([self.processor(img) for img in flat]).to(self.device) if flat else None
+        pixels = pixel_inputs(self.processor, [img for per in images for img in per])
+        counts = torch.tensor([len(per) for per in images], dtype=torch.long)
         with torch.no_grad():
-            embeds = self.model.embed(ids.to(self.device), pixel_values)
+            embeds = self.model.embed(
+                ids.to(self.device),
+                pixels["pixel_values"].to(self.device) if pixels else None,
+                counts,
+                pixels.get("image_sizes"),
+            )
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return {
             "inputs_embeds": embeds,

@@ -1,10 +1,12 @@
 """Batch collation: padded batches (`Collator`) and packed rows (`PackedCollator`).
 
 Items are encoder outputs: {"input_ids", "labels" (unshifted, IGNORE_INDEX where not trained),
-"pixel_values": Tensor[n_img, 3, H, W] | None}. Image positions in input_ids hold IMAGE_TOKEN_INDEX.
-Both collators return `pixel_values` (every image of the batch, in row order, then sample order; absent
-when the batch has none) and `image_counts` (LongTensor, images per batch row). Samples replaced because an image
-failed to load (data.skip_bad) are named under `IMAGE_FAULTS` in the item and in the batch (absent when none was).
+"pixel_values": Tensor[n_img, 3, H, W] | None}; with any-resolution images also "image_sizes" (LongTensor
+[n_img, 2], height and width) and pixel_values holding every view of every image. Image positions in input_ids
+hold IMAGE_TOKEN_INDEX. Both collators return `pixel_values` (every image of the batch, in row order, then
+sample order; absent when the batch has none), `image_sizes` likewise (absent without any-resolution images)
+and `image_counts` (LongTensor, images per batch row). Samples replaced because an image failed to load
+(data.skip_bad) are named under `IMAGE_FAULTS` in the item and in the batch (absent when none was).
 """
 
 from __future__ import annotations
@@ -26,7 +28,19 @@ def _as_list(x: Sequence[int] | torch.Tensor) -> list[int]:
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
 
-def _checked(item: Item, where: str) -> tuple[list[int], list[int], torch.Tensor | None]:
+@dataclass
+class _Images:
+    """One sample's images: its pixel_values and, with any-resolution images, their sizes."""
+
+    pixels: torch.Tensor
+    sizes: torch.Tensor | None
+
+    @property
+    def count(self) -> int:
+        return self.pixels.shape[0] if self.sizes is None else self.sizes.shape[0]
+
+
+def _checked(item: Item, where: str) -> tuple[list[int], list[int], _Images | None]:
     ids, labels = _as_list(item["input_ids"]), _as_list(item["labels"])
     if len(ids) != len(labels):
         raise DataError(where, f"{len(ids)} input_ids but {len(labels)} labels")
@@ -40,20 +54,39 @@ def _checked(item: Item, where: str) -> tuple[list[int], list[int], torch.Tensor
     if has_image_tokens != has_images:
         what = "image tokens but no pixel_values" if has_image_tokens else "pixel_values but no image tokens"
         raise DataError(where, f"has {what}")
-    return ids, labels, pixels if has_images else None
+    if not has_images:
+        return ids, labels, None
+    sizes = item.get("image_sizes")
+    if sizes is not None and (
+        sizes.ndim != 2 or sizes.shape[1] != 2 or not 0 < sizes.shape[0] <= pixels.shape[0]
+    ):
+        raise DataError(
+            where,
+            f"image_sizes must be [n_img, 2] for the {pixels.shape[0]} views of pixel_values, got shape "
+            f"{tuple(sizes.shape)}",
+        )
+    return ids, labels, _Images(pixels, sizes)
 
 
 def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
 
-def _stack_images(images: list[torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+def _stack_images(images: list[_Images], where: str) -> dict[str, torch.Tensor]:
     if not images:
         return {}
-    shapes = {tuple(x.shape[1:]) for x in images}
+    shapes = {tuple(x.pixels.shape[1:]) for x in images}
     if len(shapes) > 1:
         raise DataError(where, f"images of different shapes cannot share a batch: {sorted(shapes)}")
-    return {"pixel_values": torch.cat(images)}
+    anyres = {x.sizes is not None for x in images}
+    if len(anyres) > 1:
+        raise DataError(
+            where, "samples with and without image_sizes (any-resolution images) cannot share a batch"
+        )
+    out = {"pixel_values": torch.cat([x.pixels for x in images])}
+    if anyres == {True}:
+        out["image_sizes"] = torch.cat([x.sizes for x in images]).long()
+    return out
 
 
 def _faults(items: Sequence[Item]) -> dict[str, list]:
@@ -90,7 +123,7 @@ class Collator:
             attention_mask[row, : len(ids)] = 1
 
         images = [p for _, _, p in checked if p is not None]
-        counts = [0 if p is None else p.shape[0] for _, _, p in checked]
+        counts = [0 if p is None else p.count for _, _, p in checked]
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -121,7 +154,7 @@ class PackedCollator:
 
     def __call__(self, rows: Sequence[Sequence[Item]]) -> dict[str, torch.Tensor]:
         packed: list[tuple[list[int], list[int], list[int]]] = []
-        images: list[torch.Tensor] = []
+        images: list[_Images] = []
         counts: list[int] = []
         for r, row in enumerate(rows):
             ids_row: list[int] = []
@@ -129,13 +162,13 @@ class PackedCollator:
             pos_row: list[int] = []
             n_images = 0
             for s, item in enumerate(row):
-                ids, labels, pixels = _checked(item, f"batch row {r} sample {s}")
+                ids, labels, own = _checked(item, f"batch row {r} sample {s}")
                 ids_row += ids
                 labels_row += [IGNORE_INDEX] + labels[1:]
                 pos_row += range(len(ids))
-                if pixels is not None:
-                    images.append(pixels)
-                    n_images += pixels.shape[0]
+                if own is not None:
+                    images.append(own)
+                    n_images += own.count
             if not ids_row:
                 raise DataError(f"batch row {r}", "has no samples")
             if len(ids_row) > self.row_length:

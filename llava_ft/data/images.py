@@ -151,10 +151,7 @@ class ImageProcessor:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> normalised float32 tensor [3, image_size, image_size]."""
-        pixels = torch.from_numpy(np.asarray(self.resized(img), dtype=np.uint8).copy()).permute(2, 0, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return (pixels.float() / 255 - mean) / std
+        return normalized(self.resized(img), self.mean, self.std)
 
     def resized(self, img: Image.Image) -> Image.Image:
         """The RGB image_size square the model sees, before normalisation. Processing it again gives the same
@@ -166,6 +163,16 @@ class ImageProcessor:
         if self.aspect == "pad":
             img = expand2square(img, self.pad_color)
         return _center_crop(_resize_shortest(img, size), size)
+
+
+def normalized(
+    img: Image.Image, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> torch.Tensor:
+    """An RGB PIL image -> float32 tensor [3, H, W] on the 0-1 scale, normalised by `mean` and `std`."""
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (pixels.float() / 255 - mean_t) / std_t
 
 
 def _resize_shortest(img: Image.Image, size: int) -> Image.Image:

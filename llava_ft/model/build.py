@@ -14,6 +14,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_flash_attn_2_available
 
 from llava_ft.config import ModelSection, RunConfig
+from llava_ft.data.anyres import AnyresImageProcessor
 from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.model import names
 from llava_ft.model.attention import PACKED_SDPA
@@ -22,7 +23,7 @@ from llava_ft.model.llava import LlavaModel
 from llava_ft.model.llm import load_llm
 from llava_ft.model.loss import resolve_loss_mode
 from llava_ft.model.projector import build_projector
-from llava_ft.model.vision import VisionTower, build_vision_tower
+from llava_ft.model.vision import VisionTower, build_vision_tower, image_token_rule
 
 log = logging.getLogger("llava_ft")
 
@@ -68,7 +69,20 @@ def resolve_attn_implementation(
 
 
 def build_vision(model_cfg: ModelSection) -> VisionTower | None:
-    return None if model_cfg.vision is None else build_vision_tower(model_cfg.vision)
+    """The vision tower; with `vision.anyres` its processor makes LLaVA-NeXT's any-resolution views (the
+    fixed processor's mean and std, its aspect for the base view)."""
+    if model_cfg.vision is None:
+        return None
+    tower = build_vision_tower(model_cfg.vision)
+    if model_cfg.vision.anyres is not None:
+        rule = image_token_rule(model_cfg.vision)
+        if (rule.tile, rule.patch_grid) != (tower.image_size, tower.grid):
+            raise ValueError(
+                f"anyres geometry of {rule.tile}-px tiles and a {rule.patch_grid}-patch grid does not fit the "
+                f"tower ({tower.image_size} px, {tower.grid} patches)"
+            )
+        tower.processor = AnyresImageProcessor.wrap(tower.processor, rule)
+    return tower
 
 
 def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None, tokenizer=None):
@@ -99,13 +113,15 @@ def build_model(cfg: RunConfig, *, load_in_4bit: bool | None = None, tokenizer=N
     if vision is not None:
         vision.to(dtype)
         # The projector keeps fp32 master weights; autocast runs it in bf16 on GPU.
-        projector = build_projector(m.projector, vision.hidden_size, llm.config.hidden_size)
+        anyres = getattr(vision.processor, "anyres", False)
+        projector = build_projector(m.projector, vision.hidden_size, llm.config.hidden_size, newline=anyres)
         log.info(
-            "vision %s: %d tokens/image x %d dims -> projector %s",
+            "vision %s: %d tokens/view x %d dims -> projector %s%s",
             m.vision.model,
             vision.num_tokens,
             vision.hidden_size,
             m.projector,
+            f"; any-resolution canvases {list(vision.processor.geometry.pinpoints)}" if anyres else "",
         )
     model = LlavaModel(llm, vision, projector, loss=loss, loss_chunk_size=m.loss_chunk_size)
     return tokenizer, model

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava_ft.constants import IMAGE_TOKEN_INDEX
+from llava_ft.data.anyres import AnyresGeometry, ImageTokens
 from llava_ft.model.attention import PACKED_SDPA, packed_spans, plan_packed
 from llava_ft.model.loss import LossMode, causal_lm_loss, is_plain_linear
 
@@ -47,7 +48,17 @@ class LlavaModel(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
+        """Tokens of one tower view (an image's count in fixed mode)."""
         return 0 if self.vision_tower is None else self.vision_tower.num_tokens
+
+    @property
+    def image_tokens(self) -> ImageTokens:
+        """What an image costs in tokens: the tower's count per image, or the any-resolution geometry of its
+        processor (the count then depends on the image's size)."""
+        if self.vision_tower is None:
+            return 0
+        processor = getattr(self.vision_tower, "processor", None)
+        return processor.geometry if getattr(processor, "anyres", False) else self.vision_tower.num_tokens
 
     def input_embeddings(self) -> nn.Module:
         return self.llm.get_input_embeddings()
@@ -57,21 +68,55 @@ class LlavaModel(nn.Module):
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n_images, 3, H, W] -> [n_images, N, hidden of the LLM]."""
+        """[n_views, 3, H, W] -> [n_views, N, hidden of the LLM]."""
+        return self._encode(pixel_values)
+
+    def image_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Each image's features [tokens, hidden of the LLM], in order: one view per image without
+        `image_sizes`; with `image_sizes` ([n_images, 2], height and width) the any-resolution views of each image
+        (`pixel_values` holds them all, base view first) packed as LLaVA-NeXT packs them."""
+        rule = self.image_tokens
+        if image_sizes is None:
+            if isinstance(rule, AnyresGeometry):
+                raise ValueError("this model tiles images (any-resolution): image_sizes are needed")
+            return list(self._encode(pixel_values))
+        if not isinstance(rule, AnyresGeometry):
+            raise ValueError("image_sizes given, but this model's tower has no any-resolution processor")
+        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        views = sum(rule.num_views(h, w) for h, w in sizes)
+        if views != pixel_values.shape[0]:
+            raise ValueError(
+                f"pixel_values hold {pixel_values.shape[0]} views but the {len(sizes)} image(s) of image_sizes "
+                f"are tiled to {views}"
+            )
+        return self._encode(pixel_values, sizes, rule)
+
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        sizes: list[tuple[int, int]] | None = None,
+        geometry: AnyresGeometry | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
         tower_dtype = next(self.vision_tower.parameters()).dtype
         features = self.vision_tower(pixel_values.to(tower_dtype))
         proj_dtype = next(self.projector.parameters()).dtype
-        return self.projector(features.to(proj_dtype))
+        if sizes is None:
+            return self.projector(features.to(proj_dtype))
+        return self.projector(features.to(proj_dtype), sizes, geometry)
 
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image features at the image positions, images in row order. `image_counts`
         (images per row, as the collators give it) is checked per row: batch totals alone can match while one
-        row's images land in another."""
+        row's images land in another. `image_sizes` ([n_images, 2]): any-resolution images, whose views
+        `pixel_values` holds (see `image_features`)."""
         image_mask = input_ids == IMAGE_TOKEN_INDEX
         embed_layer = self.input_embeddings()
         # Placeholders are not vocabulary ids: look up id 0 there and overwrite with image features.
@@ -80,31 +125,31 @@ class LlavaModel(nn.Module):
         if pixel_values is not None and pixel_values.shape[0] > 0:
             if self.vision_tower is None:
                 raise ValueError("the batch has images but this model has no vision tower")
-            features = self.encode_images(pixel_values)
-            if features.shape[0] * features.shape[1] != n_positions:
+            features = self.image_features(pixel_values, image_sizes)
+            lengths = [f.shape[0] for f in features]
+            if sum(lengths) != n_positions:
                 raise ValueError(
-                    f"image features and image tokens do not match: {features.shape[0]} image(s) x "
-                    f"{features.shape[1]} tokens = {features.shape[0] * features.shape[1]} features, but "
-                    f"input_ids hold {n_positions} image positions"
+                    f"image features and image tokens do not match: {_tokens_text(lengths)} = {sum(lengths)} "
+                    f"features, but input_ids hold {n_positions} image positions"
                 )
             if image_counts is not None:
-                per_row = image_mask.sum(dim=1).cpu()
-                expected = image_counts.cpu() * features.shape[1]
-                if not torch.equal(per_row, expected):
-                    row = int((per_row != expected).nonzero()[0])
-                    raise ValueError(
-                        f"batch row {row} holds {int(per_row[row])} image positions but "
-                        f"{int(image_counts[row])} image(s) x {features.shape[1]} tokens"
-                    )
-            features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
-            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+                _check_rows(image_mask.sum(dim=1).cpu().tolist(), image_counts.cpu().tolist(), lengths)
+            flat = torch.cat(features).to(embeds.dtype)
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), flat)
         elif n_positions:
             raise ValueError(f"input_ids hold {n_positions} image positions but no pixel_values were given")
         elif self.vision_tower is not None and self.training and self.dummy_image_when_text_only:
-            size = self.vision_tower.image_size
-            dummy = torch.zeros(1, 3, size, size, device=embeds.device)
-            embeds = embeds + 0.0 * self.encode_images(dummy).mean().to(embeds.dtype)
+            embeds = embeds + 0.0 * self._dummy_features(embeds.device).mean().to(embeds.dtype)
         return embeds
+
+    def _dummy_features(self, device: torch.device) -> torch.Tensor:
+        # One tower-sized blank image through every vision module, any-resolution packing (the newline) too.
+        size = self.vision_tower.image_size
+        rule = self.image_tokens
+        if not isinstance(rule, AnyresGeometry):
+            return self._encode(torch.zeros(1, 3, size, size, device=device))
+        views = torch.zeros(rule.num_views(size, size), 3, size, size, device=device)
+        return self._encode(views, [(size, size)], rule)[0]
 
     def forward(
         self,
@@ -116,7 +161,9 @@ class LlavaModel(nn.Module):
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ):
-        embeds = self.embed(input_ids, pixel_values, kwargs.pop("image_counts", None))
+        embeds = self.embed(
+            input_ids, pixel_values, kwargs.pop("image_counts", None), kwargs.pop("image_sizes", None)
+        )
         # use_cache=False always in training: with a cache, packed samples would attend to each other.
         inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
         packed = position_ids is not None and attention_mask is None  # PackedCollator's rows
@@ -161,3 +208,27 @@ class LlavaModel(nn.Module):
         )
         # Frozen embeddings give inputs without grad; checkpointed blocks then need inputs that require it.
         self.llm.enable_input_require_grads()
+
+
+def _tokens_text(lengths: list[int]) -> str:
+    """ "2 image(s) x 576 tokens", or "2 image(s) of 1200 + 950 tokens" when the counts differ."""
+    if len(set(lengths)) <= 1:
+        return f"{len(lengths)} image(s) x {lengths[0] if lengths else 0} tokens"
+    return f"{len(lengths)} image(s) of {' + '.join(map(str, lengths))} tokens"
+
+
+def _check_rows(positions: list[int], counts: list[int], lengths: list[int]) -> None:
+    """Each row's image positions against the tokens of its images (`counts` per row, in order)."""
+    if len(positions) != len(counts) or sum(counts) != len(lengths):
+        raise ValueError(
+            f"image_counts {counts} (images per row) do not fit a batch of {len(positions)} row(s) and "
+            f"{len(lengths)} image(s)"
+        )
+    first = 0
+    for row, (n_positions, count) in enumerate(zip(positions, counts)):
+        own = lengths[first : first + count]
+        first += count
+        if sum(own) != n_positions:
+            raise ValueError(
+                f"batch row {row} holds {n_positions} image positions but {_tokens_text(own)} = {sum(own)}"
+            )

@@ -147,3 +147,37 @@ def test_both_collators_carry_the_replacements_named_by_their_items() -> None:
     assert packed[IMAGE_FAULTS] == [fault("a"), fault("b")]
     assert IMAGE_FAULTS not in Collator(pad_token_id=PAD)(items[1:2])  # absent when nothing was replaced
     assert IMAGE_FAULTS not in PackedCollator(pad_token_id=PAD, row_length=4)([items[1:2]])
+
+
+def anyres(values: list[float], sizes: list[tuple[int, int]], views: list[int]) -> dict:
+    """pixel_values and image_sizes of any-resolution images: image k has views[k] views of value values[k]."""
+    pixels = torch.cat([image(v, n) for v, n in zip(values, views)])
+    return {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
+
+
+def test_both_collators_carry_image_sizes_and_count_images_not_views() -> None:
+    items = [
+        {"input_ids": [1, IMG, IMG], "labels": [X, X, X], **anyres([1.0], [(30, 10)], [3])},
+        {"input_ids": [2], "labels": [2]},
+        {"input_ids": [IMG, 3, IMG], "labels": [X, 3, X], **anyres([2.0, 3.0], [(5, 9), (40, 40)], [2, 4])},
+    ]
+    batch = Collator(pad_token_id=PAD)(items)
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0] * 3 + [2.0] * 2 + [3.0] * 4
+    assert batch["image_sizes"].tolist() == [[30, 10], [5, 9], [40, 40]]
+    assert batch["image_sizes"].dtype == torch.long
+    assert batch["image_counts"].tolist() == [1, 0, 2]
+    packed = PackedCollator(pad_token_id=PAD, row_length=8)([[items[2], items[1]], [items[0]]])
+    assert packed["pixel_values"][:, 0, 0, 0].tolist() == [2.0] * 2 + [3.0] * 4 + [1.0] * 3
+    assert packed["image_sizes"].tolist() == [[5, 9], [40, 40], [30, 10]]
+    assert packed["image_counts"].tolist() == [2, 1]
+    assert "image_sizes" not in Collator(pad_token_id=PAD)(items[1:2])
+    # Fixed-size images carry no sizes, and cannot share a batch with any-resolution ones.
+    fixed = {"input_ids": [IMG], "labels": [X], "pixel_values": image(4.0)}
+    assert "image_sizes" not in Collator(pad_token_id=PAD)([fixed, items[1]])
+    with pytest.raises(DataError, match="with and without image_sizes"):
+        Collator(pad_token_id=PAD)([items[0], fixed])
+    with pytest.raises(DataError, match="with and without image_sizes"):
+        PackedCollator(pad_token_id=PAD, row_length=8)([[items[0]], [fixed]])
+    bad = {**items[0], "image_sizes": torch.tensor([30, 10])}
+    with pytest.raises(DataError, match=r"batch item 0: image_sizes must be \[n_img, 2\]"):
+        Collator(pad_token_id=PAD)([bad])
