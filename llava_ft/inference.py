@@ -48,8 +48,9 @@ class Assistant:
         self.device = torch.device(device)
         self.processor = model.vision_tower.processor if model.vision_tower is not None else None
         # A text-only model never sees an image span; the Encoder still wants a positive span length.
+        rule = getattr(model, "image_tokens", model.num_image_tokens)
         self.encoder = Encoder(
-            tokenizer, template, max_length=None, num_image_tokens=max(1, model.num_image_tokens)
+            tokenizer, template, max_length=None, image_tokens=max(1, rule) if isinstance(rule, int) else rule
         )
         stop_words = template.stop_words if stop_words is None else stop_words
         if list(stop_words) != list(template.stop_words):
@@ -137,8 +138,8 @@ class Assistant:
                 f"template {self.template.name!r}: cannot place answer {answer!r} after the generation prompt"
             )
         prompt = self.encoder.encode_prompt(conv)
-        # Whole-text tokenization, as for the prompt itself (Encoder has no public name for this step).
-        full = self.encoder._encode_whole(full_text[: found + len(core)])
+        # Whole-text tokenization, as for the prompt itself.
+        full = self.encoder.encode_text(full_text[: found + len(core)])
         if full[: len(prompt)] != prompt or len(full) == len(prompt):
             raise ValueError(
                 f"answer {answer!r} merges with the end of the {self.template.name!r} generation prompt when "

@@ -77,7 +77,7 @@ def write_data(root: Path, n: int) -> Path:
 def timed_check(prepared, folder: Path, encoder, data: DataSection) -> tuple[float, object]:
     started = time.perf_counter()
     _, check = drop_bad_images(prepared.dataset, folder, EncodeStats(), skip_bad=False,
-                               num_image_tokens=encoder.num_image_tokens, num_proc=data.num_proc,
+                               num_proc=data.num_proc,
                                cache_dir=data.cache_dir, use_cache=True)  # fmt: skip
     return time.perf_counter() - started, check
 

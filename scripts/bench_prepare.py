@@ -53,7 +53,7 @@ def measure_ours(args: argparse.Namespace) -> dict:
 
     tok = load_tokenizer(tokenizer_folder(args.root, args.ours))
     encoder = Encoder(
-        tok, get_template("internlm2_chat", tok), max_length=MAX_LENGTH, num_image_tokens=IMAGE_TOKENS
+        tok, get_template("internlm2_chat", tok), max_length=MAX_LENGTH, image_tokens=IMAGE_TOKENS
     )
     out: dict = {"tokenizer": type(tok).__name__}
     data = Path(args.root) / "data"

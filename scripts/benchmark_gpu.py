@@ -216,7 +216,7 @@ def measure(variant: Variant, args) -> dict:
         cfg.data,
         tokenizer,
         template,
-        num_image_tokens=model.num_image_tokens,
+        image_tokens=getattr(model, "image_tokens", model.num_image_tokens),
         image_processor=model.vision_tower.processor,
     )
     train_dataset, collator, sampler = batching(cfg, dataset, tokenizer)

@@ -7,7 +7,8 @@
     llava-ft data prepare --data d.jsonl --template internlm2_chat --tokenizer LLM_DIR [--num-proc N]
                           [--no-cache] [--output CACHE_DIR] [--image-folder DIR]   (what training runs; cached
                           for it, the images' verdicts too)
-    llava-ft data check --config CONFIG.yaml   (every data.train file, as that config trains on it)
+    llava-ft data check --config CONFIG.yaml   (every data.train file, as that config trains on it; with
+                          model.vision.anyres also the image-token distribution per image and per sample)
 
 Also runs standalone: `python -m llava_ft.cli.data preview ...`.
 """
@@ -31,6 +32,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from llava_ft.cli.config import check_names
 from llava_ft.config import DataSection, DataSource, load_config
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_ft.data.anyres import ImageTokens
 from llava_ft.data.conversation import Conversation, DataError
 from llava_ft.data.sources import FORMATS, BadRecords, FormatReader, iter_conversations, iter_records
 from llava_ft.data.templates import TEMPLATE_NAMES, get_template
@@ -73,8 +75,8 @@ def _add_subcommands(sub) -> None:
         "--num-image-tokens",
         type=int,
         default=None,
-        help=f"placeholder tokens per image (default: the --config's vision tower, else {DEFAULT_IMAGE_TOKENS}, "
-        "CLIP ViT-L/14-336's)",
+        help=f"placeholder tokens per image (default: the --config's vision tower, its any-resolution geometry "
+        f"included, else {DEFAULT_IMAGE_TOKENS}, CLIP ViT-L/14-336's)",
     )
     common.add_argument("--last-turn-only", action="store_true", help="train only each record's last answer")
 
@@ -146,22 +148,36 @@ def _setup(args: argparse.Namespace) -> _Setup:
             _image_folder(args, cfg is not None, src)
     from llava_ft.data.dataset import data_encoder
     from llava_ft.data.tokenizer import load_tokenizer
-    from llava_ft.model.vision import tokens_per_image
+    from llava_ft.model.vision import image_token_rule
 
     tokenizer = load_tokenizer(args.tokenizer or cfg.model.llm)
     template = get_template(args.template or cfg.data.template, tokenizer)
+    image_tokens: ImageTokens
     if args.num_image_tokens is not None:
-        num_image_tokens = args.num_image_tokens
+        image_tokens = args.num_image_tokens
     elif cfg is not None:
-        # The count training uses (the tower's grid after pooling); a text-only config has none.
-        num_image_tokens = 0 if cfg.model.vision is None else tokens_per_image(cfg.model.vision)
-        print(
-            f"{args.config}: {num_image_tokens} image tokens per image, template {template.name}",
-            file=sys.stderr,
-        )
+        # The rule training uses (the tower's grid after pooling, or its any-resolution geometry); a text-only
+        # config has none.
+        image_tokens = 0 if cfg.model.vision is None else image_token_rule(cfg.model.vision)
+        print(f"{args.config}: {_rule_text(image_tokens)}, template {template.name}", file=sys.stderr)
     else:
-        num_image_tokens = DEFAULT_IMAGE_TOKENS
-    return _Setup(data_encoder(data, tokenizer, template, num_image_tokens), data, cfg is not None)
+        image_tokens = DEFAULT_IMAGE_TOKENS
+    return _Setup(data_encoder(data, tokenizer, template, image_tokens), data, cfg is not None)
+
+
+def _rule_text(rule: ImageTokens) -> str:
+    if isinstance(rule, int):
+        return f"{rule} image tokens per image"
+    canvases = ", ".join(f"{h}x{w}" for h, w in rule.pinpoints)
+    return (
+        f"any-resolution image tokens by image size, up to {rule.max_tokens} per image ({rule.tile}-px tiles, "
+        f"canvases {canvases} as height x width)"
+    )
+
+
+def _source_folder(src: DataSource) -> str:
+    """The folder training reads `src`'s images from."""
+    return src.image_folder or os.path.dirname(src.path) or "."
 
 
 # ---------------------------------------------------------------- preview
@@ -178,14 +194,16 @@ def cmd_preview(args: argparse.Namespace) -> int:
         else:
             convs = iter_conversations(src.path, src.format)
             picked = convs if args.limit == 0 else islice(convs, args.limit)
-        _preview(picked, encoder, args.json)
+        _preview(picked, encoder, args.json, _source_folder(src))
     return 0
 
 
-def _preview(picked, encoder: Encoder, as_json: bool) -> None:
+def _preview(picked, encoder: Encoder, as_json: bool, image_folder: str) -> None:
+    from llava_ft.data.prepare import image_sizes
+
     for conv in picked:
         try:
-            sample = encoder.encode(conv)
+            sample = encoder.encode(conv, image_sizes(conv, image_folder) if encoder.anyres else None)
         except DroppedSample as err:
             print(json.dumps({"source": conv.source, "dropped": err.problem}) if as_json else f"-- {err}\n")
             continue
@@ -195,7 +213,7 @@ def _preview(picked, encoder: Encoder, as_json: bool) -> None:
                               "input_ids": sample.input_ids, "labels": sample.labels}))  # fmt: skip
         else:
             print(_header(conv.source, sample, trimmed=conv.trimmed))
-            print(render_sample(encoder.tokenizer, sample, encoder.num_image_tokens) + "\n")
+            print(render_sample(encoder.tokenizer, sample) + "\n")
 
 
 def _record_at(path: str, fmt: str, index: int) -> Conversation:
@@ -222,13 +240,14 @@ def _header(source: str | None, s: TokenizedSample, *, trimmed: bool = False) ->
     return f"-- {source}: {len(s.input_ids)} tokens (images {s.num_images}, trained {trained}{flags})"
 
 
-def render_sample(tokenizer, s: TokenizedSample, num_image_tokens: int) -> str:
+def render_sample(tokenizer, s: TokenizedSample) -> str:
     """The sample's own tokens as text: trained runs green, image spans as `<image xN>`."""
-    out, k = [], 0
+    out, k, image = [], 0, 0
     while k < len(s.input_ids):
         if s.input_ids[k] == IMAGE_TOKEN_INDEX:
-            out.append(f"{CYAN}<image x{num_image_tokens}>{RESET}")
-            k += num_image_tokens
+            n = s.image_tokens[image]
+            out.append(f"{CYAN}<image x{n}>{RESET}")
+            k, image = k + n, image + 1
             continue
         end = k
         while end < len(s.input_ids) and s.input_ids[end] != IMAGE_TOKEN_INDEX:
@@ -266,7 +285,7 @@ def _image_folder(args: argparse.Namespace, from_config: bool, src: DataSource) 
     (the images are not looked at)."""
     folder = args.image_folder
     if folder is None and from_config:
-        folder = src.image_folder or os.path.dirname(src.path) or "."
+        folder = _source_folder(src)
     if folder is not None and not os.path.isdir(folder):
         raise DataError(folder, "image folder not found")
     return folder
@@ -279,8 +298,7 @@ def _drop_bad_images(table, folder: str, stats: EncodeStats, bad: BadRecords, se
     from llava_ft.data.dataset import drop_bad_images
 
     before = len(stats.problems)
-    table, check = drop_bad_images(table, Path(folder), stats, skip_bad=skip_bad,
-                                   num_image_tokens=setup.encoder.num_image_tokens, num_proc=setup.data.num_proc,
+    table, check = drop_bad_images(table, Path(folder), stats, skip_bad=skip_bad, num_proc=setup.data.num_proc,
                                    cache_dir=cache_dir, use_cache=use_cache, progress=True)  # fmt: skip
     bad.items += stats.take_unkept(len(stats.problems) - before)
     print(f"{folder}: {check.summary()}")
@@ -307,7 +325,7 @@ def _check_file(src: DataSource, setup: _Setup, image_folder: str | None) -> int
 
     data = setup.data
     done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=True, num_proc=data.num_proc,
-                   use_cache=False, progress=True)  # fmt: skip
+                   use_cache=False, progress=True, image_folder=image_folder or _source_folder(src))  # fmt: skip
     stats, bad, table = done.stats, done.bad, done.dataset
     read = stats.records + len(bad)  # before bad images move records from the counts to `bad`
     if image_folder is not None:
@@ -322,6 +340,9 @@ def _check_file(src: DataSource, setup: _Setup, image_folder: str | None) -> int
         table_column(table, "length"),
         f"  (samples with images: {with_images.as_py() or 0})",
     )
+    if setup.encoder.anyres:
+        for line in stats.image_token_lines():
+            print(line)
     return len(bad) + stats.mismatched + stats.failed
 
 
@@ -355,7 +376,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for src in data.train:
         folder = _image_folder(args, setup.from_config, src)
         done = prepare(src.path, setup.encoder, fmt=src.format, skip_bad=skip_bad, num_proc=data.num_proc,
-                       cache_dir=output, use_cache=use_cache, progress=True)  # fmt: skip
+                       cache_dir=output, use_cache=use_cache, progress=True,
+                       image_folder=folder or _source_folder(src))  # fmt: skip
         read = done.stats.records + len(done.bad)
         table = done.dataset
         if folder is not None:  # as training checks them: a bad image stops here unless skip_bad

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from llava_ft.config import DataSection
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_ft.data.anyres import ImageTokens, image_token_count
 from llava_ft.data.conversation import DataError
 from llava_ft.data.faults import IMAGE_FAULTS, Fault, ImageFault
 from llava_ft.data.image_check import ImageCheck, check_images
@@ -29,25 +30,25 @@ log = logging.getLogger("llava_ft")
 
 class SFTDataset(Dataset):
     """Samples of one or more prepared files, in order. Nothing is copied into Python lists: rows are read
-    from the Arrow tables on demand, image spans expanded to `num_image_tokens` placeholder ids."""
+    from the Arrow tables on demand, each image span expanded to the placeholder ids stored for it. With an
+    any-resolution processor (`anyres` set) an item's pixel_values hold every view of every image and
+    `image_sizes` each image's (height, width)."""
 
     def __init__(
         self,
         parts: list[tuple[datasets.Dataset, str | Path]],
         *,
-        num_image_tokens: int,
         image_processor=None,
         skip_bad: bool = False,
     ):
         """`parts`: (prepared table, folder its image paths are relative to) per source file. `skip_bad`: a
         sample whose image fails to load is replaced (see `__getitem__`) rather than raised as `ImageFault`."""
         self.tables = [
-            table.with_format("numpy", columns=["input_ids", "labels", "images", "source"])
+            table.with_format("numpy", columns=["input_ids", "labels", "images", "image_tokens", "source"])
             for table, _ in parts
         ]
         self.folders = [Path(folder) for _, folder in parts]
         self.starts = np.cumsum([0] + [len(t) for t in self.tables]).tolist()
-        self.num_image_tokens = num_image_tokens
         self.image_processor = image_processor
         self.skip_bad = skip_bad
         self._lengths = [n for table, _ in parts for n in table_column(table, "length").to_numpy().tolist()]
@@ -59,6 +60,16 @@ class SFTDataset(Dataset):
     def lengths(self) -> list[int]:
         """Full sample lengths (image tokens included), known without reading a sample."""
         return self._lengths
+
+    def image_token_totals(self) -> list[int]:
+        """Per sample, the image tokens of all its images (read from the tables, no image opened)."""
+        totals: list[int] = []
+        for table in self.tables:
+            column = table_column(table, "image_tokens")
+            owner = pa.compute.list_parent_indices(column).to_numpy()
+            flat = pa.compute.list_flatten(column).cast(pa.int64()).to_numpy(zero_copy_only=False)
+            totals += np.bincount(owner, weights=flat, minlength=len(column)).astype(np.int64).tolist()
+        return totals
 
     def _row(self, i: int) -> tuple[int, dict]:
         if not 0 <= i < len(self):
@@ -72,7 +83,8 @@ class SFTDataset(Dataset):
 
     def _expand(self, row: dict) -> tuple[np.ndarray, np.ndarray]:
         ids, labels = row["input_ids"].astype(np.int64), row["labels"].astype(np.int64)
-        repeats = np.where(ids == IMAGE_TOKEN_INDEX, self.num_image_tokens, 1)
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[ids == IMAGE_TOKEN_INDEX] = row["image_tokens"]
         return np.repeat(ids, repeats), np.repeat(labels, repeats)
 
     def __getitem__(self, i: int) -> dict:
@@ -117,15 +129,31 @@ class SFTDataset(Dataset):
             source = str(row["source"])  # "file:line": the record to fix, not only the image
             if self.image_processor is None:
                 raise DataError(source, "sample has images but the model has no vision tower")
-            pixels = []
-            for name in row["images"]:
+            anyres = getattr(self.image_processor, "anyres", False)
+            pixels, sizes = [], []
+            for name, stored in zip(row["images"], row["image_tokens"].tolist(), strict=True):
                 path = self.folders[part] / name
                 try:
                     image = load_image(path)
                 except DataError as err:
                     raise ImageFault(source, str(path), err.problem) from err
+                if anyres:
+                    height, width = image.height, image.width
+                    if (count := image_token_count(self.image_processor.geometry, height, width)) != stored:
+                        raise ImageFault(
+                            source,
+                            str(path),
+                            f"image is {width}x{height} now ({count} tokens) but was prepared as {stored} "
+                            "tokens: changed since the data was prepared (prepare it again: remove its cache "
+                            "entry or set data.cache false)",
+                        )
+                    sizes.append((height, width))
                 pixels.append(self.image_processor(image))
-            item["pixel_values"] = torch.stack(pixels)
+            if anyres:  # every view of every image, in order; the model splits them by image_sizes
+                item["pixel_values"] = torch.cat(pixels)
+                item["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+            else:
+                item["pixel_values"] = torch.stack(pixels)
         return item
 
 
@@ -145,7 +173,6 @@ def drop_bad_images(
     stats: EncodeStats,
     *,
     skip_bad: bool,
-    num_image_tokens: int,
     num_proc: int | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
@@ -173,19 +200,18 @@ def drop_bad_images(
     if not skip_bad:
         others = f"; {len(rows) - 1} more record(s) with bad images" if len(rows) > 1 else ""
         raise DataError(sources[0], f"{bad_image_problem(bad[rows[0]])}{others} (data.skip_bad skips them)")
-    removed = table.data.table.select(["length", "labels", "images"]).take(pa.array(rows))
+    removed = table.data.table.select(["length", "labels", "image_tokens"]).take(pa.array(rows))
     labels = pa.compute.list_flatten(removed.column("labels"))
     stats.unkeep(
         [(source, bad_image_problem(bad[row])) for source, row in zip(sources, rows)],
         total=int(pa.compute.sum(removed.column("length")).as_py()),
         supervised=int(pa.compute.sum(pa.compute.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
-        image=int(pa.compute.sum(pa.compute.list_value_length(removed.column("images"))).as_py() or 0)
-        * num_image_tokens,
+        image=removed.column("image_tokens").to_pylist(),
     )
     return table.select(np.setdiff1d(np.arange(len(table)), rows)), check
 
 
-def data_encoder(data: DataSection, tokenizer, template, num_image_tokens: int):
+def data_encoder(data: DataSection, tokenizer, template, image_tokens: ImageTokens):
     """The Encoder a data section trains with (also `llava-ft data ... --config`, so both key the same cache). Plain
     text sources alone never render the chat template: its markers need not suit the tokenizer then (the default
     internlm2_chat on a Llama tokenizer, say)."""
@@ -193,21 +219,23 @@ def data_encoder(data: DataSection, tokenizer, template, num_image_tokens: int):
         tokenizer,
         template,
         max_length=data.max_length,
-        num_image_tokens=num_image_tokens,
+        image_tokens=image_tokens,
+        max_image_tokens=data.max_image_tokens,
         last_turn_only=data.last_turn_only,
         chat=any(effective_format(src.path, src.format) != "text" for src in data.train) or not data.train,
     )
 
 
 def build_dataset(
-    data: DataSection, tokenizer, template, *, num_image_tokens: int, image_processor=None
+    data: DataSection, tokenizer, template, *, image_tokens: ImageTokens, image_processor=None
 ) -> tuple[SFTDataset, EncodeStats]:
     """Prepare (or load from the cache) every source, report counts. Returns (SFTDataset, EncodeStats)."""
-    encoder = data_encoder(data, tokenizer, template, num_image_tokens)
+    encoder = data_encoder(data, tokenizer, template, image_tokens)
     cache_dir, num_proc = data.cache_dir, data.num_proc
     parts = []
     total = EncodeStats()
     for src in data.train:
+        folder = Path(src.image_folder) if src.image_folder else Path(src.path).parent
         prepared = prepare(
             src.path,
             encoder,
@@ -216,19 +244,18 @@ def build_dataset(
             num_proc=num_proc,
             cache_dir=cache_dir,
             use_cache=data.cache,
+            image_folder=folder,
         )
         if prepared.bad:
             log.warning("%s", prepared.bad.summary())
         # Records skipped at reading are counted in the run's totals (summary.json), not only in that warning.
         stats = EncodeStats().merge(prepared.stats).add_bad(prepared.bad)
-        folder = Path(src.image_folder) if src.image_folder else Path(src.path).parent
         # After the cache too: images can go missing or change after the data was prepared.
         table, check = drop_bad_images(
             prepared.dataset,
             folder,
             stats,
             skip_bad=data.skip_bad,
-            num_image_tokens=num_image_tokens,
             num_proc=num_proc,
             cache_dir=cache_dir,
             use_cache=data.cache,
@@ -242,11 +269,12 @@ def build_dataset(
                 stats.skipped - len(prepared.bad),
             )
         log.info("%s (%s, %.1f s): %s", src.path, prepared.cache, prepared.seconds, stats.summary())
+        if encoder.anyres:
+            for line in stats.image_token_lines():
+                log.info("%s: %s", src.path, line)
         parts.append((table, folder))
         total.merge(stats)
-    dataset = SFTDataset(
-        parts, num_image_tokens=num_image_tokens, image_processor=image_processor, skip_bad=data.skip_bad
-    )
+    dataset = SFTDataset(parts, image_processor=image_processor, skip_bad=data.skip_bad)
     if not len(dataset):
         raise DataError(", ".join(s.path for s in data.train) or "data.train", "no training samples")
     return dataset, total

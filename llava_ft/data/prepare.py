@@ -5,9 +5,11 @@ The path shared by `llava-ft data prepare` and training: records -> Conversation
 reproduces the tokenizer, else one Rust call per batch); a record with a token across a trained/untrained
 boundary goes to `Encoder` itself, so the output equals `encode_all`'s. With num_proc N, N forked processes take
 every Nth batch of 256 records and the parent interleaves their Arrow batches and counts back in record order, so
-the output does not depend on N. Images are stored as one IMAGE_TOKEN_INDEX each (`length` is the full length).
-A cache entry is a folder named by the key (data file, format, template, tokenizer, max_length, options, this
-code), built under a temporary name and renamed when complete; its checksum is verified before it is loaded.
+the output does not depend on N. Images are stored as one IMAGE_TOKEN_INDEX each, with each image's token count
+beside them (`length` is the full length); with any-resolution geometry the count comes from the image's size,
+read from its file's header. A cache entry is a folder named by the key (data file, format, template, tokenizer,
+max_length, image-token rule, options, this code), built under a temporary name and renamed when complete; its
+checksum is verified before it is loaded.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ import datasets.table
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+from PIL import Image
 from tqdm.auto import tqdm
 
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_ft.data.anyres import ImageTokens
 from llava_ft.data.chunked import ChunkedTokenizer, cut_tokens
 from llava_ft.data.conversation import Conversation, DataError
 from llava_ft.data.forked import run_forked
+from llava_ft.data.images import bad_image_problem, image_problem
 from llava_ft.data.sources import BadRecords, FormatReader, effective_format, iter_records
 from llava_ft.data.sp_convert import fast_twin
 from llava_ft.data.tokenize import CompactSample, DroppedSample, Encoder, EncodeStats, TokenizationMismatch
@@ -51,12 +56,14 @@ FEATURES = datasets.Features(
         "labels": datasets.List(datasets.Value("int32")),
         "length": datasets.Value("int32"),
         "images": datasets.List(datasets.Value("string")),
+        "image_tokens": datasets.List(datasets.Value("int32")),
         "source": datasets.Value("string"),
     }
 )
 SCHEMA = FEATURES.arrow_schema  # computed once: the property builds it anew on every call
 _CODE_FILES = (
     "prepare.py",
+    "anyres.py",
     "chunked.py",
     "sp_convert.py",
     "tokenize.py",
@@ -74,7 +81,8 @@ def default_cache_dir() -> Path:
 @dataclass
 class Prepared:
     dataset: datasets.Dataset
-    """Columns input_ids, labels (images compact), length (full), images, source; memory-mapped."""
+    """Columns input_ids, labels (images compact), length (full), images, image_tokens (per image), source;
+    memory-mapped."""
     stats: EncodeStats
     bad: BadRecords
     cache: str
@@ -98,6 +106,7 @@ class _Batch:
     offsets: np.ndarray
     lengths: np.ndarray
     images: list[list[str]]
+    image_tokens: list[list[int]]
     sources: list[str]
     stats: EncodeStats
     bad: list[tuple[str, str]]
@@ -109,8 +118,13 @@ class _Batch:
 class BatchEncoder:
     """`Encoder.encode` over many conversations at once, with the same result (see the module docstring)."""
 
-    def __init__(self, encoder: Encoder):
+    def __init__(self, encoder: Encoder, image_folder: str | os.PathLike | None = None):
+        """`image_folder`: where the records' images are, read (headers only) when the encoder's image tokens
+        depend on the image's size."""
         self.encoder = encoder
+        if encoder.anyres and image_folder is None:
+            raise ValueError("any-resolution image tokens need the image folder to read the images' sizes")
+        self.image_folder = image_folder
         tok = encoder.tokenizer
         if not getattr(tok, "is_fast", False):
             # A slow sentencepiece tokenizer (InternLM2's) has a fast twin with its ids and offsets; Encoder stays
@@ -131,22 +145,29 @@ class BatchEncoder:
     def encode_records(self, slots: list[tuple[str, Any]], reader: FormatReader, skip_bad: bool) -> _Batch:
         """Records (as `iter_records` yields them) -> conversations -> encoded, in record order; the first bad
         record stops the batch unless `skip_bad`."""
-        convs, bad = [], []
+        convs, sizes, bad = [], [], []
         for where, record in slots:
             try:
-                convs.append(reader.conversation(record, where))
+                conv = reader.conversation(record, where)
+                # A size that cannot be read makes a bad record, as a record that cannot be converted.
+                size = image_sizes(conv, self.image_folder) if self.encoder.anyres else None
             except DataError as err:
                 if not skip_bad:
                     # Records before it may hold an earlier error: encode them first.
-                    batch = self.encode_batch(convs, skip_bad)
+                    batch = self.encode_batch(convs, skip_bad, sizes)
                     batch.error = batch.error or (type(err).__name__, err.where, err.problem)
                     return batch
                 bad.append((err.where, err.problem))
-        batch = self.encode_batch(convs, skip_bad)
+                continue
+            convs.append(conv)
+            sizes.append(size)
+        batch = self.encode_batch(convs, skip_bad, sizes)
         batch.bad = bad
         return batch
 
-    def encode_batch(self, convs: list[Conversation], skip_bad: bool) -> _Batch:
+    def encode_batch(self, convs: list[Conversation], skip_bad: bool, sizes: list | None = None) -> _Batch:
+        """`sizes`: per conversation, its images' (height, width) (needed with any-resolution geometry)."""
+        sizes = sizes or [None] * len(convs)
         rendered: list = []
         texts: list[tuple[str, list[int]]] = []  # (text between images, segment boundaries inside it)
         for conv in convs:
@@ -162,16 +183,16 @@ class BatchEncoder:
 
         out = _Columns()
         stats = EncodeStats()
-        for conv, item in zip(convs, rendered):
+        for conv, item, size in zip(convs, rendered, sizes):
             try:
                 if isinstance(item, DataError):
                     raise item
                 fast = self._whole_text(*item, tokenized) if self.backend is not None else None
                 # Where a token crosses a segment boundary, Encoder decides (and may realign or refuse).
                 sample = (
-                    self.encoder.encode_compact(conv)
+                    self.encoder.encode_compact(conv, size)
                     if fast is None
-                    else self.encoder.finish(conv, *fast, realigned=False)
+                    else self.encoder.finish(conv, *fast, realigned=False, image_sizes=size)
                 )
             except DataError as err:
                 if not skip_bad and not isinstance(err, DroppedSample):
@@ -225,6 +246,26 @@ class BatchEncoder:
         return ids_out, labels
 
 
+def image_sizes(conv: Conversation, folder: str | os.PathLike) -> list[tuple[int, int]]:
+    """Each of the conversation's images' (height, width), read from its file's header (no pixel decoded). An
+    unreadable one is a `DataError` naming the record, the image and its problem (`bad_image_problem`)."""
+    return [_header_size(conv.where, folder, name) for name in conv.images]
+
+
+def _header_size(where: str, folder: str | os.PathLike, name: str) -> tuple[int, int]:
+    path = os.path.join(folder, name)
+    try:
+        with Image.open(path) as img:  # lazy: the header only
+            width, height = img.size
+        return height, width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        if not os.path.isfile(path):
+            problem = f"file not found in {folder}"
+        else:  # the full check's wording, as training's image check gives it
+            problem = image_problem(path) or f"unreadable header ({type(e).__name__}: {e})"
+        raise DataError(where, bad_image_problem([(name, problem)])) from e
+
+
 def _layout(segments: list, chunks: list[str]) -> list[tuple[str, list[int], list[bool]]]:
     """Per text between image markers: the text, the segment boundaries strictly inside it (characters), and
     whether each stretch between them is trained (one more than the boundaries; none for an empty text)."""
@@ -260,6 +301,7 @@ class _Columns:
         self.offsets: list[int] = [0]
         self.lengths: list[int] = []
         self.images: list[list[str]] = []
+        self.image_tokens: list[list[int]] = []
         self.sources: list[str] = []
 
     def add(self, sample: CompactSample, conv: Conversation) -> None:
@@ -268,11 +310,13 @@ class _Columns:
         self.offsets.append(len(self.ids))
         self.lengths.append(sample.length)
         self.images.append(conv.images)
+        self.image_tokens.append(sample.image_tokens)
         self.sources.append(conv.source or "")
 
     def finish(self, stats: EncodeStats, error: tuple[str, str, str] | None = None) -> _Batch:
         return _Batch(np.array(self.ids, np.int32), np.array(self.labels, np.int32), np.array(self.offsets, np.int32),
-                      np.array(self.lengths, np.int32), self.images, self.sources, stats, [], error)  # fmt: skip
+                      np.array(self.lengths, np.int32), self.images, self.image_tokens, self.sources, stats, [],
+                      error)  # fmt: skip
 
 
 def _record_batch(batch: _Batch) -> pa.RecordBatch:
@@ -283,6 +327,7 @@ def _record_batch(batch: _Batch) -> pa.RecordBatch:
             pa.ListArray.from_arrays(offsets, pa.array(batch.labels)),
             pa.array(batch.lengths),
             pa.array(batch.images, type=pa.list_(pa.string())),
+            pa.array(batch.image_tokens, type=pa.list_(pa.int32())),
             pa.array(batch.sources, type=pa.string()),
         ],
         schema=SCHEMA,
@@ -387,10 +432,21 @@ def _file_digest(path: Path) -> str:
         return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
-def cache_key_parts(path: str | Path, encoder: Encoder, fmt: str, skip_bad: bool) -> dict:
+def rule_key(rule: ImageTokens) -> int | dict:
+    """The image-token rule as the cache key holds it: the count, or the geometry (tile, grid, canvases)."""
+    if isinstance(rule, int):
+        return rule
+    return {"tile": rule.tile, "patch_grid": rule.patch_grid, "pinpoints": [list(p) for p in rule.pinpoints]}
+
+
+def cache_key_parts(
+    path: str | Path, encoder: Encoder, fmt: str, skip_bad: bool, image_folder: str | Path | None = None
+) -> dict:
     """What the prepared output depends on, each part as it affects the output, so that `llava-ft data prepare`
-    and training share the entry however they name the same file and format."""
+    and training share the entry however they name the same file and format. The image folder counts only where
+    the images' sizes do (any-resolution geometry)."""
     path = Path(path).resolve()
+    folder = Path(image_folder if image_folder is not None else path.parent).resolve()
     return {
         "data": _file_digest(path),
         # Records are reported as "PATH:LINE" with the resolved path (`prepare` resolves it): one entry for every
@@ -400,7 +456,9 @@ def cache_key_parts(path: str | Path, encoder: Encoder, fmt: str, skip_bad: bool
         "template": encoder.template.name,
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
         "max_length": encoder.max_length,
-        "num_image_tokens": encoder.num_image_tokens,
+        "image_tokens": rule_key(encoder.image_tokens),
+        "max_image_tokens": encoder.max_image_tokens,
+        "image_folder": str(folder) if encoder.anyres else None,
         "last_turn_only": encoder.last_turn_only,
         "check": encoder.check,
         "skip_bad": skip_bad,
@@ -448,6 +506,8 @@ def _stats_from_dict(d: dict) -> EncodeStats:
     d = dict(d)
     d.pop("num_problems", None)
     d["dropped"] = Counter(d["dropped"])
+    for name in ("tokens_per_image", "tokens_per_sample"):  # JSON keys are strings
+        d[name] = Counter({int(k): v for k, v in d[name].items()})
     d["problems"] = [tuple(p) for p in d["problems"]]
     return EncodeStats(**d)
 
@@ -485,8 +545,11 @@ def prepare(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    image_folder: str | Path | None = None,
 ) -> Prepared:
     """Prepared data of one file: loaded from the cache when its key matches, else encoded (and stored).
+    `image_folder`: where the records' images are (default: the file's folder), read for their sizes with
+    any-resolution geometry.
 
     Bad records raise `DataError` unless `skip_bad` (then counted, as in `encode_all`); drops are counted.
     `num_proc=None` picks the number of processes (`auto_num_proc`; with the cache on it assumes this process
@@ -499,7 +562,8 @@ def prepare(
     # Sources ("PATH:LINE", stored in the cache) name the resolved path: the same for any spelling of the file.
     path = path.resolve()
     # The key hashes the data file and the tokenizer: only worth it when the cache is used.
-    parts = cache_key_parts(path, encoder, fmt, skip_bad) if use_cache else {}
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    parts = cache_key_parts(path, encoder, fmt, skip_bad, folder) if use_cache else {}
     key = _key(parts) if use_cache else ""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / key
@@ -516,7 +580,8 @@ def prepare(
     # Built under a temporary name next to the entry, so a killed run leaves nothing that looks complete.
     work = make_temp_dir(root, key, "partial") if use_cache else Path(tempfile.mkdtemp(prefix=".partial-"))
     try:
-        stats, bad = _build(path, encoder, work / "data.arrow", fmt, skip_bad, num_proc, progress)
+        local = BatchEncoder(encoder, folder)
+        stats, bad = _build(path, local, work / "data.arrow", fmt, skip_bad, num_proc, progress)
         if not use_cache:
             dataset = _open_arrow(
                 work / "data.arrow", f"uncached-{os.getpid()}-{time.time_ns()}", in_memory=True
@@ -540,10 +605,9 @@ def prepare(
 
 
 def _build(
-    path: Path, encoder: Encoder, out: Path, fmt: str, skip_bad: bool, num_proc: int, progress: bool
+    path: Path, local: BatchEncoder, out: Path, fmt: str, skip_bad: bool, num_proc: int, progress: bool
 ) -> tuple[EncodeStats, BadRecords]:
-    # Built once: forked processes inherit it (and its tokenizer) as it is, and the parsed .json list too.
-    local = BatchEncoder(encoder)
+    # `local` is built once: forked processes inherit it (and its tokenizer) as it is, the parsed .json list too.
     parsed = list(iter_records(path)) if path.suffix == ".json" else None
     # Nothing built here is cyclic, and collections of the growing heap would cost time for nothing.
     gc_was_on = gc.isenabled()

@@ -10,11 +10,13 @@ shifted: the causal LM shifts them.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_ft.data.anyres import AnyresGeometry, ImageTokens
 from llava_ft.data.conversation import Conversation, DataError
 from llava_ft.data.sources import BadRecords
 from llava_ft.data.templates import ChatTemplate, Segment
@@ -29,6 +31,8 @@ class TokenizedSample:
     truncated: bool = False
     realigned: bool = False
     """Segment-wise ids differed from the whole-text ids; labels were reassigned by character position."""
+    image_tokens: list[int] = field(default_factory=list)
+    """Placeholder ids of each image, in order."""
 
 
 @dataclass
@@ -38,8 +42,8 @@ class CompactSample:
     input_ids: list[int]
     labels: list[int]
     num_images: int
-    num_image_tokens: int
-    """Placeholder ids each image stands for in the model's input."""
+    image_tokens: list[int]
+    """Placeholder ids each image stands for in the model's input, per image in order."""
     truncated: bool = False
     realigned: bool = False
     trimmed: bool = False
@@ -48,39 +52,57 @@ class CompactSample:
     @property
     def length(self) -> int:
         """The model's input length: every image expanded."""
-        return len(self.input_ids) + self.num_images * (self.num_image_tokens - 1)
+        return len(self.input_ids) + sum(self.image_tokens) - self.num_images
 
     def expand(self) -> TokenizedSample:
-        ids, labels = expand_images(self.input_ids, self.labels, self.num_image_tokens)
-        return TokenizedSample(ids, labels, self.num_images, self.truncated, self.realigned)
+        ids, labels = expand_images(self.input_ids, self.labels, self.image_tokens)
+        return TokenizedSample(
+            ids, labels, self.num_images, self.truncated, self.realigned, list(self.image_tokens)
+        )
 
 
-def expand_images(ids: list[int], labels: list[int], num_image_tokens: int) -> tuple[list[int], list[int]]:
-    """Each IMAGE_TOKEN_INDEX of compact ids as `num_image_tokens` of them (never trained)."""
-    if IMAGE_TOKEN_INDEX not in ids:
+def expand_images(ids: list[int], labels: list[int], counts: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Image k's IMAGE_TOKEN_INDEX of compact ids as `counts[k]` of them (never trained)."""
+    if (num_images := ids.count(IMAGE_TOKEN_INDEX)) != len(counts):
+        raise ValueError(f"{num_images} image(s) in the ids but {len(counts)} token count(s)")
+    if not num_images:
         return ids, labels
     out_ids: list[int] = []
     out_labels: list[int] = []
-    start = 0
+    start, k = 0, 0
     for i, t in enumerate(ids):
         if t == IMAGE_TOKEN_INDEX:
-            out_ids += ids[start:i] + [IMAGE_TOKEN_INDEX] * num_image_tokens
-            out_labels += labels[start:i] + [IGNORE_INDEX] * num_image_tokens
-            start = i + 1
+            n = counts[k]
+            out_ids += ids[start:i] + [IMAGE_TOKEN_INDEX] * n
+            out_labels += labels[start:i] + [IGNORE_INDEX] * n
+            start, k = i + 1, k + 1
     return out_ids + ids[start:], out_labels + labels[start:]
 
 
 def apply_limits(
-    ids: list[int], labels: list[int], *, num_image_tokens: int, max_length: int | None, where: str
+    ids: list[int],
+    labels: list[int],
+    *,
+    image_tokens: Sequence[int],
+    max_length: int | None,
+    where: str,
+    max_image_tokens: int | None = None,
 ) -> tuple[list[int], list[int], bool]:
-    """The rules every encoded sample goes through, on compact ids (one IMAGE_TOKEN_INDEX per image): dropped
-    when nothing is trained; cut to max_length after its last image (counting each image as
-    `num_image_tokens`), dropped when an image would be cut or nothing trained is left. Returns (ids, labels,
-    truncated)."""
+    """The rules every encoded sample goes through, on compact ids (one IMAGE_TOKEN_INDEX per image, image k
+    standing for `image_tokens[k]` ids): dropped when nothing is trained or its images carry more than
+    `max_image_tokens`; cut to max_length after its last image, dropped when an image would be cut or nothing
+    trained is left. Returns (ids, labels, truncated)."""
     if labels.count(IGNORE_INDEX) == len(labels):
         raise DroppedSample(where, "no supervised tokens", "every assistant turn is opted out or empty")
-    num_images = ids.count(IMAGE_TOKEN_INDEX)
-    extra = num_images * (num_image_tokens - 1)
+    total = sum(image_tokens)
+    if max_image_tokens is not None and total > max_image_tokens:
+        raise DroppedSample(
+            where,
+            "too many image tokens",
+            f"{len(image_tokens)} image(s) carry {total} > data.max_image_tokens {max_image_tokens}",
+        )
+    num_images = len(image_tokens)
+    extra = total - num_images
     if max_length is None or len(ids) + extra <= max_length:
         return ids, labels, False
     if num_images:
@@ -96,6 +118,10 @@ def apply_limits(
     if labels.count(IGNORE_INDEX) == len(labels):
         raise DroppedSample(where, "no supervised tokens after truncation", f"max_length {max_length}")
     return ids, labels, True
+
+
+Sizes = Sequence[tuple[int, int]] | None
+"""Each image's (height, width) in pixels, in order; None where the image tokens do not depend on it."""
 
 
 class DroppedSample(DataError):
@@ -117,17 +143,24 @@ class Encoder:
         template: ChatTemplate,
         *,
         max_length: int | None,
-        num_image_tokens: int,
+        image_tokens: ImageTokens,
+        max_image_tokens: int | None = None,
         last_turn_only: bool = False,
         check: bool = True,
         chat: bool = True,
     ):
-        if num_image_tokens < 0:
-            raise ValueError(f"num_image_tokens must be >= 0 (0: a text-only model), got {num_image_tokens}")
+        """`image_tokens`: what an image costs, a fixed count (0: a text-only model) or the any-resolution
+        geometry (then every encode needs the images' sizes); `max_image_tokens`: the most a sample's images
+        may carry together (more: dropped)."""
+        if isinstance(image_tokens, int) and image_tokens < 0:
+            raise ValueError(f"image_tokens must be >= 0 (0: a text-only model), got {image_tokens}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
+        if max_image_tokens is not None and max_image_tokens < 1:
+            raise ValueError(f"max_image_tokens must be >= 1 or None, got {max_image_tokens}")
         self.tokenizer, self.template = tokenizer, template
-        self.max_length, self.num_image_tokens = max_length, num_image_tokens
+        self.max_length, self.image_tokens = max_length, image_tokens
+        self.max_image_tokens = max_image_tokens
         self.last_turn_only, self.check = last_turn_only, check
         self.bos = tokenizer.bos_token or ""
         self.eos = tokenizer.eos_token or ""
@@ -150,7 +183,7 @@ class Encoder:
     def render(self, conv: Conversation) -> tuple[list[Segment], str]:
         """The template's segments and their joined text, checked (shared with the batched path in prepare.py)."""
         where = conv.where
-        if conv.images and not self.num_image_tokens:
+        if conv.images and self.image_tokens == 0:
             raise DataError(
                 where, f"record has {len(conv.images)} image(s) but the model has no vision tower"
             )
@@ -164,44 +197,83 @@ class Encoder:
             )
         return segments, text
 
-    def encode(self, conv: Conversation) -> TokenizedSample:
-        return self.encode_compact(conv).expand()
+    @property
+    def anyres(self) -> bool:
+        """Whether an image's token count depends on its size (then encoding needs the sizes)."""
+        return isinstance(self.image_tokens, AnyresGeometry)
 
-    def encode_compact(self, conv: Conversation) -> CompactSample:
-        """The sample with one IMAGE_TOKEN_INDEX per image; drops raise `DroppedSample`."""
+    def image_counts(self, where: str, num_images: int, image_sizes: Sizes) -> list[int]:
+        """Tokens of each of `num_images` images (of the record `where`): the fixed count, or from each
+        image's (height, width) in `image_sizes` under any-resolution geometry (required then)."""
+        rule = self.image_tokens
+        if isinstance(rule, int):
+            return [rule] * num_images
+        if image_sizes is None or len(image_sizes) != num_images:
+            given = "none" if image_sizes is None else str(len(image_sizes))
+            raise DataError(
+                where,
+                f"any-resolution image tokens depend on each image's size: {num_images} image(s), {given} "
+                "size(s) (height, width) given",
+            )
+        return [rule.num_tokens(int(h), int(w)) for h, w in image_sizes]
+
+    def encode(self, conv: Conversation, image_sizes: Sizes = None) -> TokenizedSample:
+        return self.encode_compact(conv, image_sizes).expand()
+
+    def encode_compact(self, conv: Conversation, image_sizes: Sizes = None) -> CompactSample:
+        """The sample with one IMAGE_TOKEN_INDEX per image; drops raise `DroppedSample`. `image_sizes`: each
+        image's (height, width), needed with any-resolution geometry."""
         where = conv.where
         segments, text = self.render(conv)
         ids, labels = self._encode_segments(segments)
         realigned = False
         if self.check:
-            whole = self._encode_whole(text, [IMAGE_TOKEN_INDEX])
+            whole = self._encode_whole(text)
             if whole != ids:
                 ids, labels = self._realign(segments, text, where)
                 realigned = True
-        return self.finish(conv, ids, labels, realigned)
+        return self.finish(conv, ids, labels, realigned, image_sizes)
 
-    def finish(self, conv: Conversation, ids: list[int], labels: list[int], realigned: bool) -> CompactSample:
+    def finish(
+        self,
+        conv: Conversation,
+        ids: list[int],
+        labels: list[int],
+        realigned: bool,
+        image_sizes: Sizes = None,
+    ) -> CompactSample:
         """Compact ids and labels of the rendered text -> the sample: leading ids, then `apply_limits`."""
         if lead := self.leading_ids(conv):  # plain text: BOS as an id, as tokenizer(text) puts it
             ids, labels = lead + ids, [IGNORE_INDEX] * len(lead) + labels
+        counts = self.image_counts(conv.where, ids.count(IMAGE_TOKEN_INDEX), image_sizes)
         ids, labels, truncated = apply_limits(
-            ids, labels, num_image_tokens=self.num_image_tokens, max_length=self.max_length, where=conv.where
+            ids,
+            labels,
+            image_tokens=counts,
+            max_length=self.max_length,
+            where=conv.where,
+            max_image_tokens=self.max_image_tokens,
         )
-        # Truncation never cuts an image, so every marker is still there.
-        num_images = ids.count(IMAGE_TOKEN_INDEX)
-        return CompactSample(
-            ids, labels, num_images, self.num_image_tokens, truncated, realigned, trimmed=conv.trimmed
-        )
+        # Truncation never cuts an image, so every marker (and its count) is still there.
+        return CompactSample(ids, labels, len(counts), counts, truncated, realigned, trimmed=conv.trimmed)
 
     def leading_ids(self, conv: Conversation) -> list[int]:
         """Untrained ids before the rendered text: BOS for a plain-text record (the template leaves it out)."""
         return [self.bos_id] if conv.kind == "text" and self.bos_id is not None else []
 
-    def encode_prompt(self, conv: Conversation) -> list[int]:
+    def encode_prompt(self, conv: Conversation, image_sizes: Sizes = None) -> list[int]:
         """Inference prompt ids: the conversation (ending on a user turn) plus the generation prompt, tokenized
-        as a whole exactly like training text. No labels, no truncation."""
+        as a whole exactly like training text, each image expanded to its tokens (`image_sizes` as for
+        `encode_compact`). No labels, no truncation."""
         segments = self.template.segments(conv, bos=self.bos, eos=self.eos, add_generation_prompt=True)
-        return self._encode_whole("".join(s.text for s in segments))
+        return self.encode_text("".join(s.text for s in segments), image_sizes, conv.where)
+
+    def encode_text(self, text: str, image_sizes: Sizes = None, where: str = "<text>") -> list[int]:
+        """Rendered text -> ids, tokenized as a whole between image markers, each image expanded to its tokens
+        (`image_sizes` as for `encode_compact`; `where` names the record in errors). No labels, no truncation."""
+        ids = self._encode_whole(text)
+        counts = self.image_counts(where, ids.count(IMAGE_TOKEN_INDEX), image_sizes)
+        return expand_images(ids, ids, counts)[0]
 
     # ------------------------------------------------------------ the two tokenizations (images compact)
 
@@ -218,13 +290,12 @@ class Encoder:
                 labels += part_ids if seg.trainable else [IGNORE_INDEX] * len(part_ids)
         return ids, labels
 
-    def _encode_whole(self, text: str, image: list[int] | None = None) -> list[int]:
-        """Ids of the text tokenized between image markers; each image as `image` (default: its full span)."""
-        image = [IMAGE_TOKEN_INDEX] * self.num_image_tokens if image is None else image
+    def _encode_whole(self, text: str) -> list[int]:
+        """Ids of the text tokenized between image markers; each image as one IMAGE_TOKEN_INDEX."""
         ids: list[int] = []
         for k, part in enumerate(text.split(IMAGE_TOKEN)):
             if k:
-                ids += image
+                ids.append(IMAGE_TOKEN_INDEX)
             ids += self._ids(part) if part else []
         return ids
 
@@ -316,6 +387,10 @@ class EncodeStats:
     total_tokens: int = 0
     supervised_tokens: int = 0
     image_tokens: int = 0
+    tokens_per_image: Counter = field(default_factory=Counter)
+    """Image tokens -> kept images carrying that many."""
+    tokens_per_sample: Counter = field(default_factory=Counter)
+    """Image tokens -> kept samples whose images carry that many together (samples with images only)."""
     dropped: Counter = field(default_factory=Counter)
     """reason -> count"""
     problems: list[tuple[str, str]] = field(default_factory=list)
@@ -330,7 +405,10 @@ class EncodeStats:
         self.realigned += sample.realigned
         self.total_tokens += sample.length
         self.supervised_tokens += len(sample.labels) - sample.labels.count(IGNORE_INDEX)
-        self.image_tokens += sample.num_images * sample.num_image_tokens
+        self.image_tokens += sum(sample.image_tokens)
+        self.tokens_per_image.update(sample.image_tokens)
+        if sample.image_tokens:
+            self.tokens_per_sample[sum(sample.image_tokens)] += 1
 
     def add_error(self, err: DataError) -> None:
         """A record that was encoded but is not kept: dropped (policy), mismatched or failed (skip_bad)."""
@@ -343,15 +421,22 @@ class EncodeStats:
             self.failed += 1
         self.problems.append((err.where, err.problem))
 
-    def unkeep(self, problems: list[tuple[str, str]], total: int, supervised: int, image: int) -> None:
+    def unkeep(
+        self, problems: list[tuple[str, str]], total: int, supervised: int, image: list[list[int]]
+    ) -> None:
         """Kept samples found bad afterwards (an image file missing): moved from `kept` to `skipped`, their
-        tokens (total, supervised, image) taken off. `truncated`, `trimmed` and `realigned` keep them: they are not
-        stored per sample."""
+        tokens (total, supervised, and `image`: each one's per-image counts) taken off. `truncated`, `trimmed`
+        and `realigned` keep them: they are not stored per sample."""
         self.kept -= len(problems)
         self.skipped += len(problems)
         self.total_tokens -= total
         self.supervised_tokens -= supervised
-        self.image_tokens -= image
+        for counts in image:
+            self.image_tokens -= sum(counts)
+            self.tokens_per_image.subtract(counts)
+            if counts:
+                self.tokens_per_sample[sum(counts)] -= 1
+        self.tokens_per_image, self.tokens_per_sample = +self.tokens_per_image, +self.tokens_per_sample
         self.problems += problems
 
     def take_unkept(self, count: int) -> list[tuple[str, str]]:
@@ -378,7 +463,8 @@ class EncodeStats:
     def as_dict(self, max_problems: int = 100) -> dict:
         """JSON-ready counts for run reports (the first `max_problems` problems listed)."""
         out = asdict(self)
-        out["dropped"] = dict(self.dropped)
+        for name in ("dropped", "tokens_per_image", "tokens_per_sample"):  # asdict rebuilds a Counter wrongly
+            out[name] = dict(getattr(self, name))
         out["problems"] = [list(p) for p in self.problems[:max_problems]]
         out["num_problems"] = len(self.problems)
         return out
@@ -386,6 +472,15 @@ class EncodeStats:
     @property
     def num_dropped(self) -> int:
         return sum(self.dropped.values())
+
+    def image_token_lines(self) -> list[str]:
+        """The image-token distribution (min, median, p95, max) per image and per sample with images; none
+        without images."""
+        return [
+            f"image tokens per {what}: {_distribution(counts)}"
+            for what, counts in (("image", self.tokens_per_image), ("sample", self.tokens_per_sample))
+            if counts
+        ]
 
     def summary(self, limit: int = 20) -> str:
         text_tokens = self.total_tokens - self.image_tokens
@@ -403,6 +498,22 @@ class EncodeStats:
         if len(self.problems) > limit:
             lines.append(f"  ... and {len(self.problems) - limit} more")
         return "\n".join(lines)
+
+
+def _distribution(counts: Counter) -> str:
+    """min / median / p95 / max (nearest rank) of the values a histogram (value -> how many) holds."""
+    values = sorted(counts)
+    n = sum(counts.values())
+
+    def rank(p: float) -> int:
+        k, seen = max(1, math.ceil(p / 100 * n)), 0
+        for v in values:
+            seen += counts[v]
+            if seen >= k:
+                return v
+        return values[-1]
+
+    return f"min {values[0]}  median {rank(50)}  p95 {rank(95)}  max {values[-1]}  ({n})"
 
 
 def encode_all(

@@ -50,7 +50,10 @@ def dummy_inputs(
     has_vision = with_image and model.vision_tower is not None
     question = (f"{IMAGE_TOKEN}\n" if has_vision else "") + _DUMMY_QUESTION
     conv = Conversation(messages=[Message("user", question)], images=["dummy"] if has_vision else [])
-    encoder = Encoder(tokenizer, template, max_length=None, num_image_tokens=max(1, model.num_image_tokens))
+    rule = getattr(model, "image_tokens", model.num_image_tokens)
+    encoder = Encoder(
+        tokenizer, template, max_length=None, image_tokens=max(1, rule) if isinstance(rule, int) else rule
+    )
     ids = torch.tensor([encoder.encode_prompt(conv)])
     pixels = None
     if has_vision:

@@ -14,6 +14,7 @@ from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 
 from llava_ft.config import ConfigError, EvalBenchmarkSection, RunConfig
+from llava_ft.data.anyres import ImageTokens
 from llava_ft.data.dataset import SFTDataset, build_dataset
 from llava_ft.data.tokenize import EncodeStats
 from llava_ft.eval import mmbench, pope, vqa
@@ -27,13 +28,13 @@ BENCHMARK_FOLDER = "eval_benchmark"
 
 
 def eval_dataset(
-    cfg: RunConfig, train: SFTDataset, tokenizer, template, num_image_tokens: int
+    cfg: RunConfig, train: SFTDataset, tokenizer, template, image_tokens: ImageTokens
 ) -> tuple[SFTDataset, SFTDataset | None, EncodeStats | None]:
     """(train dataset, eval dataset or None, the eval files' counts or None). data.eval files are prepared
     through the same cache as data.train; data.val_size takes its samples out of `train`."""
     if cfg.data.eval:
         data = dataclasses.replace(cfg.data, train=cfg.data.eval)
-        dataset, stats = build_dataset(data, tokenizer, template, num_image_tokens=num_image_tokens)
+        dataset, stats = build_dataset(data, tokenizer, template, image_tokens=image_tokens)
         log.info("eval data, %d file(s): %s", len(cfg.data.eval), stats.summary())
         return train, dataset, stats
     if cfg.data.val_size is not None:
@@ -65,12 +66,7 @@ def _subset(dataset: SFTDataset, indices: np.ndarray) -> SFTDataset:
         lo, hi = dataset.starts[p], dataset.starts[p + 1]
         local = indices[(indices >= lo) & (indices < hi)] - lo
         parts.append((table.select(local.tolist()), folder))
-    return SFTDataset(
-        parts,
-        num_image_tokens=dataset.num_image_tokens,
-        image_processor=dataset.image_processor,
-        skip_bad=dataset.skip_bad,
-    )
+    return SFTDataset(parts, image_processor=dataset.image_processor, skip_bad=dataset.skip_bad)
 
 
 def score_benchmark(bench: EvalBenchmarkSection, assistant, output: Path, label: str) -> dict[str, float]:

@@ -55,6 +55,10 @@ class PreflightReport:
     """Real (not padding) tokens the two steps trained on, as the trainer counted them."""
     mean_length: float
     """Mean full length of all samples (or packed rows) of the real run."""
+    largest_tokens: int
+    """Full length of the longest sample (image tokens included); the timed items are at least as long."""
+    largest_image_tokens: int
+    """Of them, image tokens."""
     packed: bool
     question: str
     image: str | None
@@ -84,6 +88,9 @@ class PreflightReport:
             f"{max(self.timed_lengths)} to {min(self.timed_lengths)}), saved, reloaded, answered",
             f"step time: {self.step_s:.4g} s per optimizer step (the second; the first took {self.first_step_s:.4g} s)",
             f"peak memory: {self.peak_memory_mb:.0f} MB ({memory}, at the longest samples)",
+            f"largest sample: {self.largest_tokens} tokens ({self.largest_image_tokens} image + "
+            f"{self.largest_tokens - self.largest_image_tokens} text), within the peak memory above (measured on "
+            f"{items} at least as long)",
             f"question{image}: {self.question}",
             f"answer: {answer}",
             f"estimate: {self.planned_steps} optimizer steps x {self.step_s:.4g} s = {self.hours:.4g} h at most "
@@ -118,6 +125,7 @@ def preflight(cfg: RunConfig, *, temp_root: str | Path | None = None) -> Preflig
         answer = assistant.generate([query], max_new_tokens=MAX_NEW_TOKENS)[0]
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     lengths = order.lengths
+    largest, largest_image = largest_sample(order.dataset)
     return PreflightReport(
         step_s=timer.step_s,
         first_step_s=timer.times[0],
@@ -127,6 +135,8 @@ def preflight(cfg: RunConfig, *, temp_root: str | Path | None = None) -> Preflig
         timed_lengths=[lengths[i] for i in order.indices[: STEPS * per_step]],
         trained_tokens=tokens,
         mean_length=sum(lengths) / len(lengths),
+        largest_tokens=largest,
+        largest_image_tokens=largest_image,
         packed=isinstance(order.dataset, PackedDataset),
         question=query.question,
         image=str(image) if image else None,
@@ -160,6 +170,18 @@ def item_lengths(dataset: Dataset) -> list[int]:
     if isinstance(dataset, PackedDataset):
         return [sum(dataset.lengths[j] for j in row) for row in dataset.rows]
     return list(dataset.lengths)
+
+
+def largest_sample(dataset: Dataset | None) -> tuple[int, int]:
+    """(full length, image tokens) of the longest sample of the train data (inside packed rows too); (0, 0)
+    for data that is no SFTDataset."""
+    if isinstance(dataset, PackedDataset):
+        dataset = dataset.dataset
+    if not isinstance(dataset, SFTDataset) or not len(dataset):
+        return 0, 0
+    lengths = dataset.lengths
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    return lengths[i], dataset.image_token_totals()[i]
 
 
 class LongestFirst:

@@ -18,6 +18,7 @@ from transformers import TrainingArguments, set_seed
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 from llava_ft.config import ConfigError, RunConfig, global_batch_line, world_size
+from llava_ft.data.anyres import ImageTokens
 from llava_ft.data.collate import Collator, PackedCollator
 from llava_ft.data.dataset import build_dataset
 from llava_ft.data.packing import PackedDataset
@@ -28,7 +29,7 @@ from llava_ft.data.tokenizer import load_tokenizer
 from llava_ft.files import atomic_write_text
 from llava_ft.model.build import build_model, check_names
 from llava_ft.model.trainability import apply_trainability, log_trainability
-from llava_ft.model.vision import tokens_per_image
+from llava_ft.model.vision import image_token_rule
 from llava_ft.report import compact_log_history, write_report
 from llava_ft.stage import apply_stage_weights, save_stage_output, trained_llm
 from llava_ft.train.checkpoint import gathered_trainable
@@ -103,7 +104,8 @@ def train(
     template = get_template(cfg.data.template, tokenizer)
     if problem := differs_from_tokenizer(template, tokenizer):
         log.warning("%s", problem)
-    num_image_tokens = 0 if cfg.model.vision is None else tokens_per_image(cfg.model.vision)
+    # What an image costs in tokens: a fixed count, or with model.vision.anyres the geometry (by image size).
+    image_tokens = 0 if cfg.model.vision is None else image_token_rule(cfg.model.vision)
     args = training_arguments(cfg)
     if earlier and args.should_save:
         log.warning("--overwrite: removing the earlier run's %s", ", ".join(f.name for f in earlier))
@@ -111,10 +113,10 @@ def train(
             shutil.rmtree(folder)
     first = args.main_process_first(local=True, desc="data preparation") if cfg.data.cache else nullcontext()
     with first:
-        dataset, stats = build_dataset(cfg.data, tokenizer, template, num_image_tokens=num_image_tokens)
+        dataset, stats = build_dataset(cfg.data, tokenizer, template, image_tokens=image_tokens)
         if len(cfg.data.train) > 1:  # one file's counts were just logged by build_dataset
             log.info("data, all %d files: %s", len(cfg.data.train), stats.summary())
-        dataset, held_out, eval_stats = eval_dataset(cfg, dataset, tokenizer, template, num_image_tokens)
+        dataset, held_out, eval_stats = eval_dataset(cfg, dataset, tokenizer, template, image_tokens)
 
     # 2. Parts: vision tower, projector, LLM (4-bit when asked), loaded whole under ZeRO-3 too (the Trainer
     # partitions the model). Seeded here: the initial weights do not depend on what preparation drew.
@@ -125,10 +127,10 @@ def train(
         apply_trainability(model, cfg.trainable, cfg.lora)
         if cfg.train.init_from:
             apply_stage_weights(model, cfg.train.init_from, adapters="init")
-    if model.num_image_tokens != num_image_tokens:
+    if (model_rule := model_image_tokens(model)) != image_tokens:
         raise RuntimeError(
-            f"the vision tower gives {model.num_image_tokens} tokens per image, its config "
-            f"{num_image_tokens}: the data was prepared for the latter"
+            f"the vision tower's image tokens are {model_rule}, its config's {image_tokens}: the data was "
+            "prepared for the latter"
         )
     dataset.image_processor = model.vision_tower.processor if model.vision_tower is not None else None
     if held_out is not None:
@@ -172,6 +174,11 @@ def train(
             )
             write_report(out, trainer.state.log_history, summary)
     return StageResult(out, model, summary, trainer)
+
+
+def model_image_tokens(model) -> ImageTokens:
+    """The model's image-token rule (a fixed count for a model without `image_tokens`)."""
+    return getattr(model, "image_tokens", model.num_image_tokens)
 
 
 @contextmanager

@@ -288,9 +288,7 @@ def test_prepare_with_config_warms_the_cache_training_reads(tiny_run, capsys, mo
     cfg.data.train = cfg.data.train[:1]
     tok = load_tokenizer(cfg.model.llm)
     tokens = build_vision(cfg.model).num_tokens
-    dataset, stats = build_dataset(
-        cfg.data, tok, get_template(cfg.data.template, tok), num_image_tokens=tokens
-    )
+    dataset, stats = build_dataset(cfg.data, tok, get_template(cfg.data.template, tok), image_tokens=tokens)
     assert len(dataset) == stats.kept == 2
 
 

@@ -129,7 +129,7 @@ def test_bad_images_stop_the_build_naming_the_record(quirks, tokenizers, tmp_pat
     tok = tokenizers["llama"]
     data = quirks_section(quirks, tmp_path)
     with pytest.raises(DataError) as err:
-        build_dataset(data, tok, get_template("internlm2_chat", tok), num_image_tokens=N_IMG)
+        build_dataset(data, tok, get_template("internlm2_chat", tok), image_tokens=N_IMG)
     first_bad = len(quirks.good) + 1  # records follow quirks.names: the good ones first
     assert str(err.value).startswith(
         f"{data.train[0].path}:{first_bad}: image truncated.jpg: image data is corrupt"
@@ -148,7 +148,7 @@ def test_skip_bad_counts_the_bad_images_and_a_warm_build_decodes_nothing(
         if warm:
             no_decoding(monkeypatch)
         with caplog.at_level("INFO", logger="llava_ft"):
-            ds, stats = build_dataset(data, tok, template, num_image_tokens=N_IMG)
+            ds, stats = build_dataset(data, tok, template, image_tokens=N_IMG)
         assert len(ds) == stats.kept == len(quirks.good) and stats.skipped == 5 and stats.records == 13
         problems = dict(stats.problems)
         for k, name in enumerate(quirks.names):
@@ -164,7 +164,7 @@ def test_skip_bad_counts_the_bad_images_and_a_warm_build_decodes_nothing(
 def test_cache_off_checks_the_images_too(quirks, tokenizers, tmp_path):
     tok = tokenizers["llama"]
     data = quirks_section(quirks, tmp_path, skip_bad=True, cache=False)
-    ds, stats = build_dataset(data, tok, get_template("internlm2_chat", tok), num_image_tokens=N_IMG)
+    ds, stats = build_dataset(data, tok, get_template("internlm2_chat", tok), image_tokens=N_IMG)
     assert stats.skipped == 5 and len(ds) == len(quirks.good) and not (tmp_path / "c").exists()
 
 
@@ -230,7 +230,7 @@ def test_preparation_workers_end_with_their_parent(tokenizer_dirs, tmp_path):
         from llava_ft.data.tokenize import Encoder
 
         tok = AutoTokenizer.from_pretrained({str(tokenizer_dirs["llama"])!r})
-        encoder = Encoder(tok, get_template("internlm2_chat", tok), max_length=64, num_image_tokens=4)
+        encoder = Encoder(tok, get_template("internlm2_chat", tok), max_length=64, image_tokens=4)
         prep._encode_shard = lambda *args: time.sleep(600)  # workers busy until the parent is killed
         prep.prepare({str(data)!r}, encoder, use_cache=False, num_proc=2)
         """,

@@ -18,6 +18,7 @@ from PIL import Image
 from llava_ft.cli.data import main
 from llava_ft.constants import IGNORE_INDEX
 from llava_ft.data import prepare as prep
+from llava_ft.data.anyres import AnyresGeometry
 from llava_ft.data.conversation import DataError
 from llava_ft.data.dataset import SFTDataset
 from llava_ft.data.image_check import VERDICTS_DIR
@@ -82,7 +83,7 @@ def data_file(tmp_path) -> Path:
 
 
 def encoder(tok, template="internlm2_chat", max_length=120, **kw) -> Encoder:
-    return Encoder(tok, get_template(template, tok), max_length=max_length, num_image_tokens=N_IMG, **kw)
+    return Encoder(tok, get_template(template, tok), max_length=max_length, image_tokens=N_IMG, **kw)
 
 
 def comparable(stats) -> dict:
@@ -102,7 +103,7 @@ def test_same_samples_as_encoder(template, family, tokenizers, data_file, tmp_pa
     samples, stats = encode_all(convs, enc, skip_bad=True)
     assert comparable(done.stats) == comparable(stats)
     assert stats.truncated and stats.dropped  # the corpus exercises both
-    ds = SFTDataset([(done.dataset, tmp_path)], num_image_tokens=N_IMG)
+    ds = SFTDataset([(done.dataset, tmp_path)])
     assert len(ds) == len(samples) == stats.kept
     for i, sample in enumerate(samples):
         ids, labels = ds.tokens(i)
@@ -121,7 +122,7 @@ def test_published_internlm2_layout_same_samples_as_encoder(data_file, tmp_path)
     done = prep.prepare(data_file, enc, use_cache=False, skip_bad=True)
     samples, stats = encode_all(read_conversations(data_file)[0], enc, skip_bad=True)
     assert comparable(done.stats) == comparable(stats) and stats.truncated and stats.dropped
-    ds = SFTDataset([(done.dataset, tmp_path)], num_image_tokens=N_IMG)
+    ds = SFTDataset([(done.dataset, tmp_path)])
     assert [ds.tokens(i)[0].tolist() for i in range(len(ds))] == [s.input_ids for s in samples]
     assert [ds.tokens(i)[1].tolist() for i in range(len(ds))] == [s.labels for s in samples]
 
@@ -141,7 +142,7 @@ def test_truncation_around_the_last_image_as_encoder(family, tokenizers, tmp_pat
     samples, stats = encode_all(read_conversations(path)[0], enc, skip_bad=True)
     assert comparable(done.stats) == comparable(stats)
     assert stats.truncated and stats.dropped["images do not fit"]
-    ds = SFTDataset([(done.dataset, tmp_path)], num_image_tokens=N_IMG)
+    ds = SFTDataset([(done.dataset, tmp_path)])
     assert [ds.tokens(i)[0].tolist() for i in range(len(ds))] == [s.input_ids for s in samples]
     assert [ds.tokens(i)[1].tolist() for i in range(len(ds))] == [s.labels for s in samples]
 
@@ -157,7 +158,7 @@ def test_plain_text_same_samples_as_encoder(family, tokenizers, tmp_path):
     done = prep.prepare(path, enc, use_cache=False)
     samples, stats = encode_all(read_conversations(path)[0], enc)
     assert comparable(done.stats) == comparable(stats) and stats.truncated == 1
-    ds = SFTDataset([(done.dataset, tmp_path)], num_image_tokens=N_IMG)
+    ds = SFTDataset([(done.dataset, tmp_path)])
     assert [ds.tokens(i)[0].tolist() for i in range(len(ds))] == [s.input_ids for s in samples]
     assert [ds.tokens(i)[1].tolist() for i in range(len(ds))] == [s.labels for s in samples]
     assert all(s.input_ids[0] == tok.bos_token_id and s.labels[0] == IGNORE_INDEX for s in samples)
@@ -245,10 +246,12 @@ def test_every_key_part_invalidates(tokenizers, fresh_tokenizer, data_file, tmp_
         "added token": lambda: prep.prepare(data_file, encoder(changed_tok), cache_dir=cache, skip_bad=True),
         "max_length": lambda: prep.prepare(data_file, encoder(tok, max_length=100), cache_dir=cache, skip_bad=True),
         "image tokens": lambda: prep.prepare(
-            data_file, Encoder(tok, get_template("internlm2_chat", tok), max_length=120, num_image_tokens=3),
+            data_file, Encoder(tok, get_template("internlm2_chat", tok), max_length=120, image_tokens=3),
             cache_dir=cache, skip_bad=True),
         "last_turn_only": lambda: prep.prepare(
             data_file, encoder(tok, last_turn_only=True), cache_dir=cache, skip_bad=True),
+        "max_image_tokens": lambda: prep.prepare(
+            data_file, encoder(tok, max_image_tokens=N_IMG), cache_dir=cache, skip_bad=True),
     }  # fmt: skip
     for what, run in variants.items():
         assert run().cache == "built", what
@@ -362,7 +365,7 @@ def test_cli_prepare_warms_the_cache_training_uses(tokenizer_dirs, tmp_path, mon
     for path in (str(tmp_path / "data" / "ft.json"), "data/../data/ft.json"):
         data = DataSection(train=[DataSource(path, format="llava")], template="internlm2_chat", max_length=120,
                            skip_bad=True, cache_dir=str(cache))  # fmt: skip
-        ds, stats = build_dataset(data, tok, get_template("internlm2_chat", tok), num_image_tokens=N_IMG)
+        ds, stats = build_dataset(data, tok, get_template("internlm2_chat", tok), image_tokens=N_IMG)
         # Sources name the resolved path, whichever spelling prepared the entry.
         assert stats.skipped == 1 and f"{resolved}[5]" in [where for where, _ in stats.problems]
         sources = [str(x) for x in ds.tables[0]["source"]]
@@ -440,3 +443,123 @@ def test_a_broken_file_is_reported_before_its_bad_records(skip_bad, tokenizers, 
     for n in (1, 2):
         with pytest.raises(DataError, match=rf"broken\.json:{line}: malformed JSON"):
             prep.prepare(path, encoder(tokenizers["bpe"]), use_cache=False, num_proc=n, skip_bad=skip_bad)
+
+
+# ---------------------------------------------------------------- any-resolution: counts from image headers
+
+GEOMETRY = AnyresGeometry.build(32, 4)  # a 32-px tower of 8-px patches, LLaVA-NeXT's five canvases
+
+
+def write_images(folder: Path, records: list[dict], seed: int = 0) -> dict[str, tuple[int, int]]:
+    """Every image the records name, of a random size; returns name -> (height, width)."""
+    rng = random.Random(seed)
+    sizes = {}
+    for record in records:
+        names = record.get("image", [])
+        for name in [names] if isinstance(names, str) else names:
+            sizes[name] = (rng.randint(8, 200), rng.randint(8, 200))
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", sizes[name][::-1], (rng.randrange(256), 0, 0)).save(folder / name)
+    return sizes
+
+
+def anyres_encoder(tok, geometry=GEOMETRY, **kw) -> Encoder:
+    return Encoder(tok, get_template("internlm2_chat", tok), max_length=400, image_tokens=geometry, **kw)
+
+
+def test_anyres_counts_are_those_of_the_real_image_sizes(tokenizers, tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "BATCH_SIZE", 8)  # several batches, so two processes share them
+    records = corpus(n=40)
+    sizes = write_images(tmp_path, records)
+    assert len({GEOMETRY.num_tokens(*s) for s in sizes.values()}) > 5  # the counts do vary
+    path = write(tmp_path / "d.json", records)
+    enc = anyres_encoder(tokenizers["llama"])
+    done = prep.prepare(path, enc, use_cache=False, skip_bad=True)
+    table = done.dataset.data
+    names = table.column("images").to_pylist()
+    counts = table.column("image_tokens").to_pylist()
+    assert any(len(c) == 2 for c in counts) and any(not c for c in counts)
+    assert counts == [[GEOMETRY.num_tokens(*sizes[n]) for n in row] for row in names]
+    # Encoder on each record with the sizes PIL gives: the same samples and counts.
+    convs, _ = read_conversations(path)
+    samples = []
+    for conv in convs:
+        try:
+            sample = enc.encode_compact(conv, [Image.open(tmp_path / n).size[::-1] for n in conv.images])
+        except DataError:
+            continue
+        samples.append(sample.expand())
+    ds = SFTDataset([(done.dataset, tmp_path)])
+    assert len(ds) == len(samples) and ds.lengths == [len(s.input_ids) for s in samples]
+    for i, sample in enumerate(samples):
+        assert ds.tokens(i)[0].tolist() == sample.input_ids and ds.tokens(i)[1].tolist() == sample.labels
+    assert ds.image_token_totals() == [sum(c) for c in counts]
+    assert sorted(done.stats.tokens_per_image.elements()) == sorted(x for c in counts for x in c)
+    # Two processes: the same table; headers are read where the records are encoded.
+    two = prep.prepare(path, enc, use_cache=False, skip_bad=True, num_proc=2)
+    assert two.dataset.data.equals(table)
+
+
+def test_anyres_bad_image_header_is_a_bad_record(tokenizers, tmp_path):
+    records = corpus(n=12)
+    write_images(tmp_path, records)
+    (tmp_path / "img" / "1.png").unlink()
+    (tmp_path / "img" / "2.png").write_bytes(b"<html>not found</html>")
+    path = write(tmp_path / "bad.json", records)
+    enc = anyres_encoder(tokenizers["bpe"])
+    for num_proc in (1, 2):
+        with pytest.raises(DataError) as err:
+            prep.prepare(path, enc, use_cache=False, num_proc=num_proc)
+        assert str(err.value) == f"{path}[1]: image img/1.png: file not found in {tmp_path}"
+    done = prep.prepare(path, enc, use_cache=False, skip_bad=True)
+    assert done.bad.items[0] == (f"{path}[1]", f"image img/1.png: file not found in {tmp_path}")
+    where, problem = done.bad.items[1]
+    assert where == f"{path}[2]" and problem.startswith(
+        "image img/2.png: not a readable image (no image format"
+    )
+    assert len(done.bad) == 2 and done.stats.records == 10 and "\n" not in problem
+    # The images' folder is the data file's unless named.
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    copy = write(moved / "bad.json", records)
+    with pytest.raises(DataError, match=r"bad\.json\[1\]: image img/1\.png: file not found in .*elsewhere"):
+        prep.prepare(copy, enc, use_cache=False)
+    again = prep.prepare(copy, enc, use_cache=False, skip_bad=True, image_folder=tmp_path)
+    assert again.dataset.data.equals(
+        done.dataset.data.set_column(
+            done.dataset.data.schema.get_field_index("source"),
+            "source",
+            pa.array(
+                [s.replace(str(path), str(copy)) for s in done.dataset.data.column("source").to_pylist()]
+            ),
+        )
+    )
+
+
+def test_anyres_cache_follows_the_geometry_and_the_image_folder(tokenizers, data_file, tmp_path):
+    write_images(tmp_path, corpus())
+    cache = tmp_path / "c"
+    tok = tokenizers["bpe"]
+    base = prep.prepare(data_file, anyres_encoder(tok), cache_dir=cache, skip_bad=True)
+    assert base.cache == "built"
+    assert prep.prepare(data_file, anyres_encoder(tok), cache_dir=cache, skip_bad=True).cache == "hit"
+    fewer = AnyresGeometry.build(32, 4, [[32, 64], [64, 32], [64, 64]])
+    capped = AnyresGeometry.build(32, 4, max_tiles=2)
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "img", other / "img")
+    variants = {
+        "pinpoints": lambda: prep.prepare(data_file, anyres_encoder(tok, fewer), cache_dir=cache, skip_bad=True),
+        "max_tiles": lambda: prep.prepare(data_file, anyres_encoder(tok, capped), cache_dir=cache, skip_bad=True),
+        "fixed": lambda: prep.prepare(data_file, encoder(tok), cache_dir=cache, skip_bad=True),
+        "image folder": lambda: prep.prepare(
+            data_file, anyres_encoder(tok), cache_dir=cache, skip_bad=True, image_folder=other),
+    }  # fmt: skip
+    for what, run in variants.items():
+        assert run().cache == "built", what
+    # With a fixed count the image folder is no part of the key.
+    assert (
+        prep.prepare(data_file, encoder(tok), cache_dir=cache, skip_bad=True, image_folder=other).cache
+        == "hit"
+    )
+    assert prep.cache_key_parts(data_file, anyres_encoder(tok), "auto", True)["image_tokens"] == {
+        "tile": 32, "patch_grid": 4, "pinpoints": [list(p) for p in GEOMETRY.pinpoints]}  # fmt: skip

@@ -10,6 +10,7 @@ import pytest
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from llava_ft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_ft.data.anyres import AnyresGeometry
 from llava_ft.data.conversation import Conversation, DataError, Message
 from llava_ft.data.templates import ChatTemplate, get_template
 from llava_ft.data.tokenize import (
@@ -18,7 +19,9 @@ from llava_ft.data.tokenize import (
     EncodeStats,
     TokenizationMismatch,
     TokenizedSample,
+    apply_limits,
     encode_all,
+    expand_images,
 )
 
 N_IMG = 5
@@ -82,7 +85,7 @@ def same_text(tok, got: list[str], want: list[str]) -> bool:
 
 
 def encoder(tok, name="internlm2_chat", **kw) -> Encoder:
-    return Encoder(tok, get_template(name, tok), **{"max_length": None, "num_image_tokens": N_IMG, **kw})
+    return Encoder(tok, get_template(name, tok), **{"max_length": None, "image_tokens": N_IMG, **kw})
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -218,7 +221,7 @@ def test_boundary_inside_a_token(family, tokenizers):
     conv = conv_of(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello world"}], images=()
     )
-    enc = Encoder(tok, _SplitWordTemplate(), max_length=None, num_image_tokens=N_IMG)
+    enc = Encoder(tok, _SplitWordTemplate(), max_length=None, image_tokens=N_IMG)
     whole = reference_ids(tok, f"{tok.bos_token}Question: hi. Answer: Hello world{tok.eos_token}")
     if not tok.is_fast:  # no offsets: the straddling token cannot be labelled, so the record is rejected
         with pytest.raises(
@@ -233,7 +236,7 @@ def test_boundary_inside_a_token(family, tokenizers):
     assert "Hel" in decode(tok, sample.input_ids[first : first + 1])
     assert sample.labels[first:] == sample.input_ids[first:]
     # Without the check the segment-wise ids are used as they are (and differ from the whole text).
-    unchecked = Encoder(tok, _SplitWordTemplate(), max_length=None, num_image_tokens=N_IMG, check=False)
+    unchecked = Encoder(tok, _SplitWordTemplate(), max_length=None, image_tokens=N_IMG, check=False)
     assert unchecked.encode(conv).input_ids != whole
 
 
@@ -247,7 +250,7 @@ def test_encode_all_counts_everything(tokenizers):
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello world"}], images=()
     )
     split.source = "t.jsonl:9"
-    enc = Encoder(tok, _SplitWordTemplate(), max_length=None, num_image_tokens=N_IMG)
+    enc = Encoder(tok, _SplitWordTemplate(), max_length=None, image_tokens=N_IMG)
     with pytest.raises(TokenizationMismatch):
         encode_all([split], enc)
     _, stats = encode_all([split], enc, skip_bad=True)
@@ -290,8 +293,8 @@ def test_markers_must_be_single_tokens():
     with pytest.raises(ValueError, match=r"encodes '<\|im_start\|>' as \d+ tokens"):
         encoder(bare)
     assert encoder(bare, "vicuna_v1").eos == "</s>"  # needs only bos/eos
-    with pytest.raises(ValueError, match="num_image_tokens"):
-        encoder(bare, "vicuna_v1", num_image_tokens=-1)
+    with pytest.raises(ValueError, match="image_tokens"):
+        encoder(bare, "vicuna_v1", image_tokens=-1)
 
 
 def test_encode_prompt_matches_official_generation_prompt(family, tokenizers, official_jinja, monkeypatch):
@@ -316,6 +319,135 @@ def test_text_only_model_rejects_image_records(tokenizers):
     with pytest.raises(
         DataError, match=r"d.json\[3\]: record has 1 image\(s\) but the model has no vision tower"
     ):
-        encoder(tok, num_image_tokens=0).encode(conv)
+        encoder(tok, image_tokens=0).encode(conv)
     text = Conversation([Message("user", "hi"), Message("assistant", "hello")])
-    assert IMAGE_TOKEN_INDEX not in encoder(tok, num_image_tokens=0).encode(text).input_ids
+    assert IMAGE_TOKEN_INDEX not in encoder(tok, image_tokens=0).encode(text).input_ids
+
+
+# ---------------------------------------------------------------- image tokens per image (any-resolution)
+
+GEOMETRY = AnyresGeometry.build(32, 4)  # a 32-px tower of 8-px patches: LLaVA-NeXT's five canvases
+TWO_IMAGES = [
+    {"role": "user", "content": "<image> and <image>: which is wider?"},
+    {"role": "assistant", "content": "The first."},
+]
+SIZES = [(40, 100), (300, 90)]  # (height, width): wide and tall, so their counts differ
+
+
+def image_spans(ids: list[int]) -> list[int]:
+    """Lengths of the runs of IMAGE_TOKEN_INDEX, in order."""
+    runs, n = [], 0
+    for t in [*ids, None]:
+        if t == IMAGE_TOKEN_INDEX:
+            n += 1
+        elif n:
+            runs, n = [*runs, n], 0
+    return runs
+
+
+def test_expand_images_repeats_each_image_by_its_own_count():
+    ids = [1, IMAGE_TOKEN_INDEX, 2, IMAGE_TOKEN_INDEX, 3]
+    labels = [IGNORE_INDEX, IGNORE_INDEX, 2, IGNORE_INDEX, 3]
+    out_ids, out_labels = expand_images(ids, labels, [2, 4])
+    assert out_ids == [1, *[IMAGE_TOKEN_INDEX] * 2, 2, *[IMAGE_TOKEN_INDEX] * 4, 3]
+    assert out_labels == [IGNORE_INDEX] * 3 + [2] + [IGNORE_INDEX] * 4 + [3]
+    with pytest.raises(ValueError, match="2 image"):
+        expand_images(ids, labels, [2])
+
+
+def test_anyres_encoder_counts_each_image_from_its_size(tokenizers):
+    tok = tokenizers["llama"]
+    conv = conv_of(TWO_IMAGES, images=("a.png", "b.png"))
+    want = [GEOMETRY.num_tokens(h, w) for h, w in SIZES]
+    assert want[0] != want[1]
+    sample = encoder(tok, image_tokens=GEOMETRY).encode_compact(conv, SIZES)
+    assert sample.image_tokens == want and sample.num_images == 2
+    expanded = sample.expand()
+    assert image_spans(expanded.input_ids) == want and expanded.image_tokens == want
+    assert sample.length == len(expanded.input_ids)
+    # The text around the images is what a fixed count gives.
+    fixed = encoder(tok, image_tokens=1).encode_compact(conv)
+    assert (fixed.input_ids, fixed.labels) == (sample.input_ids, sample.labels)
+    # Prompts expand by the same counts.
+    prompt = conv_of(TWO_IMAGES[:1], images=("a.png", "b.png"))
+    assert image_spans(encoder(tok, image_tokens=GEOMETRY).encode_prompt(prompt, SIZES)) == want
+    # Without the sizes (or with too few): one line naming the record.
+    for sizes, given in ((None, "none"), (SIZES[:1], "1")):
+        with pytest.raises(DataError, match=rf"^t\.jsonl:7: any-resolution .*: 2 image\(s\), {given} size"):
+            encoder(tok, image_tokens=GEOMETRY).encode(conv, sizes)
+        with pytest.raises(DataError, match=r"^t\.jsonl:7: any-resolution"):
+            encoder(tok, image_tokens=GEOMETRY).encode_prompt(prompt, sizes)
+
+
+def test_truncation_never_cuts_an_image_span_with_variable_counts():
+    img, ign = IMAGE_TOKEN_INDEX, IGNORE_INDEX
+    ids = [5, img, 6, 7, img, 8, 9, 10, 11]
+    labels = [ign, ign, 6, 7, ign, 8, 9, 10, 11]
+    counts = [3, 10]
+    full = len(ids) + sum(counts) - 2
+    last_span_end = 5 + sum(counts) - 2  # compact index of the last image + 1, plus the expansion
+    kept = []
+    for max_length in range(1, full + 3):
+        try:
+            out_ids, out_labels, truncated = apply_limits(
+                ids, labels, image_tokens=counts, max_length=max_length, where="w"
+            )
+        except DroppedSample as err:
+            assert max_length < last_span_end and err.reason == "images do not fit"
+            continue
+        kept.append(max_length)
+        expanded, _ = expand_images(out_ids, out_labels, counts)
+        assert len(expanded) <= max_length and image_spans(expanded) == counts
+        assert truncated == (max_length < full) and out_ids == ids[: len(out_ids)]
+    assert kept[0] == last_span_end
+    # The same ids at a fixed count of 3 fit much earlier: the counts are what is compared with max_length.
+    assert apply_limits(ids, labels, image_tokens=[3, 3], max_length=9, where="w")[2]
+
+
+def test_max_image_tokens_drops_and_counts(tokenizers):
+    tok = tokenizers["bpe"]
+    one = conv_of(TURNS)
+    two = conv_of(TWO_IMAGES, images=("a.png", "b.png"))
+    samples, stats = encode_all([one, two, one], encoder(tok, max_image_tokens=N_IMG))
+    assert len(samples) == stats.kept == 2 and stats.dropped == {"too many image tokens": 1}
+    assert stats.problems == [("t.jsonl:7", f"dropped: too many image tokens (2 image(s) carry {2 * N_IMG} > "
+                                            f"data.max_image_tokens {N_IMG})")]  # fmt: skip
+    assert "dropped (too many image tokens): 1" in stats.summary()
+    # Per sample under any-resolution geometry: the wide image fits alone, not with the tall one.
+    small, both = GEOMETRY.num_tokens(*SIZES[0]), sum(GEOMETRY.num_tokens(*s) for s in SIZES)
+    enc = encoder(tok, image_tokens=GEOMETRY, max_image_tokens=both - 1)
+    assert enc.encode_compact(conv_of(TURNS), SIZES[:1]).image_tokens == [small]
+    with pytest.raises(DroppedSample, match="too many image tokens"):
+        enc.encode_compact(two, SIZES)
+    with pytest.raises(ValueError, match="max_image_tokens"):
+        encoder(tok, max_image_tokens=0)
+
+
+def test_encode_stats_report_the_image_token_distribution(tokenizers):
+    tok = tokenizers["bpe"]
+    enc = encoder(tok, image_tokens=GEOMETRY)
+    stats = EncodeStats()
+    sizes = [[(40, 100)], [(300, 90), (40, 100)], [(64, 64)], []]
+    text_only = [{"role": "user", "content": "hi"}, TURNS[1]]
+    for s in sizes:
+        messages = {0: text_only, 1: TURNS, 2: TWO_IMAGES}[len(s)]
+        stats.add(enc.encode_compact(conv_of(messages, images=[f"{k}.png" for k in range(len(s))]), s))
+    per_image = sorted(GEOMETRY.num_tokens(h, w) for s in sizes for h, w in s)
+    per_sample = sorted(sum(GEOMETRY.num_tokens(h, w) for h, w in s) for s in sizes if s)
+    assert sorted(stats.tokens_per_image.elements()) == per_image
+    assert sorted(stats.tokens_per_sample.elements()) == per_sample
+    assert stats.image_tokens == sum(per_image)
+    lines = stats.image_token_lines()
+    assert lines == [
+        f"image tokens per image: min {per_image[0]}  median {per_image[1]}  p95 {per_image[-1]}  "
+        f"max {per_image[-1]}  (4)",
+        f"image tokens per sample: min {per_sample[0]}  median {per_sample[1]}  p95 {per_sample[-1]}  "
+        f"max {per_sample[-1]}  (3)",
+    ]
+    # A kept sample found bad afterwards takes its images out of the distribution.
+    stats.unkeep([("x", "gone")], total=0, supervised=0, image=[[GEOMETRY.num_tokens(64, 64)]])
+    assert sorted(stats.tokens_per_image.elements()) == sorted(
+        GEOMETRY.num_tokens(h, w) for s in sizes[:2] for h, w in s
+    )
+    assert len(list(stats.tokens_per_sample.elements())) == 2
+    assert EncodeStats().image_token_lines() == []

@@ -46,7 +46,7 @@ def reference(ckpt: Path):
     tokenizer, model = build_model(cfg, load_in_4bit=False)
     apply_stage_weights(model, ckpt, adapters="load")
     template = get_template(read_template_info(ckpt)["name"], tokenizer)
-    encoder = Encoder(tokenizer, template, max_length=None, num_image_tokens=max(1, model.num_image_tokens))
+    encoder = Encoder(tokenizer, template, max_length=None, image_tokens=max(1, model.num_image_tokens))
     return tokenizer, model.eval(), encoder
 
 

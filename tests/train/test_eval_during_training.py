@@ -119,12 +119,13 @@ def fake_dataset(sizes: list[int]) -> SFTDataset:
             "input_ids": [[1, 2]] * n,
             "labels": [[1, 2]] * n,
             "images": [[]] * n,
+            "image_tokens": [[]] * n,
             "source": [str(i + k) for k in range(n)],
             "length": [2] * n,
         }
         parts.append((datasets.Dataset.from_dict(rows), Path(".")))
         i += n
-    return SFTDataset(parts, num_image_tokens=1)
+    return SFTDataset(parts)
 
 
 def sources(ds: SFTDataset) -> list[str]:
