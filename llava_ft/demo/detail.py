@@ -1,14 +1,16 @@
-"""Synthetic detail data for the tiling demo: a large image holding one small mark whose shape the questions
-ask. Shrunk whole to the tiny tower's input (4x smaller), the mark is a blur of 2-3 pixels whatever its shape;
-cut into tower-sized tiles (any-resolution), it keeps its outline. Captions name the mark's colour, shape and
-quadrant; questions ask its shape, open-ended or lettered multiple choice (LLaVA's MMBench prompt), as the
-shapes demo asks them. `blank=True` writes the same records over mark-free images: the control that must stay
-near chance. The folder layout is the shapes demo's, so its evaluation files and scoring apply unchanged.
+"""Synthetic detail data for the tiling demo: a large image whose lattice cells hold small marks of one shape,
+which the questions ask. Shrunk whole to the tiny tower's input (4x smaller), each mark is a blur of about 2
+pixels whatever its shape (and every shape carries the same ink, so the blur's darkness tells nothing); cut into
+tower-sized tiles (any-resolution), the marks keep their outlines. Captions name the marks' colour and shape;
+questions ask their shape, open-ended or lettered multiple choice (LLaVA's MMBench prompt), as the shapes demo
+asks them. `blank=True` writes the same records over mark-free images: the control that must stay near chance.
+The folder layout is the shapes demo's, so its evaluation files and scoring apply unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -25,9 +27,8 @@ from llava_ft.demo.shapes import (
     ROTATION,
     _background,
     _draw,
-    _extent,
     _options,
-    _sample_background,
+    _pale,
     _turns,
     _write_json,
     mc_prompt,
@@ -44,15 +45,21 @@ COLOURS = {
     "green": (40, 160, 60),
     "purple": (145, 60, 190),
 }
-POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 QUESTIONS = (
-    "What shape is the small mark?",
-    "Which shape is the mark?",
-    "Name the shape of the mark.",
+    "What shape are the small marks?",
+    "Which shape are the marks?",
+    "Name the shape of the marks.",
 )
 QTYPE = "shape"
-# The mark's radius as a fraction of the image side: 4-5 px at 256 px, about 1 px once shrunk to 64 px.
-RADIUS = (0.015, 0.02)
+# A circle mark's radius as a fraction of the image side: 3.5-4.5 px at 256 px, about 1 px once shrunk to
+# 64 px; the other shapes are drawn larger, to the circle's area (AREA: a shape's area at radius 1).
+RADIUS = (0.0137, 0.0176)
+AREA = {"circle": math.pi, "square": 1.6**2, "triangle": 1.9 * 1.75 / 2, "cross": 2 * 2 * 0.6 - 0.6**2}
+# The marks sit in the cells of a CELLS x CELLS lattice (16-px cells at 256 px: one tower patch each once the
+# image is tiled, the layout of printed symbols), a random FILL of the cells holding one, jittered a pixel.
+CELLS = 16
+FILL = (0.5, 0.9)
 FILES = {"pretrain": "pretrain.json", "finetune": "finetune.json", "heldout": "heldout.json"}
 MANIFEST = "manifest.json"
 
@@ -63,22 +70,23 @@ class DetailImage:
 
     shape: str
     colour: str
-    quadrant: int
-    centre: tuple[float, float]  # (x, y) in pixels
-    radius: int
-    angle: float
+    marks: tuple[
+        tuple[float, float, float, float], ...
+    ]  # (x, y, radius, angle) of each mark, in pixels, degrees
     background: tuple[Any, ...]
     tint: tuple[int, int, int]
     noise_seed: int
 
     def caption(self) -> str:
-        return f"a small {self.colour} {self.shape} at the {POSITIONS[self.quadrant]}"
+        return f"small {self.colour} {PLURALS[self.shape]}"
 
     def render(self, image_size: int, blank: bool = False) -> Image.Image:
         image = _background(self.background, image_size)
         if not blank:
             mask = Image.new("L", (image_size, image_size), 0)
-            _draw(ImageDraw.Draw(mask), self.shape, *self.centre, self.radius, self.angle)
+            draw = ImageDraw.Draw(mask)
+            for x, y, radius, angle in self.marks:
+                _draw(draw, self.shape, x, y, radius, angle)
             fill = tuple(min(255, max(0, c + t)) for c, t in zip(COLOURS[self.colour], self.tint))
             image.paste(fill, (0, 0), mask)
         # Sensor noise on every image, blank ones too; the "noise" background is stronger.
@@ -109,7 +117,7 @@ class DetailDataset:
 
 def vocab_words() -> tuple[str, ...]:
     """Every word the generated texts use."""
-    text = " ".join(["a small at the", MC_INSTRUCTION, *LETTERS, *QUESTIONS, *SHAPES, *COLOURS, *POSITIONS])
+    text = " ".join(["small", MC_INSTRUCTION, *LETTERS, *QUESTIONS, *SHAPES, *COLOURS, *PLURALS.values()])
     return tuple(sorted(set(text.replace("?", " ").replace(".", " ").split())))
 
 
@@ -242,27 +250,29 @@ def corpus_texts(dataset: DetailDataset) -> list[str]:
 
 
 def _sample_image(rng: random.Random, shape: str, image_size: int, drawn: set[DetailImage]) -> DetailImage:
-    """A new random mark inside one quadrant (a margin from the midlines, so its quadrant is unambiguous)."""
-    q = image_size // 2
-    low, high = (round(f * image_size) for f in RADIUS)
+    """A new random image: marks of one shape and colour in some cells of the lattice, each its own size and
+    turn."""
+    scale = math.sqrt(AREA["circle"] / AREA[shape])  # every shape as much ink as a circle of the same radius
+    low, high = (f * image_size * scale for f in RADIUS)
+    cell = image_size / CELLS
     while True:
-        quadrant, radius = rng.randrange(4), rng.randint(low, high)
-        angle = round(rng.uniform(-ROTATION, ROTATION), 1)
-        (lo_x, hi_x), (lo_y, hi_y) = _extent(shape, radius, angle)
-        x0, y0 = (quadrant % 2) * q, (quadrant // 2) * q
-        margin = 2 + high
-        cx = rng.uniform(x0 + margin - lo_x, x0 + q - margin - hi_x)
-        cy = rng.uniform(y0 + margin - lo_y, y0 + q - margin - hi_y)
-        background = _sample_background(rng)
-        if background[0] == "stripes":  # stripes as wide, relative to the image, as the shapes demo's
-            background = (*background[:3], background[3] * image_size // 64, background[4])
+        cells = range(CELLS * CELLS)
+        chosen = sorted(rng.sample(cells, round(rng.uniform(*FILL) * len(cells))))
+        marks = tuple(
+            (
+                round((k % CELLS + 0.5) * cell + rng.uniform(-1, 1), 1),
+                round((k // CELLS + 0.5) * cell + rng.uniform(-1, 1), 1),
+                round(rng.uniform(low, high), 1),
+                round(rng.uniform(-ROTATION, ROTATION), 1),
+            )
+            for k in chosen
+        )
+        # A flat pale colour: the marks are the image's only structure, which the tiny tower learns fastest.
+        background = ("flat", _pale(rng))
         spec = DetailImage(
             shape=shape,
             colour=rng.choice(sorted(COLOURS)),
-            quadrant=quadrant,
-            centre=(round(cx, 1), round(cy, 1)),
-            radius=radius,
-            angle=angle,
+            marks=marks,
             background=background,
             tint=(rng.randint(-20, 20), rng.randint(-20, 20), rng.randint(-20, 20)),
             noise_seed=rng.getrandbits(32),

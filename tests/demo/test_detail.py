@@ -17,9 +17,10 @@ from llava_ft.demo.detail import SHAPES, DetailDataset, corpus_texts, generate_d
 from llava_ft.demo.prepare import write_eval_files
 from llava_ft.eval.mmbench import load_mmbench_tsv
 
-N_TRAIN, N_HELDOUT, SIZE = 48, 16, 128
+N_TRAIN, N_HELDOUT, SIZE = 48, 16, 256
 LETTERS = "ABCD"
-QUADRANTS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+# The marks' colours, written here rather than read from the generator.
+REFERENCE = {"red": (215, 40, 40), "blue": (40, 80, 215), "green": (40, 160, 60), "purple": (145, 60, 190)}
 
 
 def make(root: Path, **kw) -> DetailDataset:
@@ -44,13 +45,6 @@ def load(path: Path) -> list[dict]:
 def pixels(ds: DetailDataset, name: str) -> np.ndarray:
     with Image.open(ds.images_dir / name) as im:
         return np.asarray(im.convert("RGB")).astype(int)
-
-
-def mark_box(image: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) of the saturated pixels: every mark colour has a channel far below the pale
-    backgrounds' (>= 175 before noise)."""
-    ys, xs = np.nonzero(image.min(axis=2) < 120)
-    return None if not len(xs) else (xs.min(), ys.min(), xs.max(), ys.max())
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -88,22 +82,24 @@ def test_train_records(ds):
     )
     shapes = []
     letters: Counter[tuple[int, str]] = Counter()
+    plural_of = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+    shape_of = {v: k for k, v in plural_of.items()}
     for p, f in zip(pretrain, finetune):
-        assert [t["from"] for t in p["conversations"]] == ["human", "gpt"] and p["conversations"][0][
-            "value"
-        ] == "<image>"
-        words = p["conversations"][1]["value"].split()
-        assert words[:2] == ["a", "small"] and words[3] in SHAPES
-        shapes.append(words[3])
+        assert [t["from"] for t in p["conversations"]] == ["human", "gpt"]
+        assert p["conversations"][0]["value"] == "<image>"
+        small, colour, plural = p["conversations"][1]["value"].split()
+        assert small == "small" and colour in REFERENCE and shape_of[plural] in SHAPES
+        shape = shape_of[plural]
+        shapes.append(shape)
         question, answer = (t["value"] for t in f["conversations"])
         assert question.startswith("<image>\n")
         if "\nA. " in question:  # multiple choice: the answer is the letter of the caption's shape
             options = [line[3:] for line in question.splitlines() if line[1:3] == ". "]
             assert 2 <= len(options) <= 4 and len(set(options)) == len(options) <= len(SHAPES)
-            assert options[LETTERS.index(answer)] == words[3]
+            assert options[LETTERS.index(answer)] == shape
             letters[len(options), answer] += 1
         else:
-            assert answer == words[3]
+            assert answer == shape
     assert Counter(shapes) == {s: N_TRAIN // len(SHAPES) for s in SHAPES}
     for n in (2, 3, 4):  # each letter the answer as often (to one), for each number of options
         counts = [letters[n, x] for x in LETTERS[:n]]
@@ -129,24 +125,27 @@ def test_heldout_records(ds):
 
 
 def test_pixels_agree_with_the_captions_and_blank_images_hold_no_mark(ds, blank):
+    ink: dict[str, list[float]] = {}
     for record in load(ds.pretrain):
-        image = pixels(ds, record["image"])
-        box = mark_box(image)
-        assert box is not None, record["image"]
-        x0, y0, x1, y1 = box
-        assert 2 <= x1 - x0 + 1 <= 9 and 2 <= y1 - y0 + 1 <= 9  # a radius of 2-3 px at 128 px, turned
-        where = " ".join(record["conversations"][1]["value"].split()[-2:])
-        column, row = QUADRANTS[where]
-        half = SIZE // 2
-        assert column * half <= x0 and x1 < (column + 1) * half and row * half <= y0 and y1 < (row + 1) * half
-        empty = pixels(blank, record["image"])
-        assert mark_box(empty) is None
-        # the same background and noise: the images differ only where the mark is
-        differs = np.nonzero((image != empty).any(axis=2))
-        assert x0 - 1 <= differs[1].min() and differs[1].max() <= x1 + 1
-        assert y0 - 1 <= differs[0].min() and differs[0].max() <= y1 + 1
-    for part in ("pretrain", "finetune", "heldout"):  # the same records
-        assert load(getattr(ds, part)) == load(getattr(blank, part))
+        image, empty = pixels(ds, record["image"]), pixels(blank, record["image"])
+        mask = image.min(axis=2) < 120  # every mark colour has a channel far below the pale backgrounds'
+        assert not (empty.min(axis=2) < 120).any()
+        # the same background and noise: the images differ only on and next to the marks
+        near = mask.copy()
+        for axis in (0, 1):
+            for step in (-1, 1):
+                near |= np.roll(mask, step, axis=axis)
+        assert not ((image != empty).any(axis=2) & ~near).any()
+        _, colour, plural = record["conversations"][1]["value"].split()
+        mean = image[mask].mean(axis=0)
+        assert min(REFERENCE, key=lambda c: np.abs(mean - REFERENCE[c]).sum()) == colour
+        # one mark in each of 50-90% of the 16 x 16 cells of 16 px
+        cells = mask.reshape(16, 16, 16, 16).any(axis=(1, 3)).sum()
+        assert 0.5 * 256 - 1 <= cells <= 0.9 * 256 + 1
+        ink.setdefault(plural, []).append(mask.sum() / cells)
+    assert len(ink) == len(SHAPES)
+    means = [np.mean(v) for v in ink.values()]
+    assert max(means) / min(means) < 1.25, dict(zip(ink, means))  # every shape about as much ink
 
 
 def test_eval_files_and_words(ds):
