@@ -21,6 +21,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaImageProcessor,
     PreTrainedTokenizerBase,
+    SiglipVisionModel,
 )
 
 from llava_ft.config import VisionSection
@@ -43,7 +44,7 @@ from llava_ft.model.build import resolve_attn_implementation, resolve_dtype
 from llava_ft.model.llava import LlavaModel
 from llava_ft.model.llm import load_llm, nf4_config
 from llava_ft.model.projector import MLPProjector
-from llava_ft.model.vision import HFClipVisionTower
+from llava_ft.model.vision import HFClipVisionTower, HFSiglipVisionTower
 
 log = logging.getLogger("llava_ft")
 
@@ -176,11 +177,19 @@ def _hf_llava_model(folder: Path, dtype: torch.dtype, load_in_4bit: bool, info: 
             f"mismatched {sorted(loading['mismatched_keys'])[:8]}"
         )
     config = hf.config
+    # CLIP with its CLS dropped ("default"), or SigLIP with every token ("full"), as llava_ft's towers give them.
+    tower_class = (
+        HFSiglipVisionTower if isinstance(hf.model.vision_tower, SiglipVisionModel) else HFClipVisionTower
+    )
+    strategy = tower_class.select_strategy
     unsupported = {
-        "vision_feature_select_strategy": (config.vision_feature_select_strategy, "default"),
+        "vision_feature_select_strategy": (config.vision_feature_select_strategy, strategy),
         "projector_hidden_act": (config.projector_hidden_act, "gelu"),
         "multimodal_projector_bias": (config.multimodal_projector_bias, True),
-        "vision tower": (type(hf.model.vision_tower).__name__, CLIPVisionModel.__name__),
+        "vision tower": (
+            type(hf.model.vision_tower).__name__,
+            SiglipVisionModel.__name__ if strategy == "full" else CLIPVisionModel.__name__,
+        ),
     }
     for name, (got, want) in unsupported.items():
         if got != want:
@@ -196,7 +205,7 @@ def _hf_llava_model(folder: Path, dtype: torch.dtype, load_in_4bit: bool, info: 
         feature_layer=config.vision_feature_layer,
         image_aspect=processor.aspect,
     )
-    tower = HFClipVisionTower(vision_cfg, clip, processor)
+    tower = tower_class(vision_cfg, clip, processor)
     # The projector keeps fp32 weights, as build_model gives it.
     hf_projector = hf.model.multi_modal_projector
     projector = MLPProjector(hf_projector.linear_1.in_features, hf_projector.linear_1.out_features, depth=2)

@@ -8,17 +8,18 @@ depend on its batch. Generation ends on the template's stop words, and the answe
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.anyres import pixel_inputs
 from llava_ft.data.conversation import Conversation, Message
-from llava_ft.data.tokenize import Encoder
+from llava_ft.data.tokenize import Encoder, Sizes
 from llava_ft.exported import folder_kind, load_export
 from llava_ft.query import Query  # noqa: F401  (inference's name for its users)
 from llava_ft.stage import load_stage
@@ -104,6 +105,14 @@ class Assistant:
         return self.model.vision_tower is not None
 
     # -- prompts -------------------------------------------------------------------------------------------
+    def _image_args(self, images: int | Sequence[Image.Image]) -> tuple[int, Sizes]:
+        """(number of images, their (height, width) when their token counts depend on them) of `images`: the
+        conversation's images, or only how many there are (enough when every image has the same count)."""
+        if isinstance(images, int):
+            return images, None
+        sizes = [(img.height, img.width) for img in images] if self.encoder.anyres else None
+        return len(images), sizes
+
     def _conversation(self, messages: list[Message], n_images: int) -> Conversation:
         conv = Conversation(messages=list(messages), images=["<in memory>"] * n_images)
         if n_images and not self.has_vision:
@@ -114,18 +123,22 @@ class Assistant:
             )
         return conv
 
-    def prompt_ids(self, messages: list[Message], n_images: int) -> list[int]:
-        return self.encoder.encode_prompt(self._conversation(messages, n_images))
+    def prompt_ids(self, messages: list[Message], images: int | Sequence[Image.Image]) -> list[int]:
+        """Prompt ids, each image expanded to its tokens. `images`: the conversation's images (an
+        any-resolution model counts each by its size), or how many there are (a fixed count per image)."""
+        n_images, sizes = self._image_args(images)
+        return self.encoder.encode_prompt(self._conversation(messages, n_images), sizes)
 
     def answer_start_ids(
-        self, messages: list[Message], n_images: int, answer: str
+        self, messages: list[Message], images: int | Sequence[Image.Image], answer: str
     ) -> tuple[list[int], list[int]]:
-        """(prompt ids, ids of `answer` as the start of the assistant turn).
+        """(prompt ids, ids of `answer` as the start of the assistant turn); `images` as for `prompt_ids`.
 
         The answer is written as the template writes an assistant turn (e.g. vicuna's " Yes" after
         "ASSISTANT:") and tokenized together with the prompt, so its first token is the one the model would
         generate there: sentencepiece, for one, encodes "Yes" alone as "▁Yes" but "\\nYes" without the "▁".
         """
+        n_images, sizes = self._image_args(images)
         conv = self._conversation(messages, n_images)
         bos, eos = self.encoder.bos, self.encoder.eos
         prompt_text = self.template.render(conv, bos=bos, eos=eos, add_generation_prompt=True)
@@ -137,9 +150,9 @@ class Assistant:
             raise ValueError(
                 f"template {self.template.name!r}: cannot place answer {answer!r} after the generation prompt"
             )
-        prompt = self.encoder.encode_prompt(conv)
+        prompt = self.encoder.encode_prompt(conv, sizes)
         # Whole-text tokenization, as for the prompt itself.
-        full = self.encoder.encode_text(full_text[: found + len(core)])
+        full = self.encoder.encode_text(full_text[: found + len(core)], sizes)
         if full[: len(prompt)] != prompt or len(full) == len(prompt):
             raise ValueError(
                 f"answer {answer!r} merges with the end of the {self.template.name!r} generation prompt when "
@@ -180,7 +193,7 @@ class Assistant:
 
     def prompt_logits(self, batch: list[Prompt]) -> torch.Tensor:
         """fp32 logits [batch, vocab] of the first answer token after each prompt."""
-        rows = [self.prompt_ids(msgs, len(imgs)) for msgs, imgs in batch]
+        rows = [self.prompt_ids(msgs, imgs) for msgs, imgs in batch]
         return self._logits(rows, [imgs for _, imgs in batch], keep=1)[:, -1]
 
     # -- generation ----------------------------------------------------------------------------------------
@@ -207,7 +220,7 @@ class Assistant:
             )
         if not batch:
             return []
-        rows = [self.prompt_ids(msgs, len(imgs)) for msgs, imgs in batch]
+        rows = [self.prompt_ids(msgs, imgs) for msgs, imgs in batch]
         inputs = self._left_padded(rows, [imgs for _, imgs in batch])
         sampling = temperature > 0
         with torch.no_grad():
@@ -265,7 +278,7 @@ class Assistant:
             for q in chunk:
                 msgs, imgs = self._as_messages(q)
                 for option in options:
-                    prompt, answer = self.answer_start_ids(msgs, len(imgs), option)
+                    prompt, answer = self.answer_start_ids(msgs, imgs, option)
                     rows.append(prompt + answer)
                     images.append(imgs)
                     spans.append(answer)
@@ -282,11 +295,7 @@ class Assistant:
 
     @staticmethod
     def _as_messages(q: Query) -> Prompt:
-        text = q.question
-        images = [q.image] if q.image is not None else []
-        if images and IMAGE_TOKEN not in text:
-            text = f"{IMAGE_TOKEN}\n{text}"
-        return [Message("user", text)], images
+        return [Message("user", q.user_text())], q.images
 
 
 def _chunks(items: list, size: int | None) -> list[list]:

@@ -29,6 +29,7 @@ from PIL import Image
 from llava_ft.cli.main import main
 from llava_ft.data.images import ImageProcessor, load_image
 from llava_ft.demo.shapes import generate_shapes_dataset
+from llava_ft.inference import load_assistant
 from llava_ft.testing.browser import CHROMIUM_FLAGS, chromium_path
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 
@@ -106,10 +107,12 @@ def files(tmp_path_factory) -> dict:
     }
 
 
-def chat_cli(capsys, checkpoint: Path, questions: list[str], image: Path | None = None) -> list[str]:
-    """Answers of `llava-ft chat --question ...` (one conversation), unescaped."""
+def chat_cli(capsys, checkpoint: Path, questions: list[str], *images: Path) -> list[str]:
+    """Answers of `llava-ft chat --image IMAGE ... --question ...` (one conversation), unescaped; a question
+    may be a command (`/image PATH`), which has no answer."""
     argv = ["chat", str(checkpoint), "--max-new-tokens", str(MAX_NEW)]
-    argv += ["--image", str(image)] if image else []
+    for image in images:
+        argv += ["--image", str(image)]
     for q in questions:
         argv += ["--question", q]
     capsys.readouterr()
@@ -117,7 +120,7 @@ def chat_cli(capsys, checkpoint: Path, questions: list[str], image: Path | None 
     # One answer per line; split on "\n" alone: an untrained model's answer may hold "\r", "\x85" or
     # "\u2028", which str.splitlines would also cut at.
     lines = capsys.readouterr().out.split("\n")[:-1]
-    assert len(lines) == len(questions)
+    assert len(lines) == len([q for q in questions if not q.startswith("/")])
     # The page's innerText shows a carriage return as a line break.
     return [line.replace("\\n", "\n").replace("\\\\", "\\").replace("\r", "\n") for line in lines]
 
@@ -226,11 +229,14 @@ class Page:
     def bot_messages(self) -> int:
         return self.page.locator('#chatbot [data-testid="bot"]').count()
 
+    def images_shown(self) -> int:
+        return self.page.locator("#preview img").count()
+
 
 def test_page_streams_the_same_answers_as_chat(browser_page, files, capsys):
     page = Page(browser_page)
     image, question = files["heldout"][0]
-    assert page.upload(image).startswith("New image")
+    assert page.upload(image).startswith(f"Added image {image.name}")
     first, seen = page.ask(question)
     follow_up = "Where is it?"
     second, _ = page.ask(follow_up)
@@ -241,24 +247,30 @@ def test_page_streams_the_same_answers_as_chat(browser_page, files, capsys):
     assert all(first.startswith(s) for s in grown)
 
 
-def test_change_image_and_new_conversation(browser_page, files, capsys):
+def test_several_images_and_new_conversation(browser_page, files, capsys):
+    """Each upload adds an image that the next question carries; the page shows every image; a new
+    conversation keeps them all for its first question; removing them leaves a text-only conversation."""
     page = Page(browser_page)
-    # Two images the untrained tiny model answers differently about (checked below).
     (image_a, question), (image_b, _) = files["heldout"][0], files["heldout"][2]
-    page.upload(image_b)
-    assert page.bot_messages() == 0, "a new image starts a new conversation"
+    page.click("remove-image", "Images removed")
+    assert page.bot_messages() == 0 and page.images_shown() == 0
+    assert "the next question carries 1 image" in page.upload(image_b)
     on_b, _ = page.ask(question)
-    assert on_b == chat_cli(capsys, files["vision"], [question], image_b)[0]
-    page.ask("And the colour?")
-    page.click("reset", "New conversation")
-    assert page.bot_messages() == 0
+    assert "the next question carries 1 image" in page.upload(image_a)
+    assert page.images_shown() == 2
+    follow_up = "And this one?"
+    on_a, _ = page.ask(follow_up)
+    assert [on_b, on_a] == chat_cli(
+        capsys, files["vision"], [question, f"/image {image_a}", follow_up], image_b
+    )
+    without_a = chat_cli(capsys, files["vision"], [question, follow_up], image_b)[1]
+    assert on_a != without_a, "the second image must change the answer for this test to mean anything"
+    page.click("reset", "New conversation; the next question carries 2 images")
+    assert page.bot_messages() == 0 and page.images_shown() == 2
     again, _ = page.ask(question)
-    assert again == on_b, "after a reset the same question on the same image gets the first-turn answer"
-    page.upload(image_a)
-    on_a, _ = page.ask(question)
-    assert on_a == chat_cli(capsys, files["vision"], [question], image_a)[0]
-    assert on_a != on_b, "the two images must give different answers for this test to mean anything"
-    page.click("remove-image", "Image removed")
+    assert again == chat_cli(capsys, files["vision"], [question], image_b, image_a)[0]
+    page.click("remove-image", "Images removed")
+    assert page.images_shown() == 0
     text_only, _ = page.ask(question)
     assert text_only == chat_cli(capsys, files["vision"], [question])[0]
 
@@ -266,6 +278,7 @@ def test_change_image_and_new_conversation(browser_page, files, capsys):
 def test_bad_uploads_get_a_message_and_the_server_keeps_serving(browser_page, files, capsys):
     page = Page(browser_page)
     image, question = files["heldout"][2]
+    page.click("remove-image", "Images removed")
     page.upload(image)
     before, _ = page.ask(question)
 
@@ -280,8 +293,8 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(browser_page, fi
     toast.wait_for()
     assert "maximum allowed size" in toast.inner_text()
 
-    # The refused files left the image and the conversation as they were; the next turn is answered.
-    assert page.bot_messages() == 1
+    # The refused files left the images and the conversation as they were; the next turn is answered.
+    assert page.bot_messages() == 1 and page.images_shown() == 1
     follow_up = "What shape is it?"
     after, _ = page.ask(follow_up)
     assert [before, after] == chat_cli(capsys, files["vision"], [question, follow_up], image)
@@ -293,7 +306,6 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(browser_page, fi
 @pytest.fixture(scope="module")
 def text_app(files):
     from llava_ft.cli.serve import DemoApp
-    from llava_ft.inference import load_assistant
 
     return DemoApp(load_assistant(str(files["text"]), device="cpu"))
 
@@ -305,7 +317,7 @@ def test_text_only_checkpoint(text_app, files, capsys):
         text_app, title="text", max_new_tokens=MAX_NEW, temperature=0.0
     )  # builds without image controls
     state, message, taken = text_app.load_image(str(files["heldout"][0][0]), PageState())
-    assert not taken and "text-only" in message and state.image is None
+    assert not taken and "text-only" in message and state == PageState()
 
     questions = ["Hello, who are you?", "Tell me more."]
     answers = []
@@ -342,7 +354,7 @@ def test_large_file_refused_by_the_handler_too(files):
     good = files["heldout"][0][0]
     state, message, taken = app.load_image(str(good), PageState())
     width, height = Image.open(good).size
-    assert taken and f"({width}x{height})" in message and state.image.size == (24, 24)
+    assert taken and f"({width}x{height})" in message and [im.size for im in state.pending] == [(24, 24)]
 
 
 def test_fractional_upload_limit_reaches_gradio_as_bytes(monkeypatch):
@@ -390,39 +402,78 @@ def test_an_upload_is_kept_tower_sized_and_the_model_sees_it_alike(tmp_path, asp
     Image.fromarray(rng.integers(0, 256, (700, 1900, 4), dtype=np.uint8), "RGBA").save(upload)
     state, message, taken = DemoApp(Vision()).load_image(str(upload), PageState())
     assert taken and "(1900x700)" in message
-    assert state.image.size == (48, 48) and state.image.mode == "RGB"
+    (image,) = state.pending
+    assert image.size == (48, 48) and image.mode == "RGB"
     seen = Vision.processor(load_image(upload))
-    assert torch.equal(Vision.processor(state.image), seen)
+    assert torch.equal(Vision.processor(image), seen)
 
 
 def test_the_page_answers_from_its_copy_as_chat_does_from_the_file(files, capsys):
     from llava_ft.cli.serve import DemoApp, PageState
-    from llava_ft.inference import load_assistant
 
     app = DemoApp(load_assistant(str(files["vision"]), device="cpu"))
     image, question = files["heldout"][1]
     state, _, taken = app.load_image(str(image), PageState())
-    assert taken and state.image.size != Image.open(image).size  # a copy at the tower's size
+    assert taken and state.pending[0].size != Image.open(image).size  # a copy at the tower's size
     *_, (chat, state, status) = app.respond(question, state, MAX_NEW, 0.0)
     assert status.startswith("Answered")
     assert [chat[-1]["content"]] == chat_cli(capsys, files["vision"], [question], image)
+
+
+def test_several_uploads_are_the_images_of_the_next_question(files, capsys):
+    """Without a browser: two uploads before a question, one before the next; the answers are chat's with the
+    same images (`--image`, `/image`), the chatbot names each question's images, a refused upload changes
+    nothing, a new conversation keeps every image for its first question, removing them leaves none."""
+    from llava_ft.cli.serve import DemoApp, PageState
+
+    app = DemoApp(load_assistant(str(files["vision"]), device="cpu"))
+    (a, question), (b, _), (c, _) = files["heldout"][:3]
+    state = PageState()
+    for path in (a, b):
+        state, message, taken = app.load_image(str(path), state)
+        assert taken and message.startswith(f"Added image {path.name}")
+    assert "the next question carries 2 images" in message
+    *_, (chat, state, status) = app.respond(question, state, MAX_NEW, 0.0)
+    assert status.startswith("Answered") and len(state.images) == 2 and state.pending == []
+    state, message, taken = app.load_image(str(files["not_image"]), state)
+    assert not taken and "The images and conversation are unchanged" in message
+    state, message, taken = app.load_image(str(c), state)
+    assert "the next question carries 1 image" in message
+    *_, (chat, state, status) = app.respond("And this one?", state, MAX_NEW, 0.0)
+    assert [m["content"] for m in chat if m["role"] == "user"] == [
+        f"[{a.name}, {b.name}] {question}",
+        f"[{c.name}] And this one?",
+    ]
+    answers = [m["content"] for m in chat if m["role"] == "assistant"]
+    assert answers == chat_cli(capsys, files["vision"], [question, f"/image {c}", "And this one?"], a, b)
+    assert [name for _, name in state.shown] == [a.name, b.name, c.name]
+
+    state, message = app.reset(state)
+    assert message == "New conversation; the next question carries 3 images."
+    assert state.history == [] and len(state.pending) == 3
+    *_, (chat, state, _) = app.respond(question, state, MAX_NEW, 0.0)
+    assert chat[-1]["content"] == chat_cli(capsys, files["vision"], [question], a, b, c)[0]
+    state, message = app.remove_image(state)
+    assert state == PageState() and message == "Images removed; new conversation."
 
 
 def test_a_closed_pages_state_goes_after_the_grace_period():
     from llava_ft.cli.serve import PageState, Sessions
 
     sessions = Sessions(grace=3600)
-    sessions.put("a", PageState(image_name="a.png"))
-    sessions.put("b", PageState(image_name="b.png"))
+    sessions.put("a", PageState(shown=[("/up/a.png", "a.png")]))
+    sessions.put("b", PageState(shown=[("/up/b.png", "b.png")]))
     timers = [sessions.close("a"), sessions.close("b")]
     for t in timers:  # fired by hand: the test does not wait for the hour
         t.cancel()
-    assert sessions.get("b").image_name == "b.png"  # "b" is used again: its connection only dropped
+    assert sessions.get("b").shown == [
+        ("/up/b.png", "b.png")
+    ]  # "b" is used again: its connection only dropped
     for t in timers:
         t.function(*t.args)
     assert len(sessions) == 1
     assert sessions.get("a") is None, "a page coming back after its state went is told so, once"
-    assert sessions.get("a") == PageState() and sessions.get("b").image_name == "b.png"
+    assert sessions.get("a") == PageState() and sessions.get("b").shown == [("/up/b.png", "b.png")]
     assert sessions.close("never-used") is None
 
 
@@ -454,7 +505,7 @@ def test_pages_closed_through_gradio_free_their_state(files, monkeypatch):
         for _ in range(2):
             client = Client(page.local_url, verbose=False)
             status = client.predict(handle_file(str(image)), api_name="/image_changed")[-1]
-            assert status.startswith("New image")
+            assert status.startswith("Added image")
             chat, status = client.predict(question, MAX_NEW, 0.0, api_name="/respond")
             assert status.startswith("Answered") and len(chat) == 2
             clients.append(client)

@@ -1,10 +1,12 @@
-"""`llava-ft chat CHECKPOINT [--image IMG]`: talk to a stage output in the terminal.
+"""`llava-ft chat CHECKPOINT [--image IMG ...]`: talk to a stage output in the terminal.
 
 Interactive on a terminal (answers stream in); with `--question` or questions piped on stdin it answers
-without prompts, one answer per line, for scripts. Both keep one multi-turn conversation whose first user
-turn carries the image, and both understand `/image PATH`, `/reset` and `/exit`. `--system TEXT` opens every
-conversation with a system message, rendered as the checkpoint's chat template renders one. On a terminal,
-lines can be edited and earlier questions recalled (readline), kept across sessions in HISTORY_FILE.
+without prompts, one answer per line, for scripts. Both keep one multi-turn conversation and understand
+`/image PATH` (adds an image to the conversation: the next question carries it; several before one question
+all go to it), `/reset` (a new conversation) and `/exit`. `--image` images open every conversation: the first
+question carries them, after `/reset` too. `--system TEXT` opens every conversation with a system message,
+rendered as the checkpoint's chat template renders one. On a terminal, lines can be edited and earlier
+questions recalled (readline), kept across sessions in HISTORY_FILE.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 try:
     import readline
@@ -25,11 +27,12 @@ except ImportError:  # not built into every Python (Windows): chat then reads pl
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
 from llava_ft.folders import add_base_path_args, base_overrides, folder_has_vision, saved_template_name
+from llava_ft.query import Query
 
 if TYPE_CHECKING:
     from llava_ft.inference import Assistant
 
-COMMANDS = "/image PATH (new image, new conversation), /reset (new conversation), /exit"
+COMMANDS = "/image PATH (add an image: the next question carries it), /reset (new conversation), /exit"
 HISTORY_FILE = Path("~/.cache/llava_ft/chat_history")
 HISTORY_LENGTH = 1000
 
@@ -40,37 +43,45 @@ class ChatError(ValueError):
 
 @dataclass
 class ChatSession:
-    """Conversation state: the image (in the first user turn) and the turns so far."""
+    """Conversation state: the turns so far, the images their markers stand for, and the images that the next
+    question will carry."""
 
     assistant: Assistant
-    image: Any = None
-    """A PIL image, or None."""
+    opening: list = field(default_factory=list)
+    """PIL images the first question of every conversation carries (`--image`): kept by /reset."""
     history: list[Message] = field(default_factory=list)
+    images: list = field(default_factory=list)
+    """PIL images of `history`, one per `<image>` marker, in order."""
+    pending: list = field(default_factory=list)
+    """PIL images added since the last question; the next question carries them (`reset` puts `opening`
+    here)."""
     gen: dict = field(default_factory=dict)
     """max_new_tokens, temperature, top_p for generate_messages."""
     system: str | None = None
     """A system message opening every conversation (kept out of `history`, so /reset keeps it)."""
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Answer `text` as the next user turn, which carries the pending images; a failed turn leaves the
+        conversation and the pending images as they were."""
         if IMAGE_TOKEN in text:
-            raise ChatError(f"{IMAGE_TOKEN} is reserved for the image; use /image PATH")
-        if self.image is not None and not self.history:
-            text = f"{IMAGE_TOKEN}\n{text}"
-        messages = [*self.history, Message("user", text)]
-        opening = [Message("system", self.system)] if self.system is not None else []
-        images = [self.image] if self.image is not None else []
+            raise ChatError(f"{IMAGE_TOKEN} is reserved for images; use /image PATH")
+        # The pending images' markers go in front of the question, as for an evaluation question (Query).
+        messages = [*self.history, Message("user", Query(text, self.pending).user_text())]
+        images = [*self.images, *self.pending]
+        head = [Message("system", self.system)] if self.system is not None else []
         answer = self.assistant.generate_messages(
-            [([*opening, *messages], images)], on_text=on_text, **self.gen
+            [([*head, *messages], images)], on_text=on_text, **self.gen
         )[0]
         self.history = [*messages, Message("assistant", answer)]
+        self.images, self.pending = images, []
         return answer
 
     def reset(self) -> None:
-        self.history = []
+        """A new conversation: the turns and the images added to them go; the opening images come back."""
+        self.history, self.images, self.pending = [], [], list(self.opening)
 
-    def set_image(self, path: str) -> None:
-        self.image = open_image(path, self.assistant.has_vision)
-        self.reset()  # the image belongs to the first user turn, so a new image starts a new conversation
+    def add_image(self, path: str) -> None:
+        self.pending.append(open_image(path, self.assistant.has_vision))
 
     def command(self, line: str) -> bool:
         """Run a /command; False for /exit."""
@@ -82,7 +93,7 @@ class ChatSession:
         elif name == "/image":
             if not arg.strip():
                 raise ChatError("usage: /image PATH")
-            self.set_image(arg.strip())
+            self.add_image(arg.strip())
         else:
             raise ChatError(f"unknown command {name!r}; commands: {COMMANDS}")
         return True
@@ -123,8 +134,7 @@ def run_script(session: ChatSession, lines: Iterable[str], out, *, unit: str = "
 
 def run_interactive(session: ChatSession, read: Callable[[str], str] = input, out=None) -> int:
     out = out or sys.stdout
-    image = "with an image" if session.image is not None else "no image"
-    print(f"chat ({image}); commands: {COMMANDS}", file=out)
+    print(f"chat ({images_note(len(session.pending))}); commands: {COMMANDS}", file=out)
     while True:
         try:
             line = read("user> ").strip()
@@ -137,7 +147,10 @@ def run_interactive(session: ChatSession, read: Callable[[str], str] = input, ou
             if line.startswith("/"):
                 if not session.command(line):
                     return 0
-                print(f"({'new image, ' if line.startswith('/image') else ''}new conversation)", file=out)
+                if line.startswith("/image"):
+                    print(f"({images_note(len(session.pending))})", file=out)
+                else:
+                    print(f"(new conversation; {images_note(len(session.pending))})", file=out)
                 continue
             print("assistant> ", end="", file=out, flush=True)
             session.ask(line, on_text=lambda piece: print(piece, end="", file=out, flush=True))
@@ -146,6 +159,12 @@ def run_interactive(session: ChatSession, read: Callable[[str], str] = input, ou
             print(f"error: {e}", file=out)
         except KeyboardInterrupt:
             print("\n(interrupted; the turn is dropped)", file=out)
+
+
+def images_note(n: int) -> str:
+    if not n:
+        return "no image for the next question"
+    return f"the next question carries {n} image{'s' if n > 1 else ''}"
 
 
 @contextlib.contextmanager
@@ -190,7 +209,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     try:
         # Cheap checks first, so a wrong folder or image fails before the model loads.
         has_vision = folder_has_vision(args.checkpoint)
-        image = open_image(args.image, has_vision) if args.image else None
+        opening = [open_image(path, has_vision) for path in args.image or []]
         # Refused once, rather than as the same error on every question: before the model loads where the
         # folder records its template, else once the template is known.
         if args.system is not None and saved_template_name(args.checkpoint) == "plain":
@@ -199,7 +218,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if args.system is not None and assistant.template.name == "plain":
             raise ChatError(NO_SYSTEM)
         gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
-        session = ChatSession(assistant, image=image, gen=gen, system=args.system)
+        session = ChatSession(assistant, opening=opening, gen=gen, system=args.system)
+        session.reset()  # the first conversation opens with the --image images
     except (OSError, ValueError) as e:  # missing files, bad image, config or template errors
         print(f"llava-ft chat: error: {e}", file=sys.stderr)
         return 2
@@ -221,7 +241,12 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "checkpoint", help="stage output folder (holds llava_ft.yaml) or hf-llava / merged-llm export"
     )
-    p.add_argument("--image", help="image for the first user turn")
+    p.add_argument(
+        "--image",
+        action="append",
+        help="image the first question of every conversation carries (repeatable: several images, in order); "
+        "/image PATH adds one to the conversation",
+    )
     p.add_argument(
         "--question",
         action="append",

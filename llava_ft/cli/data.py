@@ -8,7 +8,8 @@
                           [--no-cache] [--output CACHE_DIR] [--image-folder DIR]   (what training runs; cached
                           for it, the images' verdicts too)
     llava-ft data check --config CONFIG.yaml   (every data.train file, as that config trains on it; with
-                          model.vision.anyres also the image-token distribution per image and per sample)
+                          model.vision.anyres, check and prepare also print the image-token distribution per
+                          image and per sample)
 
 Also runs standalone: `python -m llava_ft.cli.data preview ...`.
 """
@@ -339,18 +340,24 @@ def _check_file(src: DataSource, setup: _Setup, image_folder: str | None) -> int
         bad,
         table_column(table, "length"),
         f"  (samples with images: {with_images.as_py() or 0})",
+        image_tokens=setup.encoder.anyres,
     )
-    if setup.encoder.anyres:
-        for line in stats.image_token_lines():
-            print(line)
     return len(bad) + stats.mismatched + stats.failed
 
 
 def _print_counts(
-    path: str, read: int, stats: EncodeStats, bad: BadRecords, lengths, after_lengths: str = ""
+    path: str,
+    read: int,
+    stats: EncodeStats,
+    bad: BadRecords,
+    lengths,
+    after_lengths: str = "",
+    *,
+    image_tokens: bool = False,
 ) -> None:
     """What `check` and `prepare` print per file: records read and bad, the counts, token-length percentiles
-    (`lengths`: an Arrow column of sample lengths)."""
+    (`lengths`: an Arrow column of sample lengths) and with `image_tokens` the image-token distribution (where
+    it varies: any-resolution geometry)."""
     print(f"{path}: {read} records read, {len(bad)} bad")
     print(bad.summary())
     print(stats.summary())
@@ -358,6 +365,9 @@ def _print_counts(
         ordered = np.sort(lengths.to_numpy()).tolist()
         pct = "  ".join(f"p{p} {_percentile(ordered, p)}" for p in (50, 90, 99))
         print(f"token length: {pct}  max {ordered[-1]}{after_lengths}")
+    if image_tokens:
+        for line in stats.image_token_lines():
+            print(line)
 
 
 # ---------------------------------------------------------------- prepare
@@ -382,7 +392,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         table = done.dataset
         if folder is not None:  # as training checks them: a bad image stops here unless skip_bad
             table = _drop_bad_images(table, folder, done.stats, done.bad, setup, skip_bad, output, use_cache)
-        _print_counts(src.path, read, done.stats, done.bad, table_column(table, "length"))
+        lengths = table_column(table, "length")
+        _print_counts(src.path, read, done.stats, done.bad, lengths, image_tokens=setup.encoder.anyres)
         folder = output or "the default folder"
         if done.cache == "hit":
             print(f"cache hit ({folder}, key {done.key}): loaded in {done.seconds:.2f} s")

@@ -1,11 +1,13 @@
 """`llava-ft serve CHECKPOINT [--host 127.0.0.1] [--port N] [--share]`: chat with a stage output in the browser.
 
-A local gradio page: upload an image, chat over several turns with answers streamed in, start a new
-conversation, set max new tokens and temperature; a text-only checkpoint gets no image controls. Answers come
-from the same `ChatSession` as `llava-ft chat`. An upload that is not an image, is corrupt, decodes to too many
-pixels or is over --max-upload-mb gets a message in the page. Each page keeps only the image as the model sees
-it (tower-sized), and its state goes soon after the page closes. Nothing leaves the machine: gradio's analytics
-and version check are off, fonts are served locally; only --share opens a public gradio.live link to the page.
+A local gradio page: upload images (each upload adds one: the next question carries it, as `/image` in
+`llava-ft chat`), chat over several turns with answers streamed in, start a new conversation on the same
+images, remove the images, set max new tokens and temperature; a text-only checkpoint gets no image controls.
+Answers come from the same `ChatSession` as `llava-ft chat`. An upload that is not an image, is corrupt,
+decodes to too many pixels or is over --max-upload-mb gets a message in the page. Each page keeps only its
+images as the model sees them (tower-sized), and its state goes soon after the page closes. Nothing leaves the
+machine: gradio's analytics and version check are off, fonts are served locally; only --share opens a public
+gradio.live link to the page.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava_ft.cli.chat import ChatError, ChatSession, load_assistant, open_image
+from llava_ft.cli.chat import ChatError, ChatSession, images_note, load_assistant, open_image
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError, Message
 from llava_ft.folders import add_base_path_args, base_overrides, folder_kind
@@ -76,18 +78,35 @@ SESSION_GRACE_S = 60.0
 ENDED_KEPT = 10_000
 ENDED = (
     "⚠️ This conversation was closed on the server (the page was closed or lost its connection for a while). "
-    "Upload the image again or ask again to start a new one."
+    "Upload the images again or ask again to start a new one."
 )
 
 
 @dataclass
 class PageState:
-    """One browser session: its image (in the first user turn) and the turns so far."""
+    """One browser session: the turns so far, the images they carry, the images the next question carries.
+    Images are kept as the model sees them (`ImageProcessor.resized`), never the upload at full size."""
 
-    image: Any = None
-    """The image as the model sees it (`ImageProcessor.resized`), never the upload at full size."""
-    image_name: str | None = None
     history: list[Message] = field(default_factory=list)
+    images: list = field(default_factory=list)
+    """The images of `history`, one per `<image>` marker, in order."""
+    pending: list = field(default_factory=list)
+    """Uploaded since the last question: the next question carries them."""
+    shown: list[tuple[str, str]] = field(default_factory=list)
+    """(upload path, file name) of `images` then `pending`, as the page shows them."""
+
+    def session(self, assistant, gen: dict) -> ChatSession:
+        return ChatSession(
+            assistant,
+            history=list(self.history),
+            images=list(self.images),
+            pending=list(self.pending),
+            gen=gen,
+        )
+
+    def new_conversation(self) -> PageState:
+        """No turns; the next question carries every image of the page."""
+        return PageState(pending=[*self.images, *self.pending], shown=list(self.shown))
 
 
 class Sessions:
@@ -143,9 +162,25 @@ class Sessions:
                 self._ended.popitem(last=False)
 
 
-def chat_messages(history: list[Message]) -> list[dict]:
-    """The conversation as the page's chatbot shows it: the text typed, without the `<image>` marker."""
-    return [{"role": m.role, "content": m.content.removeprefix(f"{IMAGE_TOKEN}\n")} for m in history]
+def user_bubble(text: str, names: list[str]) -> str:
+    """A question as the page's chatbot shows it: the names of the images it carries, then the text typed."""
+    return f"[{', '.join(names)}] {text}" if names else text
+
+
+def chat_messages(history: list[Message], names: list[str]) -> list[dict]:
+    """The conversation as the page's chatbot shows it: each question without its `<image>` markers, after the
+    names of the images it carries (`names`: those of the conversation's images, in order)."""
+    shown, used = [], 0
+    for m in history:
+        n = m.content.count(IMAGE_TOKEN) if m.role == "user" else 0
+        text = m.content.removeprefix(f"{IMAGE_TOKEN * n}\n") if n else m.content
+        shown.append({"role": m.role, "content": user_bubble(text, names[used : used + n])})
+        used += n
+    return shown
+
+
+def shown_messages(state: PageState) -> list[dict]:
+    return chat_messages(state.history, [name for _, name in state.shown])
 
 
 class DemoApp:
@@ -159,8 +194,8 @@ class DemoApp:
         self.lock = threading.Lock()
 
     def load_image(self, path: str | None, state: PageState) -> tuple[PageState, str, bool]:
-        """(state, status message, whether the image was taken). A bad file leaves the current image and
-        conversation as they were; a good one starts a new conversation."""
+        """(state, status message, whether the image was taken). A good file is added to the conversation (the
+        next question carries it); a bad one leaves the images and the conversation as they were."""
         if not path:
             return state, "No file received.", False
         name = Path(path).name
@@ -180,36 +215,33 @@ class DemoApp:
             log.warning("serve: upload %s refused: %s", name, problem)
             return (
                 state,
-                f"⚠️ Could not use {name}: {problem}. The image and conversation are unchanged.",
+                f"⚠️ Could not use {name}: {problem}. The images and conversation are unchanged.",
                 False,
             )
-        return (
-            PageState(image=image, image_name=name),
-            f"New image {name} ({width}x{height}); new conversation.",
-            True,
-        )
+        added = PageState(state.history, state.images, [*state.pending, image], [*state.shown, (path, name)])
+        return added, f"Added image {name} ({width}x{height}); {images_note(len(added.pending))}.", True
 
     def remove_image(self, state: PageState) -> tuple[PageState, str]:
-        return PageState(), "Image removed; new conversation."
+        return PageState(), "Images removed; new conversation."
 
     def reset(self, state: PageState) -> tuple[PageState, str]:
-        return PageState(image=state.image, image_name=state.image_name), "New conversation."
+        fresh = state.new_conversation()
+        return (
+            fresh,
+            f"New conversation; {images_note(len(fresh.pending))}." if fresh.pending else "New conversation.",
+        )
 
     def respond(
         self, text: str, state: PageState, max_new_tokens: float, temperature: float
     ) -> Iterator[tuple[list[dict], PageState, str]]:
         """Yields (chatbot messages, state, status) as the answer grows; the last one holds the whole turn."""
         text = (text or "").strip()
-        shown = chat_messages(state.history)
+        shown = shown_messages(state)
         if not text:
             yield shown, state, "Type a question first."
             return
-        session = ChatSession(
-            self.assistant,
-            image=state.image,
-            history=list(state.history),
-            gen={"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": 1.0},
-        )
+        gen = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": 1.0}
+        session = state.session(self.assistant, gen)
         pieces: queue.Queue[str | None] = queue.Queue()
         outcome: dict[str, Any] = {}
 
@@ -227,16 +259,21 @@ class DemoApp:
 
         started = time.monotonic()
         threading.Thread(target=generate, daemon=True).start()
-        shown = [*shown, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        carried = [name for _, name in state.shown[len(state.images) :]]
+        shown = [
+            *shown,
+            {"role": "user", "content": user_bubble(text, carried)},
+            {"role": "assistant", "content": ""},
+        ]
         yield shown, state, "Answering…"
         while (piece := pieces.get()) is not None:
             shown[-1] = {"role": "assistant", "content": shown[-1]["content"] + piece}
             yield shown, state, "Answering…"
         if "error" in outcome:
-            yield chat_messages(state.history), state, f"⚠️ {outcome['error']}"
+            yield shown_messages(state), state, f"⚠️ {outcome['error']}"
             return
-        done = PageState(image=state.image, image_name=state.image_name, history=session.history)
-        yield chat_messages(done.history), done, f"Answered in {time.monotonic() - started:.1f} s."
+        done = PageState(session.history, session.images, session.pending, state.shown)
+        yield shown_messages(done), done, f"Answered in {time.monotonic() - started:.1f} s."
 
 
 def build_page(app: DemoApp, *, title: str, max_new_tokens: int, temperature: float):
@@ -248,13 +285,13 @@ def build_page(app: DemoApp, *, title: str, max_new_tokens: int, temperature: fl
         gr.Markdown(f"### {title}")
         with gr.Row():
             with gr.Column(scale=1, visible=vision):
-                preview = gr.Image(
-                    label="Image", type="pil", interactive=False, elem_id="preview", height=260
+                preview = gr.Gallery(
+                    label="Images", interactive=False, elem_id="preview", height=260, columns=3
                 )
                 upload = gr.UploadButton(
-                    "Upload image", file_types=["image"], type="filepath", elem_id="upload", size="md"
+                    "Add image", file_types=["image"], type="filepath", elem_id="upload", size="md"
                 )
-                remove = gr.Button("Remove image", size="md", elem_id="remove-image")
+                remove = gr.Button("Remove images", size="md", elem_id="remove-image")
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(
                     label="Conversation",
@@ -297,10 +334,10 @@ def build_page(app: DemoApp, *, title: str, max_new_tokens: int, temperature: fl
             st = sessions.get(request.session_hash) or PageState()
             st, message, taken = app.load_image(path, st)
             sessions.put(request.session_hash, st)
-            # The page shows the file as uploaded (served from gradio's upload folder); a refused file leaves
-            # the image shown as it was.
-            preview = path if taken else (gr.skip() if st.image is not None else None)
-            return preview, chat_messages(st.history), html.escape(message)
+            # The page shows the files as uploaded (served from gradio's upload folder); a refused file leaves
+            # the images shown as they were.
+            preview = list(st.shown) if taken else gr.skip()
+            return preview, shown_messages(st), html.escape(message)
 
         def remove_image(request):
             st, message = app.remove_image(sessions.get(request.session_hash) or PageState())
@@ -313,7 +350,7 @@ def build_page(app: DemoApp, *, title: str, max_new_tokens: int, temperature: fl
                 return [], html.escape(ENDED)
             st, message = app.reset(st)
             sessions.put(request.session_hash, st)
-            return [], message
+            return [], html.escape(message)
 
         def respond(text, max_new_tokens, temperature, request):
             st = sessions.get(request.session_hash)

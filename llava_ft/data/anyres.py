@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -142,7 +142,7 @@ class AnyresImageProcessor:
     """PIL image -> [n_views, 3, tile, tile]: the base view, then the tiles of the image resized to its best
     canvas, row-major, as transformers' LlavaNextImageProcessor (PIL backend) makes them.
 
-    The image is resized to fit the canvas with its aspect kept (bicubic, sides rounded up), centred and padded
+    The image is resized to fit the canvas with its aspect kept (bicubic, rounded up), centred and padded
     with black, then cut into tiles. The base view is the wrapped fixed processor's view of the whole image
     (`base_aspect`): LlavaNext has no such choice and squashes it to a square, which is "resize"; any other
     aspect gives a base view that LlavaNext's processor does not make.
@@ -175,6 +175,27 @@ class AnyresImageProcessor:
     def image_size(self) -> int:
         """Side of every view: the tower's input size."""
         return self.geometry.tile
+
+    @property
+    def matches_llava_next(self) -> bool:
+        """Whether transformers' LlavaNextImageProcessor with `llava_next_kwargs()` makes these exact views (its
+        base view is squashed: base_aspect "resize")."""
+        return self.base_aspect == "resize"
+
+    def llava_next_kwargs(self) -> dict[str, Any]:
+        """The settings of transformers' LlavaNextImageProcessor that make these views (the base view too when
+        `matches_llava_next`)."""
+        tile = self.geometry.tile
+        return {
+            "size": {"shortest_edge": tile},
+            "crop_size": {"height": tile, "width": tile},
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "image_grid_pinpoints": [list(p) for p in self.geometry.pinpoints],
+            "resample": int(Image.Resampling.BICUBIC),
+            "do_pad": True,
+            "do_convert_rgb": True,
+        }
 
     def views(self, img: Image.Image) -> list[Image.Image]:
         """The RGB views the tower sees, before normalisation: base view first, then tiles row-major."""

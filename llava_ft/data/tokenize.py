@@ -1,4 +1,5 @@
-"""Segments -> input_ids + labels, with `<image>` expanded to N placeholder ids.
+"""Segments -> input_ids + labels, each `<image>` expanded to its image's placeholder ids: a fixed count, or under
+any-resolution geometry a count from the image's size (height, width), which the caller passes.
 
 Labels are built segment by segment and checked against the whole conversation tokenized at once (split
 only at image markers), because that is what the model sees at inference. Where they differ (a tokenizer

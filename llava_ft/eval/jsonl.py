@@ -55,16 +55,31 @@ def require_fields(rec: Any, where: str, fields: tuple[str, ...]) -> dict:
 
 
 def unique_image(rec: dict, where: str, seen: dict[str, str], images: Path | None) -> Path | None:
-    """The record's image file under `images`, once its question_id is checked not to repeat an earlier one
-    (`seen`: question_id -> where it was first read). With `images` None (a re-score, which needs no pixels)
-    no file is looked for and None is returned."""
+    """`unique_images` for a benchmark of one image per question: `image` must be one file name."""
+    if not isinstance(rec["image"], str):
+        raise DataError(
+            where, "field 'image' must be one file name (this benchmark takes one image per question)"
+        )
+    files = unique_images(rec, where, seen, images)
+    return None if files is None else files[0]
+
+
+def unique_images(rec: dict, where: str, seen: dict[str, str], images: Path | None) -> list[Path] | None:
+    """The record's image files under `images`, in order (`image`: one file name or a non-empty list of them),
+    once its question_id is checked not to repeat an earlier one (`seen`: question_id -> where it was first
+    read). With `images` None (a re-score, which needs no pixels) no file is looked for and None is
+    returned."""
+    names = [rec["image"]] if isinstance(rec["image"], str) else rec["image"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise DataError(where, "field 'image' must be a file name or a non-empty list of file names")
     key = str(rec["question_id"])
     if key in seen:
         raise DataError(where, f"question_id {rec['question_id']!r} repeats {seen[key]}")
     seen[key] = where
     if images is None:
         return None
-    image = images / rec["image"]
-    if not image.is_file():
-        raise DataError(where, f"field 'image': file {image} not found")
-    return image
+    files = [images / name for name in names]
+    for file in files:
+        if not file.is_file():
+            raise DataError(where, f"field 'image': file {file} not found")
+    return files

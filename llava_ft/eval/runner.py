@@ -45,7 +45,8 @@ class Item:
     """The benchmark's own id (MMBench index, question_id), as written in predictions.jsonl."""
     prompt: str
     image: Callable[[], Any]
-    """Loads the PIL image (or returns None) when its batch comes up, so a whole benchmark is never in memory."""
+    """Loads the PIL image (a list of them for several images, or None) when its batch comes up, so a whole
+    benchmark is never in memory."""
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Open-ended VQA (VQAv2 style): soft accuracy against up to 10 human answers, plus exact match.
 
 JSONL records: {question_id, image, question, answers: [strings] or [{"answer": ...}], optional answer_type}.
+`image` is one file or a list of files (several images): the question holds one `<image>` marker per image, in
+order, or none, and then the images go in front of it in order (as training and chat put them).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.conversation import DataError
 from llava_ft.eval import arguments, report, runner
 from llava_ft.eval.extract import Rule, lmms_eval_punctuation, official_punctuation, vlmevalkit_punctuation
-from llava_ft.eval.jsonl import iter_jsonl, require_fields, unique_image
+from llava_ft.eval.jsonl import iter_jsonl, require_fields, unique_images
 from llava_ft.eval.stats import Estimate, bootstrap_mean
 
 SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQAv2 prompt
@@ -247,8 +250,9 @@ def exact_match(prediction: str, answers: list[str]) -> bool:
 @dataclass
 class VqaItem:
     question_id: object
-    image: Path | None
-    """None when loaded for a re-score (no image folder)."""
+    image: Path | list[Path] | None
+    """One file, or a list of files (a record whose `image` is a list); None when loaded for a re-score (no
+    image folder)."""
     question: str
     answers: list[str]
     answer_type: str | None
@@ -269,7 +273,15 @@ def load_vqa(path: str | Path, images: str | Path | None) -> list[VqaItem]:
         )
         if not answers or not all(isinstance(a, str) for a in answers):
             raise DataError(where, "field 'answers' must be a non-empty list of strings (or {'answer': ...})")
-        image = unique_image(rec, where, seen, images)
+        files = unique_images(rec, where, seen, images)
+        n_images = len(rec["image"]) if isinstance(rec["image"], list) else 1
+        markers = rec["question"].count(IMAGE_TOKEN) if isinstance(rec["question"], str) else 0
+        if markers not in (0, n_images):
+            raise DataError(
+                where,
+                f"the question has {markers} {IMAGE_TOKEN} marker(s) but the record {n_images} image(s)",
+            )
+        image = files if files is None or isinstance(rec["image"], list) else files[0]
         items.append(
             VqaItem(rec["question_id"], image, rec["question"], answers, rec.get("answer_type"), where)
         )
@@ -278,11 +290,18 @@ def load_vqa(path: str | Path, images: str | Path | None) -> list[VqaItem]:
     return items
 
 
-def load_image(item: VqaItem) -> Image.Image:
+def load_image(item: VqaItem) -> Image.Image | list[Image.Image]:
+    """The item's image, or its list of images in order."""
+    if isinstance(item.image, list):
+        return [_open(item, path) for path in item.image]
+    return _open(item, item.image)
+
+
+def _open(item: VqaItem, path: Path) -> Image.Image:
     try:
-        return Image.open(item.image).convert("RGB")
+        return Image.open(path).convert("RGB")
     except OSError as e:
-        raise DataError(item.where, f"field 'image': cannot read {item.image} ({e})") from None
+        raise DataError(item.where, f"field 'image': cannot read {path} ({e})") from None
 
 
 def build_prompt(question: str, suffix: str = SUFFIX) -> str:

@@ -21,7 +21,8 @@ from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.export_formats import CROP_UNSUPPORTED
 from llava_ft.model.clip_convert import open_clip_to_hf_clip_vision
 from llava_ft.model.projector import MLPProjector
-from llava_ft.model.vision import HFClipVisionTower, OpenClipVisionTower
+from llava_ft.model.siglip_convert import open_clip_to_hf_siglip_vision
+from llava_ft.model.vision import HFVisionTower, OpenClipTimmVisionTower, OpenClipVisionTower
 
 
 def resize_for_token(llm, token_id: int) -> None:
@@ -43,7 +44,7 @@ def _ties_embeddings(llm) -> bool:
 
 
 def hf_vision_tower(tower):
-    """(CLIPVisionConfig, state dict) of transformers' CLIPVisionModel for a llava_ft VisionTower."""
+    """(config, state dict) of transformers' CLIPVisionModel or SiglipVisionModel for a llava_ft VisionTower."""
     if tower.cfg.pool != 1:
         raise ValueError(
             f"the vision tower average-pools its patch grid (pool={tower.cfg.pool}); transformers' Llava has no "
@@ -51,9 +52,11 @@ def hf_vision_tower(tower):
         )
     if isinstance(tower, OpenClipVisionTower):
         return open_clip_to_hf_clip_vision(tower.model, tower.open_clip_cfg)
-    if isinstance(tower, HFClipVisionTower):
+    if isinstance(tower, OpenClipTimmVisionTower):
+        return open_clip_to_hf_siglip_vision(tower.model)
+    if isinstance(tower, HFVisionTower):
         return tower.model.config, dict(tower.model.state_dict())
-    raise ValueError(f"no transformers CLIP equivalent for vision tower {type(tower).__name__}")
+    raise ValueError(f"no transformers equivalent for vision tower {type(tower).__name__}")
 
 
 def hf_projector_state(projector) -> dict[str, torch.Tensor]:
@@ -81,7 +84,8 @@ def build_hf_llava(model, image_token_index: int) -> LlavaForConditionalGenerati
         image_seq_length=tower.num_tokens,
         projector_hidden_act="gelu",  # nn.GELU (erf), as llava_ft's projector
         vision_feature_layer=tower.cfg.feature_layer,
-        vision_feature_select_strategy="default",  # the tower drops CLS, as LLaVA
+        # "default" drops CLIP's CLS as LLaVA does; "full" keeps every token of a tower without CLS (SigLIP).
+        vision_feature_select_strategy=tower.select_strategy,
         multimodal_projector_bias=True,
         tie_word_embeddings=tied,
     )
@@ -139,6 +143,7 @@ def write_hf_llava(
         vision_feature_select_strategy=llava.config.vision_feature_select_strategy,
         chat_template=tokenizer.chat_template,
         image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,  # CLS: with 0 the processor expands <image> to one token too few
+        # CLS: a "default" tower's patches + 1, less the 1 the strategy drops (with 0 one token too few).
+        num_additional_image_tokens=1 if llava.config.vision_feature_select_strategy == "default" else 0,
     )
     processor.save_pretrained(folder)

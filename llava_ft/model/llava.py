@@ -1,7 +1,9 @@
 """The LLaVA model: vision tower -> projector -> features scattered into the LLM's input embeddings.
 
-`<image>` is expanded into N placeholder ids (IMAGE_TOKEN_INDEX) by the tokenizer step, so merging is a
-masked scatter with a count check, as in transformers' Llava. Labels stay aligned with input_ids; the
+`<image>` is expanded into as many placeholder ids (IMAGE_TOKEN_INDEX) as the image has features by the
+tokenizer step, so merging is a masked scatter with count checks, as in transformers' Llava. An any-resolution
+image (`image_sizes` given) is several tower views, projected then packed as LLaVA-NeXT packs them
+(model/anyres.py), so its count depends on its size. Labels stay aligned with input_ids; the
 shift happens once: inside the HF causal LM (loss "plain"), or in `model/loss.py` (chunked / fused), which
 takes the decoder's hidden states so the full-vocabulary logits are never built.
 """
@@ -210,11 +212,13 @@ class LlavaModel(nn.Module):
         self.llm.enable_input_require_grads()
 
 
-def _tokens_text(lengths: list[int]) -> str:
-    """ "2 image(s) x 576 tokens", or "2 image(s) of 1200 + 950 tokens" when the counts differ."""
+def _tokens_text(lengths: list[int], shown: int = 6) -> str:
+    """Images' token counts for an error line: "2 image(s) x 576 tokens", or when they differ
+    "3 image(s) of 1200 + 950 + 700 tokens" (the first `shown`, then how many more)."""
     if len(set(lengths)) <= 1:
         return f"{len(lengths)} image(s) x {lengths[0] if lengths else 0} tokens"
-    return f"{len(lengths)} image(s) of {' + '.join(map(str, lengths))} tokens"
+    more = f" + ... ({len(lengths) - shown} more)" if len(lengths) > shown else ""
+    return f"{len(lengths)} image(s) of {' + '.join(map(str, lengths[:shown]))}{more} tokens"
 
 
 def _check_rows(positions: list[int], counts: list[int], lengths: list[int]) -> None:

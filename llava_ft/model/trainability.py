@@ -27,7 +27,7 @@ def vision_lora_targets(tower: nn.Module) -> list[str]:
         for name, m in tower.named_modules()
         if isinstance(m, nn.Linear) and not any(name.startswith(f"{outer}.") for outer in mha)
     ]
-    return sorted(name for name in names if _in_used_block(tower, name))
+    return sorted(name for name in names if not _HEAD.search(name) and _in_used_block(tower, name))
 
 
 def _in_used_block(tower: nn.Module, name: str) -> bool:
@@ -37,10 +37,14 @@ def _in_used_block(tower: nn.Module, name: str) -> bool:
     return last is None or found is None or int(found.group(1)) <= last
 
 
-_BLOCK_INDEX = re.compile(r"\.(?:resblocks|layers)\.(\d+)\.")  # open_clip's and transformers' block lists
-# What follows the blocks: open_clip's ln_post, proj, attn_pool, head; transformers' post_layernorm. The tower
-# returns a block's tokens, so these only shape the pooled output, which nothing uses.
-_HEAD = re.compile(r"^model\.(?:vision_model\.)?(?:ln_post|proj|attn_pool|head|post_layernorm)(?:\.|$)")
+# open_clip's, transformers' and timm's (open_clip's SigLIP trunk) block lists.
+_BLOCK_INDEX = re.compile(r"\.(?:resblocks|layers|blocks)\.(\d+)\.")
+# What follows the blocks: open_clip's ln_post, proj, attn_pool, head; transformers' post_layernorm and
+# SigLIP's head; the timm trunk's norm, attn_pool, fc_norm and head. The tower returns a block's tokens, so
+# these only shape the pooled output, which nothing uses.
+_HEAD = re.compile(
+    r"^model\.(?:vision_model\.|trunk\.)?(?:ln_post|proj|attn_pool|head|post_layernorm|norm|fc_norm)(?:\.|$)"
+)
 
 
 def open_used_tower(tower: nn.Module) -> int:

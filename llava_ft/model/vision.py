@@ -1,8 +1,9 @@
-"""CLIP vision towers (open_clip or transformers) that return LLaVA's image features.
+"""CLIP and SigLIP vision towers (open_clip or transformers) that return LLaVA's image features.
 
-Both backends return the same thing: the patch tokens output by one transformer block (`feature_layer`,
+Every tower returns the same thing: the patch tokens output by one transformer block (`feature_layer`,
 indexed like transformers' `hidden_states`, so -2 is the output of the second-to-last block), without
-ln_post / post_layernorm, CLS dropped, as LLaVA and transformers' Llava ("default" strategy) do.
+ln_post / post_layernorm. CLIP's CLS token is dropped, as LLaVA and transformers' Llava ("default" strategy)
+do; SigLIP has none, so all its tokens are patches (transformers' "full" strategy).
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ import logging
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import open_clip
+import timm
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPVisionCfg
+from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+from timm.models import VisionTransformer
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from llava_ft.config import VisionSection
 from llava_ft.data.anyres import AnyresGeometry, ImageTokens
@@ -30,10 +35,16 @@ from llava_ft.errors import InputError
 logger = logging.getLogger(__name__)
 
 LOCAL_DIR = "local-dir:"
+# SigLIP's normalisation (big_vision's [-1, 1] inputs), as its published preprocessor configs give it.
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 class VisionTower(nn.Module):
-    """Wraps a backend model (`self.model`); subclasses return one block's output as (cls, patches)."""
+    """Wraps a backend model (`self.model`); subclasses return one block's output as (prefix, patches)."""
+
+    select_strategy = "default"
+    """transformers' vision_feature_select_strategy giving the same tokens: "default" drops the one prefix
+    (CLS) token, "full" keeps every token (a tower without prefix tokens)."""
 
     def __init__(
         self,
@@ -94,10 +105,6 @@ class OpenClipVisionTower(VisionTower):
                 f"{cfg.model}: only open_clip ViT image towers are supported, not {type(visual).__name__}"
             )
         size = _square(visual.image_size, "open_clip image_size")
-        pp = visual.preprocess_cfg
-        if pp.get("interpolation", "bicubic") != "bicubic" or pp.get("resize_mode", "shortest") != "shortest":
-            logger.warning("open_clip preprocess %s differs from the bicubic/shortest ImageProcessor", pp)
-        processor = ImageProcessor(size, tuple(pp["mean"]), tuple(pp["std"]), cfg.image_aspect)
         super().__init__(
             cfg,
             visual,
@@ -105,7 +112,7 @@ class OpenClipVisionTower(VisionTower):
             hidden_size=visual.transformer.width,
             image_size=size,
             patch_size=_square(visual.patch_size, "open_clip patch_size"),
-            processor=processor,
+            processor=_open_clip_processor(visual, size, cfg.image_aspect),
         )
         self.open_clip_cfg = open_clip_cfg  # vision_cfg, quick_gelu...: what conversion to HF CLIP needs
 
@@ -121,10 +128,55 @@ class OpenClipVisionTower(VisionTower):
         return out["image_intermediates_prefix"][0], out["image_intermediates"][0]
 
 
-class HFClipVisionTower(VisionTower):
-    """`model` is a transformers `CLIPVisionModel`."""
+class OpenClipTimmVisionTower(VisionTower):
+    """`model` is open_clip's `TimmModel` around a timm ViT trunk, as open_clip builds its SigLIP models
+    (`ViT-SO400M-14-SigLIP-384`: no CLS token, so every token is a patch)."""
 
-    def __init__(self, cfg: VisionSection, model: CLIPVisionModel, processor: ImageProcessor):
+    def __init__(self, cfg: VisionSection, visual: nn.Module, open_clip_cfg: dict[str, Any]):
+        trunk = getattr(visual, "trunk", None)
+        if not isinstance(trunk, VisionTransformer):
+            raise ValueError(
+                f"{cfg.model}: only timm ViT trunks are supported in open_clip, not {type(trunk).__name__}"
+            )
+        size = _square(tuple(trunk.patch_embed.img_size), "timm img_size")
+        super().__init__(
+            cfg,
+            visual,
+            num_layers=len(trunk.blocks),
+            hidden_size=trunk.embed_dim,
+            image_size=size,
+            patch_size=_square(tuple(trunk.patch_embed.patch_size), "timm patch_size"),
+            processor=_open_clip_processor(visual, size, cfg.image_aspect),
+        )
+        self.open_clip_cfg = open_clip_cfg
+        if trunk.num_prefix_tokens == 0:
+            self.select_strategy = "full"
+
+    def _block_output(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # timm splits off prefix (class, register) tokens itself; only patches come back.
+        patches = self.model.trunk.forward_intermediates(
+            pixel_values, indices=[self.block], stop_early=True, intermediates_only=True, output_fmt="NLC"
+        )[0]
+        return patches[:, :0], patches
+
+
+def _open_clip_processor(visual: nn.Module, size: int, aspect: Aspect) -> ImageProcessor:
+    pp = visual.preprocess_cfg
+    # aspect "crop" is open_clip's "shortest" transform, "resize" its "squash" (SigLIP's).
+    if pp.get("interpolation", "bicubic") != "bicubic" or pp.get("resize_mode", "shortest") not in (
+        "shortest",
+        "squash",
+    ):
+        logger.warning("open_clip preprocess %s differs from the bicubic ImageProcessor", pp)
+    return ImageProcessor(size, tuple(pp["mean"]), tuple(pp["std"]), aspect)
+
+
+class HFVisionTower(VisionTower):
+    """`model` is a transformers vision model whose hidden_states start with the embedding output."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self, cfg: VisionSection, model: nn.Module, processor: ImageProcessor):
         config = model.config
         super().__init__(
             cfg,
@@ -141,7 +193,19 @@ class HFClipVisionTower(VisionTower):
         hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[
             self.block + 1
         ]
-        return hidden[:, :1], hidden[:, 1:]
+        return hidden[:, : self.num_prefix_tokens], hidden[:, self.num_prefix_tokens :]
+
+
+class HFClipVisionTower(HFVisionTower):
+    """`model` is a transformers `CLIPVisionModel`: its first token is CLS."""
+
+    num_prefix_tokens = 1
+
+
+class HFSiglipVisionTower(HFVisionTower):
+    """`model` is a transformers `SiglipVisionModel`: every token is a patch."""
+
+    select_strategy = "full"
 
 
 def build_vision_tower(cfg: VisionSection) -> VisionTower:
@@ -170,11 +234,18 @@ def _tower_geometry(cfg: VisionSection) -> tuple[int, int]:
     """(input size, patch size) in pixels of the tower `cfg` describes, from its config files."""
     if cfg.backend == "open_clip":
         vision_cfg = _open_clip_config(cfg.model).get("vision_cfg", {})
+        if vision_cfg.get("timm_model_name"):
+            # The trunk's own arguments decide its geometry: built on the meta device, it costs no memory.
+            with torch.device("meta"):
+                trunk = timm.create_model(vision_cfg["timm_model_name"], pretrained=False, num_classes=0)
+            size = _square(tuple(trunk.patch_embed.img_size), "timm img_size")
+            return size, _square(tuple(trunk.patch_embed.patch_size), "timm patch_size")
         defaults = CLIPVisionCfg()  # the values of keys a model config leaves out
         size = _square(vision_cfg.get("image_size", defaults.image_size), "open_clip image_size")
         patch = _square(vision_cfg.get("patch_size", defaults.patch_size), "open_clip patch_size")
     elif cfg.backend == "hf":
-        config = CLIPVisionConfig.from_pretrained(_hf_folder(cfg), local_files_only=True)
+        folder = _hf_folder(cfg)
+        config = _hf_kind(folder).config.from_pretrained(folder, local_files_only=True)
         size, patch = config.image_size, config.patch_size
     else:
         raise ValueError(f"unknown vision backend {cfg.backend!r}: expected 'open_clip' or 'hf'")
@@ -212,9 +283,10 @@ def _open_clip_config(name: str) -> dict[str, Any]:
     return open_clip_cfg
 
 
-def _build_open_clip(cfg: VisionSection) -> OpenClipVisionTower:
+def _build_open_clip(cfg: VisionSection) -> OpenClipVisionTower | OpenClipTimmVisionTower:
     name = cfg.model
     open_clip_cfg = _open_clip_config(name)
+    preprocess = None
     if name.startswith(LOCAL_DIR):
         if cfg.pretrained is not None:
             raise ValueError(
@@ -226,9 +298,39 @@ def _build_open_clip(cfg: VisionSection) -> OpenClipVisionTower:
         raise FileNotFoundError(
             f"{cfg.pretrained}: open_clip weights file not found (a local file, not a tag)"
         )
-    clip = open_clip.create_model(name, pretrained=cfg.pretrained, pretrained_text=False, weights_only=True)
+    else:
+        preprocess = _published_preprocess(name)
+    clip = open_clip.create_model(
+        name,
+        pretrained=cfg.pretrained,
+        pretrained_text=False,
+        weights_only=True,
+        force_preprocess_cfg=preprocess,
+    )
     # Keep only the image tower: the text tower is never used.
+    if hasattr(clip.visual, "trunk"):
+        return OpenClipTimmVisionTower(cfg, clip.visual, open_clip_cfg)
     return OpenClipVisionTower(cfg, clip.visual, open_clip_cfg)
+
+
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def _published_preprocess(name: str) -> dict[str, Any] | None:
+    """The preprocessing open_clip's published weights of model `name` were trained with, when all its tags
+    agree. open_clip applies a tag's preprocessing only when it downloads the tag; a local weights file would
+    otherwise get CLIP's defaults (wrong for SigLIP's mean/std 0.5 and squash resize)."""
+    found = set()
+    for tag in list_pretrained_tags_by_model(name):
+        tag_cfg = get_pretrained_cfg(name, tag)
+        found.add(tuple((k, _hashable(tag_cfg[k])) for k in _PREPROCESS_KEYS if k in tag_cfg))
+    if len(found) != 1:
+        return None
+    return dict(found.pop())
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def _hf_folder(cfg: VisionSection) -> Path:
@@ -242,23 +344,51 @@ def _hf_folder(cfg: VisionSection) -> Path:
     return folder
 
 
-# What a whole CLIPModel checkpoint holds beyond the vision tower.
-_CLIP_TEXT_SIDE = re.compile(r"(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
+@dataclass(frozen=True)
+class _HFKind:
+    config: type
+    model: type
+    tower: type[HFVisionTower]
+    mean: tuple[float, float, float]
+    """Mean and std when the folder has no preprocessor_config.json."""
+    std: tuple[float, float, float]
+
+
+_CLIP = _HFKind(CLIPVisionConfig, CLIPVisionModel, HFClipVisionTower, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+_SIGLIP = _HFKind(SiglipVisionConfig, SiglipVisionModel, HFSiglipVisionTower, SIGLIP_MEAN, SIGLIP_STD)
+# config.json model_type: a vision model's folder, or a whole two-tower checkpoint's.
+_HF_KINDS = {"clip": _CLIP, "clip_vision_model": _CLIP, "siglip": _SIGLIP, "siglip_vision_model": _SIGLIP}
+
+
+def _hf_kind(folder: Path) -> _HFKind:
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type not in _HF_KINDS:
+        raise ValueError(
+            f"{folder}: model_type {model_type!r}; the hf vision backend reads CLIP and SigLIP folders "
+            f"({', '.join(_HF_KINDS)})"
+        )
+    return _HF_KINDS[model_type]
+
+
+# What a whole CLIPModel or SiglipModel checkpoint holds beyond the vision tower.
+_TEXT_SIDE = re.compile(r"(text_model\.|text_projection\.|visual_projection\.|logit_scale$|logit_bias$)")
 
 
 def _no_load_report(record: logging.LogRecord) -> bool:
     return "LOAD REPORT" not in record.getMessage()
 
 
-def _build_hf(cfg: VisionSection) -> HFClipVisionTower:
+def _build_hf(cfg: VisionSection) -> HFVisionTower:
     folder = _hf_folder(cfg)
-    # A published CLIP folder holds the whole CLIPModel: transformers' load report would list every text-tower
-    # key as unexpected (hundreds of lines per load). The report is held back and the keys are judged here.
-    # (A filter, not a logger level: transformers runs extra checks when its logger's level is raised.)
+    kind = _hf_kind(folder)
+    # A published CLIP or SigLIP folder holds the whole two-tower model: transformers' load report would list
+    # every text-tower key as unexpected (hundreds of lines per load). The report is held back and the keys
+    # are judged here. (A filter, not a logger level: transformers runs extra checks when its logger's level
+    # is raised.)
     report = logging.getLogger("transformers.modeling_utils")
     report.addFilter(_no_load_report)
     try:
-        model, info = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)
+        model, info = kind.model.from_pretrained(folder, output_loading_info=True)
     finally:
         report.removeFilter(_no_load_report)
     # transformers only warns about missing weights; a half-random tower must not train silently.
@@ -266,7 +396,7 @@ def _build_hf(cfg: VisionSection) -> HFClipVisionTower:
         raise ValueError(
             f"{folder}: vision weights missing from the checkpoint: {sorted(info['missing_keys'])}"
         )
-    if other := sorted(k for k in info["unexpected_keys"] if not _CLIP_TEXT_SIDE.match(k)):
+    if other := sorted(k for k in info["unexpected_keys"] if not _TEXT_SIDE.match(k)):
         more = f" (and {len(other) - 5} more)" if len(other) > 5 else ""
         logger.warning(
             "%s: %d checkpoint key(s) not used by the vision tower: %s%s",
@@ -275,28 +405,28 @@ def _build_hf(cfg: VisionSection) -> HFClipVisionTower:
             ", ".join(other[:5]),
             more,
         )
-    return HFClipVisionTower(cfg, model, _hf_processor(folder, model.config.image_size, cfg.image_aspect))
+    return kind.tower(cfg, model, _hf_processor(folder, model.config.image_size, cfg.image_aspect, kind))
 
 
-def _hf_processor(folder: Path, image_size: int, aspect: Aspect) -> ImageProcessor:
+def _hf_processor(folder: Path, image_size: int, aspect: Aspect, kind: _HFKind = _CLIP) -> ImageProcessor:
+    """Mean and std from the folder's preprocessor_config.json; the resize follows `aspect` (SigLIP's own,
+    resize to a square with no crop, is aspect "resize")."""
     path = folder / "preprocessor_config.json"
     if not path.is_file():
-        logger.warning("%s: no preprocessor_config.json, using OpenAI CLIP mean/std", folder)
-        return ImageProcessor(image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, aspect)
+        logger.warning("%s: no preprocessor_config.json, using the tower's usual mean/std", folder)
+        return ImageProcessor(image_size, kind.mean, kind.std, aspect)
     pp = json.loads(path.read_text())
     return ImageProcessor(
-        image_size,
-        tuple(pp.get("image_mean", OPENAI_CLIP_MEAN)),
-        tuple(pp.get("image_std", OPENAI_CLIP_STD)),
-        aspect,
+        image_size, tuple(pp.get("image_mean", kind.mean)), tuple(pp.get("image_std", kind.std)), aspect
     )
 
 
 def _patch_grid(image_size: int, patch_size: int, pool: int) -> int:
-    """Patches per side of the image; the patch size and the pooling factor must divide it."""
-    if image_size % patch_size:
-        raise ValueError(f"image size {image_size} is not a multiple of patch size {patch_size}")
+    """Patches per side of the image (the patch convolution leaves out a remainder, as SigLIP's 384-px input
+    gives 27 patches of 14); the pooling factor must divide it."""
     grid = image_size // patch_size
+    if grid < 1:
+        raise ValueError(f"image size {image_size} is smaller than patch size {patch_size}")
     if pool < 1 or grid % pool:
         raise ValueError(f"pool {pool} must be >= 1 and divide the {grid}x{grid} patch grid")
     return grid

@@ -1,4 +1,4 @@
-"""Tiny random CLIP vision towers on disk, for tests and the CPU demo (stable API).
+"""Tiny random CLIP and SigLIP vision towers on disk, for tests and the CPU demo (stable API).
 
 Weights are random but every LayerNorm and bias is perturbed away from its 1/0 init, so a conversion
 or loading bug that swaps or drops such a tensor changes the outputs instead of hiding.
@@ -15,10 +15,21 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from llava_ft.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
 from llava_ft.model.clip_convert import write_clip_preprocessor_config
+from llava_ft.model.siglip_convert import write_siglip_preprocessor_config
+from llava_ft.model.vision import SIGLIP_MEAN, SIGLIP_STD
 
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # first name open_clip's local-dir loader looks for
 
@@ -146,6 +157,115 @@ def write_tiny_hf_clip(
     out = Path(out_dir)
     model.save_pretrained(out)
     write_clip_preprocessor_config(out, ImageProcessor(image_size))
+    return out
+
+
+def write_tiny_open_clip_siglip(
+    out_dir: str | os.PathLike,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    width: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write an open_clip `local-dir:` folder of a SigLIP model laid out as open_clip's own
+    (`ViT-SO400M-14-SigLIP-384`): a timm SigLIP ViT trunk with its attention-pool head, no projection.
+
+    open_clip passes no size arguments to timm, so the trunk is a timm `local-dir:` folder inside (`timm/`:
+    timm's SigLIP architecture with tiny model_args) that the open_clip config names by absolute path: move
+    the folder and the config no longer finds it.
+    """
+    out = Path(out_dir).absolute()
+    (out / "timm").mkdir(parents=True, exist_ok=True)
+    timm_config = {
+        "architecture": "vit_base_patch16_siglip_224",  # class_token=False, global_pool="map"
+        "model_args": {
+            "img_size": image_size,
+            "patch_size": patch_size,
+            "embed_dim": width,
+            "depth": layers,
+            "num_heads": heads,
+            "mlp_ratio": 3.0,
+        },
+        "pretrained_cfg": {"input_size": [3, image_size, image_size], "mean": SIGLIP_MEAN, "std": SIGLIP_STD},
+    }
+    (out / "timm" / "config.json").write_text(json.dumps(timm_config, indent=2))
+    model_cfg = {
+        "embed_dim": width,
+        "init_logit_bias": -10,
+        "custom_text": True,
+        "vision_cfg": {
+            "image_size": image_size,
+            "timm_model_name": f"local-dir:{out / 'timm'}",
+            "timm_model_pretrained": False,
+            "timm_pool": "map",
+            "timm_proj": "none",
+        },
+        # open_clip's SigLIP text tower, as small as it builds.
+        "text_cfg": {
+            "context_length": 8,
+            "vocab_size": 64,
+            "width": 16,
+            "heads": 1,
+            "layers": 1,
+            "no_causal_mask": True,
+            "pool_type": "last",
+            "proj_bias": True,
+        },
+    }
+    preprocess_cfg = {
+        "size": image_size,
+        "mean": list(SIGLIP_MEAN),
+        "std": list(SIGLIP_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "squash",
+    }
+    (out / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.CustomTextCLIP(**{k: v for k, v in model_cfg.items() if k != "custom_text"})
+        _perturb_vectors(model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / OPEN_CLIP_WEIGHTS))
+    return out
+
+
+def write_tiny_hf_siglip(
+    out_dir: str | os.PathLike,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    width: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    hidden_act: str = "gelu_pytorch_tanh",
+    text_config: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a transformers `SiglipVisionModel` folder with SigLIP's `preprocessor_config.json`; with
+    `text_config` (SiglipTextConfig fields) a whole `SiglipModel` folder, the layout of published checkpoints."""
+    vision = SiglipVisionConfig(
+        hidden_size=width,
+        intermediate_size=3 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_act=hidden_act,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if text_config is None:
+            model = SiglipVisionModel(vision)
+        else:
+            model = SiglipModel(SiglipConfig(text_config=text_config, vision_config=vision.to_dict()))
+        _perturb_vectors(model)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    write_siglip_preprocessor_config(out, ImageProcessor(image_size, SIGLIP_MEAN, SIGLIP_STD, "resize"))
     return out
 
 

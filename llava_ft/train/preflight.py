@@ -89,8 +89,8 @@ class PreflightReport:
             f"step time: {self.step_s:.4g} s per optimizer step (the second; the first took {self.first_step_s:.4g} s)",
             f"peak memory: {self.peak_memory_mb:.0f} MB ({memory}, at the longest samples)",
             f"largest sample: {self.largest_tokens} tokens ({self.largest_image_tokens} image + "
-            f"{self.largest_tokens - self.largest_image_tokens} text), within the peak memory above (measured on "
-            f"{items} at least as long)",
+            f"{self.largest_tokens - self.largest_image_tokens} text); the peak memory above covers it (the timed "
+            f"{items} are at least as long)",
             f"question{image}: {self.question}",
             f"answer: {answer}",
             f"estimate: {self.planned_steps} optimizer steps x {self.step_s:.4g} s = {self.hours:.4g} h at most "

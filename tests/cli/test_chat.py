@@ -1,5 +1,6 @@
 """`llava-ft chat` through the real entry point, against conversations built by hand and answered with
-`Assistant.generate_messages` (the image in the first user turn, earlier answers in the history)."""
+`Assistant.generate_messages` (each turn's images' markers in front of its question, earlier answers in the
+history)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from llava_ft.cli.chat import ChatSession, line_history, readline, run_interactive
 from llava_ft.cli.main import main
+from llava_ft.constants import IMAGE_TOKEN_INDEX
 from llava_ft.data.conversation import Message
 from llava_ft.inference import Assistant, load_assistant
+from llava_ft.model.llava import LlavaModel
 from llava_ft.stage import read_stage_config
 from llava_ft.testing.tiny_llava import write_tiny_stage_output
 
@@ -48,13 +52,21 @@ def assistant(files):
 
 def reference(assistant, turns: list[str], image_path=None) -> list[str]:
     """Answers of one conversation, built by hand: `<image>\\n` before the first question only."""
-    images = [Image.open(image_path).convert("RGB")] if image_path else []
+    return reference_turns(
+        assistant, [(q, [image_path] if image_path and k == 0 else []) for k, q in enumerate(turns)]
+    )
+
+
+def reference_turns(assistant, turns: list[tuple[str, list]]) -> list[str]:
+    """Answers of one conversation built by hand from (question, its image paths) turns: a turn's markers in
+    front of its question (`<image>` once per image, then a line break), the images in marker order."""
     history: list[Message] = []
+    images: list = []
     answers = []
-    for k, question in enumerate(turns):
-        content = f"<image>\n{question}" if images and k == 0 else question
-        history.append(Message("user", content))
-        answer = assistant.generate_messages([(history, images)], **GEN)[0]
+    for question, paths in turns:
+        images += [Image.open(p).convert("RGB") for p in paths]
+        history.append(Message("user", "<image>" * len(paths) + "\n" + question if paths else question))
+        answer = assistant.generate_messages([(history, list(images))], **GEN)[0]
         history.append(Message("assistant", answer))
         answers.append(answer)
     return answers
@@ -92,15 +104,97 @@ def test_stdin_questions_equal_question_flags(files, assistant, capsys, monkeypa
     assert lines == [escaped(a) for a in reference(assistant, turns)]
 
 
-def test_image_and_reset_commands(files, assistant, capsys, monkeypatch):
-    stdin = f"What is this?\n/image {files['blue']}\nWhat is this?\nDescribe it.\n/reset\nDescribe it.\n/exit\nignored\n"
+def test_image_command_adds_an_image_and_reset_starts_again(files, assistant, capsys, monkeypatch):
+    """/image adds an image to the conversation (the next question carries it); /reset drops the turns and the
+    images added to them, and the --image image opens the new conversation again."""
+    lines = ["What is this?", f"/image {files['blue']}", "What is this?", "Describe it.", "/reset"]
+    stdin = "\n".join([*lines, "Describe it.", "/exit", "ignored", ""])
     rc, lines, _ = chat([files["vision"], "--image", files["red"]], capsys, monkeypatch, stdin=stdin)
     assert rc == 0
-    red = reference(assistant, ["What is this?"], files["red"])
-    blue = reference(assistant, ["What is this?", "Describe it."], files["blue"])
-    after_reset = reference(assistant, ["Describe it."], files["blue"])
-    assert lines == [escaped(a) for a in red + blue + after_reset]
-    assert red[0] != blue[0], "the two images must give different answers for the test to mean anything"
+    red, blue = files["red"], files["blue"]
+    first = reference_turns(
+        assistant, [("What is this?", [red]), ("What is this?", [blue]), ("Describe it.", [])]
+    )
+    after_reset = reference(assistant, ["Describe it."], red)
+    assert lines == [escaped(a) for a in first + after_reset]
+    # The blue image reached the second turn: without it the same turn is answered differently.
+    without = reference_turns(assistant, [("What is this?", [red]), ("What is this?", [])])
+    assert first[1] != without[1], "the second image must change the answer for the test to mean anything"
+
+
+def test_several_images_before_one_question(files, assistant, capsys, monkeypatch):
+    """Several /image before a question all go to it, in order; a later /image goes to its own turn. The
+    prompt ids are the official template's, with each marker's span of image positions where its marker is,
+    and the embeddings at each span are the features of the image added there."""
+    seen: list[tuple[list[Message], list]] = []
+    prompt_ids = Assistant.prompt_ids
+    generate = Assistant.generate_messages
+    monkeypatch.setattr(
+        Assistant, "prompt_ids", lambda self, m, n: seen.append(list(m)) or prompt_ids(self, m, n)
+    )
+    given: list[list] = []
+    monkeypatch.setattr(
+        Assistant,
+        "generate_messages",
+        lambda self, batch, **kw: given.append(list(batch[0][1])) or generate(self, batch, **kw),
+    )
+    embedded = []
+    real_embed = LlavaModel.embed
+
+    def embed_spy(self, input_ids, *args, **kwargs):
+        embeds = real_embed(self, input_ids, *args, **kwargs)
+        embedded.append((self, input_ids, embeds))
+        return embeds
+
+    monkeypatch.setattr(LlavaModel, "embed", embed_spy)
+    red, blue = files["red"], files["blue"]
+    stdin = f"/image {red}\n/image {blue}\nCompare them.\n/image {red}\nAnd this one?\n"
+    rc, lines, _ = chat([files["vision"]], capsys, monkeypatch, stdin=stdin)
+    assert rc == 0
+    monkeypatch.undo()  # the reference below is answered by the real methods
+    turns = [("Compare them.", [red, blue]), ("And this one?", [red])]
+    assert lines == [escaped(a) for a in reference_turns(assistant, turns)]
+
+    pixels = [list(Image.open(p).convert("RGB").getdata()) for p in (red, blue, red)]
+    assert [[list(im.getdata()) for im in images] for images in given] == [pixels[:2], pixels]
+    span = assistant.prompt_ids([Message("user", "<image>\nx")], 1).count(IMAGE_TOKEN_INDEX)
+    assert span > 1
+    name = read_stage_config(files["vision"]).data.template
+    official = json.loads(REFERENCE.read_text())[name]["jinja"]
+    for messages, n_images in zip(seen, (2, 3)):
+        dicts = [{"role": m.role, "content": m.content} for m in messages]
+        text = assistant.tokenizer.apply_chat_template(
+            dicts, chat_template=official, tokenize=False, add_generation_prompt=True
+        )
+        assert text.count("<image>") == n_images
+        expected: list[int] = []
+        for k, part in enumerate(text.split("<image>")):
+            expected += [IMAGE_TOKEN_INDEX] * span if k else []
+            expected += assistant.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
+        assert assistant.prompt_ids(messages, n_images) == expected
+
+    prompts = [call for call in embedded if (call[1] == IMAGE_TOKEN_INDEX).any()]
+    assert len(prompts) == 2
+    for (model, input_ids, embeds), paths in zip(prompts, ([red, blue], [red, blue, red])):
+        positions = (input_ids[0] == IMAGE_TOKEN_INDEX).nonzero().flatten()
+        assert len(positions) == span * len(paths)
+        for k, path in enumerate(paths):
+            pixel_values = model.vision_tower.processor(Image.open(path).convert("RGB"))[None]
+            with torch.no_grad():  # the image alone: one span through the same embed
+                alone = real_embed(model, torch.full((1, span), IMAGE_TOKEN_INDEX), pixel_values)[0]
+            torch.testing.assert_close(embeds[0, positions[k * span : (k + 1) * span]], alone)
+    assert seen[0][-1].content == "<image><image>\nCompare them."
+    assert [m.content for m in seen[1] if m.role == "user"] == [
+        "<image><image>\nCompare them.",
+        "<image>\nAnd this one?",
+    ]
+
+
+def test_typed_image_marker_is_refused(files, capsys, monkeypatch):
+    rc, lines, err = chat(
+        [files["vision"], "--image", files["red"]], capsys, monkeypatch, stdin="look: <image>\n"
+    )
+    assert rc == 2 and lines == [] and "<image> is reserved" in err
 
 
 @pytest.mark.parametrize(
@@ -139,7 +233,8 @@ def test_text_only_checkpoint_chats_without_image(files, capsys, monkeypatch):
 
 
 def test_interactive_session_streams_and_keeps_history(files, assistant):
-    session = ChatSession(assistant, image=Image.open(files["red"]).convert("RGB"), gen=GEN)
+    session = ChatSession(assistant, opening=[Image.open(files["red"]).convert("RGB")], gen=GEN)
+    session.reset()
     inputs = iter(["What is this?", "/image nowhere.png", "/bogus", "And then?", "/exit", "never read"])
     out = io.StringIO()
     assert run_interactive(session, read=lambda prompt: next(inputs), out=out) == 0
@@ -148,6 +243,20 @@ def test_interactive_session_streams_and_keeps_history(files, assistant):
     assert f"assistant> {expected[0]}\n" in text and f"assistant> {expected[1]}\n" in text
     assert "error: nowhere.png: image file not found" in text and "unknown command '/bogus'" in text
     assert [m.role for m in session.history] == ["user", "assistant", "user", "assistant"]
+    assert text.startswith("chat (the next question carries 1 image); commands: /image PATH")
+
+
+def test_interactive_image_and_reset_say_what_the_next_question_carries(files, assistant):
+    session = ChatSession(assistant, gen=GEN)
+    blue = str(files["blue"])
+    inputs = iter([f"/image {blue}", f"/image {blue}", "What is this?", "/reset", "/exit"])
+    out = io.StringIO()
+    assert run_interactive(session, read=lambda prompt: next(inputs), out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("chat (no image for the next question)")
+    assert lines[1:3] == ["(the next question carries 1 image)", "(the next question carries 2 images)"]
+    assert lines[-1] == "(new conversation; no image for the next question)"
+    assert session.history == [] and session.images == [] and session.pending == []
 
 
 def test_load_4bit_answers(files, capsys, monkeypatch):

@@ -306,3 +306,49 @@ def test_check_counts_trimmed_opening_assistant_turns(tmp_path, capsys, tok_dir)
     assert code == 0 and "kept 3" in out and "trimmed 2 (opening assistant turn left out)" in out
     code, out, _ = run(capsys, "preview", *common, "--index", 0)
     assert "opening assistant turn trimmed" in out and "How can I help" not in out
+
+
+def test_check_with_anyres_config_prints_the_image_token_distribution(tiny_run, tmp_path, capsys):
+    import copy
+
+    from llava_ft.config import AnyresSection, DataSource, dump_config
+    from llava_ft.model.vision import image_token_rule
+
+    root, base = tiny_run
+    cfg = copy.deepcopy(base)
+    cfg.model.vision.anyres = AnyresSection()
+    geometry = image_token_rule(cfg.model.vision)
+    sizes = {"wide.png": (20, 90), "tall.png": (130, 30), "big.png": (100, 100)}  # (height, width)
+    for name, (height, width) in sizes.items():
+        Image.new("RGB", (width, height)).save(tmp_path / name)
+    q, a = {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A shape."}
+    two = {"from": "human", "value": "<image> or <image>?"}
+    records = [{"image": "wide.png", "conversations": [q, a]}, {"image": "tall.png", "conversations": [q, a]},
+               {"image": ["big.png", "wide.png"], "conversations": [two, a]},
+               {"conversations": [{"from": "human", "value": "Hi"}, a]}]  # fmt: skip
+    cfg.data.train = [DataSource(str(write(tmp_path / "d.jsonl", records)))]  # images beside the file
+    cfg.data.max_length = 512
+    dump_config(cfg, tmp_path / "run.yaml")
+
+    code, out, err = run(capsys, "check", "--config", tmp_path / "run.yaml")
+    count = {name: geometry.num_tokens(*size) for name, size in sizes.items()}
+    per_image = sorted([count["wide.png"], count["tall.png"], count["big.png"], count["wide.png"]])
+    per_sample = sorted([count["wide.png"], count["tall.png"], count["big.png"] + count["wide.png"]])
+    assert code == 0 and "any-resolution image tokens by image size" in err
+    assert (
+        f"image tokens per image: min {per_image[0]}  median {per_image[1]}  p95 {per_image[-1]}  "
+        f"max {per_image[-1]}  (4)" in out
+    )
+    assert (
+        f"image tokens per sample: min {per_sample[0]}  median {per_sample[1]}  p95 {per_sample[-1]}  "
+        f"max {per_sample[-1]}  (3)" in out
+    )
+    # prepare (what training caches) prints it too.
+    code, out, _ = run(capsys, "prepare", "--config", tmp_path / "run.yaml")
+    assert code == 0 and f"image tokens per sample: min {per_sample[0]}" in out
+    # Preview shows each image's own span.
+    code, out, _ = run(capsys, "preview", "--config", tmp_path / "run.yaml", "--index", 2)
+    assert code == 0 and f"<image x{count['big.png']}>" in out and f"<image x{count['wide.png']}>" in out
+    # A fixed-size config prints no distribution.
+    code, out, _ = run(capsys, "check", "--config", root / "run.yaml")
+    assert "records read" in out and "image tokens per image" not in out

@@ -108,7 +108,12 @@ def llava_next_processor(geometry: AnyresGeometry, mean, std) -> LlavaNextImageP
 )
 def test_processor_equals_transformers_llava_next(geometry: AnyresGeometry, mean, std) -> None:
     ours = AnyresImageProcessor(geometry, mean, std)
+    assert ours.matches_llava_next
     reference = llava_next_processor(geometry, mean, std)
+    # The settings an export writes, through a saved preprocessor config, make the same views.
+    written = LlavaNextImageProcessorPil.from_dict(
+        LlavaNextImageProcessorPil(**ours.llava_next_kwargs()).to_dict()
+    )
     for k, (height, width) in enumerate(PIXEL_SIZES):
         img = noise(height, width, seed=k)
         want = reference(images=img, return_tensors="pt")
@@ -116,6 +121,9 @@ def test_processor_equals_transformers_llava_next(geometry: AnyresGeometry, mean
         assert want["image_sizes"].tolist() == [[height, width]]
         assert got.shape == (geometry.num_views(height, width), 3, geometry.tile, geometry.tile)
         torch.testing.assert_close(got, want["pixel_values"][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            got, written(images=img, return_tensors="pt")["pixel_values"][0], atol=1e-6, rtol=0
+        )
     # Other modes go through the same RGB conversion (grey; transparency on white, as convert_to_rgb).
     for mode in ("L", "RGBA", "P"):
         img = noise(90, 50, mode=mode)
@@ -128,7 +136,7 @@ def test_base_view_takes_the_fixed_processors_aspect() -> None:
     fixed = ImageProcessor(64, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), aspect="pad")
     ours = AnyresImageProcessor.wrap(fixed, geometry)
     assert (ours.mean, ours.std, ours.base_aspect, ours.image_size) == (fixed.mean, fixed.std, "pad", 64)
-    assert ours.anyres and not getattr(fixed, "anyres", False)
+    assert ours.anyres and not getattr(fixed, "anyres", False) and not ours.matches_llava_next
     reference = llava_next_processor(geometry, fixed.mean, fixed.std)
     img = noise(150, 70)
     got, want = ours(img), reference(images=img, return_tensors="pt")["pixel_values"][0]

@@ -108,3 +108,12 @@ def test_pope_bad_label(tmp_path, image_dir):
     data.write_text("{not json\n")
     with pytest.raises(DataError, match=r"p.jsonl line 1: not valid JSON"):
         pope.load_pope(data, image_dir)
+
+
+def test_pope_takes_one_image_per_question(tmp_path, image_dir):
+    data = tmp_path / "p.jsonl"
+    record = {"question_id": 1, "image": ["red.png", "blue.png"], "text": "q", "label": "yes"}
+    data.write_text(json.dumps(record) + "\n")
+    for images in (image_dir, None):  # a re-score too
+        with pytest.raises(DataError, match=r"p.jsonl line 1: field 'image' must be one file name"):
+            pope.load_pope(data, images)

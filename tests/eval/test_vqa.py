@@ -179,3 +179,117 @@ def test_vqa_bad_input(tmp_path, image_dir):
     _write(data, [{"question_id": 1, "image": "nope.png", "question": "q", "answers": ["a"]}])
     with pytest.raises(DataError, match=r"line 1: field 'image': file .*nope.png not found"):
         vqa.load_vqa(data, image_dir)
+
+
+def _colours(q) -> list[str]:
+    """The colour names of a query's images, in order (the fixture's images are plain colours)."""
+    names = {(255, 0, 0): "red", (0, 0, 255): "blue", (0, 128, 0): "green"}
+    return [names[im.getpixel((0, 0))] for im in q.images]
+
+
+def test_several_images_per_question(tmp_path, image_dir, scripted):
+    """`image` a list: the images reach the model in order, as a list, their markers where the question has
+    them or in front of it; a one-image record still gives one image."""
+    data = tmp_path / "multi.jsonl"
+    records = [
+        {
+            "question_id": 1,
+            "image": ["red.png", "blue.png"],
+            "question": "Which is red?",
+            "answers": ["first"],
+        },
+        {
+            "question_id": 2,
+            "image": ["green.png", "red.png", "blue.png"],
+            "question": "Is <image> brighter than <image> and <image>?",
+            "answers": ["yes"],
+        },
+        {"question_id": 3, "image": "blue.png", "question": "What colour?", "answers": ["blue"]},
+        {"question_id": 4, "image": ["green.png"], "question": "What colour?", "answers": ["green"]},
+    ]
+    _write(data, records)
+    fake = scripted(lambda q: " ".join(_colours(q)))
+    out = tmp_path / "out"
+    res = vqa.run_vqa(data, image_dir, out, predictor=Predictor(fake, "ckpt"), suffix="")
+    assert [_colours(q) for q in fake.asked] == [
+        ["red", "blue"],
+        ["green", "red", "blue"],
+        ["blue"],
+        ["green"],
+    ]
+    assert isinstance(fake.asked[0].image, list) and not isinstance(fake.asked[2].image, list)
+    assert [q.user_text() for q in fake.asked] == [
+        "<image><image>\nWhich is red?",
+        "Is <image> brighter than <image> and <image>?",
+        "<image>\nWhat colour?",
+        "<image>\nWhat colour?",
+    ]
+    assert res["n_items"] == 4 and res["soft_accuracy"]["official"] == pytest.approx(0.5)
+    # A re-score needs no image files, lists included.
+    again = vqa.run_vqa(data, None, tmp_path / "re", predictions_file=out / "predictions.jsonl", suffix="")
+    assert again["soft_accuracy"] == res["soft_accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (
+            {"image": ["red.png", "blue.png"], "question": "Is <image> red?"},
+            r"1 <image> marker\(s\) but the record 2",
+        ),
+        ({"image": "red.png", "question": "<image> or <image>?"}, r"2 <image> marker\(s\) but the record 1"),
+        ({"image": [], "question": "q"}, "field 'image' must be a file name or a non-empty list"),
+        ({"image": ["red.png", 3], "question": "q"}, "field 'image' must be a file name or a non-empty list"),
+        ({"image": ["red.png", "nope.png"], "question": "q"}, "field 'image': file .*nope.png not found"),
+    ],
+)
+def test_several_images_bad_input(tmp_path, image_dir, record, message):
+    data = tmp_path / "bad.jsonl"
+    _write(data, [{"question_id": 1, "answers": ["a"], **record}])
+    with pytest.raises(DataError, match=rf"line 1: .*{message}"):
+        vqa.load_vqa(data, image_dir)
+
+
+def test_several_images_answered_by_a_real_checkpoint(tmp_path, image_dir, tiny_root):
+    """Through a tiny stage output: each answer is the one `generate_messages` gives for the conversation
+    built by hand (markers in front or where the question has them, images in order)."""
+    from PIL import Image
+
+    from llava_ft.data.conversation import Message
+    from llava_ft.inference import load_assistant
+    from llava_ft.testing.tiny_llava import write_tiny_stage_output
+
+    assistant = load_assistant(str(write_tiny_stage_output(tiny_root, tmp_path / "ckpt")), device="cpu")
+    data = tmp_path / "multi.jsonl"
+    records = [
+        {"question_id": 1, "image": ["red.png", "blue.png"], "question": "Which is red?", "answers": ["a"]},
+        {"question_id": 2, "image": ["blue.png", "red.png"], "question": "Which is red?", "answers": ["a"]},
+        {
+            "question_id": 3,
+            "image": ["blue.png", "green.png"],
+            "question": "Is <image> like <image>?",
+            "answers": ["a"],
+        },
+    ]
+    _write(data, records)
+    res = vqa.run_vqa(
+        data, image_dir, tmp_path / "out", predictor=Predictor(assistant, "ckpt", max_new_tokens=5)
+    )
+    predictions = [
+        json.loads(x)["prediction"] for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    ]
+    texts = ["<image><image>\nWhich is red?", "<image><image>\nWhich is red?", "Is <image> like <image>?"]
+    expected = [
+        assistant.generate_messages(
+            [
+                (
+                    [Message("user", text + vqa.SUFFIX)],
+                    [Image.open(image_dir / f).convert("RGB") for f in rec["image"]],
+                )
+            ],
+            max_new_tokens=5,
+        )[0]
+        for text, rec in zip(texts, records)
+    ]
+    assert predictions == expected and res["n_items"] == 3
+    assert expected[0] != expected[1], "the image order must change the answer for the test to mean anything"

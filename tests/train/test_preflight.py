@@ -7,11 +7,14 @@ import math
 import re
 from pathlib import Path
 
+import datasets
 import pytest
 
 import llava_ft.train.preflight as pf
 from llava_ft.cli.main import main
 from llava_ft.config import dump_config
+from llava_ft.data.dataset import SFTDataset
+from llava_ft.data.packing import PackedDataset
 from llava_ft.train.preflight import LongestFirst, PreflightReport, preflight
 
 
@@ -29,6 +32,28 @@ def test_the_hook_yields_the_longest_first():
     assert [lengths[i] for i in sampler] == sorted(lengths, reverse=True)
     assert list(sampler)[:2] == [1, 3]  # ties in index order
     assert len(sampler) == len(lengths)
+
+
+def test_largest_sample_counts_its_image_tokens():
+    rows = {
+        "input_ids": [[1, -200, 2], [1, -200, 2, -200], [1, 2, 3, 4]],
+        "labels": [[1, 2, 3]] * 3,
+        "images": [["a.png"], ["a.png", "b.png"], []],
+        "image_tokens": [[40], [30, 25], []],
+        "source": ["0", "1", "2"],
+        "length": [42, 57, 4],
+    }
+    dataset = SFTDataset([(datasets.Dataset.from_dict(rows), Path("."))])
+    assert pf.largest_sample(dataset) == (57, 55)
+    assert pf.largest_sample(PackedDataset(dataset, dataset.lengths, 100)) == (57, 55)
+    assert pf.largest_sample(None) == (0, 0)
+    report = PreflightReport(step_s=1.0, first_step_s=2.0, peak_memory_mb=123.0, on_gpu=False, planned_steps=4,
+                             timed_lengths=[57, 42], trained_tokens=99, mean_length=34.3, largest_tokens=57,
+                             largest_image_tokens=55, packed=False, question="q", image=None, answer="a")  # fmt: skip
+    assert (
+        "largest sample: 57 tokens (55 image + 2 text); the peak memory above covers it (the timed longest "
+        "samples are at least as long)" in report.lines()
+    )
 
 
 @pytest.fixture
@@ -87,6 +112,9 @@ def test_preflight_trains_the_longest_and_leaves_nothing(llava_cfg, tmp_path, sp
     assert report.packed == packing
     assert report.planned_steps == 3 * math.ceil(len(spy["lengths"]) / per_step)
     assert report.mean_length == pytest.approx(sum(spy["lengths"]) / len(spy["lengths"]))
+    if not packing:  # items are samples: the largest is the first timed
+        assert report.largest_tokens == max(spy["lengths"]) == report.timed_lengths[0]
+    assert 0 <= report.largest_image_tokens < report.largest_tokens <= max(report.timed_lengths)
     _check_figures(report)
     assert report.image is not None and report.question == pf.IMAGE_QUESTION
     assert list(temp.iterdir()) == []
