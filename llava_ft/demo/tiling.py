@@ -1,5 +1,5 @@
 """Does tiling pay on the tiny default? The same two-stage recipe (configs/tiny_tiling) trained twice on the
-detail task (llava_ft.demo.detail: the shape of a small mark in a 256-px image), at fixed resolution and with
+detail task (llava_ft.demo.detail: the shape of small marks in a 256-px image), at fixed resolution and with
 any-resolution tiling, plus the blank-image control, then the held-out accuracies side by side:
 
     python -m llava_ft.demo.tiling [--root data/tiling] [--out work_dirs/tiny_tiling] [--check]
@@ -7,7 +7,7 @@ any-resolution tiling, plus the blank-image control, then the held-out accuracie
 The two runs differ by one override: fixed is `--model.vision.anyres null`. Each stage is `llava-ft train
 configs/tiny_tiling/<stage>.yaml` in this process (the command is printed before it runs). The control repeats
 the any-resolution stage 2 on mark-free images; whatever it scores above chance could only come from the
-questions' text. Scores come from `llava-ft eval vqa` and `llava-ft eval mmbench`'s code, as in the demo.
+questions' text. Scores come from `llava-ft eval vqa`'s code (open-ended), with 95% Wilson intervals.
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ from llava_ft.testing.tiny_vision import write_tiny_open_clip
 log = logging.getLogger("llava_ft")
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny_tiling"
-# A 64-px tower with 16-px patches: 16 tokens per view, so a 4x4 tiling costs 288 tokens, not 1000+.
+# A 64-px tower with 16-px patches: 16 tokens per view, so a 4x4 tiling costs 288 tokens, not 1000+. Tower and
+# LLM are half the shapes demo's width: 17 views and 288 image tokens a sample on 2 CPU cores, one-word answers.
 CLIP_SHAPE = {"image_size": 64, "patch_size": 16, "width": 64, "layers": 3, "heads": 2}
-# Half the demo LLM's width: 288 image tokens a sample make the LLM most of the cost, and one-word answers
-# need little of it.
 LLM_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
 N_TRAIN_IMAGES = 1000
 N_HELDOUT_IMAGES = 200
@@ -70,7 +69,7 @@ def prepare(root: str | Path = "data/tiling", *, seed: int = 0) -> TilingAssets:
     complete copy with the same parameters is there."""
     root = Path(root)
     sizes = {"n_train_images": N_TRAIN_IMAGES, "n_heldout_images": N_HELDOUT_IMAGES, "image_size": IMAGE_SIZE}
-    # Open-ended questions only: letters and options are more for a tiny random LLM to learn in two minutes.
+    # Open-ended questions only: letters and options are more for a tiny random LLM to learn in a few minutes.
     sizes["mc_fraction"] = 0.0
     data = generate_detail_dataset(root / "detail", seed=seed, **sizes)
     blank = generate_detail_dataset(root / "detail_blank", seed=seed, blank=True, **sizes)
