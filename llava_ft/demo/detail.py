@@ -1,7 +1,7 @@
 """Synthetic detail data for the tiling demo: a large image whose lattice cells hold small marks of one shape,
-which the questions ask. Shrunk whole to the tiny tower's input (4x smaller), each mark is a blur of about 2
-pixels whatever its shape (and every shape carries the same ink, so the blur's darkness tells nothing); cut into
-tower-sized tiles (any-resolution), the marks keep their outlines. Captions name the marks' colour and shape;
+which the questions ask. Shrunk whole to the tiny tower's input (4x smaller), each mark is a blur of 2-3 pixels
+that has lost its outline (every shape carries the same ink, so darkness alone does not tell them apart); cut
+into tower-sized tiles (any-resolution), the marks keep their outlines. Captions name the marks' colour and shape;
 questions ask their shape, open-ended or lettered multiple choice (LLaVA's MMBench prompt), as the shapes demo
 asks them. `blank=True` writes the same records over mark-free images: the control that must stay near chance.
 The folder layout is the shapes demo's, so its evaluation files and scoring apply unchanged.

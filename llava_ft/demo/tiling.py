@@ -4,10 +4,10 @@ any-resolution tiling, plus the blank-image control, then the held-out accuracie
 
     python -m llava_ft.demo.tiling [--root data/tiling] [--out work_dirs/tiny_tiling] [--check]
 
-The two runs differ by one override: fixed is `--model.vision.anyres null`. Each stage is `llava-ft train
-configs/tiny_tiling/<stage>.yaml` in this process (the command is printed before it runs). The control repeats
-the any-resolution stage 2 on mark-free images; whatever it scores above chance could only come from the
-questions' text. Scores come from `llava-ft eval vqa`'s code (open-ended), with 95% Wilson intervals.
+The two runs differ by one override, fixed being `--model.vision.anyres null`, and train for the same steps.
+Each stage is `llava-ft train configs/tiny_tiling/<stage>.yaml` in this process (the command is printed before
+it runs). The control repeats the any-resolution stage 2 on mark-free images; whatever it scores above chance
+could only come from the questions' text. Scores come from `llava-ft eval vqa`'s code (open-ended), with 95% Wilson intervals.
 """
 
 from __future__ import annotations
