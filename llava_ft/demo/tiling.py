@@ -2,7 +2,7 @@
 detail task (llava_ft.demo.detail: the shape of small marks in a 256-px image), at fixed resolution and with
 any-resolution tiling, plus the blank-image control, then the held-out accuracies side by side:
 
-    python -m llava_ft.demo.tiling [--root data/tiling] [--out work_dirs/tiny_tiling] [--check]
+    python -m llava_ft.demo.tiling [--root data/demo/tiling] [--out work_dirs/tiny_tiling] [--check]
 
 The two runs differ by one override, fixed being `--model.vision.anyres null`, and train for the same steps.
 Each stage is `llava-ft train configs/tiny_tiling/<stage>.yaml` in this process (the command is printed before
@@ -64,7 +64,7 @@ def _made(folder: Path, params: dict) -> bool:
         return False
 
 
-def prepare(root: str | Path = "data/tiling", *, seed: int = 0) -> TilingAssets:
+def prepare(root: str | Path = "data/demo/tiling", *, seed: int = 0) -> TilingAssets:
     """Data (real and blank), a tokenizer of its words, a tiny random LLM and tower; each part skipped when a
     complete copy with the same parameters is there."""
     root = Path(root)
@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | N
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--root", default="data/tiling", help="where the data and tiny checkpoints are made")
+    parser.add_argument(
+        "--root", default="data/demo/tiling", help="where the data and tiny checkpoints are made"
+    )
     parser.add_argument("--out", default="work_dirs/tiny_tiling", help="stage outputs and the table")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")

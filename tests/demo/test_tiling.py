@@ -52,7 +52,7 @@ def test_the_tiling_demo_runs_and_prints_the_runs_side_by_side(tmp_path, monkeyp
     assert saved["fixed"] == saved["anyres"]
     blank = yaml.safe_load((out / "blank" / "finetune" / "llava_ft.yaml").read_text())
     assert blank["train"]["init_from"].endswith("work_dirs/tiny_tiling/anyres/pretrain")
-    assert blank["data"]["train"][0]["path"].endswith("data/tiling/detail_blank/finetune.json")
+    assert blank["data"]["train"][0]["path"].endswith("data/demo/tiling/detail_blank/finetune.json")
 
     table = json.loads((out / "heldout" / "table.json").read_text())
     assert list(table["rows"]) == ["fixed", "anyres", "blank"] and table["chance"] == 0.25
@@ -73,5 +73,5 @@ def test_the_tiling_demo_runs_and_prints_the_runs_side_by_side(tmp_path, monkeyp
     # the demo's questions are open-ended (no lettered options to learn)
     assert not any(
         "\nA. " in r["conversations"][0]["value"]
-        for r in json.loads(Path("data/tiling/detail/finetune.json").read_text())
+        for r in json.loads(Path("data/demo/tiling/detail/finetune.json").read_text())
     )
