@@ -50,7 +50,7 @@ def run_stage(name: str, overrides: dict[str, Any], extra: list[str]) -> Path:
     path = CONFIGS / f"{name}.yaml"
     if path.is_relative_to(Path.cwd()):
         path = path.relative_to(Path.cwd())
-    flags = [arg for k, v in overrides.items() for arg in (f"--{k}", _flag(v))] + extra
+    flags = [arg for k, v in overrides.items() for arg in (f"--{k}", flag(v))] + extra
     print(
         "$ llava-ft train " + " ".join(shlex.quote(a) for a in [str(path), "--overwrite", *flags]), flush=True
     )
@@ -63,7 +63,7 @@ def _output_dir(path: Path) -> str:
     return load_config(path).train.output_dir
 
 
-def _flag(value: Any) -> str:
+def flag(value: Any) -> str:
     """An override's value as the command line takes it (YAML flow style)."""
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("\n...")
 

@@ -26,7 +26,7 @@ from llava_ft.cli.main import main as llava_ft
 from llava_ft.demo import evaluate
 from llava_ft.demo.detail import DetailDataset, corpus_texts, generate_detail_dataset, vocab_words
 from llava_ft.demo.prepare import write_eval_files
-from llava_ft.demo.run import Clock, _flag
+from llava_ft.demo.run import Clock, flag
 from llava_ft.demo.tokenizer import build_tiny_tokenizer
 from llava_ft.eval.report import markdown_table
 from llava_ft.eval.vqa import run_vqa
@@ -99,7 +99,7 @@ def run_stage(stage: str, overrides: dict[str, Any], extra: list[str]) -> Path:
     args = [
         str(path),
         "--overwrite",
-        *(a for k, v in overrides.items() for a in (f"--{k}", _flag(v))),
+        *(a for k, v in overrides.items() for a in (f"--{k}", flag(v))),
         *extra,
     ]
     print("$ llava-ft train " + shlex.join(args), flush=True)
