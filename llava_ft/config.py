@@ -43,16 +43,17 @@ class AnyresSection:
 @dataclass
 class VisionSection:
     backend: Literal["open_clip", "hf"] = "open_clip"
-    """Which library builds the CLIP tower: open_clip, or transformers (CLIPVisionModel)."""
+    """Which library builds the tower: open_clip (CLIP ViTs and timm-trunk SigLIP models), or transformers
+    (CLIPVisionModel or SiglipVisionModel, chosen by config.json's model_type)."""
     model: str = "ViT-L-14-336-quickgelu"
     """open_clip: a model name, or `local-dir:/path` (a folder with open_clip_config.json and weights); hf: a
-    local folder CLIPVisionModel.from_pretrained reads (a CLIPVisionModel or a whole CLIPModel checkpoint)."""
+    local CLIP or SigLIP folder (a vision model, or a whole CLIPModel / SiglipModel checkpoint)."""
     pretrained: str | None = None
-    """open_clip with a model name only: local weights file (.safetensors/.bin/.pt) of the whole CLIP model,
-    never a hub tag. None: random weights (tiny tests only)."""
+    """open_clip with a model name only: local weights file (.safetensors/.bin/.pt) of the whole CLIP or SigLIP
+    model, never a hub tag. None: random weights (tiny tests only)."""
     feature_layer: int = -2
     """Block whose output feeds the projector, indexed like transformers' hidden_states (1..L or -L..-1);
-    -2, the penultimate, as LLaVA-1.5. CLS is dropped."""
+    -2, the penultimate, as LLaVA-1.5. CLS is dropped (CLIP); SigLIP has none."""
     pool: int = 1
     """Average-pool the patch grid by this factor (2: 8x8 patches -> 16 tokens). 1 keeps all patches."""
     image_aspect: Literal["pad", "resize", "crop"] | None = None
