@@ -4,6 +4,7 @@ weights, tokenizes as llava_ft's tokenizer, preprocesses images to the same pixe
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,27 @@ def verify_export(
     return max_diff(reference, logits, f"{folder} reloaded"), notes
 
 
+def processor_id_notes(
+    folder: Path, paths: dict[str, Sequence[int]], want: list[int], image_id: int
+) -> list[str]:
+    """Each way of using the reloaded processor (`paths`: name -> its input ids) against training's ids `want`:
+    a broken export raises; a tolerated difference is logged and returned as a note."""
+    notes = []
+    for how, got in paths.items():
+        got = list(got)
+        if got == want:
+            continue
+        if got[:2] != want[:2] or got.count(image_id) != want.count(image_id):
+            # BOS twice or missing, or image features that would not fit the placeholders: a broken export.
+            raise ValueError(f"{folder}: the processor's {how} gives ids {got}, training {want}")
+        # Elsewhere only tokenization at the <image> boundary can differ: llava_ft tokenizes the text on each
+        # side apart, and sentencepiece-style tokenizers then add a "▁" piece there.
+        note = f"the processor's {how} tokenizes around <image> unlike training: {got} vs {want}"
+        log.warning(note)
+        notes.append(note)
+    return notes
+
+
 def verify_processor(
     folder: Path, want: list[int], image_processor: ImageProcessor, image_id: int
 ) -> list[str]:
@@ -158,19 +180,7 @@ def verify_processor(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"][0],
     }
-    notes = []
-    for how, got in paths.items():
-        got = list(got)
-        if got == want:
-            continue
-        if got[:2] != want[:2] or got.count(image_id) != want.count(image_id):
-            # BOS twice or missing, or image features that would not fit the placeholders: a broken export.
-            raise ValueError(f"{folder}: the processor's {how} gives ids {got}, training {want}")
-        # Elsewhere only tokenization at the <image> boundary can differ: llava_ft tokenizes the text on each
-        # side apart, and sentencepiece-style tokenizers then add a "▁" piece there.
-        note = f"the processor's {how} tokenizes around <image> unlike training: {got} vs {want}"
-        log.warning(note)
-        notes.append(note)
+    notes = processor_id_notes(folder, paths, want, image_id)
     for image in images:
         got = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         diff = float((got - image_processor(image)).abs().max())

@@ -4,7 +4,6 @@ llava_ft's pixels for every view, and the model llava_ft's logits."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +18,14 @@ from llava_ft.data.conversation import Conversation, Message
 from llava_ft.data.templates import ChatTemplate
 from llava_ft.data.tokenize import Encoder
 from llava_ft.export.hf_llava_next import MODEL_CLASSES, NEXT, ONEVISION, anyres_geometry
-from llava_ft.export.verify import PROBE_TEXTS, VERIFY_IMAGE_SIZES, _check_loading, check_token_ids, max_diff
-
-log = logging.getLogger("llava_ft")
+from llava_ft.export.verify import (
+    PROBE_TEXTS,
+    VERIFY_IMAGE_SIZES,
+    _check_loading,
+    check_token_ids,
+    max_diff,
+    processor_id_notes,
+)
 
 _QUESTION = "Describe this in  detail.\nPlease!"
 
@@ -148,17 +152,7 @@ def verify_anyres_processor(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"][0],
     }
-    notes = []
-    for how, got in paths.items():
-        got = list(got)
-        if got == want:
-            continue
-        if got[:2] != want[:2] or got.count(image_id) != want.count(image_id):
-            raise ValueError(f"{folder}: the processor's {how} gives ids {got}, training {want}")
-        # As hf-llava: only tokenization at the <image> boundary may differ (sentencepiece's "▁" there).
-        note = f"the processor's {how} tokenizes around <image> unlike training: {got} vs {want}"
-        log.warning(note)
-        notes.append(note)
+    notes = processor_id_notes(folder, paths, want, image_id)
     geometry: AnyresGeometry = image_processor.geometry
     sizes = [(h, w) for w, h in VERIFY_IMAGE_SIZES] + [probe_size(geometry)]
     tile = geometry.tile
