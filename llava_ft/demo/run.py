@@ -1,12 +1,15 @@
-"""The tiny demo from data to answers, in one process (torch and transformers are imported once):
+"""The tiny demo from data to answers, in one process (torch and transformers are imported once) and, for the
+blank-image control, one child process:
 
     python -m llava_ft.demo.run [--root data/demo] [--out work_dirs/tiny] [--seed 0] [--setting default]
 
 Each stage is `llava-ft train configs/tiny/<stage>.yaml` (the command is printed before it runs), through the
 same config loading, checks and train() the command line uses. The blank-image control shares the text and
 pretrain stages and repeats the finetune stage on background-only images: whatever it scores above chance
-could only come from the questions' text. The demo ends with the held-out table (real vs blank images, seen vs
-unseen colour-shape pairs, open-ended vs multiple choice) scored by `llava-ft eval`'s own code.
+could only come from the questions' text. It trains in a child process beside the real finetune, each with
+half the CPU threads: models this small use a second thread poorly, so two runs side by side finish sooner
+than one after the other. The demo ends with the held-out table (real vs blank images, seen vs unseen
+colour-shape pairs, open-ended vs multiple choice) scored by `llava-ft eval`'s own code.
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from llava_ft.cli.main import main as llava_ft
@@ -45,18 +52,59 @@ class Clock:
         print(f"\n=== {title} ({time.time() - self.start:.0f}s)", flush=True)
 
 
-def run_stage(name: str, overrides: dict[str, Any], extra: list[str]) -> Path:
-    """`llava-ft train configs/tiny/NAME.yaml --overwrite --key value ...`, in this process."""
+def _command(name: str, overrides: dict[str, Any], extra: list[str]) -> list[str]:
+    """`train configs/tiny/NAME.yaml --overwrite --key value ...`, printed as the command line spells it."""
     path = CONFIGS / f"{name}.yaml"
     if path.is_relative_to(Path.cwd()):
         path = path.relative_to(Path.cwd())
     flags = [arg for k, v in overrides.items() for arg in (f"--{k}", flag(v))] + extra
-    print(
-        "$ llava-ft train " + " ".join(shlex.quote(a) for a in [str(path), "--overwrite", *flags]), flush=True
-    )
-    if llava_ft(["train", str(path), "--overwrite", *flags]) != 0:
+    args = ["train", str(path), "--overwrite", *flags]
+    print("$ llava-ft " + " ".join(shlex.quote(a) for a in args), flush=True)
+    return args
+
+
+def run_stage(name: str, overrides: dict[str, Any], extra: list[str]) -> Path:
+    """`llava-ft train configs/tiny/NAME.yaml --overwrite --key value ...`, in this process."""
+    if llava_ft(_command(name, overrides, extra)) != 0:
         raise SystemExit(f"stage {name} failed")
-    return Path(overrides.get("train.output_dir", _output_dir(path)))
+    return _stage_output(name, overrides)
+
+
+def start_stage(
+    name: str, overrides: dict[str, Any], extra: list[str], log: Path, threads: int
+) -> Background:
+    """The same command in a child process with `threads` CPU threads, its output going to `log`."""
+    args = _command(name, overrides, extra)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    # The child imports this checkout's llava_ft, wherever the demo runs from (tests run it in a scratch folder).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CONFIGS.parents[1]), env.get("PYTHONPATH")]))
+    with log.open("w") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "llava_ft.cli.main", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    return Background(name, child, log, _stage_output(name, overrides))
+
+
+class Background:
+    """A stage running in a child process."""
+
+    def __init__(self, name: str, child: subprocess.Popen, log: Path, output: Path) -> None:
+        self.name, self.child, self.log, self.output = name, child, log, output
+
+    def stop(self) -> None:
+        self.child.kill()
+        self.child.wait()
+
+    def wait(self) -> Path:
+        if self.child.wait() != 0:
+            tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-20:])
+            raise SystemExit(f"{tail}\nstage {self.name} failed (its output: {self.log})")
+        return self.output
+
+
+def _stage_output(name: str, overrides: dict[str, Any]) -> Path:
+    return Path(overrides.get("train.output_dir", _output_dir(CONFIGS / f"{name}.yaml")))
 
 
 def _output_dir(path: Path) -> str:
@@ -121,16 +169,30 @@ def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | N
     run_stage("text", over("text"), more.get("text", []))
     clock.step("stage 1: pretrain (image captions)")
     run_stage("pretrain", over("pretrain"), more.get("pretrain", []))
-    clock.step("stage 2: finetune (open and multiple-choice questions)")
-    real = run_stage("finetune", over("finetune"), more.get("finetune", []))
-
-    clock.step("control: stage 2 again on blank images (from the same stage 1)")
     control = {
         "train.output_dir": str(out / "blank" / "finetune"),
         "data.train": _sources(blank, "finetune"),
         "train.eval_benchmark": None,  # scored below, beside the real model
     }
-    control_ckpt = run_stage("finetune", over("finetune", control), more.get("control", []))
+    threads = torch.get_num_threads()
+    half = max(1, threads // 2)
+    clock.step(f"stage 2: finetune (open and multiple-choice questions), {half} thread(s)")
+    print(
+        "control: stage 2 again on blank images (from the same stage 1), at the same time in a child process"
+    )
+    log = out / "blank" / "finetune.log"
+    child = start_stage("finetune", over("finetune", control), more.get("control", []), log, half)
+    print(f"(the control's output goes to {log})", flush=True)
+    torch.set_num_threads(half)
+    try:
+        real = run_stage("finetune", over("finetune"), more.get("finetune", []))
+    except BaseException:
+        child.stop()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    clock.step("control: waiting for the blank-image finetune")
+    control_ckpt = child.wait()
 
     clock.step("held-out evaluation (the code of `llava-ft eval vqa` and `llava-ft eval mmbench`)")
     failed = evaluate.main(
