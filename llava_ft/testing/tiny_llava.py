@@ -17,7 +17,12 @@ from llava_ft.model.build import build_model
 from llava_ft.model.trainability import apply_trainability
 from llava_ft.stage import save_stage_output
 from llava_ft.testing.tiny_llm import write_tiny_internlm2, write_tiny_llama
-from llava_ft.testing.tiny_vision import write_tiny_hf_clip, write_tiny_open_clip
+from llava_ft.testing.tiny_vision import (
+    write_tiny_hf_clip,
+    write_tiny_hf_siglip,
+    write_tiny_open_clip,
+    write_tiny_open_clip_siglip,
+)
 
 
 def tiny_config(
@@ -61,7 +66,11 @@ def tiny_config(
 
 def write_tiny_stage_output(root: Path, out: Path, *, seed: int = 0, **kwargs) -> Path:
     """A stage output folder as a finished stage would leave it, with random non-zero trained weights."""
-    cfg = tiny_config(root, **kwargs)
+    return save_random_stage(tiny_config(root, **kwargs), out, seed=seed)
+
+
+def save_random_stage(cfg: RunConfig, out: Path, *, seed: int = 0) -> Path:
+    """cfg's model, its trainable weights set to random non-zero values, saved as a stage output at out."""
     cfg.train.output_dir = str(out)
     tokenizer, model = build_model(cfg)
     apply_trainability(model, cfg.trainable, cfg.lora)
@@ -72,3 +81,17 @@ def write_tiny_stage_output(root: Path, out: Path, *, seed: int = 0, **kwargs) -
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     save_stage_output(model, cfg, tokenizer, get_template(cfg.data.template, tokenizer), out)
     return out
+
+
+def tiny_siglip_vision(
+    root: Path, backend: Literal["open_clip", "hf"], *, image_size: int = 32, patch_size: int = 8, **fields
+) -> VisionSection:
+    """A tiny SigLIP tower under root (written once, open_clip or transformers layout) and its vision section."""
+    folder = Path(root) / f"siglip_{backend}"
+    if backend == "open_clip":
+        if not (folder / "open_clip_config.json").exists():
+            write_tiny_open_clip_siglip(folder, image_size=image_size, patch_size=patch_size)
+        return VisionSection("open_clip", f"local-dir:{folder}", **fields)
+    if not (folder / "config.json").exists():
+        write_tiny_hf_siglip(folder, image_size=image_size, patch_size=patch_size)
+    return VisionSection("hf", str(folder), **fields)

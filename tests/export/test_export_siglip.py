@@ -13,17 +13,13 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration, SiglipVisionModel
 
-from llava_ft.config import VisionSection
 from llava_ft.constants import IMAGE_TOKEN_INDEX
-from llava_ft.data.templates import get_template
 from llava_ft.export import export_checkpoint
 from llava_ft.exported import load_export
 from llava_ft.model.build import build_model
-from llava_ft.model.trainability import apply_trainability
 from llava_ft.model.vision import HFSiglipVisionTower, build_vision_tower
-from llava_ft.stage import apply_stage_weights, read_stage_config, save_stage_output
-from llava_ft.testing.tiny_llava import tiny_config
-from llava_ft.testing.tiny_vision import write_tiny_hf_siglip, write_tiny_open_clip_siglip
+from llava_ft.stage import apply_stage_weights, read_stage_config
+from llava_ft.testing.tiny_llava import save_random_stage, tiny_config, tiny_siglip_vision
 
 MAX_DIFF = 1e-4  # fp32 on CPU: only summation order differs
 IMAGE, PATCH = 32, 8
@@ -31,28 +27,11 @@ IMAGE, PATCH = 32, 8
 
 def siglip_stage(root: Path, out: Path, backend: str, aspect: str, vision_mode: str = "frozen") -> Path:
     """A stage output with a tiny SigLIP tower and random non-zero trained weights (LoRA LLM, projector)."""
-    if backend == "open_clip":
-        folder = root / "siglip_open_clip"
-        if not (folder / "open_clip_config.json").exists():
-            write_tiny_open_clip_siglip(folder, image_size=IMAGE, patch_size=PATCH)
-        vision = VisionSection("open_clip", f"local-dir:{folder}", image_aspect=aspect)
-    else:
-        folder = root / "siglip_hf"
-        if not (folder / "config.json").exists():
-            write_tiny_hf_siglip(folder, image_size=IMAGE, patch_size=PATCH)
-        vision = VisionSection("hf", str(folder), image_aspect=aspect)
     cfg = tiny_config(root, llm_mode="lora", vision_mode=vision_mode)
-    cfg.model.vision = vision
-    cfg.train.output_dir = str(out)
-    tokenizer, model = build_model(cfg)
-    apply_trainability(model, cfg.trainable, cfg.lora)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    save_stage_output(model, cfg, tokenizer, get_template(cfg.data.template, tokenizer), out)
-    return out
+    cfg.model.vision = tiny_siglip_vision(
+        root, backend, image_size=IMAGE, patch_size=PATCH, image_aspect=aspect
+    )
+    return save_random_stage(cfg, out, seed=7)
 
 
 @torch.no_grad()

@@ -28,10 +28,8 @@ from llava_ft.export.tokenizer import add_image_token
 from llava_ft.export.verify_anyres import load_processor
 from llava_ft.exported import load_export
 from llava_ft.model.build import build_model
-from llava_ft.model.trainability import apply_trainability
-from llava_ft.stage import apply_stage_weights, read_stage_config, read_template_info, save_stage_output
-from llava_ft.testing.tiny_llava import tiny_config
-from llava_ft.testing.tiny_vision import write_tiny_hf_siglip, write_tiny_open_clip_siglip
+from llava_ft.stage import apply_stage_weights, read_stage_config, read_template_info
+from llava_ft.testing.tiny_llava import save_random_stage, tiny_config, tiny_siglip_vision
 
 FORMATS = (NEXT, ONEVISION)
 
@@ -103,16 +101,7 @@ def write_anyres_stage(
     cfg.model.vision = vision or cfg.model.vision
     cfg.model.vision.anyres = AnyresSection()
     cfg.model.vision.image_aspect = aspect
-    cfg.train.output_dir = str(out)
-    tokenizer, model = build_model(cfg)
-    apply_trainability(model, cfg.trainable, cfg.lora)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    save_stage_output(model, cfg, tokenizer, get_template(cfg.data.template, tokenizer), out)
-    return out
+    return save_random_stage(cfg, out, seed=seed)
 
 
 @pytest.fixture(scope="session")
@@ -293,15 +282,7 @@ def test_refusals_are_one_line(lora_ckpt, anyres_ckpt, root, tmp_path, capsys, m
 def test_siglip_tower(root, tmp_path, backend):
     """A SigLIP tower (no CLS: strategy "full", no extra processor token), open_clip's timm trunk converted or a
     SiglipVisionModel folder, verified by the export itself for both formats."""
-    folder = root / f"siglip_{backend}"
-    if backend == "open_clip":
-        if not (folder / "open_clip_config.json").exists():
-            write_tiny_open_clip_siglip(folder, image_size=32, patch_size=8)
-        vision = VisionSection("open_clip", f"local-dir:{folder}")
-    else:
-        if not (folder / "config.json").exists():
-            write_tiny_hf_siglip(folder, image_size=32, patch_size=8)
-        vision = VisionSection("hf", str(folder))
+    vision = tiny_siglip_vision(root, backend)
     ckpt = write_anyres_stage(root, root / f"stage_anyres_siglip_{backend}", vision=vision, seed=4)
     for fmt in FORMATS:
         result = export_checkpoint(ckpt, tmp_path / fmt, fmt=fmt)
