@@ -28,7 +28,7 @@ from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.files import atomic_path
 
 # Bump when the generated content changes, so cached datasets written by older code are regenerated.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 QTYPES = ("colour", "shape", "count", "position")
 # LLaVA's MMBench instruction, the text the evaluation appends (llava_ft.eval.mmbench.EN_INSTRUCTION).
@@ -332,7 +332,7 @@ class ShapesDataset:
     root: Path
     images_dir: Path
     pretrain: Path  # LLaVA JSON: <image> -> caption ("plain" template pretraining)
-    finetune: Path  # LLaVA JSON: open and multiple-choice image questions (1-2 turns) + text-only chat
+    finetune: Path  # LLaVA JSON: open and multiple-choice image questions (3 turns) + text-only chat
     heldout: Path  # LLaVA JSON, one question per record, with qtype, style, combination, choices/options
     text: Path  # JSONL {"text": ...}: text-only incremental pretraining
     manifest: Path
@@ -534,6 +534,21 @@ def heldout_rows(dataset: ShapesDataset) -> list[dict[str, Any]]:
     return rows
 
 
+def load_shapes_dataset(root: str | Path) -> ShapesDataset:
+    """The complete dataset generate_shapes_dataset wrote at root, with the parameters its manifest records."""
+    root = Path(root)
+    try:
+        params = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["params"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        params = None
+    dataset = None if params is None else _complete_dataset(root, params)
+    if dataset is None:
+        raise FileNotFoundError(
+            f"{root}: no complete shapes dataset (make one with python -m llava_ft.demo.prepare)"
+        )
+    return dataset
+
+
 def _complete_dataset(root: Path, params: dict[str, Any]) -> ShapesDataset | None:
     try:
         manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
@@ -573,15 +588,13 @@ def _sample_image(
 
 
 def _plan(i: int, rng: random.Random, mc_fraction: float) -> list[tuple[str, bool]]:
-    """The questions asked about train image i: (type, multiple choice?). Types rotate so each is asked
-    as often; about a third of the images get a second question of another type."""
-    first = QTYPES[i % len(QTYPES)]
-    plan = [(first, rng.random() < mc_fraction)]
-    if i % 3 == 0:
-        # Position images hold one shape: no count question there (its answer would always be one).
-        others = [t for t in QTYPES if t not in (first, "position") and (first, t) != ("position", "count")]
-        plan.append((rng.choice(others), rng.random() < mc_fraction))
-    return plan
+    """The questions asked about train image i: (type, multiple choice?), every question that fits the image in
+    shuffled order, as LLaVA-665K asks several questions about one image (each answer trains on the same image
+    tokens, so one image teaches more). One image in four is asked where its shape is; it holds one shape, so it
+    is not asked its count (the answer would always be one)."""
+    types = ["colour", "shape", "position" if i % 4 == 3 else "count"]
+    rng.shuffle(types)
+    return [(t, rng.random() < mc_fraction) for t in types]
 
 
 def _train_images(
