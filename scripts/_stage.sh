@@ -12,9 +12,13 @@ config=configs/tiny/$stage.yaml
 if [ $# -gt 0 ] && [[ "$1" != --* ]]; then config=$1; shift; fi
 if [[ "$config" == configs/tiny/* ]]; then
   # The embedded tiny default: synthetic data and tiny checkpoints (made once), then the stages it builds on
-  # when their outputs are missing: the text stage the tiny LLM needs before it can read captions, and for
-  # the finetune the pretrain it starts from (train.init_from).
+  # when their outputs are missing: the pretrained tiny tower both stages read, the text stage the tiny LLM
+  # needs before it can read captions, and for the finetune the pretrain it starts from (train.init_from).
   .venv/bin/python -m llava_ft.demo.prepare
+  if [ ! -f work_dirs/tiny/tower/tower.json ]; then
+    echo "$stage: first the tiny tower it reads (python -m llava_ft.demo.tower)"
+    .venv/bin/python -m llava_ft.demo.tower
+  fi
   needs=(text)
   [[ "$config" == configs/tiny/finetune.yaml ]] && needs+=(pretrain)
   for need in "${needs[@]}"; do

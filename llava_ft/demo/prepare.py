@@ -33,8 +33,16 @@ from llava_ft.testing.tiny_vision import write_tiny_open_clip
 
 log = logging.getLogger("llava_ft")
 
-# Big enough to learn the task, small enough to train on 2 CPU cores.
-LLM_SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
+# Big enough to learn the task, small enough to train on 2 CPU cores. Many narrow heads: reading several facts
+# off 16 image tokens at once (colour, shape, count) and matching an answer to its lettered option need heads
+# more than width.
+LLM_SHAPE = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_layers": 2,
+    "num_heads": 16,
+    "num_kv_heads": 16,
+}
 CLIP_SHAPE = {"image_size": 64, "patch_size": 8, "width": 128, "layers": 2, "heads": 4}
 N_TRAIN_IMAGES = 4000
 N_HELDOUT_IMAGES = 400

@@ -4,7 +4,9 @@ blank-image control, one child process:
     python -m llava_ft.demo.run [--root data/demo] [--out work_dirs/tiny] [--seed 0] [--setting default]
 
 Each stage is `llava-ft train configs/tiny/<stage>.yaml` (the command is printed before it runs), through the
-same config loading, checks and train() the command line uses. The blank-image control shares the text and
+same config loading, checks and train() the command line uses. Before them the random tiny tower is pretrained
+on its own (`python -m llava_ft.demo.tower`), as real CLIP towers come pretrained; both LLaVA stages then keep
+it frozen, as the real recipe keeps CLIP frozen. The blank-image control shares the text, tower and
 pretrain stages and repeats the finetune stage on background-only images: whatever it scores above chance
 could only come from the questions' text. It trains in a child process beside the real finetune, each with
 half the CPU threads: models this small use a second thread poorly, so two runs side by side finish sooner
@@ -32,10 +34,11 @@ from llava_ft.cli.main import main as llava_ft
 from llava_ft.config import load_config
 from llava_ft.constants import IMAGE_TOKEN
 from llava_ft.data.images import load_image
-from llava_ft.demo import evaluate
+from llava_ft.demo import evaluate, tower
 from llava_ft.demo.prepare import data_dir, prepare
 from llava_ft.demo.shapes import SETTINGS
 from llava_ft.inference import load_assistant
+from llava_ft.model.vision import LOCAL_DIR
 from llava_ft.query import Query
 
 log = logging.getLogger("llava_ft")
@@ -121,7 +124,8 @@ def _sources(data: Path, kind: str) -> list[dict[str, str]]:
 
 
 def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | None = None) -> int:
-    """stage_flags: more command-line flags per stage (text, pretrain, finetune, control), for a quick run."""
+    """stage_flags: more command-line flags per stage (text, tower, pretrain, finetune, control), for a quick
+    run."""
     more = stage_flags or {}
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -140,11 +144,17 @@ def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | N
     data, blank = assets.data.root, data_dir(args.root, args.setting, args.seed, blank=True)
     print(f"data {data} ({assets.data.counts['train_images']} train images), blank control {blank}")
     # Paths follow --root/--out/--seed/--setting; with the defaults these equal the configs' own values.
+    seeing = f"{LOCAL_DIR}{out / 'tower'}"
     paths: dict[str, dict[str, Any]] = {
         "text": {"model.llm": str(assets.llm), "train.output_dir": str(out / "text")},
-        "pretrain": {"model.llm": str(out / "text" / "llm"), "train.output_dir": str(out / "pretrain")},
+        "pretrain": {
+            "model.llm": str(out / "text" / "llm"),
+            "model.vision.model": seeing,
+            "train.output_dir": str(out / "pretrain"),
+        },
         "finetune": {
             "model.llm": str(out / "text" / "llm"),
+            "model.vision.model": seeing,
             "train.output_dir": str(out / "finetune"),
             "train.init_from": str(out / "pretrain"),
         },
@@ -167,6 +177,19 @@ def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | N
 
     clock.step("stage 0: text pretraining of the tiny LLM (its words, from plain text)")
     run_stage("text", over("text"), more.get("text", []))
+    clock.step("stage 0: the tiny tower learns to see (tagging the words of the pretrain captions)")
+    # The tokens LLaVA reads: the recipe's feature layer and pooling.
+    reads = load_config(CONFIGS / "pretrain.yaml").model.vision
+    tower_args = ["--data", str(data), "--clip", str(assets.clip), "--out", str(out / "tower")]
+    tower_args += [
+        "--feature-layer",
+        str(reads.feature_layer),
+        "--pool",
+        str(reads.pool),
+        *more.get("tower", []),
+    ]
+    print("$ python -m llava_ft.demo.tower " + " ".join(shlex.quote(a) for a in tower_args), flush=True)
+    tower.main(tower_args)
     clock.step("stage 1: pretrain (image captions)")
     run_stage("pretrain", over("pretrain"), more.get("pretrain", []))
     control = {
@@ -216,7 +239,7 @@ def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | N
     print(f"Q: {question}\nA: {answer[0]}  (expected {expected})")
 
     clock.step("done")
-    print(f"stage outputs: {out}/{{text,pretrain,finetune}}; control: {out}/blank/finetune")
+    print(f"stage outputs: {out}/{{text,tower,pretrain,finetune}}; control: {out}/blank/finetune")
     print(f"held-out table: {out}/heldout/table.md; reports: {out}/*/report.png, summary.json")
     print(f"chat: llava-ft chat {real} --image {image}")
     return failed

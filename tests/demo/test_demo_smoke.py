@@ -41,12 +41,18 @@ def test_the_demo_pipeline_runs_and_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "N_HELDOUT_IMAGES", N_HELDOUT)
     flags = {stage: overrides(stage) for stage in ("text", "pretrain", "finetune")}
     flags["control"] = overrides("finetune", benchmark=False)
+    flags["tower"] = ["--steps", "2"]
     # The targets are not met by 2 steps: --check exits 1; only the format is checked here.
     assert demo_run.main(["--check"], stage_flags=flags) == 1
     printed = capsys.readouterr().out
     for stage in ("work_dirs/tiny/finetune", "work_dirs/tiny/blank/finetune"):
         assert json.loads(Path(stage, "summary.json").read_text())["steps"] == 2
     assert f"$ llava-ft train {TINY / 'finetune.yaml'} --overwrite" in printed
+    # Both LLaVA stages read the tower stage's output.
+    assert json.loads(Path("work_dirs/tiny/tower/tower.json").read_text())["training"]["steps"] == 2
+    for stage in ("pretrain", "finetune"):
+        config = yaml.safe_load(Path("work_dirs/tiny", stage, "llava_ft.yaml").read_text())
+        assert config["model"]["vision"]["model"] == f"local-dir:{tmp_path / 'work_dirs/tiny/tower'}"
 
     out = tmp_path / "work_dirs" / "tiny" / "heldout"
     table = json.loads((out / "table.json").read_text())
@@ -95,6 +101,7 @@ def test_the_demo_runs_on_another_seed_and_setting(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(prepare, "N_HELDOUT_IMAGES", N_HELDOUT)
     flags = {stage: overrides(stage) for stage in ("text", "pretrain", "finetune")}
     flags["control"] = overrides("finetune", benchmark=False)
+    flags["tower"] = ["--steps", "2"]
     assert robustness.main(["--runs", "default:1", "alt:2"], stage_flags=flags) == 0
     printed = capsys.readouterr().out
     for name, data in (("default_1", "shapes_default_1"), ("alt_2", "shapes_alt_2")):
