@@ -4,8 +4,9 @@
 
 Runs each stage's real training path (loader, trainability, collator, Trainer) for a fixed number of steps and
 prints tokens/s and samples/s (real tokens, padding excluded), the pad share of the batches and peak RSS, from the
-summary.json each run writes. Needs the tiny assets (`python -m llava_ft.demo.prepare`) and the text stage's LLM
-(`llava-ft train configs/tiny/text.yaml`); it makes them if missing.
+summary.json each run writes. Needs the tiny assets (`python -m llava_ft.demo.prepare`), the text stage's LLM
+(`llava-ft train configs/tiny/text.yaml`) and the pretrained tiny tower (`python -m llava_ft.demo.tower`); it
+makes them if missing.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from llava_ft.config import load_config
+    from llava_ft.demo import tower
     from llava_ft.demo.prepare import prepare
     from llava_ft.train.run import train
 
     prepare()
     if not (ROOT / "work_dirs/tiny/text/llava_ft.yaml").is_file():
         train(load_config("configs/tiny/text.yaml"))
+    if not (ROOT / "work_dirs/tiny/tower/tower.json").is_file():
+        tower.main([])
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
