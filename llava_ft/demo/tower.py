@@ -4,8 +4,8 @@
 
 The objective is multi-label tagging of caption words (CatLIP, Mehta et al. 2024: classification on image-text
 data): the words of each image's pretrain caption are its tags, read from the tower's LLaVA feature layer
-through a small head (an MLP on every patch, then the maximum over patches, so one patch that sees a shape is
-enough). The head is thrown away. Half of each batch is shown in greyscale with its colour words left out of
+through a small head (an MLP on every image token, then the maximum over tokens, so one token that sees a
+shape is enough). The head is thrown away. Half of each batch is shown in greyscale with its colour words left out of
 the loss: the tower then learns shapes from their outlines, not from the colours they came with in training, so
 a colour-shape pair never seen in training still reads as its shape.
 
@@ -52,12 +52,15 @@ class TowerTraining:
     steps: int = 800
     """Optimizer steps (batches drawn with replacement from the pretrain images)."""
     batch_size: int = 64
+    """Images per step."""
     lr: float = 2.0e-3
     """Peak learning rate (AdamW, weight decay 0.01): linear warm-up over 5% of the steps, then cosine decay."""
     grey_fraction: float = 0.5
     """Share of each batch shown in greyscale, its colour words not trained."""
     head_width: int = 256
+    """Width of the tag head's MLP (thrown away after training)."""
     seed: int = 0
+    """Seeds the head's initialisation, the batches and which images turn grey."""
 
 
 def caption_words(text: str, singular: dict[str, str] | None = None) -> set[str]:
@@ -145,7 +148,10 @@ def _fit(
     colours: torch.Tensor,
     train: TowerTraining,
 ) -> list[float]:
-    mean, std = (torch.tensor(v, dtype=pixels.dtype).view(1, 3, 1, 1) for v in _mean_std(tower))
+    processor = tower.processor
+    mean, std = (
+        torch.tensor(v, dtype=pixels.dtype).view(1, 3, 1, 1) for v in (processor.mean, processor.std)
+    )
     params = [p for p in tower.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, max(1, train.steps // 20), train.steps)
@@ -169,10 +175,6 @@ def _fit(
     return losses
 
 
-def _mean_std(tower: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return tuple(tower.processor.mean), tuple(tower.processor.std)
-
-
 @torch.no_grad()
 def tag_accuracy(tower: nn.Module, head: TagHead, tags: list[str], data: ShapesDataset) -> dict[str, float]:
     """Held-out images: is the highest-scoring colour tag the image's colour, and the highest-scoring shape tag
@@ -187,16 +189,13 @@ def tag_accuracy(tower: nn.Module, head: TagHead, tags: list[str], data: ShapesD
         ]
     )
 
-    def best(names: dict[str, tuple[str, ...]]) -> list[str]:
-        keys = list(names)
-        columns = [[tags.index(w) for w in names[k] if w in tags] for k in keys]
-        scores = torch.stack(
-            [logits[:, c].amax(1) if c else torch.full((len(rows),), -torch.inf) for c in columns], 1
-        )
-        return [keys[i] for i in scores.argmax(1).tolist()]
+    def best(names: tuple[str, ...]) -> list[str]:
+        """Per image, the name whose tag scores highest (a name never tagged in training cannot win)."""
+        missing = torch.full((len(rows),), -torch.inf)
+        scores = torch.stack([logits[:, tags.index(n)] if n in tags else missing for n in names], 1)
+        return [names[i] for i in scores.argmax(1).tolist()]
 
-    colour = best({c: (c,) for c in s.colours})
-    shape = best({sh: (sh, s.plurals[sh]) for sh in s.shapes})
+    colour, shape = best(tuple(s.colours)), best(s.shapes)
     result = {}
     for combination in ("seen", "unseen"):
         pick = [i for i, r in enumerate(rows) if r.get("combination", "seen") == combination]
