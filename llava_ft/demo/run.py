@@ -178,16 +178,9 @@ def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | N
     clock.step("stage 0: text pretraining of the tiny LLM (its words, from plain text)")
     run_stage("text", over("text"), more.get("text", []))
     clock.step("stage 0: the tiny tower learns to see (tagging the words of the pretrain captions)")
-    # The tokens LLaVA reads: the recipe's feature layer and pooling.
-    reads = load_config(CONFIGS / "pretrain.yaml").model.vision
+    # The tower trains the tokens configs/tiny reads (its feature layer and pooling).
     tower_args = ["--data", str(data), "--clip", str(assets.clip), "--out", str(out / "tower")]
-    tower_args += [
-        "--feature-layer",
-        str(reads.feature_layer),
-        "--pool",
-        str(reads.pool),
-        *more.get("tower", []),
-    ]
+    tower_args += more.get("tower", [])
     print("$ python -m llava_ft.demo.tower " + " ".join(shlex.quote(a) for a in tower_args), flush=True)
     tower.main(tower_args)
     clock.step("stage 1: pretrain (image captions)")

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from llava_ft.config import VisionSection
+from llava_ft.config import VisionSection, load_config
 from llava_ft.data.images import load_image
 from llava_ft.demo.shapes import ShapesDataset, load_shapes_dataset
 from llava_ft.files import atomic_dir
@@ -41,6 +41,8 @@ from llava_ft.testing.tiny_vision import OPEN_CLIP_WEIGHTS
 log = logging.getLogger("llava_ft")
 
 SUMMARY = "tower.json"
+# The LLaVA stages' tower settings (feature layer, pooling): the tokens this stage trains are the ones they read.
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "pretrain.yaml"
 # Luminance weights (ITU-R 601, as PIL's "L" mode).
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -117,6 +119,7 @@ def pretrain_tower(
     summary = {
         "source": str(source),
         "feature_layer": vision.feature_layer,
+        "pool": vision.pool,
         "training": asdict(train),
         "tags": tags,
         "first_loss": round(losses[0], 4),
@@ -219,15 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", default="data/demo/models/clip", help="the random tiny tower to start from")
     parser.add_argument("--out", default="work_dirs/tiny/tower")
     parser.add_argument(
-        "--feature-layer", type=int, default=-2, help="the block LLaVA reads (model.vision.feature_layer)"
+        "--feature-layer", type=int, help="the block LLaVA reads (default: the tiny recipe's)"
     )
-    parser.add_argument("--pool", type=int, default=1, help="pooling of the patch grid (model.vision.pool)")
+    parser.add_argument("--pool", type=int, help="pooling of the patch grid (default: the tiny recipe's)")
     parser.add_argument("--steps", type=int, default=TowerTraining.steps)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    vision = VisionSection(
-        backend="open_clip", model=LOCAL_DIR + args.clip, feature_layer=args.feature_layer, pool=args.pool
-    )
+    reads = load_config(RECIPE).model.vision
+    layer = reads.feature_layer if args.feature_layer is None else args.feature_layer
+    pool = reads.pool if args.pool is None else args.pool
+    vision = VisionSection(backend="open_clip", model=LOCAL_DIR + args.clip, feature_layer=layer, pool=pool)
     summary = pretrain_tower(
         vision, load_shapes_dataset(args.data), args.out, TowerTraining(steps=args.steps)
     )

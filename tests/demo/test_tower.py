@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -70,6 +71,18 @@ def test_the_tower_learns_colour_and_is_written_as_an_open_clip_folder(shapes, t
     loaded = build_vision_tower(VisionSection(model=LOCAL_DIR + str(out), feature_layer=-2))
     pixels = loaded.processor(Image.fromarray(np.full((64, 64, 3), 200, np.uint8)))[None]
     assert loaded(pixels).shape == (1, 64, CLIP["width"])
+
+
+def test_the_command_trains_the_tokens_the_tiny_recipe_reads(shapes, tmp_path):
+    source = write_tiny_open_clip(tmp_path / "random", **CLIP)
+    out = tmp_path / "tower"
+    assert (
+        tower.main(["--data", str(shapes.root), "--clip", str(source), "--out", str(out), "--steps", "2"])
+        == 0
+    )
+    recipe = yaml.safe_load(tower.RECIPE.read_text())["model"]["vision"]
+    written = json.loads((out / tower.SUMMARY).read_text())
+    assert (written["feature_layer"], written["pool"]) == (recipe["feature_layer"], recipe["pool"])
 
 
 def test_a_missing_dataset_is_named(tmp_path):
