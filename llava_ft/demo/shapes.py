@@ -536,12 +536,7 @@ def heldout_rows(dataset: ShapesDataset) -> list[dict[str, Any]]:
 
 def load_shapes_dataset(root: str | Path) -> ShapesDataset:
     """The complete dataset generate_shapes_dataset wrote at root, with the parameters its manifest records."""
-    root = Path(root)
-    try:
-        params = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["params"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        params = None
-    dataset = None if params is None else _complete_dataset(root, params)
+    dataset = _complete_dataset(Path(root), None)
     if dataset is None:
         raise FileNotFoundError(
             f"{root}: no complete shapes dataset (make one with python -m llava_ft.demo.prepare)"
@@ -549,12 +544,15 @@ def load_shapes_dataset(root: str | Path) -> ShapesDataset:
     return dataset
 
 
-def _complete_dataset(root: Path, params: dict[str, Any]) -> ShapesDataset | None:
+def _complete_dataset(root: Path, params: dict[str, Any] | None) -> ShapesDataset | None:
+    """The dataset at root if its manifest records `params` (None: whatever parameters it records) and every
+    file it lists is there."""
     try:
         manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if manifest.get("params") != params or "counts" not in manifest:
+    params = manifest.get("params") if params is None else params
+    if not isinstance(params, dict) or manifest.get("params") != params or "counts" not in manifest:
         return None
     dataset = ShapesDataset._at(root, params, manifest["counts"])
     n_images = params["n_train_images"] + params["n_heldout_images"]

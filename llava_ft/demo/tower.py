@@ -72,15 +72,15 @@ def caption_words(text: str, singular: dict[str, str] | None = None) -> set[str]
 
 
 class TagHead(nn.Module):
-    """Patch features -> per-patch MLP -> max over patches -> one logit per tag."""
+    """Image tokens -> an MLP on each -> max over tokens -> one logit per tag."""
 
     def __init__(self, width: int, hidden: int, n_tags: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.out = nn.Linear(hidden, n_tags)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mlp(patches).amax(1))
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(tokens).amax(1))
 
 
 def greyscale(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
