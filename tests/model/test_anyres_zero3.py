@@ -65,6 +65,9 @@ with deepspeed.zero.GatheredParameters([model.projector.image_newline]):
 with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
     json.dump({"rank": rank, "losses": losses, "moved": float((after - before).abs().max()),
                "after": after.tolist()}, f)
+# Leave together and close gloo before exit: a rank exiting with gloo's threads alive can abort at teardown.
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 
