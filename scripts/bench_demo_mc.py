@@ -97,7 +97,7 @@ def train_curve(
         if step == args.steps:
             break
         batch = [example(train, setting, (2, 3, 4, 4)) for _ in range(args.batch_size)]
-        # The full vocabulary's loss on the answer's letter, the one token the demo's finetune trains here.
+        # The letter scored over the whole vocabulary, as the finetune's loss scores an answer token.
         logits = model(**prompts([t for t, _ in batch])).logits[:, -1]
         target = torch.tensor([letters[y] for _, y in batch])
         loss = torch.nn.functional.cross_entropy(logits, target)
