@@ -30,7 +30,7 @@ from llava_ft.data.conversation import Conversation, Message  # noqa: E402
 from llava_ft.data.templates import get_template  # noqa: E402
 from llava_ft.data.tokenizer import load_tokenizer  # noqa: E402
 from llava_ft.demo.prepare import LLM_SHAPE, prepare  # noqa: E402
-from llava_ft.demo.shapes import LETTERS, QTYPES, SETTINGS, Setting, mc_prompt  # noqa: E402
+from llava_ft.demo.shapes import LETTERS, QTYPES, SETTINGS, Setting, _options, mc_prompt  # noqa: E402
 from llava_ft.model.llm import load_llm  # noqa: E402
 from llava_ft.testing.tiny_llm import write_tiny_internlm2  # noqa: E402
 
@@ -53,17 +53,20 @@ def example(rng: random.Random, setting: Setting, n_options: tuple[int, ...]) ->
     qtype = rng.choice(QTYPES)
     choices = setting.choices(qtype)
     answer, n = rng.choice(choices), rng.choice(n_options)
-    options = rng.sample([c for c in choices if c != answer], n - 1)
-    options.insert(rng.randrange(n), answer)
+    letter = rng.randrange(n)
+    options = _options(rng, choices, answer, n, letter)
     question = mc_prompt(rng.choice(setting.questions[qtype]), options)
-    return f"{fact(setting, qtype, answer)}\n{question}", options.index(answer)
+    return f"{fact(setting, qtype, answer)}\n{question}", letter
 
 
 def train_curve(
-    llm_dir: Path, train: random.Random, test: list[tuple[str, int]], args: argparse.Namespace
+    llm_dir: Path,
+    setting: Setting,
+    train: random.Random,
+    test: list[tuple[str, int]],
+    args: argparse.Namespace,
 ) -> list[tuple[int, float, float]]:
     """(step, held-out accuracy, seconds) every args.every steps."""
-    setting = SETTINGS["default"]
     tok = load_tokenizer(llm_dir)
     template = get_template("internlm2_chat")
 
@@ -139,7 +142,7 @@ def main() -> None:
             llm = write_tiny_internlm2(
                 Path(tmp) / f"llm_{base:g}", tokenizer_model=tokenizer, rope_theta=base, **LLM_SHAPE
             )
-            results[base] = train_curve(llm, random.Random(0), test, args)
+            results[base] = train_curve(llm, setting, random.Random(0), test, args)
     print("\n| RoPE base | 0.5 held-out | 0.9 held-out | last |\n| --- | --- | --- | ---: |")
     for base, curve in results.items():
         reached = [first(curve, level, args.batch_size) for level in (0.5, 0.9)]
