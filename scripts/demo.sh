@@ -4,7 +4,7 @@
 # images, seen vs unseen colour-shape pairs, open-ended vs multiple choice, next to chance).
 # Every stage is `llava-ft train configs/tiny/<stage>.yaml`, run in one Python process (llava_ft.demo.run) so
 # torch is imported once, the control beside the real finetune in a child process; each prints its command.
-# Extra flags pass through (--seed, --setting, --check).
+# Extra flags pass through (--seed, --setting, --check, --finetune-epochs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

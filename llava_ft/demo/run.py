@@ -2,6 +2,7 @@
 blank-image control, one child process:
 
     python -m llava_ft.demo.run [--root data/demo] [--out work_dirs/tiny] [--seed 0] [--setting default]
+        [--check] [--finetune-epochs N]
 
 Each stage is `llava-ft train configs/tiny/<stage>.yaml` (the command is printed before it runs), through the
 same config loading, checks and train() the command line uses. Before them the random tiny tower is pretrained
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shlex
 import subprocess
@@ -135,7 +137,15 @@ def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | N
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--setting", default="default", choices=sorted(SETTINGS))
     parser.add_argument("--check", action="store_true", help="exit 1 if the issue's figures do not hold")
+    parser.add_argument(
+        "--finetune-epochs",
+        type=float,
+        help="passes of the finetune stage and of its control (default: configs/tiny/finetune.yaml's); "
+        "lettered multiple choice needs many more than the recipe's (README: 'A longer finetune')",
+    )
     args = parser.parse_args(argv)
+    if args.finetune_epochs is not None and not 0 < args.finetune_epochs < math.inf:
+        parser.error(f"--finetune-epochs must be a positive number, got {args.finetune_epochs}")
     clock = Clock()
     out = Path(args.out)
 
@@ -185,7 +195,9 @@ def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | N
     tower.main(tower_args)
     clock.step("stage 1: pretrain (image captions)")
     run_stage("pretrain", over("pretrain"), more.get("pretrain", []))
-    control = {
+    # The control trains as long as the real finetune, or it would not be a control.
+    longer = {} if args.finetune_epochs is None else {"train.epochs": args.finetune_epochs}
+    control = longer | {
         "train.output_dir": str(out / "blank" / "finetune"),
         "data.train": _sources(blank, "finetune"),
         "train.eval_benchmark": None,  # scored below, beside the real model
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None, *, stage_flags: dict[str, list[str]] | N
     print(f"(the control's output goes to {log})", flush=True)
     torch.set_num_threads(half)
     try:
-        real = run_stage("finetune", over("finetune"), more.get("finetune", []))
+        real = run_stage("finetune", over("finetune", longer), more.get("finetune", []))
     except BaseException:
         child.stop()
         raise

@@ -43,10 +43,12 @@ def test_the_demo_pipeline_runs_and_reports(tmp_path, monkeypatch, capsys):
     flags["control"] = overrides("finetune", benchmark=False)
     flags["tower"] = ["--steps", "2"]
     # The targets are not met by 2 steps: --check exits 1; only the format is checked here.
-    assert demo_run.main(["--check"], stage_flags=flags) == 1
+    assert demo_run.main(["--check", "--finetune-epochs", "7"], stage_flags=flags) == 1
     printed = capsys.readouterr().out
     for stage in ("work_dirs/tiny/finetune", "work_dirs/tiny/blank/finetune"):
         assert json.loads(Path(stage, "summary.json").read_text())["steps"] == 2
+        # --finetune-epochs reaches the real finetune and its control alike (max_steps wins here).
+        assert yaml.safe_load(Path(stage, "llava_ft.yaml").read_text())["train"]["epochs"] == 7
     assert f"$ llava-ft train {TINY / 'finetune.yaml'} --overwrite" in printed
     # Both LLaVA stages read the tower stage's output.
     assert json.loads(Path("work_dirs/tiny/tower/tower.json").read_text())["training"]["steps"] == 2
